@@ -1,0 +1,68 @@
+"""jit-broker: just-in-time elevation with verified removal. `create_app` wires the parts together
+and does nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import Flask
+
+from . import web
+from .config import Settings, load_settings
+from .grants import Grants
+from .identity import BearerVerifier, ProviderMetadata
+from .policy import load_policy
+from .reaper import Reaper
+from .store import Store
+from .vault import make_backends, make_client
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass
+class Services:
+    """What one app instance owns; kept on `app.extensions["jit"]` so every test gets its own."""
+
+    settings: Settings
+    grants: Grants
+    metadata: ProviderMetadata
+    verifier: BearerVerifier
+    reaper: Reaper
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load_settings()
+    app = Flask(__name__, template_folder=str(TEMPLATES))
+    app.config.update(
+        SECRET_KEY=settings.server["secret_key"] or settings.secret_file("session.key"),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.server["base_url"].startswith("https://"),
+        PERMANENT_SESSION_LIFETIME=8 * 3600,
+        MAX_CONTENT_LENGTH=64 * 1024,
+    )
+    store = Store(settings.database_path)
+    store.migrate()
+    policy = load_policy(settings.policy_path)
+    vault = make_client(settings.vault["addr"], settings.vault["token"], settings.vault["timeout"])
+    grants = Grants(
+        store,
+        lambda: policy,
+        make_backends(vault),
+        fingerprint_key=settings.secret_file("audit-hmac.key"),
+        retry_min=settings.reaper["retry_min"],
+        retry_max=settings.reaper["retry_max"],
+    )
+    reaper = Reaper(grants)
+    grants.on_change = reaper.wake
+    oidc = settings.oidc
+    metadata = ProviderMetadata(oidc["issuer"])
+    verifier = BearerVerifier(
+        metadata, oidc["api_audience"], oidc["algorithms"], oidc["groups_claim"], oidc["leeway"]
+    )
+    app.extensions["jit"] = Services(settings, grants, metadata, verifier, reaper)
+    web.init_app(app)
+    if settings.reaper["enabled"]:
+        reaper.start()
+    return app

@@ -1,0 +1,158 @@
+"""Settings from a TOML file, overridden by `JIT_<SECTION>_<KEY>` environment variables. Only
+reads and validates; builds no clients."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULTS: dict[str, dict] = {
+    "server": {
+        "base_url": "http://127.0.0.1:5000",
+        "host": "127.0.0.1",
+        "port": 5000,
+        "secret_key": "",
+        "data_dir": "var",
+    },
+    "oidc": {
+        "issuer": "",
+        "client_id": "",
+        "client_secret": "",
+        "api_audience": "",
+        "algorithms": ["RS256", "ES256"],
+        "groups_claim": "groups",
+        "scopes": "openid email profile groups",
+        "leeway": 30,
+    },
+    "vault": {"addr": "http://127.0.0.1:8200", "token": "", "timeout": 10},
+    "policy": {"path": "policy.toml"},
+    "storage": {"path": ""},
+    "reaper": {"enabled": True, "retry_min": 5, "retry_max": 300},
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: dict
+    oidc: dict
+    vault: dict
+    policy: dict
+    storage: dict
+    reaper: dict
+    root: Path = field(default=Path("."))
+
+    @property
+    def data_dir(self) -> Path:
+        return self._path(self.server["data_dir"])
+
+    @property
+    def database_path(self) -> Path:
+        return self._path(self.storage["path"] or str(self.data_dir / "broker.db"))
+
+    @property
+    def policy_path(self) -> Path:
+        return self._path(self.policy["path"])
+
+    @property
+    def redirect_uri(self) -> str:
+        return self.server["base_url"].rstrip("/") + "/auth/callback"
+
+    def _path(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else self.root / path
+
+    def secret_file(self, name: str, nbytes: int = 32) -> bytes:
+        """A random key in the data directory, made on first use, readable by the owner only."""
+        path = self.data_dir / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(nbytes))
+        return path.read_bytes()
+
+
+def load_settings(
+    path: str | os.PathLike | None = None,
+    overrides: dict | None = None,
+    environ: dict | None = None,
+) -> Settings:
+    """Defaults, then the TOML file, then `overrides` (for tests), then JIT_* variables."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("JIT_CONFIG")
+    merged = {section: dict(values) for section, values in DEFAULTS.items()}
+    root = Path.cwd()
+    if path:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        _merge(merged, data, str(path))
+        root = path.resolve().parent
+    _merge(merged, overrides or {}, "overrides")
+    for key, value in environ.items():
+        if key.startswith("JIT_") and key != "JIT_CONFIG":
+            section, _, name = key[4:].lower().partition("_")
+            if section in merged and name in merged[section]:
+                merged[section][name] = _coerce(value, DEFAULTS[section][name], key)
+    settings = Settings(**merged, root=root)
+    _validate(settings)
+    return settings
+
+
+def _merge(target: dict, data: dict, source: str) -> None:
+    for section, values in data.items():
+        if section not in target or not isinstance(values, dict):
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        for name, value in values.items():
+            if name not in target[section]:
+                raise ConfigError(f"{source}: unknown setting {section}.{name}")
+            target[section][name] = value
+
+
+def _coerce(text: str, default: object, key: str) -> object:
+    if isinstance(default, bool):
+        if text.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+            raise ConfigError(f"{key} must be true or false, not {text!r}")
+        return text.lower() in {"1", "true", "yes"}
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key} must be a whole number, not {text!r}") from None
+    if isinstance(default, list):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
+
+
+def _validate(settings: Settings) -> None:
+    oidc = settings.oidc
+    for name in ("issuer", "client_id", "api_audience"):
+        if not oidc[name]:
+            raise ConfigError(f"oidc.{name} is required")
+    unsafe = set(oidc["algorithms"]) - {
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+        "EdDSA",
+    }
+    if unsafe or not oidc["algorithms"]:
+        raise ConfigError(
+            f"oidc.algorithms may only name asymmetric algorithms, not {sorted(unsafe)}"
+        )
+    if not settings.vault["token"]:
+        raise ConfigError("vault.token is required (or JIT_VAULT_TOKEN)")

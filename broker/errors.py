@@ -1,0 +1,83 @@
+"""The broker's error types. Each carries the HTTP status it maps to, so `web` translates them
+in one place; nothing here knows about Flask."""
+
+
+class BrokerError(Exception):
+    """A failure the caller can understand: it has a short code, a readable detail and a status."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, **context):
+        super().__init__(detail)
+        self.detail = detail
+        self.context = context
+
+
+class InvalidRequest(BrokerError):
+    status = 400
+    code = "invalid_request"
+
+
+class InvalidDuration(InvalidRequest):
+    code = "invalid_duration"
+
+
+class UnknownEntitlement(BrokerError):
+    status = 404
+    code = "unknown_entitlement"
+
+
+class NotEligible(BrokerError):
+    status = 403
+    code = "not_eligible"
+
+
+class DurationTooLong(BrokerError):
+    status = 422
+    code = "duration_too_long"
+
+
+class Unauthenticated(BrokerError):
+    status = 401
+    code = "unauthenticated"
+
+
+class Forbidden(BrokerError):
+    status = 403
+    code = "forbidden"
+
+
+class GrantNotFound(BrokerError):
+    status = 404
+    code = "not_found"
+
+
+class GrantConflict(BrokerError):
+    """The grant is not in a state that allows the action (already released, already revoked...)."""
+
+    status = 409
+    code = "conflict"
+
+
+class VaultUnavailable(BrokerError):
+    status = 503
+    code = "vault_unavailable"
+
+
+class ConfigError(Exception):
+    """The broker's own configuration or policy file is wrong; raised at start, never to a user."""
+
+
+class VaultRejected(BrokerError):
+    """Vault answered, but refused the broker's call: a misconfiguration, not the user's fault."""
+
+    status = 502
+    code = "vault_rejected"
+
+
+class ProviderUnavailable(BrokerError):
+    """The OIDC provider (its discovery document or JWKS) cannot be reached."""
+
+    status = 503
+    code = "identity_provider_unavailable"

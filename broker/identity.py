@@ -1,0 +1,124 @@
+"""Who is asking. Turns a bearer JWT (RFC 9068 access token) or the claims of a verified OIDC login
+into a Principal. Pinned algorithms, exact issuer and audience, required claims (RFC 8725)."""
+
+from __future__ import annotations
+
+import threading
+
+import jwt
+import requests
+
+from .errors import ProviderUnavailable, Unauthenticated
+from .models import Principal
+
+REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]
+ACCESS_TOKEN_TYPES = {"at+jwt", "application/at+jwt"}
+
+
+class ProviderMetadata:
+    """The provider's discovery document, fetched once and checked to name the configured
+    issuer exactly (OpenID Connect Discovery §4.3)."""
+
+    def __init__(self, issuer: str, timeout: float = 5):
+        self.issuer = issuer
+        self.timeout = timeout
+        self._document: dict | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+    def get(self) -> dict:
+        with self._lock:
+            if self._document is None:
+                try:
+                    response = requests.get(self.url, timeout=self.timeout)
+                    response.raise_for_status()
+                    document = response.json()
+                except (requests.RequestException, ValueError) as exc:
+                    raise ProviderUnavailable(
+                        f"cannot read the OIDC provider's discovery document: {exc}"
+                    ) from exc
+                if document.get("issuer") != self.issuer:
+                    raise ProviderUnavailable(
+                        f"the provider calls itself {document.get('issuer')!r}, not {self.issuer!r}"
+                    )
+                self._document = document
+            return self._document
+
+
+class BearerVerifier:
+    def __init__(
+        self,
+        metadata: ProviderMetadata,
+        audience: str,
+        algorithms: list[str],
+        groups_claim: str = "groups",
+        leeway: int = 30,
+    ):
+        self.metadata = metadata
+        self.audience = audience
+        self.algorithms = list(algorithms)
+        self.groups_claim = groups_claim
+        self.leeway = leeway
+        self._jwks: jwt.PyJWKClient | None = None
+
+    def _jwks_client(self) -> jwt.PyJWKClient:
+        if self._jwks is None:
+            self._jwks = jwt.PyJWKClient(
+                self.metadata.get()["jwks_uri"], cache_keys=True, lifespan=300, timeout=5
+            )
+        return self._jwks
+
+    def verify(self, token: str) -> Principal:
+        """Return the Principal the token vouches for, or raise Unauthenticated saying why."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise Unauthenticated("the bearer token is not a JWT") from None
+        if header.get("alg") not in self.algorithms:
+            raise Unauthenticated(f"token algorithm {header.get('alg')!r} is not accepted")
+        if str(header.get("typ", "")).lower() not in ACCESS_TOKEN_TYPES:
+            raise Unauthenticated("the bearer token is not an access token (typ must be at+jwt)")
+        try:
+            key = self._jwks_client().get_signing_key_from_jwt(token)
+        except jwt.PyJWKClientConnectionError as exc:
+            raise ProviderUnavailable(f"cannot fetch the provider's signing keys: {exc}") from exc
+        except jwt.PyJWKClientError:
+            raise Unauthenticated("the token was not signed by a key of the provider") from None
+        try:
+            claims = jwt.decode(
+                token,
+                key=key.key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.metadata.issuer,
+                leeway=self.leeway,
+                options={"require": REQUIRED_CLAIMS},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the bearer token has expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"the bearer token is not valid: {exc}") from None
+        client_id = str(claims.get("client_id") or "")
+        # A client acting for itself (client credentials: sub == client_id, RFC 9068 §2.2) is an
+        # agent; a token obtained by someone logging in is a human's.
+        kind = "agent" if client_id and claims["sub"] == client_id else "human"
+        return principal_from_claims(claims, self.groups_claim, kind)
+
+
+def principal_from_claims(claims: dict, groups_claim: str, kind: str = "human") -> Principal:
+    """Map verified claims (of an access token or an ID token) to a Principal."""
+    groups = claims.get(groups_claim) or []
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise Unauthenticated(f"the {groups_claim!r} claim must be a list of names")
+    return Principal(
+        issuer=claims["iss"],
+        subject=str(claims["sub"]),
+        kind=kind,
+        name=str(claims.get("name") or claims.get("preferred_username") or ""),
+        email=str(claims.get("email") or ""),
+        groups=tuple(groups),
+        client_id=str(claims.get("client_id") or claims.get("azp") or ""),
+    )

@@ -1,0 +1,151 @@
+"""Plain data shared across the broker: who asks, what policy decided, what a grant is. Frozen
+dataclasses with no behaviour that touches the outside world."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def isoformat(moment: datetime) -> str:
+    """UTC ISO 8601 with a Z, the one time format of the API and the audit log."""
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated requester, as the OIDC provider vouched for them."""
+
+    issuer: str
+    subject: str
+    kind: str = "human"  # "human" (browser or CLI login) or "agent" (client credentials)
+    name: str = ""
+    email: str = ""
+    groups: tuple[str, ...] = ()
+    client_id: str = ""
+
+    @property
+    def display(self) -> str:
+        return self.email or self.name or self.subject
+
+    def actor(self) -> dict:
+        """The identity as the audit log records it."""
+        return {"iss": self.issuer, "sub": self.subject}
+
+    @classmethod
+    def from_claims(cls, claims: dict) -> Principal:
+        """The inverse of claims(), for a principal kept in the web session."""
+        return cls(
+            issuer=claims["iss"],
+            subject=claims["sub"],
+            kind=claims["kind"],
+            email=claims["email"],
+            name=claims["name"],
+            groups=tuple(claims["groups"]),
+            client_id=claims["client_id"],
+        )
+
+    def claims(self) -> dict:
+        """The identity claims the decision used, for the audit chain."""
+        return {
+            "iss": self.issuer,
+            "sub": self.subject,
+            "kind": self.kind,
+            "email": self.email,
+            "name": self.name,
+            "groups": list(self.groups),
+            "client_id": self.client_id,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy said about one request, with every reason, under which policy version."""
+
+    allowed: bool
+    entitlement: str
+    duration: int
+    reasons: tuple[str, ...]
+    policy_hash: str
+    error: str = ""  # the error code when not allowed
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+    end: datetime
+
+    def as_json(self) -> dict:
+        return {"start": isoformat(self.start), "end": isoformat(self.end)}
+
+
+@dataclass(frozen=True)
+class IssuedCredential:
+    """What a backend issued. `secret` is handed to the requester once and never stored."""
+
+    secret: str
+    handle: str  # what revokes and verifies it (a token accessor, a lease id)
+    expires_at: datetime
+    kind: str
+    details: dict = field(default_factory=dict)  # non-secret facts: policies, ttl, request id
+
+
+# Grant states (DESIGN.md): issuing is the broker's recorded intent before it calls Vault.
+ISSUING, ISSUE_FAILED, ACTIVE = "issuing", "issue_failed", "active"
+RELEASED, EXPIRED, REVOKING = "released", "expired", "revoking"
+REVOKED, REVOKE_FAILED = "revoked", "revoke_failed"
+ENDED = (RELEASED, EXPIRED)  # the window is over; the credential still has to go
+TO_REAP = (RELEASED, EXPIRED, REVOKING, REVOKE_FAILED)
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: str
+    requester_iss: str
+    requester_sub: str
+    requester: str
+    entitlement: str
+    reason: str
+    duration: int
+    status: str
+    created_at: str
+    window_start: str
+    window_end: str
+    backend: str
+    policy_hash: str
+    handle: str = ""
+    credential_expires_at: str = ""
+    attempts: int = 0
+    next_attempt_at: str = ""
+    last_error: str = ""
+    updated_at: str = ""
+
+    def owned_by(self, principal: Principal) -> bool:
+        return (self.requester_iss, self.requester_sub) == (principal.issuer, principal.subject)
+
+    @property
+    def window(self) -> Window:
+        return Window(parse_time(self.window_start), parse_time(self.window_end))
+
+    def as_json(self) -> dict:
+        """The API's view of a grant: never the handle, never a secret."""
+        return {
+            "id": self.id,
+            "entitlement": self.entitlement,
+            "status": self.status,
+            "requester": self.requester,
+            "reason": self.reason,
+            "duration": self.duration,
+            "created_at": self.created_at,
+            "window": {"start": self.window_start, "end": self.window_end},
+            "credential_expires_at": self.credential_expires_at or None,
+            "last_error": self.last_error or None,
+        }

@@ -1,0 +1,166 @@
+"""Persistence in SQLite (WAL) through sqlite-utils: the grants table and the audit chain, always
+written together in one transaction. Knows rows, not rules."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+import sqlite_utils
+
+from . import audit
+from .models import Grant
+
+SCHEMA_VERSION = 1
+GRANT_COLUMNS = [f.name for f in fields(Grant)]
+
+
+class Transaction:
+    """One write transaction: state changes and the audit entries that record them."""
+
+    def __init__(self, db: sqlite_utils.Database):
+        self.db = db
+
+    def insert_grant(self, grant: Grant) -> None:
+        self.db["grants"].insert({name: getattr(grant, name) for name in GRANT_COLUMNS})
+
+    def move_grant(self, grant_id: str, from_status: tuple[str, ...] | str, **changes) -> bool:
+        """Change a grant only if it is still in one of `from_status`; False means someone else
+        moved it first, so the caller must not act on it."""
+        from_status = (from_status,) if isinstance(from_status, str) else from_status
+        assignments = ", ".join(f"{name} = :{name}" for name in changes)
+        marks = ", ".join(f":s{i}" for i in range(len(from_status)))
+        params = dict(changes, id=grant_id, **{f"s{i}": s for i, s in enumerate(from_status)})
+        cursor = self.db.execute(
+            f"UPDATE grants SET {assignments} WHERE id = :id AND status IN ({marks})",  # noqa: S608
+            params,
+        )
+        return cursor.rowcount == 1
+
+    def append(self, at: str, type_: str, actor: dict, grant_id: str | None, data: dict) -> dict:
+        row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        prev = _entry(row) if row else None
+        entry = audit.seal(prev, at, type_, actor, grant_id, data)
+        self.db["audit"].insert(
+            dict(entry, actor=json.dumps(entry["actor"]), data=json.dumps(entry["data"]))
+        )
+        return entry
+
+
+class Store:
+    """One SQLite file; one connection per thread (the web server's and the reaper's)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            db = self._local.db = sqlite_utils.Database(conn)
+        return db
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema; `PRAGMA user_version` says which version the file has."""
+        with self.transaction() as tx:
+            version = tx.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path} has schema {version}, newer than this broker")
+            if version < 1:
+                _create_v1(tx.db)
+            tx.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """BEGIN IMMEDIATE takes the write lock up front, so the audit chain's head cannot move
+        between reading it and appending to it."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield Transaction(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def get_grant(self, grant_id: str) -> Grant | None:
+        row = self.db.execute("SELECT * FROM grants WHERE id = ?", [grant_id]).fetchone()
+        return Grant(**dict(row)) if row else None
+
+    def grants_of(self, issuer: str, subject: str, limit: int = 100) -> list[Grant]:
+        rows = self.db.execute(
+            "SELECT * FROM grants WHERE requester_iss = ? AND requester_sub = ? "
+            "ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            [issuer, subject, limit],
+        )
+        return [Grant(**dict(row)) for row in rows]
+
+    def due_grants(self, now: str, reap_statuses: tuple[str, ...], limit: int = 200) -> list[Grant]:
+        """Active grants whose window has closed, and ended grants whose removal is due."""
+        marks = ", ".join("?" for _ in reap_statuses)
+        rows = self.db.execute(
+            "SELECT * FROM grants WHERE (status = 'active' AND window_end <= ?) "  # noqa: S608
+            f"OR (status IN ({marks}) AND next_attempt_at <= ?) ORDER BY window_end LIMIT ?",
+            [now, *reap_statuses, now, limit],
+        )
+        return [Grant(**dict(row)) for row in rows]
+
+    def next_deadline(self, reap_statuses: tuple[str, ...]) -> str | None:
+        marks = ", ".join("?" for _ in reap_statuses)
+        row = self.db.execute(
+            "SELECT MIN(t) FROM (SELECT MIN(window_end) AS t FROM grants WHERE status = 'active' "  # noqa: S608
+            f"UNION ALL SELECT MIN(next_attempt_at) FROM grants WHERE status IN ({marks}))",
+            list(reap_statuses),
+        ).fetchone()
+        return row[0]
+
+    def audit_entries(self, grant_id: str | None = None) -> Iterator[dict]:
+        if grant_id is None:
+            rows = self.db.execute("SELECT * FROM audit ORDER BY seq")
+        else:
+            rows = self.db.execute(
+                "SELECT * FROM audit WHERE grant_id = ? ORDER BY seq", [grant_id]
+            )
+        for row in rows:
+            yield _entry(row)
+
+
+def _entry(row: sqlite3.Row) -> dict:
+    entry = dict(row)
+    entry["actor"] = json.loads(entry["actor"])
+    entry["data"] = json.loads(entry["data"])
+    return entry
+
+
+def _create_v1(db: sqlite_utils.Database) -> None:
+    columns = {name: str for name in GRANT_COLUMNS}
+    columns.update(duration=int, attempts=int)
+    db["grants"].create(columns, pk="id", not_null={"status", "entitlement", "window_end"})
+    db["grants"].create_index(["status", "window_end"])
+    db["grants"].create_index(["status", "next_attempt_at"])
+    db["grants"].create_index(["requester_iss", "requester_sub", "created_at"])
+    db["audit"].create(
+        {
+            "seq": int,
+            "at": str,
+            "type": str,
+            "actor": str,
+            "grant_id": str,
+            "data": str,
+            "prev": str,
+            "hash": str,
+        },
+        pk="seq",
+    )
+    db["audit"].create_index(["grant_id", "seq"])

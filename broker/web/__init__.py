@@ -1,0 +1,83 @@
+"""HTTP: the browser UI, the JSON API and the OIDC login. Thin views over `Grants`; errors map to
+statuses in this one place (JSON under /api/, a page elsewhere)."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, current_app, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import HTTPException
+
+from ..durations import format_duration
+from ..errors import BrokerError, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+
+def services():
+    return current_app.extensions["jit"]
+
+
+def init_app(app: Flask) -> None:
+    from . import api, auth, ui
+
+    csrf = CSRFProtect(app)
+    csrf.exempt(api.bp)  # bearer tokens, no cookies: nothing for a forged form to ride on
+    auth.init_app(app)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(ui.bp)
+    app.register_error_handler(BrokerError, _broker_error)
+    app.register_error_handler(CSRFError, _csrf_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.after_request(_security_headers)
+    app.add_template_filter(format_duration, "duration")
+
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api/")
+
+
+def _answer(status: int, code: str, detail: str, **extra):
+    if _wants_json():
+        response = jsonify({"error": code, "detail": detail, **extra})
+    else:
+        response = current_app.make_response(
+            (render_template("error.html", status=status, code=code, detail=detail), status)
+        )
+    response.status_code = status
+    return response
+
+
+def _broker_error(exc: BrokerError):
+    if exc.status >= 500:
+        log.warning("%s %s: %s", request.method, request.path, exc.detail)
+    extra = {"reasons": list(exc.context["reasons"])} if "reasons" in exc.context else {}
+    response = _answer(exc.status, exc.code, exc.detail, **extra)
+    if isinstance(exc, Unauthenticated) and _wants_json():
+        # RFC 6750 §3: no error code when the request carried no token at all.
+        challenge = 'Bearer realm="jit-broker"'
+        if request.headers.get("Authorization"):
+            description = exc.detail.replace('"', "'")
+            challenge += f', error="invalid_token", error_description="{description}"'
+        response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+def _csrf_error(exc: CSRFError):
+    return _answer(400, "csrf_failed", f"{exc.description} Reload the page and try again.")
+
+
+def _http_error(exc: HTTPException):
+    return _answer(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or "")
+
+
+def _security_headers(response):
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault(
+        "Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'"
+    )
+    return response
