@@ -4,6 +4,7 @@ into a Principal. Pinned algorithms, exact issuer and audience, required claims 
 from __future__ import annotations
 
 import threading
+import time
 
 import jwt
 import requests
@@ -48,6 +49,35 @@ class ProviderMetadata:
             return self._document
 
 
+class ProviderKeys:
+    """The provider's signing keys (JWKS), parsed by pyjwt. Fetched again when a token names a
+    key not seen yet (rotation), but at most once per `cooldown` so junk kids cannot hammer it."""
+
+    def __init__(self, metadata: ProviderMetadata, cooldown: float = 30, timeout: float = 5):
+        self.metadata = metadata
+        self.cooldown = cooldown
+        self.timeout = timeout
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = -cooldown
+        self._lock = threading.Lock()
+
+    def get(self, kid: str | None) -> jwt.PyJWK | None:
+        with self._lock:
+            if kid not in self._keys and time.monotonic() - self._fetched_at >= self.cooldown:
+                self._fetch()
+            return self._keys.get(kid)
+
+    def _fetch(self) -> None:
+        try:
+            response = requests.get(self.metadata.get()["jwks_uri"], timeout=self.timeout)
+            response.raise_for_status()
+            keys = jwt.PyJWKSet.from_dict(response.json())
+        except (requests.RequestException, ValueError, jwt.PyJWKSetError) as exc:
+            raise ProviderUnavailable(f"cannot fetch the provider's signing keys: {exc}") from exc
+        self._keys = {key.key_id: key for key in keys.keys if key.key_id}
+        self._fetched_at = time.monotonic()
+
+
 class BearerVerifier:
     def __init__(
         self,
@@ -58,18 +88,11 @@ class BearerVerifier:
         leeway: int = 30,
     ):
         self.metadata = metadata
+        self.keys = ProviderKeys(metadata)
         self.audience = audience
         self.algorithms = list(algorithms)
         self.groups_claim = groups_claim
         self.leeway = leeway
-        self._jwks: jwt.PyJWKClient | None = None
-
-    def _jwks_client(self) -> jwt.PyJWKClient:
-        if self._jwks is None:
-            self._jwks = jwt.PyJWKClient(
-                self.metadata.get()["jwks_uri"], cache_keys=True, lifespan=300, timeout=5
-            )
-        return self._jwks
 
     def verify(self, token: str) -> Principal:
         """Return the Principal the token vouches for, or raise Unauthenticated saying why."""
@@ -81,12 +104,9 @@ class BearerVerifier:
             raise Unauthenticated(f"token algorithm {header.get('alg')!r} is not accepted")
         if str(header.get("typ", "")).lower() not in ACCESS_TOKEN_TYPES:
             raise Unauthenticated("the bearer token is not an access token (typ must be at+jwt)")
-        try:
-            key = self._jwks_client().get_signing_key_from_jwt(token)
-        except jwt.PyJWKClientConnectionError as exc:
-            raise ProviderUnavailable(f"cannot fetch the provider's signing keys: {exc}") from exc
-        except jwt.PyJWKClientError:
-            raise Unauthenticated("the token was not signed by a key of the provider") from None
+        key = self.keys.get(header.get("kid"))
+        if key is None:
+            raise Unauthenticated("the token was not signed by a key of the provider")
         try:
             claims = jwt.decode(
                 token,

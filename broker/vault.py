@@ -63,8 +63,9 @@ class VaultTokenBackend:
     def issue(
         self, grant_id: str, policies: tuple[str, ...], window_end: datetime, requester: str
     ) -> IssuedCredential:
-        # Floor, never round up: the token may die a fraction early, never outlive the window.
-        ttl = int((window_end - utcnow()).total_seconds())
+        # Vault counts a token's life from its creation second, so measuring from the current
+        # whole second makes it expire on the window's last second, never after it.
+        ttl = int((window_end - utcnow().replace(microsecond=0)).total_seconds())
         if ttl <= 0:
             raise VaultUnavailable("the window closed before Vault could issue the token")
         response = self.client.auth.token.create_orphan(
@@ -76,7 +77,7 @@ class VaultTokenBackend:
             meta={"jit_grant_id": grant_id, "jit_requester": requester},
         )
         auth = response["auth"]
-        expires_at = utcnow() + timedelta(seconds=auth["lease_duration"])
+        expires_at = utcnow().replace(microsecond=0) + timedelta(seconds=auth["lease_duration"])
         return IssuedCredential(
             secret=auth["client_token"],
             handle=auth["accessor"],

@@ -1,0 +1,82 @@
+import pytest
+
+from broker import audit
+from broker.store import Store
+
+
+def chain(length: int) -> list[dict]:
+    entries, prev = [], None
+    for n in range(length):
+        prev = audit.seal(prev, f"2026-01-01T00:00:0{n}Z", "step", {"iss": "i", "sub": "s"},
+                          "g1", {"n": n})
+        entries.append(prev)
+    return entries
+
+
+def test_an_untouched_chain_verifies():
+    result = audit.verify(chain(5))
+    assert result.ok and result.checked == 5
+
+
+def test_canonical_json_is_sorted_and_compact():
+    assert audit.canonical({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'.encode()
+
+
+def test_an_edited_entry_is_named():
+    entries = chain(5)
+    entries[2]["data"]["n"] = 99
+    result = audit.verify(entries)
+    assert (result.ok, result.bad_seq) == (False, 3)
+    assert "edited" in result.problem
+
+
+def test_an_edited_entry_with_its_hash_recomputed_breaks_the_next_link():
+    entries = chain(5)
+    entries[2]["data"]["n"] = 99
+    entries[2]["hash"] = audit.entry_hash(entries[2])
+    result = audit.verify(entries)
+    assert (result.ok, result.bad_seq) == (False, 4)
+
+
+def test_a_deleted_entry_is_named():
+    entries = chain(5)
+    del entries[1]
+    assert audit.verify(entries).bad_seq == 2
+
+
+def test_swapped_entries_are_named():
+    entries = chain(5)
+    entries[1], entries[2] = entries[2], entries[1]
+    assert audit.verify(entries).bad_seq == 2
+
+
+def test_fingerprint_hides_the_value_but_matches_it():
+    key = b"k" * 32
+    mark = audit.fingerprint(key, "accessor-123")
+    assert "accessor-123" not in mark
+    assert mark == audit.fingerprint(key, "accessor-123") != audit.fingerprint(b"x" * 32,
+                                                                              "accessor-123")
+
+
+def test_store_appends_in_the_same_transaction_and_rolls_back_together(tmp_path):
+    store = Store(tmp_path / "broker.db")
+    store.migrate()
+    with store.transaction() as tx:
+        tx.append("t", "first", {}, "g1", {})
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.append("t", "lost", {}, "g1", {})
+        raise RuntimeError("crash between two writes")
+    assert [e["type"] for e in store.audit_entries()] == ["first"]
+    with store.transaction() as tx:
+        tx.append("t", "second", {}, "g1", {})
+    entries = list(store.audit_entries())
+    assert [e["seq"] for e in entries] == [1, 2]
+    assert audit.verify(entries).ok
+
+
+def test_schema_version_is_recorded_and_migrate_is_idempotent(tmp_path):
+    store = Store(tmp_path / "broker.db")
+    store.migrate()
+    store.migrate()
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
