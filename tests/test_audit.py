@@ -7,8 +7,9 @@ from broker.store import Store
 def chain(length: int) -> list[dict]:
     entries, prev = [], None
     for n in range(length):
-        prev = audit.seal(prev, f"2026-01-01T00:00:0{n}Z", "step", {"iss": "i", "sub": "s"},
-                          "g1", {"n": n})
+        prev = audit.seal(
+            prev, f"2026-01-01T00:00:0{n}Z", "step", {"iss": "i", "sub": "s"}, "g1", {"n": n}
+        )
         entries.append(prev)
     return entries
 
@@ -54,8 +55,11 @@ def test_fingerprint_hides_the_value_but_matches_it():
     key = b"k" * 32
     mark = audit.fingerprint(key, "accessor-123")
     assert "accessor-123" not in mark
-    assert mark == audit.fingerprint(key, "accessor-123") != audit.fingerprint(b"x" * 32,
-                                                                              "accessor-123")
+    assert (
+        mark
+        == audit.fingerprint(key, "accessor-123")
+        != audit.fingerprint(b"x" * 32, "accessor-123")
+    )
 
 
 def test_store_appends_in_the_same_transaction_and_rolls_back_together(tmp_path):

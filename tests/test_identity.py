@@ -26,16 +26,26 @@ def jwks() -> dict:
 @pytest.fixture
 def verifier():
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.get(f"{ISSUER}/.well-known/openid-configuration",
-                 json={"issuer": ISSUER, "jwks_uri": f"{ISSUER}/jwks"})
+        mock.get(
+            f"{ISSUER}/.well-known/openid-configuration",
+            json={"issuer": ISSUER, "jwks_uri": f"{ISSUER}/jwks"},
+        )
         mock.get(f"{ISSUER}/jwks", json=jwks())
         yield BearerVerifier(ProviderMetadata(ISSUER), AUDIENCE, ["RS256"], leeway=0)
 
 
 def token(key=KEY, alg="RS256", typ="at+jwt", kid="k1", drop=(), **claims) -> str:
     now = int(time.time())
-    body = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 300,
-            "client_id": "jit-cli", "groups": ["engineers"], "email": "alice@example.com"}
+    body = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "alice",
+        "iat": now,
+        "exp": now + 300,
+        "client_id": "jit-cli",
+        "groups": ["engineers"],
+        "email": "alice@example.com",
+    }
     body.update(claims)
     for name in drop:
         body.pop(name)
@@ -44,8 +54,11 @@ def token(key=KEY, alg="RS256", typ="at+jwt", kid="k1", drop=(), **claims) -> st
 
 def test_a_good_token_gives_the_principal(verifier):
     principal = verifier.verify(token())
-    assert (principal.subject, principal.kind, principal.groups) == ("alice", "human",
-                                                                    ("engineers",))
+    assert (principal.subject, principal.kind, principal.groups) == (
+        "alice",
+        "human",
+        ("engineers",),
+    )
 
 
 def test_client_credentials_token_is_an_agent(verifier):
@@ -78,8 +91,10 @@ def test_bad_tokens_are_refused_with_the_reason(verifier, make, why):
 
 def test_discovery_naming_another_issuer_is_refused():
     with responses.RequestsMock() as mock:
-        mock.get(f"{ISSUER}/.well-known/openid-configuration",
-                 json={"issuer": "https://evil.test", "jwks_uri": f"{ISSUER}/jwks"})
+        mock.get(
+            f"{ISSUER}/.well-known/openid-configuration",
+            json={"issuer": "https://evil.test", "jwks_uri": f"{ISSUER}/jwks"},
+        )
         verifier = BearerVerifier(ProviderMetadata(ISSUER), AUDIENCE, ["RS256"])
         with pytest.raises(ProviderUnavailable, match="calls itself"):
             verifier.verify(token())

@@ -64,14 +64,20 @@ def test_policy_hash_changes_with_the_file(tmp_path, policy):
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
-        ('[entitlements.x]\ngroups=["a"]\nmax_duration="1h"\nvault_policies=["p"]\ncolour="red"',
-         "unknown key 'colour'"),
-        ('[entitlements.x]\ngroups=["a"]\nmax_duration="forever"\nvault_policies=["p"]',
-         "max_duration"),
+        (
+            '[entitlements.x]\ngroups=["a"]\nmax_duration="1h"\nvault_policies=["p"]\ncolour="red"',
+            "unknown key 'colour'",
+        ),
+        (
+            '[entitlements.x]\ngroups=["a"]\nmax_duration="forever"\nvault_policies=["p"]',
+            "max_duration",
+        ),
         ('[entitlements.x]\ngroups=[]\nmax_duration="1h"\nvault_policies=["p"]', "groups"),
         ('[entitlements.x]\ngroups=["a"]\nmax_duration="1h"\nvault_policies=["root"]', "root"),
-        ('[entitlements.x]\ngroups=["a"]\nmax_duration="1h"\nvault_policies=["p"]\nbackend="ftp"',
-         "unknown backend"),
+        (
+            '[entitlements.x]\ngroups=["a"]\nmax_duration="1h"\nvault_policies=["p"]\nbackend="ftp"',
+            "unknown backend",
+        ),
         ("[entitlements.x\n", "not valid TOML"),
         ("[people]\n", "unknown top-level"),
     ],

@@ -1,0 +1,110 @@
+"""Start the whole stack on localhost for scripts/dev: OpenBao, the OIDC provider with demo users,
+an example config and policy, then the broker. Ctrl-C stops all of it."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.services import OidcProvider, OpenBao, demo_accounts, provider_config  # noqa: E402
+
+BROKER_URL = "http://localhost:5000"
+VAULT_PORT, OIDC_PORT = 8200, 9000
+STATE = ROOT / "var" / "dev"
+EXAMPLE = ROOT / "scripts" / "example"
+
+
+def configure_vault(bao: OpenBao) -> None:
+    """The Vault policies the example entitlements grant, and a secret worth reading."""
+    client = bao.client()
+    for hcl in sorted((EXAMPLE / "vault").glob("*.hcl")):
+        client.sys.create_or_update_policy(hcl.stem, hcl.read_text())
+    client.secrets.kv.v2.create_or_update_secret("app/database", {"password": "hunter2"})
+
+
+def write_config(bao: OpenBao, provider: OidcProvider, client_secret: str) -> Path:
+    policy = STATE / "policy.toml"
+    policy.write_text((EXAMPLE / "policy.toml").read_text())
+    config = STATE / "config.toml"
+    config.write_text(f"""\
+# Written by scripts/dev; every run starts a fresh OpenBao and provider, so it is rewritten.
+[server]
+base_url = "{BROKER_URL}"
+host = "localhost"
+port = 5000
+data_dir = "."
+
+[oidc]
+issuer = "{provider.issuer}"
+client_id = "jit-broker"
+client_secret = "{client_secret}"
+api_audience = "urn:jit-broker:api"
+
+[vault]
+addr = "{bao.addr}"
+token = "{bao.root_token}"
+
+[policy]
+path = "policy.toml"
+""")
+    config.chmod(0o600)
+    return config
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    STATE.mkdir(parents=True, exist_ok=True)
+    (STATE / "broker.db").unlink(missing_ok=True)  # grants of a previous OpenBao mean nothing now
+    for suffix in ("-wal", "-shm"):
+        (STATE / f"broker.db{suffix}").unlink(missing_ok=True)
+    client_secret = secrets.token_urlsafe(24)
+    bao = OpenBao.start(root_token=secrets.token_urlsafe(16), port=VAULT_PORT, workdir=STATE)
+    provider = None
+    try:
+        configure_vault(bao)
+        provider = OidcProvider.start(
+            provider_config(OIDC_PORT, f"{BROKER_URL}/auth/callback", client_secret), STATE
+        )
+        config = write_config(bao, provider, client_secret)
+
+        from broker import create_app
+        from broker.config import load_settings
+
+        app = create_app(load_settings(config))
+        users = ", ".join(
+            f"{name} ({', '.join(a['groups'])})" for name, a in demo_accounts().items()
+        )
+        print(
+            f"""
+  jit-broker      {BROKER_URL}
+  OpenBao         {bao.addr}   root token: {bao.root_token}
+  OIDC provider   {provider.issuer}
+  demo users      {users}; any password
+  config          {config}   (jit -c {config.relative_to(ROOT)} audit verify)
+  Ctrl-C stops everything.
+""",
+            flush=True,
+        )
+        from werkzeug.serving import run_simple
+
+        try:
+            run_simple("localhost", 5000, app, threaded=True, use_reloader=False)
+        finally:
+            app.extensions["jit"].reaper.stop()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if provider:
+            provider.stop()
+        bao.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Session-wide real processes: an OpenBao dev server and the OIDC provider (tests/services.py).
+Each starts once per test session in its own temporary directory and is stopped at the end."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+from broker import create_app
+from broker.config import load_settings
+from tests.services import OidcProvider, OpenBao, free_port, provider_config, user_access_token
+
+EXPIRING_AGENT = "expiring-agent"
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    server = OpenBao.start(workdir=tmp_path_factory.mktemp("openbao"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_port() -> int:
+    """The port the broker under test will listen on; the provider knows its redirect URI."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def oidc_client_secret() -> str:
+    """The broker web client's secret (the ci-agent's is services.agent_secret of it)."""
+    return secrets.token_urlsafe(24)
+
+
+@pytest.fixture(scope="session")
+def oidc_provider(
+    tmp_path_factory: pytest.TempPathFactory, broker_port: int, oidc_client_secret: str
+) -> Iterator[OidcProvider]:
+    config = provider_config(
+        free_port(), f"http://127.0.0.1:{broker_port}/auth/callback", oidc_client_secret
+    )
+    # A client whose tokens live two seconds, to test expiry with a token the provider signed.
+    config["clients"].append(
+        {
+            "client_id": EXPIRING_AGENT,
+            "client_secret": oidc_client_secret,
+            "grant_types": ["client_credentials"],
+            "redirect_uris": [],
+        }
+    )
+    config["access_token_ttls"] = {EXPIRING_AGENT: 2}
+    provider = OidcProvider.start(config, tmp_path_factory.mktemp("oidc"))
+    yield provider
+    provider.stop()
+
+
+# --- the broker itself, against the real OpenBao and OIDC provider above -------------------------
+
+TEST_POLICY = """
+[entitlements.kv-read]
+description = "Read the test secrets"
+groups = ["engineers"]
+max_duration = "1h"
+vault_policies = ["jit-test-read"]
+
+[entitlements.kv-admin]
+description = "Change the test secrets"
+groups = ["security"]
+max_duration = "15m"
+vault_policies = ["jit-test-admin"]
+"""
+
+
+@pytest.fixture(scope="session")
+def vault_setup(openbao):
+    client = openbao.client()
+    client.sys.create_or_update_policy(
+        "jit-test-read", 'path "secret/data/test/*" { capabilities = ["read"] }'
+    )
+    client.sys.create_or_update_policy(
+        "jit-test-admin",
+        'path "secret/data/test/*" { capabilities = ["create", "read", "update"] }',
+    )
+    client.secrets.kv.v2.create_or_update_secret("test/app", {"password": "s3cret"})
+    return client
+
+
+def broker_settings(
+    workdir: Path, openbao, oidc_provider, broker_port: int, client_secret: str, **overrides
+):
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "policy.toml").write_text(TEST_POLICY)
+    sections = {
+        "server": {"base_url": f"http://127.0.0.1:{broker_port}", "data_dir": str(workdir)},
+        "oidc": {
+            "issuer": oidc_provider.issuer,
+            "client_id": "jit-broker",
+            "client_secret": client_secret,
+            "api_audience": "urn:jit-broker:api",
+        },
+        "vault": {"addr": openbao.addr, "token": openbao.root_token},
+        "policy": {"path": str(workdir / "policy.toml")},
+        "reaper": {"retry_min": 1, "retry_max": 2},
+    }
+    for section, values in overrides.items():
+        sections[section] = {**sections.get(section, {}), **values}
+    return load_settings(overrides=sections, environ={})
+
+
+class LiveBroker:
+    """The broker app served over real HTTP on the port the provider's redirect URI names."""
+
+    def __init__(self, app, port: int):
+        self.app = app
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = make_server("127.0.0.1", port, app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def grants(self):
+        return self.app.extensions["jit"].grants
+
+    def stop(self):
+        self.server.shutdown()
+        self.app.extensions["jit"].reaper.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory, openbao, oidc_provider, broker_port, oidc_client_secret, vault_setup):
+    settings = broker_settings(
+        tmp_path_factory.mktemp("broker"), openbao, oidc_provider, broker_port, oidc_client_secret
+    )
+    live = LiveBroker(create_app(settings), broker_port)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def tokens(oidc_provider):
+    """Real access tokens from the provider, one login per user for the session."""
+    cache: dict[str, str] = {}
+
+    def token_for(username: str) -> str:
+        if username not in cache:
+            cache[username] = user_access_token(oidc_provider, username)
+        return cache[username]
+
+    return token_for

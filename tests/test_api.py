@@ -1,0 +1,385 @@
+"""The JSON API end to end: real access tokens from the OIDC provider, real tokens from OpenBao,
+the real reaper thread."""
+
+import time
+
+import hvac
+import hvac.exceptions
+import jwt
+import pytest
+import requests
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from broker import create_app
+from broker.cli import main as jit
+from broker.models import parse_time
+from tests.conftest import EXPIRING_AGENT, broker_settings
+from tests.services import client_credentials_token, free_port, user_tokens
+
+
+def call(broker, token, method, path, body=None, raw=None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.request(
+        method, broker.url + path, json=body, data=raw, headers=headers, timeout=15
+    )
+
+
+def wait_for_status(broker, grant_id, status, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        grant = broker.grants.store.get_grant(grant_id)
+        if grant.status == status:
+            return grant
+        time.sleep(0.1)
+    raise AssertionError(f"grant {grant_id} is {grant.status}, never became {status}")
+
+
+def vault_as(openbao, token):
+    return hvac.Client(url=openbao.addr, token=token)
+
+
+def token_works(openbao, token) -> bool:
+    try:
+        vault_as(openbao, token).secrets.kv.v2.read_secret_version(
+            "test/app", raise_on_deleted_version=True
+        )
+    except hvac.exceptions.Forbidden:
+        return False
+    return True
+
+
+def chain_types(grants, grant_id):
+    return [entry["type"] for entry in grants.chain(grant_id)]
+
+
+def test_request_issues_a_token_that_ends_exactly_at_the_window_end(broker, tokens, openbao):
+    response = call(
+        broker,
+        tokens("alice"),
+        "POST",
+        "/api/v1/requests",
+        {"entitlement": "kv-read", "duration": "10m", "reason": "INC-1 debugging"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.headers["Cache-Control"] == "no-store"
+    body = response.json()
+    assert body["status"] == "active"
+    start, end = parse_time(body["window"]["start"]), parse_time(body["window"]["end"])
+    assert (end - start).total_seconds() == 600
+    secret = body["credential"]["token"]
+    looked_up = vault_as(openbao, secret).auth.token.lookup_self()["data"]
+    assert looked_up["explicit_max_ttl"] == 600
+    assert looked_up["renewable"] is False
+    assert parse_time(looked_up["expire_time"][:19] + "Z") == end
+    assert "jit-test-read" in looked_up["policies"]
+    assert token_works(openbao, secret)
+    assert response.headers["Location"] == f"/api/v1/requests/{body['id']}"
+
+    # The secret is shown once: never again through the API, never in the store or the log.
+    again = call(broker, tokens("alice"), "GET", f"/api/v1/requests/{body['id']}").json()
+    assert again["status"] == "active" and "credential" not in again
+    mine = call(broker, tokens("alice"), "GET", "/api/v1/requests?mine=1").json()["requests"]
+    assert body["id"] in [grant["id"] for grant in mine]
+    assert secret not in str(mine) and secret not in str(broker.grants.chain(body["id"]))
+    assert broker.grants.store.get_grant(body["id"]).handle not in str(
+        broker.grants.chain(body["id"])
+    )
+
+
+def test_a_grant_expires_and_its_token_stops_working(broker, tokens, openbao):
+    response = call(
+        broker,
+        tokens("alice"),
+        "POST",
+        "/api/v1/requests",
+        {"entitlement": "kv-read", "duration": "3s", "reason": "short task"},
+    )
+    assert response.status_code == 201, response.text
+    grant_id, secret = response.json()["id"], response.json()["credential"]["token"]
+    assert token_works(openbao, secret)
+
+    grant = wait_for_status(broker, grant_id, "revoked")
+    assert not token_works(openbao, secret)
+    assert grant.window_end == response.json()["window"]["end"]
+    assert chain_types(broker.grants, grant_id) == [
+        "request",
+        "decision",
+        "issue",
+        "expire",
+        "revoke",
+        "verify",
+    ]
+    verify = broker.grants.chain(grant_id)[-1]["data"]
+    assert verify["gone"] is True
+
+    config = broker.app.extensions["jit"].settings
+    runner = CliRunner()
+    result = runner.invoke(jit, ["audit", "verify"], obj=None, env=_cli_env(config))
+    assert result.exit_code == 0, result.output
+    assert "chain intact" in result.output
+    shown = runner.invoke(jit, ["audit", "show", grant_id], env=_cli_env(config))
+    assert shown.exit_code == 0, shown.output
+    for step in ("request", "decision", "issue", "expire", "revoke", "verify"):
+        assert f" {step} " in shown.output
+
+
+def _cli_env(settings):
+    return {
+        "JIT_OIDC_ISSUER": settings.oidc["issuer"],
+        "JIT_OIDC_CLIENT_ID": "jit-broker",
+        "JIT_OIDC_API_AUDIENCE": settings.oidc["api_audience"],
+        "JIT_VAULT_ADDR": settings.vault["addr"],
+        "JIT_VAULT_TOKEN": settings.vault["token"],
+        "JIT_SERVER_DATA_DIR": str(settings.data_dir),
+        "JIT_POLICY_PATH": str(settings.policy_path),
+    }
+
+
+def test_release_revokes_at_once(broker, tokens, openbao):
+    response = call(
+        broker,
+        tokens("alice"),
+        "POST",
+        "/api/v1/requests",
+        {"entitlement": "kv-read", "duration": "1h", "reason": "done early"},
+    )
+    grant_id, secret = response.json()["id"], response.json()["credential"]["token"]
+    released = call(broker, tokens("alice"), "POST", f"/api/v1/requests/{grant_id}/release")
+    assert released.status_code == 200, released.text
+    assert released.json()["status"] in {"released", "revoking", "revoked"}
+
+    wait_for_status(broker, grant_id, "revoked", timeout=10)
+    assert not token_works(openbao, secret)
+    assert chain_types(broker.grants, grant_id)[-3:] == ["release", "revoke", "verify"]
+
+    again = call(broker, tokens("alice"), "POST", f"/api/v1/requests/{grant_id}/release")
+    assert again.status_code == 409
+    assert again.json()["error"] == "conflict"
+
+
+def test_nobody_sees_or_releases_another_persons_grant(broker, tokens):
+    grant_id = call(
+        broker,
+        tokens("alice"),
+        "POST",
+        "/api/v1/requests",
+        {"entitlement": "kv-read", "duration": "5m", "reason": "mine"},
+    ).json()["id"]
+    assert call(broker, tokens("bob"), "GET", f"/api/v1/requests/{grant_id}").status_code == 404
+    stolen = call(broker, tokens("bob"), "POST", f"/api/v1/requests/{grant_id}/release")
+    assert stolen.status_code == 404
+    bobs = call(broker, tokens("bob"), "GET", "/api/v1/requests?mine=1").json()["requests"]
+    assert grant_id not in [grant["id"] for grant in bobs]
+    assert broker.grants.store.get_grant(grant_id).status == "active"
+    call(broker, tokens("alice"), "POST", f"/api/v1/requests/{grant_id}/release")
+
+
+def test_entitlements_lists_what_the_caller_may_request(broker, tokens):
+    def names(user):
+        listed = call(broker, tokens(user), "GET", "/api/v1/entitlements").json()
+        return [entitlement["name"] for entitlement in listed["entitlements"]]
+
+    assert names("alice") == ["kv-read"]
+    assert names("bob") == ["kv-read", "kv-admin"]
+    assert names("carol") == []
+
+
+@pytest.mark.parametrize(
+    ("user", "body", "status", "error"),
+    [
+        (
+            "alice",
+            {"entitlement": "nope", "duration": "5m", "reason": "x"},
+            404,
+            "unknown_entitlement",
+        ),
+        (
+            "alice",
+            {"entitlement": "kv-read", "duration": "2h", "reason": "x"},
+            422,
+            "duration_too_long",
+        ),
+        (
+            "alice",
+            {"entitlement": "kv-read", "duration": "0", "reason": "x"},
+            400,
+            "invalid_duration",
+        ),
+        (
+            "alice",
+            {"entitlement": "kv-read", "duration": -60, "reason": "x"},
+            400,
+            "invalid_duration",
+        ),
+        (
+            "alice",
+            {"entitlement": "kv-read", "duration": "soon", "reason": "x"},
+            400,
+            "invalid_duration",
+        ),
+        ("alice", {"entitlement": "kv-read", "reason": "x"}, 400, "invalid_duration"),
+        ("alice", {"entitlement": "kv-read", "duration": "5m"}, 400, "invalid_request"),
+        (
+            "alice",
+            {"entitlement": "kv-read", "duration": "5m", "reason": "   "},
+            400,
+            "invalid_request",
+        ),
+        ("alice", {"duration": "5m", "reason": "x"}, 400, "invalid_request"),
+        ("alice", ["not", "an", "object"], 400, "invalid_request"),
+        ("carol", {"entitlement": "kv-read", "duration": "5m", "reason": "x"}, 403, "not_eligible"),
+        (
+            "alice",
+            {"entitlement": "kv-admin", "duration": "5m", "reason": "x"},
+            403,
+            "not_eligible",
+        ),
+    ],
+)
+def test_bad_requests_get_a_clear_error_and_change_nothing(
+    broker, tokens, openbao, user, body, status, error
+):
+    before = _footprint(broker, openbao)
+    response = call(broker, tokens(user), "POST", "/api/v1/requests", body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == error
+    assert response.json()["detail"]
+    grants, entries, accessors = _footprint(broker, openbao)
+    assert (grants, entries) == before[:2]
+    assert accessors <= before[2], "a Vault token was created for a refused request"
+
+
+def _footprint(broker, openbao):
+    db = broker.grants.store.db
+    accessors = set(openbao.client().list("auth/token/accessors")["data"]["keys"])
+    return (
+        db.execute("SELECT count(*) FROM grants").fetchone()[0],
+        db.execute("SELECT count(*) FROM audit").fetchone()[0],
+        accessors,
+    )
+
+
+def test_a_body_that_is_not_json_is_refused(broker, tokens):
+    response = call(broker, tokens("alice"), "POST", "/api/v1/requests", raw="entitlement=kv-read")
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+
+
+def test_an_unknown_grant_is_404(broker, tokens):
+    response = call(broker, tokens("alice"), "GET", "/api/v1/requests/does-not-exist")
+    assert response.status_code == 404 and response.json()["error"] == "not_found"
+
+
+def _resigned(token: str, **header) -> str:
+    """The same claims under another signature: what a forger with their own key produces."""
+    claims = jwt.decode(token, options={"verify_signature": False})
+    original = jwt.get_unverified_header(token)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return jwt.encode(claims, key, algorithm="RS256", headers={**original, **header})
+
+
+def _unsigned(token: str) -> str:
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return jwt.encode(claims, None, algorithm="none", headers={"typ": "at+jwt"})
+
+
+@pytest.mark.parametrize(
+    ("make", "has_error_code"),
+    [
+        (lambda t: None, False),
+        (lambda t: "garbage", True),
+        (_resigned, True),
+        (_unsigned, True),
+        (lambda t: t[:-4] + ("AAAA" if not t.endswith("AAAA") else "BBBB"), True),
+    ],
+    ids=["missing", "garbage", "wrongly-signed", "alg-none", "tampered-signature"],
+)
+def test_bad_bearer_tokens_are_401_with_a_challenge(broker, tokens, make, has_error_code):
+    response = call(broker, make(tokens("alice")), "GET", "/api/v1/requests?mine=1")
+    assert response.status_code == 401
+    assert response.json()["error"] == "unauthenticated"
+    challenge = response.headers["WWW-Authenticate"]
+    assert challenge.startswith('Bearer realm="jit-broker"')
+    assert ('error="invalid_token"' in challenge) == has_error_code
+
+
+def test_an_id_token_is_not_an_access_token(broker, oidc_provider):
+    id_token = user_tokens(oidc_provider, "alice")["id_token"]
+    response = call(broker, id_token, "GET", "/api/v1/requests?mine=1")
+    assert response.status_code == 401
+    assert "access token" in response.json()["detail"]
+
+
+def test_a_token_for_another_audience_or_issuer_is_refused(
+    tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, tokens
+):
+    for overrides in ({"api_audience": "urn:someone-else"},):
+        settings = broker_settings(
+            tmp_path,
+            openbao,
+            oidc_provider,
+            broker_port,
+            oidc_client_secret,
+            oidc=overrides,
+            reaper={"enabled": False},
+        )
+        client = create_app(settings).test_client()
+        response = client.get(
+            "/api/v1/requests", headers={"Authorization": f"Bearer {tokens('alice')}"}
+        )
+        assert response.status_code == 401
+        assert "audience" in response.json["detail"].lower()
+
+
+def test_an_expired_token_is_refused(
+    tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    settings = broker_settings(
+        tmp_path,
+        openbao,
+        oidc_provider,
+        broker_port,
+        oidc_client_secret,
+        oidc={"leeway": 0},
+        reaper={"enabled": False},
+    )
+    client = create_app(settings).test_client()
+    token = client_credentials_token(
+        oidc_provider, EXPIRING_AGENT, oidc_client_secret, oidc_provider.api_resource
+    )
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/v1/requests", headers=bearer).status_code == 200
+    time.sleep(
+        max(0, jwt.decode(token, options={"verify_signature": False})["exp"] + 1.1 - time.time())
+    )
+    response = client.get("/api/v1/requests", headers=bearer)
+    assert response.status_code == 401
+    assert "expired" in response.json["detail"]
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+
+
+def test_vault_down_is_503_and_nothing_is_recorded_as_issued(
+    tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, tokens
+):
+    settings = broker_settings(
+        tmp_path,
+        openbao,
+        oidc_provider,
+        broker_port,
+        oidc_client_secret,
+        vault={"addr": f"http://127.0.0.1:{free_port()}", "timeout": 2},
+        reaper={"enabled": False},
+    )
+    app = create_app(settings)
+    response = app.test_client().post(
+        "/api/v1/requests",
+        json={"entitlement": "kv-read", "duration": "5m", "reason": "x"},
+        headers={"Authorization": f"Bearer {tokens('alice')}"},
+    )
+    assert response.status_code == 503
+    assert response.json["error"] == "vault_unavailable"
+    grants = app.extensions["jit"].grants
+    rows = grants.store.db.execute("SELECT id, status, handle FROM grants").fetchall()
+    assert [(row["status"], row["handle"]) for row in rows] == [("issue_failed", "")]
+    assert chain_types(grants, rows[0]["id"]) == ["request", "decision", "issue_failed"]
