@@ -9,7 +9,7 @@ from pathlib import Path
 from flask import Flask
 
 from . import web
-from .config import Settings, load_settings
+from .config import Settings, check_service_settings, load_settings
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
 from .policy import load_policy
@@ -33,6 +33,7 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
+    check_service_settings(settings)
     app = Flask(__name__, template_folder=str(TEMPLATES))
     app.config.update(
         SECRET_KEY=settings.server["secret_key"] or settings.secret_file("session.key"),

@@ -103,9 +103,7 @@ def load_settings(
             section, _, name = key[4:].lower().partition("_")
             if section in merged and name in merged[section]:
                 merged[section][name] = _coerce(value, DEFAULTS[section][name], key)
-    settings = Settings(**merged, root=root)
-    _validate(settings)
-    return settings
+    return Settings(**merged, root=root)
 
 
 def _merge(target: dict, data: dict, source: str) -> None:
@@ -133,23 +131,27 @@ def _coerce(text: str, default: object, key: str) -> object:
     return text
 
 
-def _validate(settings: Settings) -> None:
+ASYMMETRIC_ALGORITHMS = {
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+}
+
+
+def check_service_settings(settings: Settings) -> None:
+    """What running the broker needs (reading the audit log needs none of it)."""
     oidc = settings.oidc
     for name in ("issuer", "client_id", "api_audience"):
         if not oidc[name]:
             raise ConfigError(f"oidc.{name} is required")
-    unsafe = set(oidc["algorithms"]) - {
-        "RS256",
-        "RS384",
-        "RS512",
-        "PS256",
-        "PS384",
-        "PS512",
-        "ES256",
-        "ES384",
-        "ES512",
-        "EdDSA",
-    }
+    unsafe = set(oidc["algorithms"]) - ASYMMETRIC_ALGORITHMS
     if unsafe or not oidc["algorithms"]:
         raise ConfigError(
             f"oidc.algorithms may only name asymmetric algorithms, not {sorted(unsafe)}"

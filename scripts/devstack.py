@@ -75,6 +75,7 @@ def main() -> None:
         config = write_config(bao, provider, client_secret)
 
         from broker import create_app
+        from broker.cli import run_server
         from broker.config import load_settings
 
         app = create_app(load_settings(config))
@@ -92,12 +93,7 @@ def main() -> None:
 """,
             flush=True,
         )
-        from werkzeug.serving import run_simple
-
-        try:
-            run_simple("localhost", 5000, app, threaded=True, use_reloader=False)
-        finally:
-            app.extensions["jit"].reaper.stop()
+        run_server(app)
     except KeyboardInterrupt:
         pass
     finally:

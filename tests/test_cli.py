@@ -1,0 +1,87 @@
+"""`jit audit` on a real database file: intact, tampered with, missing; a broken config."""
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from broker.cli import main as jit
+from broker.store import Store
+
+
+@pytest.fixture
+def database(tmp_path):
+    store = Store(tmp_path / "broker.db")
+    store.migrate()
+    for n, step in enumerate(["request", "decision", "issue", "revoke", "verify"]):
+        with store.transaction() as tx:
+            tx.append(f"2026-01-01T00:00:0{n}Z", step, {"iss": "i", "sub": "alice"}, "g1", {"n": n})
+    return store
+
+
+def invoke(database, *args):
+    return CliRunner().invoke(jit, list(args), env={"JIT_STORAGE_PATH": str(database.path)})
+
+
+def test_verify_an_intact_chain(database):
+    result = invoke(database, "audit", "verify")
+    assert result.exit_code == 0
+    assert result.output.strip() == "ok: 5 entries, chain intact"
+
+
+def test_verify_names_the_edited_entry(database):
+    database.db.execute("""UPDATE audit SET data = '{"n":42}' WHERE seq = 3""")
+    result = invoke(database, "audit", "verify")
+    assert result.exit_code == 1
+    assert "FAILED at seq 3" in result.output and "edited" in result.output
+
+
+def test_verify_names_the_deleted_entry(database):
+    database.db.execute("DELETE FROM audit WHERE seq = 2")
+    result = invoke(database, "audit", "verify")
+    assert result.exit_code == 1
+    assert "FAILED at seq 2" in result.output
+
+
+def test_show_prints_the_grants_chain_in_order(database):
+    result = invoke(database, "audit", "show", "g1")
+    assert result.exit_code == 0
+    steps = [line.split()[2] for line in result.output.splitlines()]
+    assert steps == ["request", "decision", "issue", "revoke", "verify"]
+
+
+def test_show_an_unknown_grant_is_an_error(database):
+    result = invoke(database, "audit", "show", "nope")
+    assert result.exit_code == 1
+    assert "no audit entries for grant nope" in result.output
+
+
+def test_a_missing_database_is_an_error_not_an_empty_chain(tmp_path):
+    result = CliRunner().invoke(
+        jit, ["audit", "verify"], env={"JIT_STORAGE_PATH": str(tmp_path / "none.db")}
+    )
+    assert result.exit_code == 1
+    assert "no broker database" in result.output
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_a_broken_config_is_one_readable_line(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("[vault]\ntokn = 'x'\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from broker.cli import run; run()",
+            "-c",
+            str(config),
+            "audit",
+            "verify",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"jit: {config}: unknown setting vault.tokn"
