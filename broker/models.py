@@ -91,8 +91,8 @@ class Window:
 class IssuedCredential:
     """What a backend issued. `secret` is handed to the requester once and never stored."""
 
-    secret: str
-    handle: str  # what revokes and verifies it (a token accessor, a lease id)
+    secret: str = field(repr=False)  # kept out of reprs, so out of logs and tracebacks
+    handle: str = field(repr=False)  # what revokes and verifies it (a token accessor, a lease id)
     expires_at: datetime
     kind: str
     details: dict = field(default_factory=dict)  # non-secret facts: policies, ttl, request id

@@ -75,7 +75,7 @@ def test_login_request_use_and_release_through_the_browser(broker, openbao):
         timeout=10,
     )
     assert released.status_code == 200
-    wait_for_status(broker, grant.id, "revoked")
+    wait_for_status(broker.grants, grant.id, "revoked")
     assert not token_works(openbao, secret)
     detail = session.get(broker.url + f"/requests/{grant.id}", timeout=10)
     assert "revoked" in detail.text and "verify" in detail.text

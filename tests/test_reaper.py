@@ -1,0 +1,91 @@
+"""Removal, step by step: `reap_due` called directly with a chosen time, against real OpenBao, and
+the reaper thread's wake-up. A removal Vault could not confirm is never recorded as revoked."""
+
+from datetime import timedelta
+
+import pytest
+
+from broker import create_app
+from broker.models import Principal, parse_time
+from broker.reaper import Reaper
+from broker.vault import make_backends, make_client
+from tests.conftest import broker_settings
+from tests.services import free_port
+from tests.test_api import token_works, wait_for_status
+
+ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
+
+
+@pytest.fixture
+def grants(tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, vault_setup):
+    settings = broker_settings(
+        tmp_path,
+        openbao,
+        oidc_provider,
+        broker_port,
+        oidc_client_secret,
+        reaper={"enabled": False, "retry_min": 5, "retry_max": 60},
+    )
+    return create_app(settings).extensions["jit"].grants
+
+
+def types(grants, grant_id):
+    return [entry["type"] for entry in grants.chain(grant_id)]
+
+
+def test_reap_due_removes_only_what_has_closed_and_returns_the_next_deadline(grants, openbao):
+    short, short_credential = grants.request(ALICE, "kv-read", "10m", "short")
+    long, long_credential = grants.request(ALICE, "kv-read", "40m", "long")
+    end = parse_time(short.window_end)
+
+    assert grants.reap_due(end - timedelta(seconds=1)) == end  # nothing due yet
+    assert grants.store.get_grant(short.id).status == "active"
+
+    assert grants.reap_due(end) == parse_time(long.window_end)
+    assert grants.store.get_grant(short.id).status == "revoked"
+    assert not token_works(openbao, short_credential.secret)
+    assert grants.store.get_grant(long.id).status == "active"
+    assert token_works(openbao, long_credential.secret)
+    grants.release(ALICE, long.id)
+    assert grants.reap_due() is None
+
+
+def test_unverified_removal_is_revoke_failed_then_retried_with_backoff(grants, openbao):
+    grant, credential = grants.request(ALICE, "kv-read", "10m", "vault goes away")
+    secret = credential.secret
+    working = grants.backends
+    grants.backends = make_backends(make_client(f"http://127.0.0.1:{free_port()}", "x", 2))
+    end = parse_time(grant.window_end)
+
+    next_try = grants.reap_due(end)
+    failed = grants.store.get_grant(grant.id)
+    assert failed.status == "revoke_failed" and "unavailable" in failed.last_error
+    assert next_try == end + timedelta(seconds=5)
+    assert types(grants, grant.id)[-3:] == ["expire", "revoke", "revoke_failed"]
+    assert "verify" not in types(grants, grant.id)
+    assert token_works(openbao, secret)  # honestly: still alive, and the record says so
+
+    assert grants.reap_due(end + timedelta(seconds=5)) == end + timedelta(seconds=15)
+    assert grants.store.get_grant(grant.id).attempts == 2
+
+    grants.backends = working
+    grants.reap_due(end + timedelta(seconds=15))
+    revoked = grants.store.get_grant(grant.id)
+    assert (revoked.status, revoked.attempts, revoked.last_error) == ("revoked", 3, "")
+    assert not token_works(openbao, secret)
+    assert types(grants, grant.id)[-2:] == ["revoke", "verify"]
+    assert grants.chain(grant.id)[-1]["data"]["gone"] is True
+    assert grants.verify_chain().ok
+
+
+def test_the_reaper_thread_wakes_for_a_new_grant(grants, openbao):
+    reaper = Reaper(grants)
+    grants.on_change = reaper.wake
+    reaper.start()
+    try:
+        # Idle with no deadline at all: only the wake-up can make it see this grant.
+        grant, credential = grants.request(ALICE, "kv-read", "2s", "wake up")
+        wait_for_status(grants, grant.id, "revoked", timeout=10)
+        assert not token_works(openbao, credential.secret)
+    finally:
+        reaper.stop()
