@@ -141,6 +141,21 @@ def broker(tmp_path_factory, openbao, oidc_provider, broker_port, oidc_client_se
     live.stop()
 
 
+@pytest.fixture
+def make_app(tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, vault_setup):
+    """A broker of its own (fresh database, no reaper thread unless asked) with settings changed."""
+
+    def build(**overrides):
+        overrides["reaper"] = {"enabled": False, **overrides.get("reaper", {})}
+        return create_app(
+            broker_settings(
+                tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, **overrides
+            )
+        )
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def tokens(oidc_provider):
     """Real access tokens from the provider, one login per user for the session."""

@@ -11,10 +11,9 @@ import requests
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from broker import create_app
 from broker.cli import main as jit
 from broker.models import parse_time
-from tests.conftest import EXPIRING_AGENT, broker_settings
+from tests.conftest import EXPIRING_AGENT
 from tests.services import (
     OidcProvider,
     client_credentials_token,
@@ -57,18 +56,17 @@ def token_works(openbao, token) -> bool:
     return True
 
 
+def ask(broker, token, duration, reason, entitlement="kv-read"):
+    body = {"entitlement": entitlement, "duration": duration, "reason": reason}
+    return call(broker, token, "POST", "/api/v1/requests", body)
+
+
 def chain_types(grants, grant_id):
     return [entry["type"] for entry in grants.chain(grant_id)]
 
 
 def test_request_issues_a_token_that_ends_exactly_at_the_window_end(broker, tokens, openbao):
-    response = call(
-        broker,
-        tokens("alice"),
-        "POST",
-        "/api/v1/requests",
-        {"entitlement": "kv-read", "duration": "10m", "reason": "INC-1 debugging"},
-    )
+    response = ask(broker, tokens("alice"), "10m", "INC-1 debugging")
     assert response.status_code == 201, response.text
     assert response.headers["Cache-Control"] == "no-store"
     body = response.json()
@@ -96,13 +94,7 @@ def test_request_issues_a_token_that_ends_exactly_at_the_window_end(broker, toke
 
 
 def test_a_grant_expires_and_its_token_stops_working(broker, tokens, openbao):
-    response = call(
-        broker,
-        tokens("alice"),
-        "POST",
-        "/api/v1/requests",
-        {"entitlement": "kv-read", "duration": "3s", "reason": "short task"},
-    )
+    response = ask(broker, tokens("alice"), "3s", "short task")
     assert response.status_code == 201, response.text
     grant_id, secret = response.json()["id"], response.json()["credential"]["token"]
     assert token_works(openbao, secret)
@@ -137,13 +129,7 @@ def _cli_env(settings):
 
 
 def test_release_revokes_at_once(broker, tokens, openbao):
-    response = call(
-        broker,
-        tokens("alice"),
-        "POST",
-        "/api/v1/requests",
-        {"entitlement": "kv-read", "duration": "1h", "reason": "done early"},
-    )
+    response = ask(broker, tokens("alice"), "1h", "done early")
     grant_id, secret = response.json()["id"], response.json()["credential"]["token"]
     released = call(broker, tokens("alice"), "POST", f"/api/v1/requests/{grant_id}/release")
     assert released.status_code == 200, released.text
@@ -159,13 +145,7 @@ def test_release_revokes_at_once(broker, tokens, openbao):
 
 
 def test_nobody_sees_or_releases_another_persons_grant(broker, tokens):
-    grant_id = call(
-        broker,
-        tokens("alice"),
-        "POST",
-        "/api/v1/requests",
-        {"entitlement": "kv-read", "duration": "5m", "reason": "mine"},
-    ).json()["id"]
+    grant_id = ask(broker, tokens("alice"), "5m", "mine").json()["id"]
     assert call(broker, tokens("bob"), "GET", f"/api/v1/requests/{grant_id}").status_code == 404
     stolen = call(broker, tokens("bob"), "POST", f"/api/v1/requests/{grant_id}/release")
     assert stolen.status_code == 404
@@ -311,19 +291,8 @@ def test_an_id_token_is_not_an_access_token(broker, oidc_provider):
     assert "access token" in response.json()["detail"]
 
 
-def test_a_token_for_another_audience_is_refused(
-    tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, tokens
-):
-    settings = broker_settings(
-        tmp_path,
-        openbao,
-        oidc_provider,
-        broker_port,
-        oidc_client_secret,
-        oidc={"api_audience": "urn:someone-else"},
-        reaper={"enabled": False},
-    )
-    client = create_app(settings).test_client()
+def test_a_token_for_another_audience_is_refused(make_app, tokens):
+    client = make_app(oidc={"api_audience": "urn:someone-else"}).test_client()
     response = client.get(
         "/api/v1/requests", headers={"Authorization": f"Bearer {tokens('alice')}"}
     )
@@ -347,19 +316,8 @@ def test_a_token_from_another_issuer_is_refused(broker, tmp_path, broker_port, o
     assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
 
 
-def test_an_expired_token_is_refused(
-    tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret
-):
-    settings = broker_settings(
-        tmp_path,
-        openbao,
-        oidc_provider,
-        broker_port,
-        oidc_client_secret,
-        oidc={"leeway": 0},
-        reaper={"enabled": False},
-    )
-    client = create_app(settings).test_client()
+def test_an_expired_token_is_refused(make_app, oidc_provider, oidc_client_secret):
+    client = make_app(oidc={"leeway": 0}).test_client()
     token = client_credentials_token(
         oidc_provider, EXPIRING_AGENT, oidc_client_secret, oidc_provider.api_resource
     )
@@ -374,19 +332,8 @@ def test_an_expired_token_is_refused(
     assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
 
 
-def test_vault_down_is_503_and_nothing_is_recorded_as_issued(
-    tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, tokens
-):
-    settings = broker_settings(
-        tmp_path,
-        openbao,
-        oidc_provider,
-        broker_port,
-        oidc_client_secret,
-        vault={"addr": f"http://127.0.0.1:{free_port()}", "timeout": 2},
-        reaper={"enabled": False},
-    )
-    app = create_app(settings)
+def test_vault_down_is_503_and_nothing_is_recorded_as_issued(make_app, tokens):
+    app = make_app(vault={"addr": f"http://127.0.0.1:{free_port()}", "timeout": 2})
     response = app.test_client().post(
         "/api/v1/requests",
         json={"entitlement": "kv-read", "duration": "5m", "reason": "x"},

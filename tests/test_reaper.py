@@ -5,11 +5,9 @@ from datetime import timedelta
 
 import pytest
 
-from broker import create_app
 from broker.models import Principal, parse_time
 from broker.reaper import Reaper
 from broker.vault import make_backends, make_client
-from tests.conftest import broker_settings
 from tests.services import free_port
 from tests.test_api import token_works, wait_for_status
 
@@ -17,16 +15,8 @@ ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@ex
 
 
 @pytest.fixture
-def grants(tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, vault_setup):
-    settings = broker_settings(
-        tmp_path,
-        openbao,
-        oidc_provider,
-        broker_port,
-        oidc_client_secret,
-        reaper={"enabled": False, "retry_min": 5, "retry_max": 60},
-    )
-    return create_app(settings).extensions["jit"].grants
+def grants(make_app):
+    return make_app(reaper={"retry_min": 5, "retry_max": 60}).extensions["jit"].grants
 
 
 def types(grants, grant_id):
