@@ -30,6 +30,7 @@ from .models import (
     REVOKED,
     REVOKING,
     TO_REAP,
+    Decision,
     Grant,
     IssuedCredential,
     Principal,
@@ -38,12 +39,13 @@ from .models import (
     utcnow,
 )
 from .policy import Entitlement, Policy
-from .store import Store
+from .store import Store, Transaction
 
 log = logging.getLogger(__name__)
 
 REAPER = {"iss": "jit-broker", "sub": "reaper"}
 MAX_REASON = 1000
+REAP_BATCH = 200
 REVOCATION_LEASE = timedelta(seconds=60)  # a crash mid-revocation is retried after this
 DENIALS = {
     "unknown_entitlement": UnknownEntitlement,
@@ -68,7 +70,7 @@ class Grants:
         self.policy = policy
         self.backends = backends
         self.fingerprint_key = fingerprint_key
-        self.on_change = on_change
+        self.on_change = on_change  # the reaper's wake-up
         self.clock = clock
         self.retry_min, self.retry_max = retry_min, retry_max
 
@@ -86,53 +88,65 @@ class Grants:
         if not decision.allowed:
             raise DENIALS[decision.error](decision.reasons[0], reasons=decision.reasons)
         chosen = policy.entitlements[entitlement]
+        grant = self._record_intent(principal, chosen, seconds, reason, decision)
+        credential = self._issue(principal, grant, chosen)
+        self.on_change()
+        return self.store.get_grant(grant.id), credential
+
+    def _record_intent(
+        self,
+        principal: Principal,
+        chosen: Entitlement,
+        seconds: int,
+        reason: str,
+        decision: Decision,
+    ) -> Grant:
         start = self.clock().replace(microsecond=0)
-        end = start + timedelta(seconds=seconds)
         grant = Grant(
             id=str(uuid.uuid4()),
             requester_iss=principal.issuer,
             requester_sub=principal.subject,
             requester=principal.display,
-            entitlement=entitlement,
+            entitlement=chosen.name,
             reason=reason,
             duration=seconds,
             status=ISSUING,
             created_at=isoformat(start),
             window_start=isoformat(start),
-            window_end=isoformat(end),
+            window_end=isoformat(start + timedelta(seconds=seconds)),
             backend=chosen.backend,
             policy_hash=decision.policy_hash,
             updated_at=isoformat(start),
         )
-        at = isoformat(start)
         with self.store.transaction() as tx:
             tx.insert_grant(grant)
-            tx.append(
-                at,
+            self._log(
+                tx,
                 "request",
                 principal.actor(),
                 grant.id,
-                {
-                    "principal": principal.claims(),
-                    "entitlement": entitlement,
-                    "duration": seconds,
-                    "reason": reason,
-                },
+                principal=principal.claims(),
+                entitlement=chosen.name,
+                duration=seconds,
+                reason=reason,
             )
-            tx.append(
-                at,
+            self._log(
+                tx,
                 "decision",
                 principal.actor(),
                 grant.id,
-                {
-                    "allowed": True,
-                    "reasons": list(decision.reasons),
-                    "policy_hash": decision.policy_hash,
-                },
+                allowed=True,
+                reasons=list(decision.reasons),
+                policy_hash=decision.policy_hash,
             )
+        return grant
+
+    def _issue(self, principal: Principal, grant: Grant, chosen: Entitlement) -> IssuedCredential:
         backend = self.backends[chosen.backend]
         try:
-            credential = backend.issue(grant.id, chosen.vault_policies, end, principal.display)
+            credential = backend.issue(
+                grant.id, chosen.vault_policies, grant.window.end, principal.display
+            )
         except BrokerError as exc:
             with self.store.transaction() as tx:
                 tx.move_grant(
@@ -140,14 +154,15 @@ class Grants:
                     ISSUING,
                     status=ISSUE_FAILED,
                     last_error=exc.detail,
-                    updated_at=isoformat(self.clock()),
+                    updated_at=self._now(),
                 )
-                tx.append(
-                    isoformat(self.clock()),
+                self._log(
+                    tx,
                     "issue_failed",
-                    REAPER,
+                    principal.actor(),
                     grant.id,
-                    {"backend": chosen.backend, "error": exc.detail},
+                    backend=chosen.backend,
+                    error=exc.detail,
                 )
             raise
         try:
@@ -158,25 +173,22 @@ class Grants:
                     status=ACTIVE,
                     handle=credential.handle,
                     credential_expires_at=isoformat(credential.expires_at),
-                    updated_at=isoformat(self.clock()),
+                    updated_at=self._now(),
                 )
-                tx.append(
-                    isoformat(self.clock()),
+                self._log(
+                    tx,
                     "issue",
                     principal.actor(),
                     grant.id,
-                    {
-                        "backend": chosen.backend,
-                        "handle": audit.fingerprint(self.fingerprint_key, credential.handle),
-                        **credential.details,
-                    },
+                    backend=chosen.backend,
+                    handle=self._fingerprint(credential.handle),
+                    **credential.details,
                 )
         except Exception:
             # No record of the credential means the credential must not exist either.
             backend.revoke(credential.handle)
             raise
-        self.on_change()
-        return self.store.get_grant(grant.id), credential
+        return credential
 
     def get(self, principal: Principal, grant_id: str) -> Grant:
         grant = self.store.get_grant(grant_id)
@@ -190,7 +202,7 @@ class Grants:
     def release(self, principal: Principal, grant_id: str) -> Grant:
         """End the window now; the reaper, woken at once, removes and verifies."""
         grant = self.get(principal, grant_id)
-        now = isoformat(self.clock())
+        now = self._now()
         with self.store.transaction() as tx:
             if not tx.move_grant(
                 grant.id,
@@ -202,12 +214,13 @@ class Grants:
             ):
                 current = self.store.get_grant(grant.id)
                 raise GrantConflict(f"grant {grant.id} is {current.status}, not active")
-            tx.append(
-                now,
+            self._log(
+                tx,
                 "release",
                 principal.actor(),
                 grant.id,
-                {"window_end_was": grant.window_end, "window_end": now},
+                window_end_was=grant.window_end,
+                window_end=now,
             )
         self.on_change()
         return self.store.get_grant(grant.id)
@@ -216,67 +229,47 @@ class Grants:
         """Remove every credential whose window has closed; return when the next one closes."""
         now = now or self.clock()
         while True:
-            due = self.store.due_grants(isoformat(now), TO_REAP)
+            due = self.store.due_grants(isoformat(now), TO_REAP, limit=REAP_BATCH)
             for grant in due:
                 self._reap(grant, now)
-            if len(due) < 200:
+            if len(due) < REAP_BATCH:
                 break
         deadline = self.store.next_deadline(TO_REAP)
         return parse_time(deadline) if deadline else None
 
     def _reap(self, grant: Grant, now: datetime) -> None:
-        at, attempt = isoformat(now), grant.attempts + 1
-        with self.store.transaction() as tx:
-            if grant.status == ACTIVE:
-                if not tx.move_grant(grant.id, ACTIVE, status=EXPIRED, updated_at=at):
-                    return  # released or reaped by someone else meanwhile
-                tx.append(at, "expire", REAPER, grant.id, {"window_end": grant.window_end})
-            if not tx.move_grant(
-                grant.id,
-                TO_REAP,
-                status=REVOKING,
-                attempts=attempt,
-                next_attempt_at=isoformat(now + REVOCATION_LEASE),
-                updated_at=at,
-            ):
-                return
+        attempt = grant.attempts + 1
+        if not self._claim_for_removal(grant, now, attempt):
+            return
         backend = self.backends[grant.backend]
-        handle = audit.fingerprint(self.fingerprint_key, grant.handle)
-        revoke_error = _attempt(backend.revoke, grant.handle)
-        gone, verify_error = False, ""
-        if not revoke_error:
-            outcome = _attempt(backend.is_gone, grant.handle, returns=True)
-            gone = outcome is True
-            if not gone:
-                verify_error = outcome or "Vault still knows the credential after revocation"
-        done = isoformat(self.clock())
+        handle = self._fingerprint(grant.handle)
+        # Verify even when the revoke call failed: Vault's own expiry may have removed it in the
+        # same instant, and what counts is whether the credential is gone, not who removed it.
+        revoke_error = _failure_of(backend.revoke, grant.handle)
+        verify_error = _failure_of(backend.is_gone, grant.handle, want=True)
+        gone = not verify_error
         with self.store.transaction() as tx:
-            tx.append(
-                done,
+            self._log(
+                tx,
                 "revoke",
                 REAPER,
                 grant.id,
-                {
-                    "attempt": attempt,
-                    "handle": handle,
-                    "accepted": not revoke_error,
-                    "error": revoke_error or None,
-                },
+                attempt=attempt,
+                handle=handle,
+                accepted=not revoke_error,
+                error=revoke_error or None,
             )
-            if not revoke_error:
-                tx.append(
-                    done,
-                    "verify",
-                    REAPER,
-                    grant.id,
-                    {
-                        "attempt": attempt,
-                        "handle": handle,
-                        "gone": gone,
-                        "method": backend.verify_method,
-                        "error": verify_error or None,
-                    },
-                )
+            self._log(
+                tx,
+                "verify",
+                REAPER,
+                grant.id,
+                attempt=attempt,
+                handle=handle,
+                gone=gone,
+                method=backend.verify_method,
+                error=verify_error or None,
+            )
             if gone:
                 tx.move_grant(
                     grant.id,
@@ -284,29 +277,46 @@ class Grants:
                     status=REVOKED,
                     next_attempt_at="",
                     last_error="",
-                    updated_at=done,
+                    updated_at=self._now(),
                 )
                 return
-            retry_at = now + timedelta(
-                seconds=min(self.retry_max, self.retry_min * 2 ** (attempt - 1))
-            )
-            error = revoke_error or verify_error
+            error = "; ".join(dict.fromkeys(e for e in (revoke_error, verify_error) if e))
+            backoff = min(self.retry_max, self.retry_min * 2 ** (attempt - 1))
+            retry_at = isoformat(now + timedelta(seconds=backoff))
             tx.move_grant(
                 grant.id,
                 REVOKING,
                 status=REVOKE_FAILED,
                 last_error=error,
-                next_attempt_at=isoformat(retry_at),
-                updated_at=done,
+                next_attempt_at=retry_at,
+                updated_at=self._now(),
             )
-            tx.append(
-                done,
+            self._log(
+                tx,
                 "revoke_failed",
                 REAPER,
                 grant.id,
-                {"attempt": attempt, "error": error, "next_attempt_at": isoformat(retry_at)},
+                attempt=attempt,
+                error=error,
+                next_attempt_at=retry_at,
             )
         log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
+
+    def _claim_for_removal(self, grant: Grant, now: datetime, attempt: int) -> bool:
+        """Move the grant to revoking; False when someone else moved it first."""
+        with self.store.transaction() as tx:
+            if grant.status == ACTIVE:
+                if not tx.move_grant(grant.id, ACTIVE, status=EXPIRED, updated_at=self._now()):
+                    return False
+                self._log(tx, "expire", REAPER, grant.id, window_end=grant.window_end)
+            return tx.move_grant(
+                grant.id,
+                TO_REAP,
+                status=REVOKING,
+                attempts=attempt,
+                next_attempt_at=isoformat(now + REVOCATION_LEASE),
+                updated_at=self._now(),
+            )
 
     def chain(self, grant_id: str) -> list[dict]:
         return list(self.store.audit_entries(grant_id))
@@ -314,17 +324,29 @@ class Grants:
     def verify_chain(self) -> audit.Verification:
         return audit.verify(self.store.audit_entries())
 
+    def _now(self) -> str:
+        return isoformat(self.clock())
 
-def _attempt(call: Callable, handle: str, returns: bool = False):
-    """Run a removal step; a failure becomes its message (the reaper records it and retries)."""
+    def _fingerprint(self, handle: str) -> str:
+        return audit.fingerprint(self.fingerprint_key, handle)
+
+    def _log(self, tx: Transaction, type_: str, actor: dict, grant_id: str, **data) -> None:
+        tx.append(self._now(), type_, actor, grant_id, data)
+
+
+def _failure_of(step: Callable, handle: str, want: object = None) -> str:
+    """Run one removal step; return what went wrong ("" when it did what was wanted), so the
+    reaper records it and retries rather than dying on one grant's surprise."""
     try:
-        result = call(handle)
+        result = step(handle)
     except BrokerError as exc:
         return exc.detail
-    except Exception as exc:  # the reaper must outlive any one grant's surprise
-        log.exception("removal step %s failed", getattr(call, "__name__", call))
+    except Exception as exc:
+        log.exception("removal step %s failed", getattr(step, "__name__", step))
         return f"{type(exc).__name__}: {exc}"
-    return result if returns else ""
+    if want is not None and result != want:
+        return "Vault still knows the credential after revocation"
+    return ""
 
 
 def _validated(entitlement: object, duration: object, reason: object) -> tuple[str, int, str]:
