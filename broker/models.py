@@ -72,10 +72,32 @@ class Decision:
 
     allowed: bool
     entitlement: str
-    duration: int
+    duration: int  # seconds, after the entitlement's default_duration was applied
     reasons: tuple[str, ...]
     policy_hash: str
-    error: str = ""  # the error code when not allowed
+    error: str = ""  # the error code of the first rule that refused
+    approvals_required: int = 0  # 0: issue at once
+    auto_approved: str = ""  # the auto-approve condition that matched, recorded as such
+    approvers: tuple[str, ...] = ()  # the groups whose members could approve
+
+
+@dataclass(frozen=True)
+class Approval:
+    """One person's approval of one request."""
+
+    issuer: str
+    subject: str
+    display: str
+    groups: tuple[str, ...]
+    at: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a rule said no: a stable code for the API and a sentence for people."""
+
+    code: str
+    message: str
 
 
 @dataclass(frozen=True)
