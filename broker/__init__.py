@@ -12,7 +12,8 @@ from . import web
 from .config import Settings, check_service_settings, load_settings
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
-from .policy import load_policy
+from .notify import Notifier
+from .policy_file import PolicyFile
 from .reaper import Reaper
 from .store import Store
 from .vault import make_backends, make_client
@@ -29,6 +30,8 @@ class Services:
     metadata: ProviderMetadata
     verifier: BearerVerifier
     reaper: Reaper
+    policy: PolicyFile
+    notifier: Notifier
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -45,15 +48,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     store = Store(settings.database_path)
     store.migrate()
-    policy = load_policy(settings.policy_path)
+    policy = PolicyFile(settings.policy_path)
+    notifier = Notifier(settings.notify["webhook_url"], timeout=settings.notify["timeout"])
     vault = make_client(settings.vault["addr"], settings.vault["token"], settings.vault["timeout"])
     grants = Grants(
         store,
-        lambda: policy,
+        policy.current,
         make_backends(vault),
         fingerprint_key=settings.secret_file("audit-hmac.key"),
         retry_min=settings.reaper["retry_min"],
         retry_max=settings.reaper["retry_max"],
+        notify=notifier.notify,
     )
     reaper = Reaper(grants)
     grants.on_change = reaper.wake
@@ -62,7 +67,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     verifier = BearerVerifier(
         metadata, oidc["api_audience"], oidc["algorithms"], oidc["groups_claim"], oidc["leeway"]
     )
-    app.extensions["jit"] = Services(settings, grants, metadata, verifier, reaper)
+    app.extensions["jit"] = Services(settings, grants, metadata, verifier, reaper, policy, notifier)
     web.init_app(app)
     if settings.reaper["enabled"]:
         reaper.start()

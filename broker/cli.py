@@ -1,16 +1,20 @@
-"""The `jit` command: run the broker and check its audit chain."""
+"""The `jit` command: run the broker, check its audit chain, check and explain a policy file."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 from flask import Flask
 
 from . import audit
 from .config import ConfigError, Settings, load_settings
+from .durations import parse_duration
+from .models import Principal, parse_time, utcnow
+from .policy import PolicyError, explain, load_policy
 from .store import Store
 
 
@@ -55,7 +59,8 @@ def _store(settings: Settings) -> Store:
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
     """jit-broker: just-in-time elevation with verified removal."""
-    ctx.obj = load_settings(config)
+    # `jit policy ...` reads only the policy file it is given: no config, no database.
+    ctx.obj = None if ctx.invoked_subcommand == "policy" else load_settings(config)
 
 
 @main.command()
@@ -102,6 +107,86 @@ def audit_show(settings: Settings, grant_id: str, as_json: bool) -> None:
             click.echo(
                 f"{entry['seq']:>6}  {entry['at']}  {entry['type']:<13} {actor:<24} {details}"
             )
+
+
+@main.group("policy")
+def policy_group() -> None:
+    """Check a policy file and explain its decisions (needs only the file, no config)."""
+
+
+def _policy_or_exit(path: str):
+    """The policy, or every problem as FILE:LINE: message and exit 1 (a missing file: exit 2)."""
+    try:
+        return load_policy(Path(path))
+    except PolicyError as exc:
+        if not Path(path).is_file():
+            click.echo(f"jit: {exc}", err=True)
+            sys.exit(2)
+        click.echo(str(exc))
+        sys.exit(1)
+
+
+@policy_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+def policy_check(file: str) -> None:
+    """Check FILE; print every problem with its line and exit 1, or one ok line and exit 0."""
+    policy = _policy_or_exit(file)
+    count = len(policy.entitlements)
+    noun = "entitlement" if count == 1 else "entitlements"
+    click.echo(f"{file}: ok ({count} {noun}, version {policy.version[:12]})")
+
+
+@policy_group.command("explain")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--as", "user", required=True, help="The requester: subject (or client id).")
+@click.option("--groups", default="", help="Comma-separated groups, e.g. sre,dba.")
+@click.option("--email", default="", help="The requester's email address.")
+@click.option("--agent", is_flag=True, help="The requester is an agent (client id = --as).")
+@click.option("--entitlement", "-e", required=True, help="The entitlement asked for.")
+@click.option("--duration", default=None, help="e.g. 30m, 2h (default: the entitlement's).")
+@click.option("--reason", default=None, help="The reason (not checked when left out).")
+@click.option("--ticket", default=None, help="The ticket (not checked when left out).")
+@click.option("--at", "at", default=None, help="When, ISO 8601 (default: now), for schedules.")
+@click.option("--active", default=0, type=int, help="Open grants the requester already holds.")
+def policy_explain(
+    file: str,
+    user: str,
+    groups: str,
+    email: str,
+    agent: bool,
+    entitlement: str,
+    duration: str | None,
+    reason: str | None,
+    ticket: str | None,
+    at: str | None,
+    active: int,
+) -> None:
+    """Explain what the policy in FILE decides for one request; exit 0 if allowed, 1 if not.
+
+    \b
+    jit policy explain policy.toml --as alice --groups sre -e prod-db-admin --duration 1h
+    """
+    policy = _policy_or_exit(file)
+    try:
+        seconds = parse_duration(duration) if duration else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--duration") from None
+    try:
+        now = parse_time(at) if at else utcnow()
+    except ValueError:
+        raise click.BadParameter(f"cannot read time {at!r}", param_hint="--at") from None
+    principal = Principal(
+        issuer="jit-policy-explain",
+        subject=user,
+        kind="agent" if agent else "human",
+        name=user,
+        email=email,
+        groups=tuple(g.strip() for g in groups.split(",") if g.strip()),
+        client_id=user if agent else "",
+    )
+    click.echo(explain(policy, principal, entitlement, seconds, now, reason, ticket, active))
+    decision = policy.evaluate(principal, entitlement, seconds, reason, ticket, now, active)
+    sys.exit(0 if decision.allowed else 1)
 
 
 def run() -> None:

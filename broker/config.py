@@ -33,6 +33,7 @@ DEFAULTS: dict[str, dict] = {
     "policy": {"path": "policy.toml"},
     "storage": {"path": ""},
     "reaper": {"enabled": True, "retry_min": 5, "retry_max": 300},
+    "notify": {"webhook_url": "", "timeout": 5},
 }
 
 
@@ -44,6 +45,7 @@ class Settings:
     policy: dict
     storage: dict
     reaper: dict
+    notify: dict
     root: Path = field(default=Path("."))
 
     @property

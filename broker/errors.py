@@ -23,21 +23,6 @@ class InvalidDuration(InvalidRequest):
     code = "invalid_duration"
 
 
-class UnknownEntitlement(BrokerError):
-    status = 404
-    code = "unknown_entitlement"
-
-
-class NotEligible(BrokerError):
-    status = 403
-    code = "not_eligible"
-
-
-class DurationTooLong(BrokerError):
-    status = 422
-    code = "duration_too_long"
-
-
 class Unauthenticated(BrokerError):
     status = 401
     code = "unauthenticated"
@@ -81,3 +66,24 @@ class ProviderUnavailable(BrokerError):
 
     status = 503
     code = "identity_provider_unavailable"
+
+
+class PolicyRefused(BrokerError):
+    """A policy rule said no. `code` names the rule, so the API tells which one refused."""
+
+    STATUS = {
+        "unknown_entitlement": 404,
+        "not_eligible": 403,
+        "invalid_duration": 400,
+        "limit_reached": 409,
+        "agent_cannot_approve": 403,
+        "self_approval": 403,
+        "not_an_approver": 403,
+        "already_approved": 409,
+        "no_approval_needed": 409,
+    }
+
+    def __init__(self, code: str, detail: str, **context):
+        super().__init__(detail, **context)
+        self.code = code
+        self.status = self.STATUS.get(code, 422)

@@ -1,5 +1,6 @@
-"""The use cases: request, release, reap. The one place that changes a grant's state, and every
-change is written with its audit entries in the same transaction."""
+"""The use cases: request, approve, deny, cancel, activate, release, reap. The one place that
+changes a grant's state; every change is written with its audit entries in one transaction, and
+every transition is conditional on the state it starts from, so racing callers cannot both win."""
 
 from __future__ import annotations
 
@@ -8,28 +9,32 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from . import audit
+from . import audit, notify
 from .durations import parse_duration
 from .errors import (
     BrokerError,
-    DurationTooLong,
     GrantConflict,
     GrantNotFound,
     InvalidDuration,
     InvalidRequest,
-    NotEligible,
-    UnknownEntitlement,
+    PolicyRefused,
 )
 from .models import (
     ACTIVE,
+    APPROVED,
+    CANCELLED,
+    DENIED,
     EXPIRED,
+    EXPIRED_UNAPPROVED,
     ISSUE_FAILED,
     ISSUING,
+    PENDING,
     RELEASED,
     REVOKE_FAILED,
     REVOKED,
     REVOKING,
     TO_REAP,
+    Approval,
     Decision,
     Grant,
     IssuedCredential,
@@ -45,13 +50,17 @@ log = logging.getLogger(__name__)
 
 REAPER = {"iss": "jit-broker", "sub": "reaper"}
 MAX_REASON = 1000
+MAX_TICKET = 200
 REAP_BATCH = 200
 REVOCATION_LEASE = timedelta(seconds=60)  # a crash mid-revocation is retried after this
-DENIALS = {
-    "unknown_entitlement": UnknownEntitlement,
-    "not_eligible": NotEligible,
-    "duration_too_long": DurationTooLong,
-}
+OPEN = (PENDING, APPROVED, ISSUING, ACTIVE)  # what counts against an entitlement's limit
+AWAITING = (PENDING, APPROVED)  # requests that expire unapproved (or unactivated) at due_at
+DEFAULT_REQUEST_TTL = timedelta(hours=24)
+EXPIRY_WARNING = timedelta(minutes=5)  # the requester hears this long before the window closes
+
+
+def _no_notification(event: str, text: str, **details) -> None:
+    """The default when no webhook is configured."""
 
 
 class Grants:
@@ -65,6 +74,7 @@ class Grants:
         clock: Callable[[], datetime] = utcnow,
         retry_min: int = 5,
         retry_max: int = 300,
+        notify: Callable[..., None] = _no_notification,
     ):
         self.store = store
         self.policy = policy
@@ -73,35 +83,68 @@ class Grants:
         self.on_change = on_change  # the reaper's wake-up
         self.clock = clock
         self.retry_min, self.retry_max = retry_min, retry_max
+        self.notify = notify
 
     def eligible(self, principal: Principal) -> list[Entitlement]:
         return self.policy().eligible(principal)
 
-    def request(
-        self, principal: Principal, entitlement: object, duration: object, reason: object
-    ) -> tuple[Grant, IssuedCredential]:
-        """Check, record the intent, issue, record the result. Bad input leaves no trace; a Vault
-        failure leaves a grant marked issue_failed, never one that claims a credential."""
-        entitlement, seconds, reason = _validated(entitlement, duration, reason)
-        policy = self.policy()
-        decision = policy.evaluate(principal, entitlement, seconds)
-        if not decision.allowed:
-            raise DENIALS[decision.error](decision.reasons[0], reasons=decision.reasons)
-        chosen = policy.entitlements[entitlement]
-        grant = self._record_intent(principal, chosen, seconds, reason, decision)
-        credential = self._issue(principal, grant, chosen)
-        self.on_change()
-        return self.store.get_grant(grant.id), credential
+    # --- requesting -------------------------------------------------------------------------
 
-    def _record_intent(
+    def request(
+        self,
+        principal: Principal,
+        entitlement: object,
+        duration: object,
+        reason: object,
+        ticket: object = "",
+    ) -> tuple[Grant, IssuedCredential | None]:
+        """Check the policy; then either issue at once, or record a pending request that waits
+        for approvals. Bad input and refusals leave no trace; a Vault failure leaves a grant
+        marked issue_failed, never one that claims a credential."""
+        entitlement, seconds, reason, ticket = _validated(entitlement, duration, reason, ticket)
+        policy = self.policy()
+        open_now = self.store.count_open(principal.issuer, principal.subject, entitlement, OPEN)
+        decision = policy.evaluate(
+            principal,
+            entitlement,
+            seconds,
+            reason=reason,
+            ticket=ticket,
+            now=self.clock(),
+            active=open_now,
+        )
+        _raise_if_refused(decision)
+        chosen = policy.entitlements[entitlement]
+        status = PENDING if decision.approvals_required else ISSUING
+        grant = self._record_request(principal, chosen, decision, reason, ticket, status)
+        if status == PENDING:
+            self.notify(
+                "new_request",
+                notify.new_request_text(grant),
+                grant_id=grant.id,
+                audience="approvers",
+                fields={"approvers": ", ".join(decision.approvers)},
+            )
+            self.on_change()  # the reaper must expire it if nobody approves
+            return grant, None
+        return self._issue(principal, grant, chosen)
+
+    def _record_request(
         self,
         principal: Principal,
         chosen: Entitlement,
-        seconds: int,
-        reason: str,
         decision: Decision,
+        reason: str,
+        ticket: str,
+        status: str,
     ) -> Grant:
-        start = self.clock().replace(microsecond=0)
+        now = self.clock().replace(microsecond=0)
+        start, end, due = "", "", ""
+        if status == ISSUING:
+            start = isoformat(now)
+            end = isoformat(self.policy().window_end(chosen.name, now, decision.duration))
+        else:
+            due = isoformat(now + self._request_ttl(chosen))
         grant = Grant(
             id=str(uuid.uuid4()),
             requester_iss=principal.issuer,
@@ -109,14 +152,17 @@ class Grants:
             requester=principal.display,
             entitlement=chosen.name,
             reason=reason,
-            duration=seconds,
-            status=ISSUING,
-            created_at=isoformat(start),
-            window_start=isoformat(start),
-            window_end=isoformat(start + timedelta(seconds=seconds)),
+            duration=decision.duration,
+            status=status,
+            created_at=isoformat(now),
+            window_start=start,
+            window_end=end,
             backend=chosen.backend,
             policy_hash=decision.policy_hash,
-            updated_at=isoformat(start),
+            due_at=due,
+            updated_at=isoformat(now),
+            ticket=ticket,
+            approvals_required=decision.approvals_required,
         )
         with self.store.transaction() as tx:
             tx.insert_grant(grant)
@@ -127,25 +173,205 @@ class Grants:
                 grant.id,
                 principal=principal.claims(),
                 entitlement=chosen.name,
-                duration=seconds,
+                duration=decision.duration,
                 reason=reason,
+                ticket=ticket or None,
             )
+            self._log_decision(tx, principal, grant.id, decision)
+        return grant
+
+    def _request_ttl(self, chosen: Entitlement) -> timedelta:
+        seconds = getattr(chosen, "request_ttl", None)
+        return timedelta(seconds=seconds) if seconds else DEFAULT_REQUEST_TTL
+
+    def _log_decision(
+        self, tx: Transaction, principal: Principal, grant_id: str, decision: Decision, **extra
+    ) -> None:
+        self._log(
+            tx,
+            "decision",
+            principal.actor(),
+            grant_id,
+            allowed=decision.allowed,
+            reasons=list(decision.reasons),
+            policy_hash=decision.policy_hash,
+            approvals_required=decision.approvals_required,
+            auto_approved=decision.auto_approved or None,
+            approvers=list(decision.approvers),
+            **extra,
+        )
+
+    # --- approvals --------------------------------------------------------------------------
+
+    def approve(self, approver: Principal, grant_id: str, comment: object = "") -> Grant:
+        """Count one person's approval. Checked and written under the write lock, so two
+        approvers clicking at once are counted in turn and the request moves on exactly once."""
+        comment = _short_text(comment, "comment")
+        policy = self.policy()
+        with self.store.transaction() as tx:
+            grant = self._pending_for_decision(tx, grant_id)
+            approvals = self.store.approvals_of(grant.id)
+            _raise_refusal(
+                policy.check_approver(
+                    grant.entitlement, approver, grant.requester_iss, grant.requester_sub, approvals
+                )
+            )
+            approval = Approval(
+                approver.issuer, approver.subject, approver.display, approver.groups, self._now()
+            )
+            if not tx.add_approval(grant.id, approval):
+                raise PolicyRefused("already_approved", "you have already approved this request")
+            satisfied, missing = policy.approval_progress(grant.entitlement, [*approvals, approval])
             self._log(
                 tx,
-                "decision",
-                principal.actor(),
+                "approval",
+                approver.actor(),
                 grant.id,
-                allowed=True,
-                reasons=list(decision.reasons),
-                policy_hash=decision.policy_hash,
+                approver=approver.claims(),
+                comment=comment or None,
+                satisfied=satisfied,
+                missing=missing,
+            )
+            if satisfied:
+                tx.move_grant(
+                    grant.id,
+                    PENDING,
+                    status=APPROVED,
+                    updated_at=self._now(),
+                    due_at=isoformat(
+                        self.clock() + self._request_ttl(policy.entitlements[grant.entitlement])
+                    ),
+                )
+        grant = self.store.get_grant(grant.id)
+        if satisfied:
+            self.notify(
+                "approved",
+                notify.approved_text(grant, approver.display),
+                grant_id=grant.id,
+                audience="requester",
+            )
+            self.on_change()
+        return grant
+
+    def deny(self, approver: Principal, grant_id: str, reason: object) -> Grant:
+        reason = _short_text(reason, "reason")
+        if not reason:
+            raise InvalidRequest("reason is required: tell the requester why")
+        policy = self.policy()
+        with self.store.transaction() as tx:
+            grant = self._pending_for_decision(tx, grant_id)
+            refusal = policy.check_approver(
+                grant.entitlement, approver, grant.requester_iss, grant.requester_sub, []
+            )
+            _raise_refusal(refusal)
+            tx.move_grant(
+                grant.id,
+                PENDING,
+                status=DENIED,
+                closed_reason=reason,
+                due_at="",
+                updated_at=self._now(),
+            )
+            self._log(
+                tx, "denial", approver.actor(), grant.id, approver=approver.claims(), reason=reason
+            )
+        grant = self.store.get_grant(grant.id)
+        self.notify(
+            "denied",
+            notify.denied_text(grant, approver.display, reason),
+            grant_id=grant.id,
+            audience="requester",
+        )
+        return grant
+
+    def _pending_for_decision(self, tx: Transaction, grant_id: str) -> Grant:
+        grant = tx.get_grant(grant_id)
+        if grant is None:
+            raise GrantNotFound(f"no request {grant_id}")
+        if grant.status != PENDING:
+            raise GrantConflict(
+                f"request {grant_id} is {grant.status}: it can no longer be approved or denied"
             )
         return grant
 
-    def _issue(self, principal: Principal, grant: Grant, chosen: Entitlement) -> IssuedCredential:
+    def cancel(self, principal: Principal, grant_id: str) -> Grant:
+        """The requester withdraws a request that has not been issued yet."""
+        grant = self.get(principal, grant_id, owner_only=True)
+        with self.store.transaction() as tx:
+            if not tx.move_grant(
+                grant.id,
+                AWAITING,
+                status=CANCELLED,
+                due_at="",
+                closed_reason="cancelled by the requester",
+                updated_at=self._now(),
+            ):
+                raise GrantConflict(
+                    f"request {grant.id} is {tx.get_grant(grant.id).status}: "
+                    "only a pending or approved request can be cancelled"
+                )
+            self._log(tx, "cancel", principal.actor(), grant.id)
+        self.on_change()
+        return self.store.get_grant(grant.id)
+
+    def activate(self, principal: Principal, grant_id: str) -> tuple[Grant, IssuedCredential]:
+        """Issue an approved request to its requester. The policy is applied again with the
+        requester's claims of now: whoever left the group while waiting gets nothing."""
+        grant = self.get(principal, grant_id, owner_only=True)
+        policy = self.policy()
+        open_now = self.store.count_open(
+            principal.issuer, principal.subject, grant.entitlement, OPEN, excluding=grant.id
+        )
+        decision = policy.evaluate(
+            principal,
+            grant.entitlement,
+            grant.duration,
+            reason=grant.reason,
+            ticket=grant.ticket,
+            now=self.clock(),
+            active=open_now,
+        )
+        now = self.clock().replace(microsecond=0)
+        with self.store.transaction() as tx:
+            current = tx.get_grant(grant.id)
+            if current.status != APPROVED:
+                raise GrantConflict(f"request {grant.id} is {current.status}, not approved")
+            if not decision.allowed:
+                tx.move_grant(
+                    grant.id,
+                    APPROVED,
+                    status=DENIED,
+                    due_at="",
+                    closed_reason=f"refused at activation: {decision.reasons[0]}",
+                    updated_at=isoformat(now),
+                )
+                self._log_decision(tx, principal, grant.id, decision, at_activation=True)
+            else:
+                end = policy.window_end(grant.entitlement, now, grant.duration)
+                tx.move_grant(
+                    grant.id,
+                    APPROVED,
+                    status=ISSUING,
+                    window_start=isoformat(now),
+                    window_end=isoformat(end),
+                    due_at="",
+                    updated_at=isoformat(now),
+                )
+                self._log_decision(tx, principal, grant.id, decision, at_activation=True)
+        if not decision.allowed:
+            _raise_if_refused(decision)
+        grant = self.store.get_grant(grant.id)
+        return self._issue(principal, grant, policy.entitlements[grant.entitlement])
+
+    # --- issuing ----------------------------------------------------------------------------
+
+    def _issue(
+        self, principal: Principal, grant: Grant, chosen: Entitlement
+    ) -> tuple[Grant, IssuedCredential]:
         backend = self.backends[chosen.backend]
         try:
             credential = backend.issue(
-                grant.id, chosen.vault_policies, grant.window.end, principal.display
+                grant.id, chosen.vault_policies, parse_time(grant.window_end), principal.display
             )
         except BrokerError as exc:
             with self.store.transaction() as tx:
@@ -173,6 +399,7 @@ class Grants:
                     status=ACTIVE,
                     handle=credential.handle,
                     credential_expires_at=isoformat(credential.expires_at),
+                    due_at=_first_look(grant),
                     updated_at=self._now(),
                 )
                 self._log(
@@ -188,31 +415,80 @@ class Grants:
             # No record of the credential means the credential must not exist either.
             backend.revoke(credential.handle)
             raise
-        return credential
+        self.on_change()
+        return self.store.get_grant(grant.id), credential
 
-    def get(self, principal: Principal, grant_id: str) -> Grant:
+    # --- reading ----------------------------------------------------------------------------
+
+    def get(self, principal: Principal, grant_id: str, owner_only: bool = False) -> Grant:
+        """The requester sees their grant; so does anyone who may approve its entitlement."""
         grant = self.store.get_grant(grant_id)
-        if grant is None or not grant.owned_by(principal):
-            raise GrantNotFound(f"no grant {grant_id} of yours")
-        return grant
+        if grant is not None and (
+            grant.owned_by(principal) or (not owner_only and self._may_approve(principal, grant))
+        ):
+            return grant
+        raise GrantNotFound(f"no grant {grant_id} of yours")
+
+    def _may_approve(self, principal: Principal, grant: Grant) -> bool:
+        policy = self.policy()
+        if grant.entitlement not in policy.entitlements:
+            return False
+        refusal = policy.check_approver(
+            grant.entitlement, principal, grant.requester_iss, grant.requester_sub, []
+        )
+        return refusal is None or refusal.code == "already_approved"
 
     def mine(self, principal: Principal) -> list[Grant]:
         return self.store.grants_of(principal.issuer, principal.subject)
 
+    def approval_queue(self, approver: Principal) -> list[Grant]:
+        """Pending requests this person may approve now (never their own)."""
+        policy = self.policy()
+        return [
+            grant
+            for grant in self.store.grants_in((PENDING,))
+            if grant.entitlement in policy.entitlements
+            and policy.check_approver(
+                grant.entitlement,
+                approver,
+                grant.requester_iss,
+                grant.requester_sub,
+                self.store.approvals_of(grant.id),
+            )
+            is None
+        ]
+
+    def describe(self, grant: Grant) -> dict:
+        """A grant as the API shows it, with who approved and what is still missing."""
+        approvals = self.store.approvals_of(grant.id)
+        view = grant.as_json()
+        if grant.approvals_required:
+            policy = self.policy()
+            missing = (
+                policy.approval_progress(grant.entitlement, approvals)[1]
+                if grant.status == PENDING and grant.entitlement in policy.entitlements
+                else []
+            )
+            view["approvals"] = {
+                "required": grant.approvals_required,
+                "given": [{"by": a.display, "at": a.at} for a in approvals],
+                "missing": missing,
+            }
+        if grant.status in AWAITING:
+            view["expires_unapproved_at"] = grant.due_at
+        return view
+
+    # --- ending -----------------------------------------------------------------------------
+
     def release(self, principal: Principal, grant_id: str) -> Grant:
         """End the window now; the reaper, woken at once, removes and verifies."""
-        grant = self.get(principal, grant_id)
+        grant = self.get(principal, grant_id, owner_only=True)
         now = self._now()
         with self.store.transaction() as tx:
             if not tx.move_grant(
-                grant.id,
-                ACTIVE,
-                status=RELEASED,
-                window_end=now,
-                next_attempt_at=now,
-                updated_at=now,
+                grant.id, ACTIVE, status=RELEASED, window_end=now, due_at=now, updated_at=now
             ):
-                current = self.store.get_grant(grant.id)
+                current = tx.get_grant(grant.id)
                 raise GrantConflict(f"grant {grant.id} is {current.status}, not active")
             self._log(
                 tx,
@@ -229,15 +505,21 @@ class Grants:
         """Remove every credential whose window has closed; return when the next one closes."""
         now = now or self.clock()
         while True:
-            due = self.store.due_grants(isoformat(now), TO_REAP, limit=REAP_BATCH)
+            due = self.store.due_grants(isoformat(now), limit=REAP_BATCH)
             for grant in due:
                 self._reap(grant, now)
             if len(due) < REAP_BATCH:
                 break
-        deadline = self.store.next_deadline(TO_REAP)
+        deadline = self.store.next_deadline()
         return parse_time(deadline) if deadline else None
 
     def _reap(self, grant: Grant, now: datetime) -> None:
+        if grant.status in AWAITING:
+            self._expire_unapproved(grant)
+            return
+        if grant.status == ACTIVE and parse_time(grant.window_end) > now:
+            self._warn_of_expiry(grant, now)
+            return
         attempt = grant.attempts + 1
         if not self._claim_for_removal(grant, now, attempt):
             return
@@ -275,7 +557,7 @@ class Grants:
                     grant.id,
                     REVOKING,
                     status=REVOKED,
-                    next_attempt_at="",
+                    due_at="",
                     last_error="",
                     updated_at=self._now(),
                 )
@@ -288,7 +570,7 @@ class Grants:
                 REVOKING,
                 status=REVOKE_FAILED,
                 last_error=error,
-                next_attempt_at=retry_at,
+                due_at=retry_at,
                 updated_at=self._now(),
             )
             self._log(
@@ -298,7 +580,7 @@ class Grants:
                 grant.id,
                 attempt=attempt,
                 error=error,
-                next_attempt_at=retry_at,
+                due_at=retry_at,
             )
         log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
 
@@ -314,9 +596,44 @@ class Grants:
                 TO_REAP,
                 status=REVOKING,
                 attempts=attempt,
-                next_attempt_at=isoformat(now + REVOCATION_LEASE),
+                due_at=isoformat(now + REVOCATION_LEASE),
                 updated_at=self._now(),
             )
+
+    def _warn_of_expiry(self, grant: Grant, now: datetime) -> None:
+        """Tell the requester the window closes soon; then look again at the window end."""
+        with self.store.transaction() as tx:
+            if not tx.move_grant(grant.id, ACTIVE, due_at=grant.window_end):
+                return
+        minutes = max(1, round((parse_time(grant.window_end) - now).total_seconds() / 60))
+        self.notify(
+            notify.EXPIRING,
+            notify.expiring_text(grant, minutes),
+            grant_id=grant.id,
+            audience="requester",
+        )
+
+    def _expire_unapproved(self, grant: Grant) -> None:
+        with self.store.transaction() as tx:
+            if not tx.move_grant(
+                grant.id, grant.status, status=EXPIRED_UNAPPROVED, due_at="", updated_at=self._now()
+            ):
+                return
+            self._log(
+                tx,
+                "expire_unapproved",
+                REAPER,
+                grant.id,
+                was=grant.status,
+                waited_until=grant.due_at,
+            )
+        self.notify(
+            "expired_unapproved",
+            f"Your request for {grant.entitlement} expired "
+            f"before it was {'activated' if grant.status == APPROVED else 'approved'}.",
+            grant_id=grant.id,
+            audience="requester",
+        )
 
     def chain(self, grant_id: str) -> list[dict]:
         return list(self.store.audit_entries(grant_id))
@@ -349,17 +666,53 @@ def _failure_of(step: Callable, handle: str, want: object = None) -> str:
     return ""
 
 
-def _validated(entitlement: object, duration: object, reason: object) -> tuple[str, int, str]:
+def _first_look(grant: Grant) -> str:
+    """An active grant is looked at first to warn its requester, if the window is long enough."""
+    end = parse_time(grant.window_end)
+    if end - parse_time(grant.window_start) > 2 * EXPIRY_WARNING:
+        return isoformat(end - EXPIRY_WARNING)
+    return grant.window_end
+
+
+def _validated(
+    entitlement: object, duration: object, reason: object, ticket: object
+) -> tuple[str, int | None, str, str]:
+    """Shape checks only; what the policy demands (lengths, patterns, maxima) is policy.py's."""
     if not isinstance(entitlement, str) or not entitlement.strip():
         raise InvalidRequest("entitlement is required")
-    if duration is None or duration == "":
-        raise InvalidDuration("duration is required (seconds, or like 30m, 2h, 1h30m)")
-    try:
-        seconds = parse_duration(duration)
-    except ValueError as exc:
-        raise InvalidDuration(str(exc)) from None
+    seconds = None
+    if duration is not None and duration != "":
+        try:
+            seconds = parse_duration(duration)
+        except ValueError as exc:
+            raise InvalidDuration(str(exc)) from None
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidRequest("reason is required: say what the access is for")
     if len(reason) > MAX_REASON:
         raise InvalidRequest(f"reason is longer than {MAX_REASON} characters")
-    return entitlement.strip(), seconds, reason.strip()
+    return entitlement.strip(), seconds, reason.strip(), _short_text(ticket, "ticket", MAX_TICKET)
+
+
+def _short_text(value: object, name: str, limit: int = MAX_REASON) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be text")
+    if len(value) > limit:
+        raise InvalidRequest(f"{name} is longer than {limit} characters")
+    return value.strip()
+
+
+def _raise_if_refused(decision: Decision) -> None:
+    if not decision.allowed:
+        raise PolicyRefused(
+            decision.error,
+            "; ".join(decision.reasons),
+            reasons=decision.reasons,
+            approvers=decision.approvers,
+        )
+
+
+def _raise_refusal(refusal) -> None:
+    if refusal is not None:
+        raise PolicyRefused(refusal.code, refusal.message)

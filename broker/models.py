@@ -120,7 +120,11 @@ class IssuedCredential:
     details: dict = field(default_factory=dict)  # non-secret facts: policies, ttl, request id
 
 
-# Grant states (DESIGN.md): issuing is the broker's recorded intent before it calls Vault.
+# Grant states (DESIGN.md). `approved` waits for the requester to activate it: the credential goes
+# to them alone, and their eligibility is checked again with fresh claims when it is issued.
+# `issuing` is the broker's recorded intent before it calls Vault.
+PENDING, APPROVED = "pending", "approved"
+DENIED, EXPIRED_UNAPPROVED, CANCELLED = "denied", "expired_unapproved", "cancelled"
 ISSUING, ISSUE_FAILED, ACTIVE = "issuing", "issue_failed", "active"
 RELEASED, EXPIRED, REVOKING = "released", "expired", "revoking"
 REVOKED, REVOKE_FAILED = "revoked", "revoke_failed"
@@ -146,16 +150,15 @@ class Grant:
     handle: str = ""
     credential_expires_at: str = ""
     attempts: int = 0
-    next_attempt_at: str = ""
+    due_at: str = ""  # when the reaper must next look at it ("" for never): expiry, retry
     last_error: str = ""
     updated_at: str = ""
+    ticket: str = ""
+    approvals_required: int = 0
+    closed_reason: str = ""  # why it was denied, cancelled or refused at activation
 
     def owned_by(self, principal: Principal) -> bool:
         return (self.requester_iss, self.requester_sub) == (principal.issuer, principal.subject)
-
-    @property
-    def window(self) -> Window:
-        return Window(parse_time(self.window_start), parse_time(self.window_end))
 
     def as_json(self) -> dict:
         """The API's view of a grant: never the handle, never a secret."""
@@ -170,4 +173,6 @@ class Grant:
             "window": {"start": self.window_start, "end": self.window_end},
             "credential_expires_at": self.credential_expires_at or None,
             "last_error": self.last_error or None,
+            "ticket": self.ticket or None,
+            "closed_reason": self.closed_reason or None,
         }

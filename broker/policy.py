@@ -1,32 +1,244 @@
-"""The task-window policy: which entitlements exist, who may hold them and for how long. Loads and
-evaluates a policy file; never issues, stores or audits anything itself."""
+"""The task-window policy: which entitlements exist, who may request them, for how long, when, with
+what reason, and who must approve. Loads, checks and evaluates a policy file; never issues, stores
+or audits anything itself, and imports nothing of the broker but plain data types."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from .durations import format_duration, parse_duration
 from .errors import ConfigError
-from .models import Decision, Principal
+from .models import Approval, Decision, Principal, Refusal, utcnow
 
-ENTITLEMENT_KEYS = {"description", "groups", "max_duration", "backend", "vault_policies"}
-BACKENDS = {"vault_token"}
+BACKENDS = {"vault_token"}  # adding a credential backend: one name here, one class in vault.py
+NEVER_GRANTED = {"root"}
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+# The claims a Principal carries, so the only ones a `claims` requester rule can ever match.
+PRINCIPAL_CLAIMS = ("iss", "sub", "email", "name", "groups", "client_id")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+TOP_KEYS = ("entitlements", "approver_groups")
+ENTITLEMENT_KEYS = (
+    "description",
+    "backend",
+    "vault_policies",
+    "max_duration",
+    "default_duration",
+    "max_active",
+    "requesters",
+    "reason",
+    "schedule",
+    "approval",
+    "extend",
+)
+SECTION_KEYS = {
+    "approver_groups": ("known",),
+    "requesters": ("groups", "email_domains", "claims", "agents"),
+    "reason": ("min_length", "ticket"),
+    "schedule": ("timezone", "days", "hours"),
+    "approval": ("required", "from_groups", "each_of", "expires_after", "auto_approve_groups"),
+    "extend": ("max_step", "max_total"),
+}
+
+
+# --- problems -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a policy file, at a line when it can be found."""
+
+    line: int | None
+    message: str
+
+    def located(self, source: str) -> str:
+        return f"{source}:{self.line}: {self.message}" if self.line else f"{source}: {self.message}"
+
+
+class PolicyError(ConfigError):
+    """A policy file that cannot be used; str() is one `FILE:LINE: message` per problem."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(problem.located(source) for problem in problems))
+
+
+# --- the rules ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Requesters:
+    """Who may request. Any one rule admits. People are admitted by groups, email domains and
+    claims, never by the agent list; agents only by the agent list, never by anything else."""
+
+    groups: tuple[str, ...] = ()
+    email_domains: tuple[str, ...] = ()
+    claims: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (claim, accepted values)
+    agents: tuple[str, ...] = ()
+
+    def admits(self, principal: Principal) -> str:
+        """The rule that admits the principal, in words; "" when none does."""
+        if principal.kind == "agent":
+            for name in self.agents:
+                if name in (principal.client_id, principal.subject):
+                    return f"agent {name} is listed in requesters.agents"
+            return ""
+        if principal.kind != "human":
+            return ""
+        shared = [g for g in self.groups if g in principal.groups]
+        if shared:
+            return f"member of {', '.join(shared)}"
+        domain = principal.email.rpartition("@")[2].lower() if "@" in principal.email else ""
+        if domain and domain in self.email_domains:
+            return f"email address at {domain}"
+        claims = principal.claims()
+        for claim, accepted in self.claims:
+            value = claims.get(claim)
+            held = value if isinstance(value, list | tuple) else [value]
+            matched = [v for v in accepted if v in held]
+            if matched:
+                return f"claim {claim} is {matched[0]}"
+        return ""
+
+    def describe_people(self) -> str:
+        parts = []
+        if self.groups:
+            parts.append(f"members of {', '.join(self.groups)}")
+        if self.email_domains:
+            parts.append(f"email addresses at {', '.join(self.email_domains)}")
+        for claim, accepted in self.claims:
+            parts.append(f"claim {claim} of {' or '.join(accepted)}")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class ReasonRule:
+    min_length: int = 0
+    ticket: re.Pattern | None = None  # when set, a ticket is required and must fullmatch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a window may be active: slots that start on the listed days at `start` and end at
+    `end` (minutes after local midnight; an end at or before the start runs into the next day)."""
+
+    timezone: str
+    days: tuple[int, ...]  # 0 is Monday
+    start: int
+    end: int
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def slot_at(self, moment: datetime) -> tuple[datetime, datetime] | None:
+        """The slot holding this moment (UTC start and end), joined with the slots that follow
+        it without a gap; None outside every slot."""
+        local = moment.astimezone(self.zone)
+        for day in (local.date() - timedelta(days=1), local.date()):
+            if day.weekday() not in self.days:
+                continue
+            start, end = self._slot(day)
+            if start <= moment < end:
+                for _ in range(len(DAYS)):
+                    following = end.astimezone(self.zone).date()
+                    if following.weekday() not in self.days:
+                        break
+                    next_start, next_end = self._slot(following)
+                    if next_start != end:
+                        break
+                    end = next_end
+                return start, end
+        return None
+
+    def _slot(self, day: date) -> tuple[datetime, datetime]:
+        end_day = day + timedelta(days=1) if self.end <= self.start or self.end == 1440 else day
+        return self._at(day, self.start), self._at(end_day, self.end % 1440)
+
+    def _at(self, day: date, minutes: int) -> datetime:
+        local = datetime.combine(day, time(minutes // 60, minutes % 60), tzinfo=self.zone)
+        return local.astimezone(UTC)
+
+    def describe(self) -> str:
+        return f"{_days_text(self.days)} {_clock(self.start)}-{_clock(self.end)} {self.timezone}"
+
+    def local_now(self, moment: datetime) -> str:
+        local = moment.astimezone(self.zone)
+        return f"{DAYS[local.weekday()]} {local:%H:%M}"
+
+
+@dataclass(frozen=True)
+class ApprovalRule:
+    required: int
+    from_groups: tuple[str, ...]
+    each_of: tuple[str, ...] = ()
+    expires_after: int | None = None  # seconds a pending request waits; None: the broker default
+    auto_approve_groups: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        noun = "approval" if self.required == 1 else "approvals"
+        text = f"{self.required} {noun} from members of {' or '.join(self.from_groups)}"
+        if self.each_of:
+            text += f", at least one from each of {', '.join(self.each_of)}"
+        return text
+
+
+@dataclass(frozen=True)
+class ExtendRule:
+    max_step: int
+    max_total: int
 
 
 @dataclass(frozen=True)
 class Entitlement:
     name: str
     description: str
-    groups: tuple[str, ...]
-    max_duration: int
     backend: str
     vault_policies: tuple[str, ...]
+    max_duration: int  # seconds
+    default_duration: int | None = None
+    max_active: int | None = None  # open (active or pending) grants per principal; None: no limit
+    requesters: Requesters = Requesters()
+    reason: ReasonRule = ReasonRule()
+    schedule: Schedule | None = None
+    approval: ApprovalRule | None = None
+    extend: ExtendRule | None = None
+
+    @property
+    def request_ttl(self) -> int | None:
+        """How long a request may wait for approval, in seconds (None: the broker's default)."""
+        return self.approval.expires_after if self.approval else None
 
     def admits(self, principal: Principal) -> bool:
-        return bool(set(self.groups) & set(principal.groups))
+        return bool(self.requesters.admits(principal))
+
+
+# --- the policy -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Finding:
+    """One rule's verdict on one request: ok with why, or the refusal code and why not."""
+
+    ok: bool
+    text: str
+    code: str = ""
+
+
+def _passed(text: str) -> _Finding:
+    return _Finding(True, text)
+
+
+def _failed(code: str, text: str) -> _Finding:
+    return _Finding(False, text, code)
 
 
 @dataclass(frozen=True)
@@ -35,95 +247,882 @@ class Policy:
     version: str  # sha256 of the file's bytes: the decision names the exact text it applied
 
     def eligible(self, principal: Principal) -> list[Entitlement]:
+        """The entitlements this principal may request (requester rules only)."""
         return [e for e in self.entitlements.values() if e.admits(principal)]
 
-    def evaluate(self, principal: Principal, entitlement: str, duration: int) -> Decision:
-        """Apply every rule and say why; the first failing rule's code becomes the error."""
+    def evaluate(
+        self,
+        principal: Principal,
+        entitlement: str,
+        duration: int | None,
+        reason: str | None = "",
+        ticket: str | None = "",
+        now: datetime | None = None,
+        active: int = 0,
+    ) -> Decision:
+        """Apply every rule and say why; the first failing rule's code becomes the error.
+        `duration` None takes the entitlement's default. `reason` or `ticket` None: not checked
+        (a dry run that has none yet). `active`: the principal's open grants of it."""
         found = self.entitlements.get(entitlement)
         if found is None:
-            return self._deny(
-                entitlement,
-                duration,
-                "unknown_entitlement",
-                f"no entitlement named {entitlement!r} in the policy",
-            )
-        if not found.admits(principal):
-            return self._deny(
-                entitlement,
-                duration,
-                "not_eligible",
-                f"{entitlement} needs membership of one of "
-                f"{', '.join(found.groups)}; {principal.display} is in "
-                f"{', '.join(principal.groups) or 'no groups'}",
-            )
-        if duration > found.max_duration:
-            return self._deny(
-                entitlement,
-                duration,
-                "duration_too_long",
-                f"{format_duration(duration)} is longer than the maximum "
-                f"{format_duration(found.max_duration)} for {entitlement}",
-            )
-        reasons = (
-            f"member of {', '.join(sorted(set(found.groups) & set(principal.groups)))}",
-            f"{format_duration(duration)} within the maximum {format_duration(found.max_duration)}",
-        )
-        return Decision(True, entitlement, duration, reasons, self.version)
+            return self._unknown(entitlement, duration)
+        now = _aware(now)
+        seconds = duration if duration is not None else found.default_duration
+        findings = [
+            _requester_rule(found, principal),
+            _duration_rule(found, duration),
+            *_reason_rule(found, reason),
+            *_ticket_rule(found, ticket),
+            *_schedule_rule(found, now, seconds),
+            *_limit_rule(found, active),
+        ]
+        required, auto, approval_text = _approval_outcome(found, principal)
+        return self._decide(found, seconds or 0, findings, required, auto, approval_text)
 
-    def _deny(self, entitlement: str, duration: int, code: str, reason: str) -> Decision:
-        return Decision(False, entitlement, duration, (reason,), self.version, error=code)
+    def evaluate_extension(
+        self,
+        principal: Principal,
+        entitlement: str,
+        window_start: datetime,
+        window_end: datetime,
+        extra: int,
+        now: datetime,
+    ) -> Decision:
+        """May this window be made `extra` seconds longer? Decision.duration is `extra`."""
+        found = self.entitlements.get(entitlement)
+        if found is None:
+            return self._unknown(entitlement, extra)
+        now = _aware(now)
+        findings = [_requester_rule(found, principal), *_extension_rules(found, extra)]
+        new_end = _aware(window_end) + timedelta(seconds=max(extra, 0))
+        findings += _extension_total_rule(found, _aware(window_start), new_end)
+        findings += _extension_schedule_rule(found, now, new_end)
+        return self._decide(found, extra, findings, 0, "", "")
+
+    def window_end(self, entitlement: str, start: datetime, duration: int) -> datetime:
+        """start + duration, cut where the current schedule slot ends. A start outside every
+        slot gets an empty window: a window never runs past the schedule."""
+        start = _aware(start).astimezone(UTC)
+        end = start + timedelta(seconds=duration)
+        schedule = self.entitlements[entitlement].schedule
+        if schedule is None:
+            return end
+        slot = schedule.slot_at(start)
+        return min(end, slot[1]) if slot else start
+
+    def check_approver(
+        self,
+        entitlement: str,
+        approver: Principal,
+        requester_iss: str,
+        requester_sub: str,
+        approvals: list[Approval],
+    ) -> Refusal | None:
+        """Why this person may not approve this request now; None when they may."""
+        found = self.entitlements.get(entitlement)
+        if found is None:
+            return Refusal("unknown_entitlement", f"{entitlement} is no longer in the policy")
+        rule = found.approval
+        if rule is None:
+            return Refusal("no_approval_needed", f"{entitlement} needs no approval")
+        if approver.kind != "human":
+            return Refusal(
+                "agent_cannot_approve",
+                f"an agent cannot approve; {entitlement} needs people from "
+                f"{' or '.join(rule.from_groups)}",
+            )
+        if (approver.issuer, approver.subject) == (requester_iss, requester_sub):
+            return Refusal("self_approval", "you cannot approve your own request")
+        if not set(approver.groups) & set(rule.from_groups):
+            return Refusal(
+                "not_an_approver",
+                f"approvals for {entitlement} come from members of "
+                f"{' or '.join(rule.from_groups)}; you are in "
+                f"{', '.join(approver.groups) or 'no groups'}",
+            )
+        if any((a.issuer, a.subject) == (approver.issuer, approver.subject) for a in approvals):
+            return Refusal("already_approved", "you have already approved this request")
+        return None
+
+    def approval_progress(
+        self, entitlement: str, approvals: list[Approval]
+    ) -> tuple[bool, list[str]]:
+        """Are the approvals enough, and what is still missing, in words. A person counts once,
+        and each group in each_of needs an approver of its own."""
+        found = self.entitlements.get(entitlement)
+        if found is None or found.approval is None:
+            return True, []
+        rule = found.approval
+        counted = _distinct_approvers(approvals, rule.from_groups)
+        unmatched = _groups_without_an_approver(rule.each_of, counted)
+        missing = [f"one approval from {group}" for group in unmatched]
+        more = rule.required - len(counted) - len(unmatched)
+        if more > 0:
+            missing.append(f"{more} more approval{'s' if more > 1 else ''}")
+        return not missing, missing
+
+    def _unknown(self, entitlement: str, duration: int | None) -> Decision:
+        return Decision(
+            False,
+            entitlement,
+            duration or 0,
+            (f"no entitlement named {entitlement!r} in the policy",),
+            self.version,
+            error="unknown_entitlement",
+        )
+
+    def _decide(
+        self,
+        found: Entitlement,
+        seconds: int,
+        findings: list[_Finding],
+        required: int,
+        auto: str,
+        approval_text: str,
+    ) -> Decision:
+        failures = [f for f in findings if not f.ok]
+        approvers = found.approval.from_groups if found.approval and required else ()
+        if failures:
+            return Decision(
+                False,
+                found.name,
+                seconds,
+                tuple(f.text for f in failures),
+                self.version,
+                error=failures[0].code,
+                approvals_required=required,
+                approvers=approvers,
+            )
+        reasons = [f.text for f in findings]
+        if approval_text:
+            reasons.append(approval_text)
+        return Decision(
+            True,
+            found.name,
+            seconds,
+            tuple(reasons),
+            self.version,
+            approvals_required=required,
+            auto_approved=auto,
+            approvers=approvers,
+        )
+
+
+# --- the rules as small named checks --------------------------------------------------------------
+
+
+def _requester_rule(found: Entitlement, principal: Principal) -> _Finding:
+    admitted = found.requesters.admits(principal)
+    if admitted:
+        return _passed(admitted)
+    rules = found.requesters
+    people = rules.describe_people()
+    if principal.kind == "agent":
+        who = principal.client_id or principal.subject
+        if not rules.agents:
+            text = f"{found.name} admits no agents; {who} is an agent"
+        else:
+            text = f"{found.name} admits only the agents {', '.join(rules.agents)}; not {who}"
+    elif not people:
+        text = f"{found.name} admits only the agents {', '.join(rules.agents)}, not people"
+    else:
+        text = (
+            f"{found.name} admits {people}; {principal.display} is in "
+            f"{', '.join(principal.groups) or 'no groups'}"
+        )
+    return _failed("not_eligible", text)
+
+
+def _duration_rule(found: Entitlement, duration: int | None) -> _Finding:
+    maximum = format_duration(found.max_duration)
+    if duration is None:
+        if found.default_duration is None:
+            return _failed(
+                "invalid_duration",
+                f"no duration given and {found.name} has no default: give one of at most {maximum}",
+            )
+        return _passed(
+            f"no duration given: the default {format_duration(found.default_duration)} applies, "
+            f"within the maximum {maximum}"
+        )
+    if duration <= 0:
+        return _failed("invalid_duration", "a duration must be longer than zero")
+    if duration > found.max_duration:
+        return _failed(
+            "duration_too_long",
+            f"{format_duration(duration)} is longer than the maximum {maximum} for {found.name}",
+        )
+    return _passed(f"{format_duration(duration)} within the maximum {maximum}")
+
+
+def _reason_rule(found: Entitlement, reason: str | None) -> list[_Finding]:
+    minimum = found.reason.min_length
+    if reason is None or not minimum:
+        return []
+    if len(reason.strip()) < minimum:
+        return [
+            _failed(
+                "reason_too_short",
+                f"reason must be at least {minimum} characters (it has {len(reason.strip())})",
+            )
+        ]
+    return [_passed(f"reason of at least {minimum} characters given")]
+
+
+def _ticket_rule(found: Entitlement, ticket: str | None) -> list[_Finding]:
+    pattern = found.reason.ticket
+    if ticket is None or pattern is None:
+        return []
+    ticket = ticket.strip()
+    if not ticket:
+        return [
+            _failed(
+                "ticket_required",
+                f"{found.name} needs a ticket matching {pattern.pattern}",
+            )
+        ]
+    if not pattern.fullmatch(ticket):
+        return [_failed("ticket_mismatch", f"ticket {ticket} does not match {pattern.pattern}")]
+    return [_passed(f"ticket {ticket} matches {pattern.pattern}")]
+
+
+def _schedule_rule(found: Entitlement, now: datetime, seconds: int | None) -> list[_Finding]:
+    schedule = found.schedule
+    if schedule is None:
+        return []
+    slot = schedule.slot_at(now)
+    if slot is None:
+        return [
+            _failed(
+                "outside_schedule",
+                f"{found.name} may be active {schedule.describe()}; "
+                f"it is {schedule.local_now(now)} there",
+            )
+        ]
+    text = f"inside the schedule {schedule.describe()} (it is {schedule.local_now(now)} there)"
+    if seconds and now + timedelta(seconds=seconds) > slot[1]:
+        text += f"; the window will end at {schedule.local_now(slot[1])}, where the slot ends"
+    return [_passed(text)]
+
+
+def _limit_rule(found: Entitlement, active: int) -> list[_Finding]:
+    limit = found.max_active
+    if limit is None:
+        return []
+    if active >= limit:
+        noun = "grant" if active == 1 else "grants"
+        return [
+            _failed(
+                "limit_reached",
+                f"you already hold {active} active or pending {found.name} {noun}; "
+                f"the limit is {limit}",
+            )
+        ]
+    return [_passed(f"{active} open {found.name} grants, below the limit of {limit}")]
+
+
+def _approval_outcome(found: Entitlement, principal: Principal) -> tuple[int, str, str]:
+    """(approvals required, the auto-approve condition that matched, the reason in words)."""
+    rule = found.approval
+    if rule is None:
+        return 0, "", "no approval needed: issued at once"
+    if principal.kind == "human":
+        for group in rule.auto_approve_groups:
+            if group in principal.groups:
+                auto = f"requester is in auto-approve group {group}"
+                return 0, auto, f"auto-approved: {auto}"
+    return rule.required, "", f"needs {rule.describe()}"
+
+
+def _extension_rules(found: Entitlement, extra: int) -> list[_Finding]:
+    rule = found.extend
+    if rule is None:
+        return [_failed("extension_not_allowed", f"{found.name} windows cannot be extended")]
+    if extra <= 0:
+        return [_failed("invalid_duration", "an extension must be longer than zero")]
+    if extra > rule.max_step:
+        return [
+            _failed(
+                "extension_too_long",
+                f"an extension of {found.name} adds at most {format_duration(rule.max_step)}; "
+                f"{format_duration(extra)} asked",
+            )
+        ]
+    step = format_duration(rule.max_step)
+    return [_passed(f"{format_duration(extra)} within the step of {step}")]
+
+
+def _extension_total_rule(found: Entitlement, start: datetime, new_end: datetime) -> list[_Finding]:
+    rule = found.extend
+    if rule is None:
+        return []
+    total = int((new_end - start).total_seconds())
+    if total > rule.max_total:
+        return [
+            _failed(
+                "extension_too_long",
+                f"the window would last {format_duration(total)}; a {found.name} window lasts "
+                f"at most {format_duration(rule.max_total)} from its start",
+            )
+        ]
+    return [
+        _passed(
+            f"the whole window, {format_duration(total)}, within {format_duration(rule.max_total)}"
+        )
+    ]
+
+
+def _extension_schedule_rule(found: Entitlement, now: datetime, new_end: datetime) -> list:
+    schedule = found.schedule
+    if schedule is None:
+        return []
+    slot = schedule.slot_at(now)
+    if slot is None:
+        return _schedule_rule(found, now, None)
+    if new_end > slot[1]:
+        return [
+            _failed(
+                "outside_schedule",
+                f"{found.name} may be active {schedule.describe()}; an extended window may "
+                f"not run past {schedule.local_now(slot[1])}, where this slot ends",
+            )
+        ]
+    return [_passed(f"the extended window stays inside the schedule {schedule.describe()}")]
+
+
+def _distinct_approvers(approvals: list[Approval], from_groups: tuple[str, ...]) -> list[Approval]:
+    """Each person once, and only people who were in an approving group when they approved."""
+    seen: set[tuple[str, str]] = set()
+    counted = []
+    for approval in approvals:
+        key = (approval.issuer, approval.subject)
+        if key not in seen and set(approval.groups) & set(from_groups):
+            seen.add(key)
+            counted.append(approval)
+    return counted
+
+
+def _groups_without_an_approver(groups: tuple[str, ...], approvals: list[Approval]) -> list[str]:
+    """The each_of groups left over when every group takes an approver of its own (one person
+    cannot stand for two groups): a maximum matching by augmenting paths."""
+    holder: dict[int, str] = {}  # approver index -> the group they stand for
+
+    def place(group: str, tried: set[int]) -> bool:
+        for index, approval in enumerate(approvals):
+            if group in approval.groups and index not in tried:
+                tried.add(index)
+                if index not in holder or place(holder[index], tried):
+                    holder[index] = group
+                    return True
+        return False
+
+    return [group for group in groups if not place(group, set())]
+
+
+def _aware(moment: datetime | None) -> datetime:
+    if moment is None:
+        return utcnow()
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _clock(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def _days_text(days: tuple[int, ...]) -> str:
+    """mon-fri, sat,sun, every day: runs of three or more days are written as a range."""
+    if len(days) == len(DAYS):
+        return "every day"
+    runs: list[list[int]] = []
+    for day in sorted(days):
+        if runs and runs[-1][-1] == day - 1:
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    parts = []
+    for run in runs:
+        if len(run) >= 3:
+            parts.append(f"{DAYS[run[0]]}-{DAYS[run[-1]]}")
+        else:
+            parts.extend(DAYS[d] for d in run)
+    return ",".join(parts)
+
+
+# --- explaining -----------------------------------------------------------------------------------
+
+
+def explain(
+    policy: Policy,
+    principal: Principal,
+    entitlement: str,
+    duration: int | None,
+    now: datetime | None = None,
+    reason: str | None = None,
+    ticket: str | None = None,
+    active: int = 0,
+) -> str:
+    """The decision in words for people: the verdict, every reason, and who could approve."""
+    decision = policy.evaluate(principal, entitlement, duration, reason, ticket, now, active)
+    who = f"{principal.display} ({principal.kind}"
+    who += f", groups: {', '.join(principal.groups)})" if principal.groups else ")"
+    if not decision.allowed:
+        verdict = f"refused ({decision.error})"
+    elif decision.approvals_required:
+        verdict = f"allowed after {decision.approvals_required} approval" + (
+            "s" if decision.approvals_required > 1 else ""
+        )
+    elif decision.auto_approved:
+        verdict = "allowed, auto-approved, issued at once"
+    else:
+        verdict = "allowed, issued at once"
+    lines = [f"{entitlement} for {who}: {verdict}"]
+    mark = "+" if decision.allowed else "-"
+    lines += [f"  {mark} {text}" for text in decision.reasons]
+    found = policy.entitlements.get(entitlement)
+    if found is None:
+        lines.append(f"  entitlements in the policy: {', '.join(policy.entitlements) or 'none'}")
+        return "\n".join(lines)
+    if reason is None and found.reason.min_length:
+        lines.append(f"  ? a reason of at least {found.reason.min_length} characters is required")
+    if ticket is None and found.reason.ticket is not None:
+        lines.append(f"  ? a ticket matching {found.reason.ticket.pattern} is required")
+    lines.append(f"approval: {_approval_words(found)}")
+    return "\n".join(lines)
+
+
+def _approval_words(found: Entitlement) -> str:
+    rule = found.approval
+    if rule is None:
+        return "none needed"
+    text = rule.describe()
+    if rule.auto_approve_groups:
+        text += f"; members of {', '.join(rule.auto_approve_groups)} are auto-approved"
+    if rule.expires_after:
+        text += f"; a request expires unapproved after {format_duration(rule.expires_after)}"
+    return text
+
+
+# --- loading and checking -------------------------------------------------------------------------
 
 
 def load_policy(path: Path) -> Policy:
-    """Read and validate a policy file, raising ConfigError naming every problem found."""
+    """Read and check a policy file; raise PolicyError naming every problem, with its line."""
+    path = Path(path)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"policy file {path} does not exist") from None
+    except OSError as exc:
+        raise PolicyError(str(path), [Problem(None, f"cannot read: {exc.strerror}")]) from None
+    policy, problems = _check(raw)
+    if policy is None:
+        raise PolicyError(str(path), problems)
+    return policy
+
+
+def check_policy_text(text: str) -> tuple[Policy | None, list[Problem]]:
+    """What load_policy does, on text: the policy (None when it has problems) and every problem."""
+    return _check(text.encode())
+
+
+def _check(raw: bytes) -> tuple[Policy | None, list[Problem]]:
     try:
-        data = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"policy file {path} is not valid TOML: {exc}") from None
-    problems: list[str] = []
-    unknown = set(data) - {"entitlements"}
-    if unknown:
-        problems.append(f"unknown top-level keys {sorted(unknown)}")
-    entitlements = {}
-    for name, spec in (data.get("entitlements") or {}).items():
-        entitlement = _entitlement(name, spec, problems)
-        if entitlement:
-            entitlements[name] = entitlement
+        text = raw.decode()
+        data = tomllib.loads(text)
+    except UnicodeDecodeError:
+        return None, [Problem(None, "not valid TOML: the file is not UTF-8 text")]
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"at line (\d+)", str(exc))
+        return None, [Problem(int(found[1]) if found else None, f"not valid TOML: {exc}")]
+    reader = _Reader(text)
+    entitlements = reader.policy(data)
+    problems = sorted(reader.problems, key=lambda p: (p.line is None, p.line or 0))
     if problems:
-        raise ConfigError(f"policy file {path}: " + "; ".join(problems))
-    return Policy(entitlements, hashlib.sha256(raw).hexdigest())
+        return None, problems
+    return Policy(entitlements, hashlib.sha256(raw).hexdigest()), []
 
 
-def _entitlement(name: str, spec: object, problems: list[str]) -> Entitlement | None:
-    where = f"entitlements.{name}"
-    if not isinstance(spec, dict):
-        problems.append(f"{where} must be a table")
+class _Reader:
+    """Turns parsed TOML into entitlements, noting every problem with the line it is on."""
+
+    def __init__(self, text: str):
+        self.lines = _Lines(text)
+        self.problems: list[Problem] = []
+
+    def problem(self, path: tuple[str, ...], message: str) -> None:
+        self.problems.append(Problem(self.lines.find(path), message))
+
+    def policy(self, data: dict) -> dict[str, Entitlement]:
+        self.unknown_keys(data, TOP_KEYS, (), "the top level")
+        known = None
+        if "approver_groups" in data:
+            table = self.table(data["approver_groups"], ("approver_groups",), "[approver_groups]")
+            self.unknown_keys(
+                table, SECTION_KEYS["approver_groups"], ("approver_groups",), "approver_groups"
+            )
+            known = set(
+                self.names(
+                    table.get("known"), ("approver_groups", "known"), "approver_groups.known"
+                )
+            )
+        specs = self.table(data.get("entitlements"), ("entitlements",), "[entitlements]")
+        if not specs:
+            self.problem(
+                ("entitlements",),
+                "the policy defines no entitlements: add [entitlements.NAME] tables",
+            )
+        entitlements = {}
+        for name, spec in specs.items():
+            entitlement = self.entitlement(name, spec, known)
+            if entitlement is not None:
+                entitlements[name] = entitlement
+        return entitlements
+
+    def entitlement(self, name: str, spec: object, known: set[str] | None) -> Entitlement | None:
+        at = ("entitlements", name)
+        if not NAME.fullmatch(name):
+            self.problem(at, f"entitlement name {name!r} may hold only letters, digits, . _ -")
+        if not isinstance(spec, dict):
+            self.problem(at, f"{name} must be a table: [entitlements.{name}]")
+            return None
+        self.unknown_keys(spec, ENTITLEMENT_KEYS, at, name)
+        description = spec.get("description", "")
+        if not isinstance(description, str):
+            self.problem((*at, "description"), f"{name}: description must be text")
+            description = ""
+        backend = spec.get("backend", "vault_token")
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            self.problem(
+                (*at, "backend"),
+                f"{name}: unknown backend {backend!r} (known: {', '.join(sorted(BACKENDS))})",
+            )
+        policies = self.names(
+            spec.get("vault_policies"), (*at, "vault_policies"), f"{name}: vault_policies"
+        )
+        # Vault lower-cases policy names, so "Root" would be root.
+        for never in sorted(NEVER_GRANTED & {p.strip().lower() for p in policies}):
+            self.problem((*at, "vault_policies"), f"{name}: the {never} policy is never granted")
+        if spec.get("vault_policies") in (None, []):
+            self.problem(
+                (*at, "vault_policies"), f"{name}: vault_policies must name at least one policy"
+            )
+        max_duration = self.duration(spec, "max_duration", at, name, required=True)
+        default = self.duration(spec, "default_duration", at, name)
+        if max_duration and default and default > max_duration:
+            self.problem(
+                (*at, "default_duration"),
+                f"{name}: default_duration {format_duration(default)} is longer than "
+                f"max_duration {format_duration(max_duration)}",
+            )
+        max_active = spec.get("max_active")
+        if max_active is not None and not _whole(max_active, 1):
+            self.problem(
+                (*at, "max_active"), f"{name}: max_active must be a whole number of at least 1"
+            )
+            max_active = None
+        approval = self.approval(name, spec, known)
+        return Entitlement(
+            name=name,
+            description=description,
+            backend=backend,
+            vault_policies=policies,
+            max_duration=max_duration or 0,
+            default_duration=default,
+            max_active=max_active,
+            requesters=self.requesters(name, spec),
+            reason=self.reason(name, spec),
+            schedule=self.schedule(name, spec),
+            approval=approval,
+            extend=self.extend(name, spec, max_duration),
+        )
+
+    def section(self, name: str, spec: dict, key: str) -> tuple[dict | None, tuple[str, ...]]:
+        at = ("entitlements", name, key)
+        if key not in spec:
+            return None, at
+        if not isinstance(spec[key], dict):
+            self.problem(at, f"{name}: {key} must be a table: [entitlements.{name}.{key}]")
+            return None, at
+        self.unknown_keys(spec[key], SECTION_KEYS[key], at, f"{name}: {key}")
+        return spec[key], at
+
+    def requesters(self, name: str, spec: dict) -> Requesters:
+        table, at = self.section(name, spec, "requesters")
+        table = table or {}
+        groups = self.names(table.get("groups"), (*at, "groups"), f"{name}: requesters.groups")
+        domains = self.names(
+            table.get("email_domains"), (*at, "email_domains"), f"{name}: requesters.email_domains"
+        )
+        for domain in domains:
+            if "@" in domain or domain != domain.lower() or "." not in domain:
+                self.problem(
+                    (*at, "email_domains"),
+                    f"{name}: email domain {domain!r} must be a lower-case domain like example.com",
+                )
+        agents = self.names(table.get("agents"), (*at, "agents"), f"{name}: requesters.agents")
+        claims = self.claims(name, table.get("claims"), (*at, "claims"))
+        if not (groups or domains or agents or claims):
+            self.problem(
+                at if "requesters" in spec else ("entitlements", name),
+                f"{name} has no requesters: give groups, email_domains, claims or agents "
+                f"in [entitlements.{name}.requesters]",
+            )
+        return Requesters(groups, domains, claims, agents)
+
+    def claims(self, name: str, value: object, at: tuple[str, ...]) -> tuple:
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            self.problem(at, f'{name}: requesters.claims must be a table like {{ email = "x" }}')
+            return ()
+        claims = []
+        for claim, accepted in value.items():
+            if claim not in PRINCIPAL_CLAIMS:
+                self.problem(
+                    at,
+                    f"{name}: claim {claim!r} never reaches the policy; the broker keeps only "
+                    f"{', '.join(PRINCIPAL_CLAIMS)}",
+                )
+                continue
+            values = [accepted] if isinstance(accepted, str) else accepted
+            if not values or not all(isinstance(v, str) and v for v in values):
+                self.problem(at, f"{name}: claim {claim} must be text or a list of text")
+                continue
+            claims.append((claim, tuple(values)))
+        return tuple(claims)
+
+    def reason(self, name: str, spec: dict) -> ReasonRule:
+        table, at = self.section(name, spec, "reason")
+        if table is None:
+            return ReasonRule()
+        min_length = table.get("min_length", 0)
+        if not _whole(min_length, 0):
+            self.problem((*at, "min_length"), f"{name}: reason.min_length must be a whole number")
+            min_length = 0
+        pattern = table.get("ticket")
+        compiled = None
+        if pattern is not None:
+            if not isinstance(pattern, str) or not pattern:
+                self.problem((*at, "ticket"), f"{name}: reason.ticket must be a pattern (text)")
+            else:
+                try:
+                    compiled = re.compile(pattern)
+                except re.error as exc:
+                    self.problem(
+                        (*at, "ticket"),
+                        f"{name}: ticket pattern {pattern!r} does not compile: {exc}",
+                    )
+        return ReasonRule(min_length, compiled)
+
+    def schedule(self, name: str, spec: dict) -> Schedule | None:
+        table, at = self.section(name, spec, "schedule")
+        if table is None:
+            return None
+        timezone = table.get("timezone", "UTC")
+        try:
+            if not isinstance(timezone, str) or not timezone:
+                raise ValueError
+            ZoneInfo(timezone)
+        except Exception:  # ZoneInfo raises several types for a bad name
+            self.problem(
+                (*at, "timezone"),
+                f"{name}: unknown timezone {timezone!r}: use a name like Europe/Berlin or UTC",
+            )
+            timezone = None
+        days = table.get("days", list(DAYS))
+        numbers, days_ok = [], isinstance(days, list) and bool(days)
+        if not days_ok:
+            self.problem((*at, "days"), f'{name}: schedule.days must be a list like ["mon"]')
+        else:
+            for day in days:
+                if isinstance(day, str) and day in DAYS:
+                    numbers.append(DAYS.index(day))
+                else:
+                    days_ok = False
+                    self.problem(
+                        (*at, "days"), f"{name}: unknown day {day!r}: use {', '.join(DAYS)}"
+                    )
+        hours = table.get("hours", "00:00-24:00")
+        span = _hours(hours)
+        if span is None:
+            self.problem(
+                (*at, "hours"),
+                f"{name}: hours {hours!r} must be HH:MM-HH:MM like 08:00-18:00 or 22:00-06:00, "
+                "not empty",
+            )
+        if timezone is None or span is None or not days_ok:
+            return None
+        return Schedule(timezone, tuple(sorted(set(numbers))), *span)
+
+    def approval(self, name: str, spec: dict, known: set[str] | None) -> ApprovalRule | None:
+        table, at = self.section(name, spec, "approval")
+        if table is None:
+            return None
+        required = table.get("required", 1)
+        if not _whole(required, 1):
+            self.problem((*at, "required"), f"{name}: approval.required must be at least 1")
+            required = 1
+        from_groups = self.names(
+            table.get("from_groups"), (*at, "from_groups"), f"{name}: approval.from_groups"
+        )
+        if not from_groups:
+            self.problem(
+                at if "from_groups" not in table else (*at, "from_groups"),
+                f"{name}: approval needs from_groups, the groups whose members may approve",
+            )
+        each_of = self.names(table.get("each_of"), (*at, "each_of"), f"{name}: approval.each_of")
+        outside = [g for g in each_of if g not in from_groups]
+        if outside and from_groups:
+            self.problem(
+                (*at, "each_of"),
+                f"{name}: each_of names {', '.join(outside)}, not in from_groups",
+            )
+        if len(each_of) > required:
+            self.problem(
+                (*at, "each_of"),
+                f"{name}: each_of lists {len(each_of)} groups but only {required} approval"
+                f"{'s are' if required > 1 else ' is'} required, so it can never be met",
+            )
+        if known is not None:
+            for key, groups in (("from_groups", from_groups), ("each_of", each_of)):
+                for group in groups:
+                    if group not in known:
+                        self.problem(
+                            (*at, key),
+                            f"{name}: approver group {group!r} is not in [approver_groups] known",
+                        )
+        auto = self.names(
+            table.get("auto_approve_groups"),
+            (*at, "auto_approve_groups"),
+            f"{name}: approval.auto_approve_groups",
+        )
+        expires = self.duration(table, "expires_after", at, f"{name}: approval")
+        return ApprovalRule(required, from_groups, each_of, expires, auto)
+
+    def extend(self, name: str, spec: dict, max_duration: int | None) -> ExtendRule | None:
+        table, at = self.section(name, spec, "extend")
+        if table is None:
+            return None
+        step = self.duration(table, "max_step", at, f"{name}: extend", required=True)
+        total = self.duration(table, "max_total", at, f"{name}: extend", required=True)
+        if total and max_duration and total < max_duration:
+            self.problem(
+                (*at, "max_total"),
+                f"{name}: extend.max_total {format_duration(total)} is shorter than "
+                f"max_duration {format_duration(max_duration)}",
+            )
+        return ExtendRule(step or 0, total or 0)
+
+    # --- shapes ---
+
+    def table(self, value: object, at: tuple[str, ...], what: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(at, f"{what} must be a table")
+            return {}
+        return value
+
+    def names(self, value: object, at: tuple[str, ...], what: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.problem(at, f'{what} must be a list of names, like ["sre"]')
+            return ()
+        return tuple(value)
+
+    def duration(
+        self, table: dict, key: str, at: tuple[str, ...], what: str, required: bool = False
+    ) -> int | None:
+        if key not in table:
+            if required:
+                self.problem(at, f"{what}: {key} is missing")
+            return None
+        try:
+            return parse_duration(table[key])
+        except ValueError as exc:
+            self.problem((*at, key), f"{what}: {key}: {exc}")
+            return None
+
+    def unknown_keys(
+        self, table: dict, known: tuple[str, ...], at: tuple[str, ...], where: str
+    ) -> None:
+        for key in table:
+            if key in known:
+                continue
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+            place = f"{where}: " if where else ""
+            self.problem((*at, key), f"{place}unknown key {key!r}{hint}")
+
+
+def _whole(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _hours(text: object) -> tuple[int, int] | None:
+    """'08:00-18:00' -> (480, 1080) in minutes; an end at or before the start is overnight."""
+    if not isinstance(text, str):
         return None
-    for key in sorted(set(spec) - ENTITLEMENT_KEYS):
-        problems.append(f"{where}: unknown key {key!r}")
-    try:
-        max_duration = parse_duration(spec.get("max_duration", ""))
-    except ValueError as exc:
-        problems.append(f"{where}.max_duration: {exc}")
-        max_duration = 0
-    backend = spec.get("backend", "vault_token")
-    if backend not in BACKENDS:
-        problems.append(f"{where}.backend: unknown backend {backend!r}")
-    groups = _strings(spec.get("groups"), f"{where}.groups", problems)
-    policies = _strings(spec.get("vault_policies"), f"{where}.vault_policies", problems)
-    if "root" in policies:
-        problems.append(f"{where}.vault_policies: the root policy is never granted")
-    return Entitlement(
-        name, str(spec.get("description", "")), groups, max_duration, backend, policies
-    )
+    found = re.fullmatch(r"\s*(\d\d):(\d\d)\s*-\s*(\d\d):(\d\d)\s*", text)
+    if not found:
+        return None
+    h1, m1, h2, m2 = (int(part) for part in found.groups())
+    start, end = h1 * 60 + m1, h2 * 60 + m2
+    if h1 > 23 or m1 > 59 or m2 > 59 or end > 1440 or start == end:
+        return None
+    return start, end
 
 
-def _strings(value: object, where: str, problems: list[str]) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        problems.append(f"{where} must be a non-empty list of names")
-        return ()
-    return tuple(value)
+# --- finding lines (tomllib gives none) -----------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*\[\[?([^\[\]]+)\]\]?\s*(#.*)?$")
+_KEY_PART = re.compile(r"\"((?:[^\"\\]|\\.)*)\"|'([^']*)'|([A-Za-z0-9_-]+)")
+
+
+def _key_parts(text: str) -> tuple[str, ...]:
+    return tuple(a or b or c for a, b, c in _KEY_PART.findall(text))
+
+
+class _Lines:
+    """Finds the line of a key path in the raw text: the `key =` line inside the section header
+    `[a.b]` that holds it, else the section header itself. Good enough for a policy file."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+        self.headers: dict[tuple[str, ...], int] = {}
+        self.bodies: dict[tuple[str, ...], list[int]] = {(): []}
+        current: tuple[str, ...] = ()
+        for number, line in enumerate(self.lines, 1):
+            header = _HEADER.match(line)
+            if header:
+                current = _key_parts(header[1])
+                self.headers.setdefault(current, number)
+                self.bodies.setdefault(current, [])
+            else:
+                self.bodies[current].append(number)
+
+    def find(self, path: tuple[str, ...]) -> int | None:
+        if path in self.headers:
+            return self.headers[path]
+        for cut in range(len(path) - 1, -1, -1):
+            section, rest = path[:cut], path[cut:]
+            if section not in self.bodies:
+                continue
+            for keep in range(len(rest), 0, -1):
+                line = self._key_line(section, rest[:keep])
+                if line:
+                    return line
+        for cut in range(len(path) - 1, 0, -1):
+            if path[:cut] in self.headers:
+                return self.headers[path[:cut]]
+            for header, number in self.headers.items():  # [a.b.c] defines a.b implicitly
+                if header[:cut] == path[:cut]:
+                    return number
+        return None
+
+    def _key_line(self, section: tuple[str, ...], keys: tuple[str, ...]) -> int | None:
+        quoted = [rf"(?:{re.escape(k)}|\"{re.escape(k)}\"|'{re.escape(k)}')" for k in keys]
+        pattern = re.compile(r"^\s*" + r"\s*\.\s*".join(quoted) + r"\s*=")
+        for number in self.bodies[section]:
+            if pattern.match(self.lines[number - 1]):
+                return number
+        return None

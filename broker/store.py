@@ -14,10 +14,31 @@ from pathlib import Path
 import sqlite_utils
 
 from . import audit
-from .models import Grant
+from .models import Approval, Grant
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GRANT_COLUMNS = [f.name for f in fields(Grant)]
+V1_GRANT_COLUMNS = [
+    "id",
+    "requester_iss",
+    "requester_sub",
+    "requester",
+    "entitlement",
+    "reason",
+    "duration",
+    "status",
+    "created_at",
+    "window_start",
+    "window_end",
+    "backend",
+    "policy_hash",
+    "handle",
+    "credential_expires_at",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "updated_at",
+]
 
 
 class Transaction:
@@ -25,6 +46,11 @@ class Transaction:
 
     def __init__(self, db: sqlite_utils.Database):
         self.db = db
+
+    def get_grant(self, grant_id: str) -> Grant | None:
+        """Read inside the transaction: under the write lock, so what it says still holds."""
+        row = self.db.execute("SELECT * FROM grants WHERE id = ?", [grant_id]).fetchone()
+        return Grant(**dict(row)) if row else None
 
     def insert_grant(self, grant: Grant) -> None:
         self.db["grants"].insert({name: getattr(grant, name) for name in GRANT_COLUMNS})
@@ -41,6 +67,23 @@ class Transaction:
             params,
         )
         return cursor.rowcount == 1
+
+    def add_approval(self, grant_id: str, approval: Approval) -> bool:
+        """Record one person's approval; False when that person had already approved."""
+        try:
+            self.db["approvals"].insert(
+                {
+                    "grant_id": grant_id,
+                    "issuer": approval.issuer,
+                    "subject": approval.subject,
+                    "display": approval.display,
+                    "groups": json.dumps(list(approval.groups)),
+                    "at": approval.at,
+                }
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
 
     def append(self, at: str, type_: str, actor: dict, grant_id: str | None, data: dict) -> dict:
         row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -79,6 +122,8 @@ class Store:
                 raise RuntimeError(f"{self.path} has schema {version}, newer than this broker")
             if version < 1:
                 _create_v1(tx.db)
+            if version < 2:
+                _migrate_v2(tx.db)
             tx.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -95,8 +140,7 @@ class Store:
         db.execute("COMMIT")
 
     def get_grant(self, grant_id: str) -> Grant | None:
-        row = self.db.execute("SELECT * FROM grants WHERE id = ?", [grant_id]).fetchone()
-        return Grant(**dict(row)) if row else None
+        return Transaction(self.db).get_grant(grant_id)
 
     def grants_of(self, issuer: str, subject: str, limit: int = 100) -> list[Grant]:
         rows = self.db.execute(
@@ -106,24 +150,54 @@ class Store:
         )
         return [Grant(**dict(row)) for row in rows]
 
-    def due_grants(self, now: str, reap_statuses: tuple[str, ...], limit: int = 200) -> list[Grant]:
-        """Active grants whose window has closed, and ended grants whose removal is due."""
-        marks = ", ".join("?" for _ in reap_statuses)
+    def due_grants(self, now: str, limit: int = 200) -> list[Grant]:
+        """Grants the reaper must look at now: windows closed, requests gone stale, retries due."""
         rows = self.db.execute(
-            "SELECT * FROM grants WHERE (status = 'active' AND window_end <= ?) "  # noqa: S608
-            f"OR (status IN ({marks}) AND next_attempt_at <= ?) ORDER BY window_end LIMIT ?",
-            [now, *reap_statuses, now, limit],
+            "SELECT * FROM grants WHERE due_at != '' AND due_at <= ? ORDER BY due_at LIMIT ?",
+            [now, limit],
         )
         return [Grant(**dict(row)) for row in rows]
 
-    def next_deadline(self, reap_statuses: tuple[str, ...]) -> str | None:
-        marks = ", ".join("?" for _ in reap_statuses)
-        row = self.db.execute(
-            "SELECT MIN(t) FROM (SELECT MIN(window_end) AS t FROM grants WHERE status = 'active' "  # noqa: S608
-            f"UNION ALL SELECT MIN(next_attempt_at) FROM grants WHERE status IN ({marks}))",
-            list(reap_statuses),
-        ).fetchone()
-        return row[0]
+    def next_deadline(self) -> str | None:
+        return self.db.execute("SELECT MIN(due_at) FROM grants WHERE due_at != ''").fetchone()[0]
+
+    def count_open(
+        self,
+        issuer: str,
+        subject: str,
+        entitlement: str,
+        statuses: tuple[str, ...],
+        excluding: str = "",
+    ) -> int:
+        marks = ", ".join("?" for _ in statuses)
+        return self.db.execute(
+            "SELECT count(*) FROM grants WHERE requester_iss = ? AND requester_sub = ? "  # noqa: S608
+            f"AND entitlement = ? AND status IN ({marks}) AND id != ?",
+            [issuer, subject, entitlement, *statuses, excluding],
+        ).fetchone()[0]
+
+    def grants_in(self, statuses: tuple[str, ...], limit: int = 500) -> list[Grant]:
+        marks = ", ".join("?" for _ in statuses)
+        rows = self.db.execute(
+            f"SELECT * FROM grants WHERE status IN ({marks}) ORDER BY created_at LIMIT ?",  # noqa: S608
+            [*statuses, limit],
+        )
+        return [Grant(**dict(row)) for row in rows]
+
+    def approvals_of(self, grant_id: str) -> list[Approval]:
+        rows = self.db.execute(
+            "SELECT * FROM approvals WHERE grant_id = ? ORDER BY at, rowid", [grant_id]
+        )
+        return [
+            Approval(
+                row["issuer"],
+                row["subject"],
+                row["display"],
+                tuple(json.loads(row["groups"])),
+                row["at"],
+            )
+            for row in rows
+        ]
 
     def audit_entries(self, grant_id: str | None = None) -> Iterator[dict]:
         if grant_id is None:
@@ -144,7 +218,7 @@ def _entry(row: sqlite3.Row) -> dict:
 
 
 def _create_v1(db: sqlite_utils.Database) -> None:
-    columns = {name: str for name in GRANT_COLUMNS}
+    columns = {name: str for name in V1_GRANT_COLUMNS}
     columns.update(duration=int, attempts=int)
     db["grants"].create(columns, pk="id", not_null={"status", "entitlement", "window_end"})
     db["grants"].create_index(["status", "window_end"])
@@ -164,3 +238,18 @@ def _create_v1(db: sqlite_utils.Database) -> None:
         pk="seq",
     )
     db["audit"].create_index(["grant_id", "seq"])
+
+
+def _migrate_v2(db: sqlite_utils.Database) -> None:
+    """Approvals, tickets, and one `due_at` deadline per grant in place of next_attempt_at."""
+    db.execute("DROP INDEX IF EXISTS idx_grants_status_next_attempt_at")
+    db["grants"].transform(rename={"next_attempt_at": "due_at"})
+    db["grants"].add_column("ticket", str, not_null_default="")
+    db["grants"].add_column("approvals_required", int, not_null_default=0)
+    db["grants"].add_column("closed_reason", str, not_null_default="")
+    db.execute("UPDATE grants SET due_at = window_end WHERE status = 'active'")
+    db["grants"].create_index(["due_at"], if_not_exists=True)
+    db["approvals"].create(
+        {"grant_id": str, "issuer": str, "subject": str, "display": str, "groups": str, "at": str}
+    )
+    db["approvals"].create_index(["grant_id", "issuer", "subject"], unique=True)

@@ -15,6 +15,7 @@ import requests
 from .errors import VaultRejected, VaultUnavailable
 from .models import IssuedCredential, isoformat, utcnow
 
+CALL_LATENCY = timedelta(milliseconds=250)
 UNREACHABLE = (
     hvac.exceptions.VaultDown,
     hvac.exceptions.InternalServerError,
@@ -63,9 +64,10 @@ class VaultTokenBackend:
     def issue(
         self, grant_id: str, policies: tuple[str, ...], window_end: datetime, requester: str
     ) -> IssuedCredential:
-        # Vault counts a token's life from its creation second, so measuring from the current
-        # whole second makes it expire on the window's last second, never after it.
-        ttl = int((window_end - utcnow().replace(microsecond=0)).total_seconds())
+        # Vault counts a token's life in whole seconds from its creation second. Measuring from
+        # the second Vault will see (allowing for the call's latency) makes the token end on the
+        # window's last second or just before it, never after it.
+        ttl = int((window_end - (utcnow() + CALL_LATENCY).replace(microsecond=0)).total_seconds())
         if ttl <= 0:
             raise VaultUnavailable("the window closed before Vault could issue the token")
         response = self.client.auth.token.create_orphan(

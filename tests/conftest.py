@@ -54,6 +54,17 @@ def oidc_provider(
         }
     )
     config["access_token_ttls"] = {EXPIRING_AGENT: 2}
+    # More approvers than the demo has, for separation-of-duties and race tests.
+    config["accounts"]["dave"] = {
+        "email": "dave@example.com",
+        "name": "Dave Security",
+        "groups": ["security"],
+    }
+    config["accounts"]["erin"] = {
+        "email": "erin@example.com",
+        "name": "Erin DBA",
+        "groups": ["security", "dba"],
+    }
     provider = OidcProvider.start(config, tmp_path_factory.mktemp("oidc"))
     yield provider
     provider.stop()
@@ -64,15 +75,24 @@ def oidc_provider(
 TEST_POLICY = """
 [entitlements.kv-read]
 description = "Read the test secrets"
-groups = ["engineers"]
-max_duration = "1h"
+backend = "vault_token"
 vault_policies = ["jit-test-read"]
+max_duration = "1h"
+
+[entitlements.kv-read.requesters]
+groups = ["engineers"]
+
+[entitlements.kv-read.reason]
+min_length = 1
 
 [entitlements.kv-admin]
 description = "Change the test secrets"
-groups = ["security"]
-max_duration = "15m"
+backend = "vault_token"
 vault_policies = ["jit-test-admin"]
+max_duration = "15m"
+
+[entitlements.kv-admin.requesters]
+groups = ["security"]
 """
 
 
@@ -91,10 +111,16 @@ def vault_setup(openbao):
 
 
 def broker_settings(
-    workdir: Path, openbao, oidc_provider, broker_port: int, client_secret: str, **overrides
+    workdir: Path,
+    openbao,
+    oidc_provider,
+    broker_port: int,
+    client_secret: str,
+    policy_text: str = "",
+    **overrides,
 ):
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "policy.toml").write_text(TEST_POLICY)
+    (workdir / "policy.toml").write_text(policy_text or TEST_POLICY)
     sections = {
         "server": {"base_url": f"http://127.0.0.1:{broker_port}", "data_dir": str(workdir)},
         "oidc": {

@@ -1,7 +1,7 @@
 import pytest
 
 from broker import audit
-from broker.store import Store
+from broker.store import SCHEMA_VERSION, Store
 
 
 def chain(length: int) -> list[dict]:
@@ -82,5 +82,5 @@ def test_schema_version_is_recorded_and_migrate_is_idempotent(tmp_path):
     store = Store(tmp_path / "broker.db")
     store.migrate()
     store.migrate()
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

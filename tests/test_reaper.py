@@ -31,7 +31,8 @@ def test_reap_due_removes_only_what_has_closed_and_returns_the_next_deadline(gra
     assert grants.reap_due(end - timedelta(seconds=1)) == end  # nothing due yet
     assert grants.store.get_grant(short.id).status == "active"
 
-    assert grants.reap_due(end) == parse_time(long.window_end)
+    # The long grant's next look is the warning to its requester, five minutes before its end.
+    assert grants.reap_due(end) == parse_time(long.window_end) - timedelta(minutes=5)
     assert grants.store.get_grant(short.id).status == "revoked"
     assert not token_works(openbao, short_credential.secret)
     assert grants.store.get_grant(long.id).status == "active"
@@ -79,3 +80,20 @@ def test_the_reaper_thread_wakes_for_a_new_grant(grants, openbao):
         assert not token_works(openbao, credential.secret)
     finally:
         reaper.stop()
+
+
+def test_the_requester_is_warned_before_the_window_closes(grants):
+    sent = []
+    grants.notify = lambda event, text, **details: sent.append((event, text, details))
+    grant, _ = grants.request(ALICE, "kv-read", "20m", "long task")
+    end = parse_time(grant.window_end)
+
+    assert grants.reap_due(end - timedelta(minutes=6)) == end - timedelta(minutes=5)
+    assert sent == []
+    assert grants.reap_due(end - timedelta(minutes=5)) == end
+    assert grants.store.get_grant(grant.id).status == "active"
+    assert [(event, details["audience"]) for event, _, details in sent] == [
+        ("expiring", "requester")
+    ]
+    assert "5" in sent[0][1] and grant.entitlement in sent[0][1]
+    grants.release(ALICE, grant.id)

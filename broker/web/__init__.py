@@ -53,7 +53,9 @@ def _answer(status: int, code: str, detail: str, **extra):
 def _broker_error(exc: BrokerError):
     if exc.status >= 500:
         log.warning("%s %s: %s", request.method, request.path, exc.detail)
-    extra = {"reasons": list(exc.context["reasons"])} if "reasons" in exc.context else {}
+    extra = {
+        name: list(exc.context[name]) for name in ("reasons", "approvers") if exc.context.get(name)
+    }
     response = _answer(exc.status, exc.code, exc.detail, **extra)
     if isinstance(exc, Unauthenticated) and _wants_json():
         # RFC 6750 §3: no error code when the request carried no token at all.

@@ -32,33 +32,85 @@ def entitlements():
 
 @bp.post("/requests")
 def create_request():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object with entitlement, duration, reason")
+    body = _json_body("entitlement, duration, reason (and ticket where the policy asks)")
     grant, credential = services().grants.request(
-        g.principal, body.get("entitlement"), body.get("duration"), body.get("reason")
+        g.principal,
+        body.get("entitlement"),
+        body.get("duration"),
+        body.get("reason"),
+        body.get("ticket", ""),
     )
-    response = jsonify(dict(grant.as_json(), credential=credential_json(credential)))
+    response = _with_credential(grant, credential)
     response.status_code = 201
     response.headers["Location"] = f"/api/v1/requests/{grant.id}"
-    response.headers["Cache-Control"] = "no-store"  # the secret must not sit in a cache
     return response
 
 
 @bp.get("/requests")
 def list_requests():
-    # Until approvers exist (a later issue) everyone sees only their own; mine=1 says so.
-    return {"requests": [grant.as_json() for grant in services().grants.mine(g.principal)]}
+    """mine=1 (the default): your own; pending_approval=1: what you may approve now."""
+    grants = services().grants
+    if request.args.get("pending_approval") == "1":
+        found = grants.approval_queue(g.principal)
+    else:
+        found = grants.mine(g.principal)
+    return {"requests": [grants.describe(grant) for grant in found]}
 
 
 @bp.get("/requests/<grant_id>")
 def get_request(grant_id: str):
-    return services().grants.get(g.principal, grant_id).as_json()
+    grants = services().grants
+    return grants.describe(grants.get(g.principal, grant_id))
+
+
+@bp.post("/requests/<grant_id>/approve")
+def approve(grant_id: str):
+    body = _json_body("an optional comment", required=False)
+    grants = services().grants
+    return grants.describe(grants.approve(g.principal, grant_id, body.get("comment", "")))
+
+
+@bp.post("/requests/<grant_id>/deny")
+def deny(grant_id: str):
+    body = _json_body("reason")
+    grants = services().grants
+    return grants.describe(grants.deny(g.principal, grant_id, body.get("reason")))
+
+
+@bp.post("/requests/<grant_id>/cancel")
+def cancel(grant_id: str):
+    grants = services().grants
+    return grants.describe(grants.cancel(g.principal, grant_id))
+
+
+@bp.post("/requests/<grant_id>/activate")
+def activate(grant_id: str):
+    """Issue an approved request: the credential is shown here, once, to the requester."""
+    return _with_credential(*services().grants.activate(g.principal, grant_id))
 
 
 @bp.post("/requests/<grant_id>/release")
 def release(grant_id: str):
-    return services().grants.release(g.principal, grant_id).as_json()
+    grants = services().grants
+    return grants.describe(grants.release(g.principal, grant_id))
+
+
+def _json_body(expected: str, required: bool = True) -> dict:
+    body = request.get_json(silent=True)
+    if body is None and not required and not request.get_data():
+        return {}
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the body must be a JSON object with {expected}")
+    return body
+
+
+def _with_credential(grant, credential):
+    view = services().grants.describe(grant)
+    if credential is not None:
+        view["credential"] = credential_json(credential)
+    response = jsonify(view)
+    response.headers["Cache-Control"] = "no-store"  # the secret must not sit in a cache
+    return response
 
 
 def credential_json(credential: IssuedCredential) -> dict:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from functools import wraps
 
-from flask import Blueprint, flash, g, make_response, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    abort,
+    flash,
+    g,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 
 from ..errors import BrokerError
 from . import services
@@ -55,10 +65,21 @@ def create_request():
     form = request.form
     try:
         grant, credential = services().grants.request(
-            g.principal, form.get("entitlement"), form.get("duration"), form.get("reason")
+            g.principal,
+            form.get("entitlement"),
+            form.get("duration"),
+            form.get("reason"),
+            form.get("ticket", ""),
         )
     except BrokerError as exc:
         return _home(g.principal, exc, form)
+    if credential is None:
+        flash(f"Requested {grant.entitlement}: waiting for approval.")
+        return redirect(url_for("ui.show_request", grant_id=grant.id))
+    return _credential_page(grant, credential)
+
+
+def _credential_page(grant, credential):
     response = make_response(render_template("credential.html", grant=grant, credential=credential))
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -67,13 +88,42 @@ def create_request():
 @bp.get("/requests/<grant_id>")
 @login_required
 def show_request(grant_id: str):
-    grant = services().grants.get(g.principal, grant_id)
-    return render_template("grant.html", grant=grant, chain=services().grants.chain(grant.id))
+    grants = services().grants
+    grant = grants.get(g.principal, grant_id)
+    return render_template(
+        "grant.html",
+        grant=grant,
+        view=grants.describe(grant),
+        chain=grants.chain(grant.id),
+        mine=grant.owned_by(g.principal),
+    )
 
 
-@bp.post("/requests/<grant_id>/release")
+@bp.get("/approvals")
 @login_required
-def release(grant_id: str):
-    grant = services().grants.release(g.principal, grant_id)
-    flash(f"Released {grant.entitlement}: the credential is being revoked and verified.")
+def approvals():
+    grants = services().grants
+    queue = [grants.describe(grant) for grant in grants.approval_queue(g.principal)]
+    return render_template("approvals.html", queue=queue)
+
+
+@bp.post("/requests/<grant_id>/<action>")
+@login_required
+def act(grant_id: str, action: str):
+    """One form post per button: approve, deny, cancel, release; activate shows the secret."""
+    grants, form = services().grants, request.form
+    if action == "activate":
+        return _credential_page(*grants.activate(g.principal, grant_id))
+    done = {
+        "approve": lambda: grants.approve(g.principal, grant_id, form.get("comment", "")),
+        "deny": lambda: grants.deny(g.principal, grant_id, form.get("reason")),
+        "cancel": lambda: grants.cancel(g.principal, grant_id),
+        "release": lambda: grants.release(g.principal, grant_id),
+    }
+    if action not in done:
+        abort(404)
+    grant = done[action]()
+    flash(f"{action.capitalize()}: {grant.entitlement} is now {grant.status.replace('_', ' ')}.")
+    if action in ("approve", "deny"):
+        return redirect(url_for("ui.approvals"))
     return redirect(url_for("ui.show_request", grant_id=grant.id))

@@ -1,0 +1,343 @@
+"""The approval workflow end to end: real access tokens from the OIDC provider, real tokens from
+OpenBao. Separation of duties, refusals that change nothing, races settled once, the window
+starting at issuance, eligibility checked again at activation, policy reloads."""
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from broker.models import parse_time, utcnow
+from tests.services import client_credentials_token
+from tests.test_api import token_works
+
+APPROVAL_POLICY = """
+[entitlements.db-admin]
+description = "Administer the test database"
+backend = "vault_token"
+vault_policies = ["jit-test-admin"]
+max_duration = "1h"
+default_duration = "10m"
+
+[entitlements.db-admin.requesters]
+groups = ["engineers"]
+
+[entitlements.db-admin.reason]
+min_length = 5
+ticket = "^(INC|CHG)-\\\\d+$"
+
+[entitlements.db-admin.approval]
+required = 1
+from_groups = ["security"]
+expires_after = "1h"
+
+[entitlements.two-keys]
+description = "Needs security and a DBA"
+backend = "vault_token"
+vault_policies = ["jit-test-admin"]
+max_duration = "1h"
+
+[entitlements.two-keys.requesters]
+groups = ["engineers"]
+
+[entitlements.two-keys.approval]
+required = 2
+from_groups = ["security", "dba"]
+each_of = ["security", "dba"]
+expires_after = "1h"
+"""
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app(policy_text=APPROVAL_POLICY)
+
+
+@pytest.fixture
+def api(app, tokens):
+    client = app.test_client()
+
+    def call(user, method, path, body=None):
+        token = tokens(user) if "." not in user else user
+        return client.open(
+            f"/api/v1{path}", method=method, json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+
+    return call
+
+
+def ask(api, user="alice", entitlement="db-admin", **body):
+    body = {"entitlement": entitlement, "reason": "INC-9 fix the index", "ticket": "INC-9", **body}
+    response = api(user, "POST", "/requests", body)
+    assert response.status_code == 201, response.json
+    return response.json
+
+
+def grants_of(app):
+    return app.extensions["jit"].grants
+
+
+def types(app, grant_id):
+    return [entry["type"] for entry in grants_of(app).chain(grant_id)]
+
+
+def test_a_request_needing_approval_waits_and_issues_nothing(api, app, openbao):
+    before = set(openbao.client().list("auth/token/accessors")["data"]["keys"])
+    pending = ask(api)
+    assert pending["status"] == "pending"
+    assert "credential" not in pending
+    assert pending["window"] == {"start": "", "end": ""}
+    assert pending["approvals"]["required"] == 1 and pending["approvals"]["given"] == []
+    assert pending["approvals"]["missing"]
+    assert pending["duration"] == 600  # the entitlement's default duration
+    assert set(openbao.client().list("auth/token/accessors")["data"]["keys"]) <= before
+
+    queue = api("bob", "GET", "/requests?pending_approval=1").json["requests"]
+    assert pending["id"] in [r["id"] for r in queue]
+    assert api("carol", "GET", "/requests?pending_approval=1").json["requests"] == []
+    assert api("bob", "GET", f"/requests/{pending['id']}").status_code == 200
+    assert api("carol", "GET", f"/requests/{pending['id']}").status_code == 404
+
+
+def test_approve_then_activate_issues_to_the_requester_with_the_window_from_now(api, app, openbao):
+    pending = ask(api)
+    approved = api("bob", "POST", f"/requests/{pending['id']}/approve", {"comment": "ok"})
+    assert approved.status_code == 200, approved.json
+    assert approved.json["status"] == "approved"
+    assert "credential" not in approved.json  # the approver never sees the secret
+    assert [a["by"] for a in approved.json["approvals"]["given"]] == ["bob@example.com"]
+
+    time.sleep(1.1)  # the window must start at issuance, not at request or approval
+    issued_after = utcnow().replace(microsecond=0)
+    assert api("bob", "POST", f"/requests/{pending['id']}/activate").status_code == 404
+    active = api("alice", "POST", f"/requests/{pending['id']}/activate")
+    assert active.status_code == 200, active.json
+    body = active.json
+    assert body["status"] == "active"
+    start, end = parse_time(body["window"]["start"]), parse_time(body["window"]["end"])
+    assert start >= issued_after and end - start == timedelta(minutes=10)
+    assert token_works(openbao, body["credential"]["token"])
+    assert types(app, pending["id"]) == ["request", "decision", "approval", "decision", "issue"]
+
+    again = api("alice", "POST", f"/requests/{pending['id']}/activate")
+    assert again.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("requester", "approver", "status", "error"),
+    [
+        ("bob", "bob", 403, "self_approval"),
+        ("alice", "carol", 403, "not_an_approver"),
+        ("alice", "alice", 403, "self_approval"),
+    ],
+)
+def test_separation_of_duties(api, app, requester, approver, status, error):
+    pending = ask(api, requester)
+    response = api(approver, "POST", f"/requests/{pending['id']}/approve")
+    assert response.status_code == status, response.json
+    assert response.json["error"] == error and response.json["detail"]
+    assert grants_of(app).store.get_grant(pending["id"]).status == "pending"
+    assert "approval" not in types(app, pending["id"])
+
+
+def test_an_agent_never_approves(api, app, oidc_provider, oidc_client_secret):
+    from tests.services import agent_secret
+
+    agent = client_credentials_token(
+        oidc_provider, "ci-agent", agent_secret(oidc_client_secret), oidc_provider.api_resource
+    )
+    pending = ask(api)
+    response = api(agent, "POST", f"/requests/{pending['id']}/approve")
+    assert response.status_code == 403
+    assert response.json["error"] == "agent_cannot_approve"
+
+
+def test_a_person_counts_once_and_each_group_must_approve(api, app):
+    pending = ask(api, entitlement="two-keys", duration="5m")
+    assert api("erin", "POST", f"/requests/{pending['id']}/approve").status_code == 200
+    twice = api("erin", "POST", f"/requests/{pending['id']}/approve")
+    assert twice.status_code == 409 and twice.json["error"] == "already_approved"
+    still = api("alice", "GET", f"/requests/{pending['id']}").json
+    assert still["status"] == "pending" and still["approvals"]["missing"]
+
+    done = api("dave", "POST", f"/requests/{pending['id']}/approve")
+    assert done.status_code == 200 and done.json["status"] == "approved"
+
+
+def test_deny_closes_the_request_with_the_reason(api, app):
+    pending = ask(api)
+    assert api("bob", "POST", f"/requests/{pending['id']}/deny", {}).status_code == 400
+    denied = api("bob", "POST", f"/requests/{pending['id']}/deny", {"reason": "use read-only"})
+    assert denied.status_code == 200 and denied.json["status"] == "denied"
+    seen = api("alice", "GET", f"/requests/{pending['id']}").json
+    assert seen["closed_reason"] == "use read-only"
+    for user, action in [
+        ("bob", "approve"),
+        ("dave", "deny"),
+        ("alice", "activate"),
+        ("alice", "cancel"),
+    ]:
+        late = api(user, "POST", f"/requests/{pending['id']}/{action}", {"reason": "late"})
+        assert late.status_code == 409, (action, late.json)
+    assert types(app, pending["id"]) == ["request", "decision", "denial"]
+
+
+def test_cancel_withdraws_and_nobody_can_approve_after(api, app):
+    pending = ask(api)
+    assert api("bob", "POST", f"/requests/{pending['id']}/cancel").status_code == 404
+    cancelled = api("alice", "POST", f"/requests/{pending['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json["status"] == "cancelled"
+    assert api("bob", "POST", f"/requests/{pending['id']}/approve").status_code == 409
+
+
+def test_an_unapproved_request_expires(api, app):
+    pending = ask(api)
+    grants = grants_of(app)
+    due = parse_time(grants.store.get_grant(pending["id"]).due_at)
+    assert due - parse_time(pending["created_at"]) == timedelta(hours=1)
+    grants.reap_due(due)
+    assert grants.store.get_grant(pending["id"]).status == "expired_unapproved"
+    assert types(app, pending["id"])[-1] == "expire_unapproved"
+    assert api("bob", "POST", f"/requests/{pending['id']}/approve").status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"ticket": "JIRA-1"}, "ticket_mismatch"),
+        ({"ticket": ""}, "ticket_required"),
+        ({"reason": "abc"}, "reason_too_short"),
+        ({"duration": "2h"}, "duration_too_long"),
+    ],
+)
+def test_policy_rules_refuse_with_the_rule_named(api, app, body, error):
+    request = {
+        "entitlement": "db-admin",
+        "reason": "INC-9 fix the index",
+        "ticket": "INC-9",
+        **body,
+    }
+    response = api("alice", "POST", "/requests", request)
+    assert response.status_code == 422, response.json
+    assert response.json["error"] == error and response.json["detail"]
+    count = grants_of(app).store.db.execute("SELECT count(*) FROM grants").fetchone()[0]
+    assert count == 0
+
+
+def test_two_approvers_at_once_approve_once_and_one_activation_wins(api, app, openbao):
+    pending = ask(api)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(
+            pool.map(
+                lambda user: api(user, "POST", f"/requests/{pending['id']}/approve").status_code,
+                ["dave", "erin"],
+            )
+        )
+    assert sorted(answers) == [200, 409]
+    assert types(app, pending["id"]).count("approval") == 1
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(lambda _: api("alice", "POST", f"/requests/{pending['id']}/activate"), [1, 2])
+        )
+    assert sorted(r.status_code for r in results) == [200, 409]
+    assert types(app, pending["id"]).count("issue") == 1
+    vault = openbao.client()
+    tokens_for_grant = [
+        accessor
+        for accessor in vault.list("auth/token/accessors")["data"]["keys"]
+        if (vault.auth.token.lookup_accessor(accessor)["data"].get("meta") or {}).get(
+            "jit_grant_id"
+        )
+        == pending["id"]
+    ]
+    assert len(tokens_for_grant) == 1
+
+
+def test_cancel_racing_approve_ends_in_one_consistent_state(api, app):
+    for _ in range(3):
+        pending = ask(api)
+        with ThreadPoolExecutor(2) as pool:
+            approve = pool.submit(api, "bob", "POST", f"/requests/{pending['id']}/approve")
+            cancel = pool.submit(api, "alice", "POST", f"/requests/{pending['id']}/cancel")
+            codes = (approve.result().status_code, cancel.result().status_code)
+        status = grants_of(app).store.get_grant(pending["id"]).status
+        assert (status, codes) in {
+            ("cancelled", (409, 200)),
+            ("cancelled", (200, 200)),
+            ("approved", (200, 409)),
+        }, (status, codes)
+        if status == "cancelled":
+            assert api("alice", "POST", f"/requests/{pending['id']}/activate").status_code == 409
+
+
+def test_eligibility_is_checked_again_at_activation_and_policy_reloads(api, app, openbao):
+    pending = ask(api)
+    api("bob", "POST", f"/requests/{pending['id']}/approve")
+    policy_path = app.extensions["jit"].settings.policy_path
+    old = app.extensions["jit"].policy.current().version
+
+    policy_path.write_text(APPROVAL_POLICY.replace('groups = ["engineers"]', 'groups = ["sre"]'))
+    refused = api("alice", "POST", f"/requests/{pending['id']}/activate")
+    assert refused.status_code == 403 and refused.json["error"] == "not_eligible"
+    assert app.extensions["jit"].policy.current().version != old
+    grant = grants_of(app).store.get_grant(pending["id"])
+    assert grant.status == "denied" and "refused at activation" in grant.closed_reason
+    assert grant.handle == ""
+    assert types(app, pending["id"])[-1] == "decision"
+    assert grants_of(app).chain(pending["id"])[-1]["data"]["allowed"] is False
+
+
+def test_a_broken_policy_edit_keeps_the_last_good_policy(api, app):
+    policy_file = app.extensions["jit"].policy
+    good = policy_file.current().version
+    policy_file.path.write_text("[entitlements.db-admin\nthis is not toml")
+    assert policy_file.current().version == good
+    assert "not valid TOML" in policy_file.last_error or policy_file.last_error
+    assert ask(api)["status"] == "pending"
+
+
+class Receiver(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802
+        length = int(self.headers["Content-Length"])
+        Receiver.received.append(json.loads(self.rfile.read(length)))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_webhooks_tell_approvers_and_the_requester(make_app, tokens):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Receiver.received = []
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hooks/secret-path"
+        app = make_app(policy_text=APPROVAL_POLICY, notify={"webhook_url": url})
+        client = app.test_client()
+
+        def call(user, path, body=None):
+            return client.post(
+                f"/api/v1{path}", json=body, headers={"Authorization": f"Bearer {tokens(user)}"}
+            )
+
+        grant_id = call(
+            "alice",
+            "/requests",
+            {"entitlement": "db-admin", "ticket": "INC-1", "reason": "INC-1 webhooks"},
+        ).json["id"]
+        call("bob", f"/requests/{grant_id}/approve")
+        assert app.extensions["jit"].notifier.wait_idle(10)
+        events = [(m["jit"]["event"], m["jit"]["audience"]) for m in Receiver.received]
+        assert events == [("new_request", "approvers"), ("approved", "requester")]
+        assert all(m["jit"]["grant_id"] == grant_id and m["text"] for m in Receiver.received)
+    finally:
+        server.shutdown()
+        app.extensions["jit"].notifier.stop()
