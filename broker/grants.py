@@ -478,6 +478,94 @@ class Grants:
             view["expires_unapproved_at"] = grant.due_at
         return view
 
+    def extend(
+        self, principal: Principal, grant_id: str, extra: object
+    ) -> tuple[Grant, IssuedCredential]:
+        """Make a live window longer, within the policy's extension rules. A credential cannot
+        outlive its own hard expiry (a token's explicit_max_ttl), so the longer window gets a new
+        credential, shown once, and the old one is revoked. Were that revocation to fail, the old
+        credential still dies at the old window end, which lies inside the new window."""
+        if extra is None or extra == "":
+            raise InvalidDuration("duration is required: how much longer (like 15m)")
+        try:
+            seconds = parse_duration(extra)
+        except ValueError as exc:
+            raise InvalidDuration(str(exc)) from None
+        grant = self.get(principal, grant_id, owner_only=True)
+        if grant.status != ACTIVE:
+            raise GrantConflict(
+                f"grant {grant.id} is {grant.status}: only an active grant can be extended"
+            )
+        policy = self.policy()
+        start, end = parse_time(grant.window_start), parse_time(grant.window_end)
+        decision = policy.evaluate_extension(
+            principal, grant.entitlement, start, end, seconds, self.clock()
+        )
+        _raise_if_refused(decision)
+        chosen = policy.entitlements[grant.entitlement]
+        new_end = end + timedelta(seconds=seconds)
+        backend = self.backends[chosen.backend]
+        credential = backend.issue(grant.id, chosen.vault_policies, new_end, principal.display)
+        try:
+            with self.store.transaction() as tx:
+                if not tx.move_grant(
+                    grant.id,
+                    ACTIVE,
+                    handle=credential.handle,
+                    window_end=isoformat(new_end),
+                    duration=grant.duration + seconds,
+                    credential_expires_at=isoformat(credential.expires_at),
+                    due_at=_first_look(grant, new_end),
+                    updated_at=self._now(),
+                ):
+                    raise GrantConflict(f"grant {grant.id} ended while it was being extended")
+                self._log_decision(tx, principal, grant.id, decision, extension=seconds)
+                self._log(
+                    tx,
+                    "extend",
+                    principal.actor(),
+                    grant.id,
+                    window_end_was=grant.window_end,
+                    window_end=isoformat(new_end),
+                    backend=chosen.backend,
+                    handle=self._fingerprint(credential.handle),
+                    replaces=self._fingerprint(grant.handle),
+                    **credential.details,
+                )
+        except Exception:
+            backend.revoke(credential.handle)  # no record of it, so it must not exist
+            raise
+        self._remove_replaced(grant, backend)
+        self.on_change()
+        return self.store.get_grant(grant.id), credential
+
+    def _remove_replaced(self, grant: Grant, backend) -> None:
+        revoke_error = _failure_of(backend.revoke, grant.handle)
+        verify_error = _failure_of(backend.is_gone, grant.handle, want=True)
+        with self.store.transaction() as tx:
+            self._log(
+                tx,
+                "revoke",
+                REAPER,
+                grant.id,
+                handle=self._fingerprint(grant.handle),
+                replaced=True,
+                accepted=not revoke_error,
+                error=revoke_error or None,
+            )
+            self._log(
+                tx,
+                "verify",
+                REAPER,
+                grant.id,
+                handle=self._fingerprint(grant.handle),
+                replaced=True,
+                gone=not verify_error,
+                method=backend.verify_method,
+                error=verify_error or None,
+                note=None if not verify_error else "it expires at the old window end",
+            )
+
     # --- ending -----------------------------------------------------------------------------
 
     def release(self, principal: Principal, grant_id: str) -> Grant:
@@ -666,12 +754,12 @@ def _failure_of(step: Callable, handle: str, want: object = None) -> str:
     return ""
 
 
-def _first_look(grant: Grant) -> str:
+def _first_look(grant: Grant, end: datetime | None = None) -> str:
     """An active grant is looked at first to warn its requester, if the window is long enough."""
-    end = parse_time(grant.window_end)
+    end = end or parse_time(grant.window_end)
     if end - parse_time(grant.window_start) > 2 * EXPIRY_WARNING:
         return isoformat(end - EXPIRY_WARNING)
-    return grant.window_end
+    return isoformat(end)
 
 
 def _validated(

@@ -35,6 +35,19 @@ required = 1
 from_groups = ["security"]
 expires_after = "1h"
 
+[entitlements.stretchy]
+description = "Extendable in steps"
+backend = "vault_token"
+vault_policies = ["jit-test-read"]
+max_duration = "10m"
+
+[entitlements.stretchy.requesters]
+groups = ["engineers"]
+
+[entitlements.stretchy.extend]
+max_step = "5m"
+max_total = "20m"
+
 [entitlements.two-keys]
 description = "Needs security and a DBA"
 backend = "vault_token"
@@ -341,3 +354,46 @@ def test_webhooks_tell_approvers_and_the_requester(make_app, tokens):
     finally:
         server.shutdown()
         app.extensions["jit"].notifier.stop()
+
+
+def test_extend_gives_a_new_credential_for_the_longer_window_and_removes_the_old(api, app, openbao):
+    first = ask(api, entitlement="stretchy", duration="10m")
+    old_secret = first["credential"]["token"]
+    extended = api("alice", "POST", f"/requests/{first['id']}/extend", {"duration": "5m"})
+    assert extended.status_code == 200, extended.json
+    new_end = parse_time(extended.json["window"]["end"])
+    assert new_end - parse_time(first["window"]["end"]) == timedelta(minutes=5)
+    new_secret = extended.json["credential"]["token"]
+    assert new_secret != old_secret
+    assert token_works(openbao, new_secret) and not token_works(openbao, old_secret)
+    expires = openbao.client().auth.token.lookup(new_secret)["data"]["expire_time"]
+    assert new_end - timedelta(seconds=1) <= parse_time(expires[:19] + "Z") <= new_end
+    assert types(app, first["id"])[-4:] == ["decision", "extend", "revoke", "verify"]
+
+    too_long = api("alice", "POST", f"/requests/{first['id']}/extend", {"duration": "6m"})
+    assert too_long.status_code == 422 and too_long.json["error"] == "extension_too_long"
+    assert (
+        api("alice", "POST", f"/requests/{first['id']}/extend", {"duration": "5m"}).status_code
+        == 200
+    )
+    past_total = api("alice", "POST", f"/requests/{first['id']}/extend", {"duration": "1m"})
+    assert past_total.status_code == 422 and past_total.json["error"] == "extension_too_long"
+    assert (
+        api("bob", "POST", f"/requests/{first['id']}/extend", {"duration": "1m"}).status_code == 404
+    )
+
+    api("alice", "POST", f"/requests/{first['id']}/release")
+    late = api("alice", "POST", f"/requests/{first['id']}/extend", {"duration": "1m"})
+    assert late.status_code == 409
+
+
+def test_an_entitlement_without_extension_rules_cannot_be_extended(api, app):
+    pending = ask(api)
+    api("bob", "POST", f"/requests/{pending['id']}/approve")
+    api("alice", "POST", f"/requests/{pending['id']}/activate")
+    refused = api("alice", "POST", f"/requests/{pending['id']}/extend", {"duration": "1m"})
+    assert refused.status_code == 422 and refused.json["error"] == "extension_not_allowed"
+    assert (
+        api("alice", "POST", f"/requests/{pending['id']}/extend", {"duration": "soon"}).status_code
+        == 400
+    )

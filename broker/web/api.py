@@ -89,6 +89,13 @@ def activate(grant_id: str):
     return _with_credential(*services().grants.activate(g.principal, grant_id))
 
 
+@bp.post("/requests/<grant_id>/extend")
+def extend(grant_id: str):
+    """A longer window means a new credential, shown here once; the old one is revoked."""
+    body = _json_body("duration: how much longer")
+    return _with_credential(*services().grants.extend(g.principal, grant_id, body.get("duration")))
+
+
 @bp.post("/requests/<grant_id>/release")
 def release(grant_id: str):
     grants = services().grants

@@ -110,10 +110,13 @@ def approvals():
 @bp.post("/requests/<grant_id>/<action>")
 @login_required
 def act(grant_id: str, action: str):
-    """One form post per button: approve, deny, cancel, release; activate shows the secret."""
+    """One form post per button: approve, deny, cancel, release; activate and extend show a
+    new secret."""
     grants, form = services().grants, request.form
     if action == "activate":
         return _credential_page(*grants.activate(g.principal, grant_id))
+    if action == "extend":
+        return _credential_page(*grants.extend(g.principal, grant_id, form.get("duration")))
     done = {
         "approve": lambda: grants.approve(g.principal, grant_id, form.get("comment", "")),
         "deny": lambda: grants.deny(g.principal, grant_id, form.get("reason")),
