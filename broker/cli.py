@@ -14,7 +14,8 @@ from . import audit
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
 from .models import Principal, parse_time, utcnow
-from .policy import PolicyError, explain, load_policy
+from .policy import explain
+from .policy_loader import PolicyError, load_policy
 from .store import Store
 
 

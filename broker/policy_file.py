@@ -9,7 +9,8 @@ import threading
 from pathlib import Path
 
 from .errors import ConfigError
-from .policy import Policy, load_policy
+from .policy import Policy
+from .policy_loader import load_policy
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import pytest
 
 from broker.errors import ConfigError
 from broker.models import Approval, Principal
-from broker.policy import PolicyError, check_policy_text, explain, load_policy
+from broker.policy import explain
+from broker.policy_loader import PolicyError, check_policy_text, load_policy
 
 POLICY = r"""
 [approver_groups]
