@@ -203,10 +203,10 @@ class Grants:
 
     # --- approvals --------------------------------------------------------------------------
 
-    def approve(self, approver: Principal, grant_id: str, comment: object = "") -> Grant:
+    def approve(self, approver: Principal, grant_id: str, reason: object = "") -> Grant:
         """Count one person's approval. Checked and written under the write lock, so two
         approvers clicking at once are counted in turn and the request moves on exactly once."""
-        comment = _short_text(comment, "comment")
+        reason = _short_text(reason, "reason")
         policy = self.policy()
         with self.store.transaction() as tx:
             grant = self._pending_for_decision(tx, grant_id)
@@ -228,7 +228,7 @@ class Grants:
                 approver.actor(),
                 grant.id,
                 approver=approver.claims(),
-                comment=comment or None,
+                reason=reason or None,
                 satisfied=satisfied,
                 missing=missing,
             )

@@ -48,6 +48,21 @@ groups = ["engineers"]
 max_step = "5m"
 max_total = "20m"
 
+[entitlements.oncall-fix]
+description = "Auto-approved for the on-call people"
+backend = "vault_token"
+vault_policies = ["jit-test-admin"]
+max_duration = "30m"
+max_active = 1
+
+[entitlements.oncall-fix.requesters]
+groups = ["engineers"]
+
+[entitlements.oncall-fix.approval]
+required = 1
+from_groups = ["security"]
+auto_approve_groups = ["security"]
+
 [entitlements.two-keys]
 description = "Needs security and a DBA"
 backend = "vault_token"
@@ -118,7 +133,7 @@ def test_a_request_needing_approval_waits_and_issues_nothing(api, app, openbao):
 
 def test_approve_then_activate_issues_to_the_requester_with_the_window_from_now(api, app, openbao):
     pending = ask(api)
-    approved = api("bob", "POST", f"/requests/{pending['id']}/approve", {"comment": "ok"})
+    approved = api("bob", "POST", f"/requests/{pending['id']}/approve", {"reason": "ok"})
     assert approved.status_code == 200, approved.json
     assert approved.json["status"] == "approved"
     assert "credential" not in approved.json  # the approver never sees the secret
@@ -397,3 +412,57 @@ def test_an_entitlement_without_extension_rules_cannot_be_extended(api, app):
         api("alice", "POST", f"/requests/{pending['id']}/extend", {"duration": "soon"}).status_code
         == 400
     )
+
+
+def test_auto_approval_is_recorded_as_such(api, app):
+    auto = ask(api, "bob", entitlement="oncall-fix", duration="5m")
+    assert auto["status"] == "active" and auto["credential"]["token"]
+    decision = grants_of(app).chain(auto["id"])[1]["data"]
+    assert decision["auto_approved"] and "security" in decision["auto_approved"]
+    assert decision["approvals_required"] == 0
+    waiting = ask(api, "alice", entitlement="oncall-fix", duration="5m")
+    assert waiting["status"] == "pending"  # alice is not in the auto-approve group
+
+
+def test_a_limit_on_open_grants_is_enforced_and_freed_on_release(api, app):
+    first = ask(api, "bob", entitlement="oncall-fix", duration="5m")
+    second = api(
+        "bob",
+        "POST",
+        "/requests",
+        {"entitlement": "oncall-fix", "duration": "5m", "reason": "a second one"},
+    )
+    assert second.status_code == 409 and second.json["error"] == "limit_reached"
+    api("bob", "POST", f"/requests/{first['id']}/release")
+    assert ask(api, "bob", entitlement="oncall-fix", duration="5m")["status"] == "active"
+
+
+def test_outside_its_schedule_an_entitlement_is_refused_naming_the_schedule(make_app, tokens):
+    tomorrow = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(utcnow().weekday() + 1) % 7]
+    policy = (
+        APPROVAL_POLICY
+        + f"""
+[entitlements.tomorrow-only]
+vault_policies = ["jit-test-read"]
+max_duration = "10m"
+
+[entitlements.tomorrow-only.requesters]
+groups = ["engineers"]
+
+[entitlements.tomorrow-only.schedule]
+timezone = "UTC"
+days = ["{tomorrow}"]
+"""
+    )
+    response = (
+        make_app(policy_text=policy)
+        .test_client()
+        .post(
+            "/api/v1/requests",
+            json={"entitlement": "tomorrow-only", "duration": "5m", "reason": "not today"},
+            headers={"Authorization": f"Bearer {tokens('alice')}"},
+        )
+    )
+    assert response.status_code == 422
+    assert response.json["error"] == "outside_schedule"
+    assert tomorrow in response.json["detail"]

@@ -65,9 +65,9 @@ def get_request(grant_id: str):
 
 @bp.post("/requests/<grant_id>/approve")
 def approve(grant_id: str):
-    body = _json_body("an optional comment", required=False)
+    body = _json_body("an optional reason", required=False)
     grants = services().grants
-    return grants.describe(grants.approve(g.principal, grant_id, body.get("comment", "")))
+    return grants.describe(grants.approve(g.principal, grant_id, body.get("reason", "")))
 
 
 @bp.post("/requests/<grant_id>/deny")

@@ -118,7 +118,7 @@ def act(grant_id: str, action: str):
     if action == "extend":
         return _credential_page(*grants.extend(g.principal, grant_id, form.get("duration")))
     done = {
-        "approve": lambda: grants.approve(g.principal, grant_id, form.get("comment", "")),
+        "approve": lambda: grants.approve(g.principal, grant_id, form.get("reason", "")),
         "deny": lambda: grants.deny(g.principal, grant_id, form.get("reason")),
         "cancel": lambda: grants.cancel(g.principal, grant_id),
         "release": lambda: grants.release(g.principal, grant_id),
