@@ -540,31 +540,46 @@ class Grants:
         return self.store.get_grant(grant.id), credential
 
     def _remove_replaced(self, grant: Grant, backend) -> None:
+        """Revoke the credential an extension replaced. Should that fail, it still dies at the
+        old window end, inside the new window; the chain records what happened either way."""
+        outcome = self._remove(grant, backend)
+        with self.store.transaction() as tx:
+            self._log_removal(tx, grant, backend, outcome, replaced=True)
+
+    def _remove(self, grant: Grant, backend) -> tuple[str, str]:
+        """Revoke, then verify even when the revoke call failed: Vault's own expiry may have
+        removed it in the same instant, and what counts is whether the credential is gone, not
+        who removed it. Returns what went wrong with each ("" for nothing)."""
         revoke_error = _failure_of(backend.revoke, grant.handle)
         verify_error = _failure_of(backend.is_gone, grant.handle, want=True)
-        with self.store.transaction() as tx:
-            self._log(
-                tx,
-                "revoke",
-                REAPER,
-                grant.id,
-                handle=self._fingerprint(grant.handle),
-                replaced=True,
-                accepted=not revoke_error,
-                error=revoke_error or None,
-            )
-            self._log(
-                tx,
-                "verify",
-                REAPER,
-                grant.id,
-                handle=self._fingerprint(grant.handle),
-                replaced=True,
-                gone=not verify_error,
-                method=backend.verify_method,
-                error=verify_error or None,
-                note=None if not verify_error else "it expires at the old window end",
-            )
+        return revoke_error, verify_error
+
+    def _log_removal(
+        self, tx: Transaction, grant: Grant, backend, outcome: tuple[str, str], **context
+    ) -> None:
+        revoke_error, verify_error = outcome
+        handle = self._fingerprint(grant.handle)
+        self._log(
+            tx,
+            "revoke",
+            REAPER,
+            grant.id,
+            handle=handle,
+            accepted=not revoke_error,
+            error=revoke_error or None,
+            **context,
+        )
+        self._log(
+            tx,
+            "verify",
+            REAPER,
+            grant.id,
+            handle=handle,
+            gone=not verify_error,
+            method=backend.verify_method,
+            error=verify_error or None,
+            **context,
+        )
 
     # --- ending -----------------------------------------------------------------------------
 
@@ -612,34 +627,11 @@ class Grants:
         if not self._claim_for_removal(grant, now, attempt):
             return
         backend = self.backends[grant.backend]
-        handle = self._fingerprint(grant.handle)
-        # Verify even when the revoke call failed: Vault's own expiry may have removed it in the
-        # same instant, and what counts is whether the credential is gone, not who removed it.
-        revoke_error = _failure_of(backend.revoke, grant.handle)
-        verify_error = _failure_of(backend.is_gone, grant.handle, want=True)
+        outcome = self._remove(grant, backend)
+        revoke_error, verify_error = outcome
         gone = not verify_error
         with self.store.transaction() as tx:
-            self._log(
-                tx,
-                "revoke",
-                REAPER,
-                grant.id,
-                attempt=attempt,
-                handle=handle,
-                accepted=not revoke_error,
-                error=revoke_error or None,
-            )
-            self._log(
-                tx,
-                "verify",
-                REAPER,
-                grant.id,
-                attempt=attempt,
-                handle=handle,
-                gone=gone,
-                method=backend.verify_method,
-                error=verify_error or None,
-            )
+            self._log_removal(tx, grant, backend, outcome, attempt=attempt)
             if gone:
                 tx.move_grant(
                     grant.id,
@@ -668,7 +660,7 @@ class Grants:
                 grant.id,
                 attempt=attempt,
                 error=error,
-                due_at=retry_at,
+                next_attempt_at=retry_at,
             )
         log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
 

@@ -10,10 +10,31 @@ import jwt
 import requests
 
 from .errors import ProviderUnavailable, Unauthenticated
-from .models import Principal
+from .models import STANDARD_CLAIMS, Principal, extra_claims
 
 REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]
 ACCESS_TOKEN_TYPES = {"at+jwt", "application/at+jwt"}
+# Claims about the token or the login, not about the person: never policy material.
+PROTOCOL_CLAIMS = frozenset(
+    {
+        "aud",
+        "exp",
+        "iat",
+        "nbf",
+        "jti",
+        "azp",
+        "nonce",
+        "at_hash",
+        "c_hash",
+        "auth_time",
+        "acr",
+        "amr",
+        "sid",
+        "scope",
+        "typ",
+        "preferred_username",
+    }
+)
 
 
 class ProviderMetadata:
@@ -141,4 +162,5 @@ def principal_from_claims(claims: dict, groups_claim: str, kind: str = "human") 
         email=str(claims.get("email") or ""),
         groups=tuple(groups),
         client_id=str(claims.get("client_id") or claims.get("azp") or ""),
+        extra=extra_claims(claims, exclude=STANDARD_CLAIMS | PROTOCOL_CLAIMS | {groups_claim}),
     )

@@ -20,6 +20,22 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
 
 
+STANDARD_CLAIMS = frozenset({"iss", "sub", "kind", "name", "email", "groups", "client_id"})
+
+
+def extra_claims(claims: dict, exclude: frozenset) -> tuple[tuple[str, str | tuple[str, ...]], ...]:
+    """The claims worth keeping beyond the standard ones: text, or lists of text."""
+    kept = []
+    for name, value in sorted(claims.items()):
+        if name in exclude:
+            continue
+        if isinstance(value, str):
+            kept.append((name, value))
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            kept.append((name, tuple(value)))
+    return tuple(kept)
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated requester, as the OIDC provider vouched for them."""
@@ -31,6 +47,9 @@ class Principal:
     email: str = ""
     groups: tuple[str, ...] = ()
     client_id: str = ""
+    # The provider's other identity claims (department, cost centre...), for policy rules that
+    # match any claim, and for the audit chain's record of who asked.
+    extra: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
 
     @property
     def display(self) -> str:
@@ -51,6 +70,7 @@ class Principal:
             name=claims["name"],
             groups=tuple(claims["groups"]),
             client_id=claims["client_id"],
+            extra=extra_claims(claims, exclude=STANDARD_CLAIMS),
         )
 
     def claims(self) -> dict:
@@ -63,6 +83,10 @@ class Principal:
             "name": self.name,
             "groups": list(self.groups),
             "client_id": self.client_id,
+            **{
+                name: list(value) if isinstance(value, tuple) else value
+                for name, value in self.extra
+            },
         }
 
 

@@ -27,8 +27,6 @@ from .policy import (
 
 BACKENDS = {"vault_token"}  # adding a credential backend: one name here, one class in vault.py
 NEVER_GRANTED = {"root"}
-# The claims a Principal carries, so the only ones a `claims` requester rule can ever match.
-PRINCIPAL_CLAIMS = ("iss", "sub", "email", "name", "groups", "client_id")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # --- problems -------------------------------------------------------------------------------------
@@ -251,15 +249,12 @@ class _Reader:
             return ()
         claims = []
         for claim, accepted in value.items():
-            if claim not in PRINCIPAL_CLAIMS:
-                self.problem(
-                    at,
-                    f"{name}: claim {claim!r} never reaches the policy; the broker keeps only "
-                    f"{', '.join(PRINCIPAL_CLAIMS)}",
-                )
-                continue
             values = [accepted] if isinstance(accepted, str) else accepted
-            if not values or not all(isinstance(v, str) and v for v in values):
+            if (
+                not isinstance(values, list)
+                or not values
+                or not all(isinstance(v, str) and v for v in values)
+            ):
                 self.problem(at, f"{name}: claim {claim} must be text or a list of text")
                 continue
             claims.append((claim, tuple(values)))

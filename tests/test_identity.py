@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.errors import ProviderUnavailable, Unauthenticated
 from broker.identity import BearerVerifier, ProviderMetadata
+from broker.models import Principal
 
 ISSUER = "https://idp.test"
 AUDIENCE = "urn:jit-broker:api"
@@ -106,3 +107,12 @@ def test_a_provider_that_fails_is_unavailable_not_unauthenticated():
         verifier = BearerVerifier(ProviderMetadata(ISSUER), AUDIENCE, ["RS256"])
         with pytest.raises(ProviderUnavailable):
             verifier.verify(token())
+
+
+def test_other_identity_claims_are_kept_and_protocol_claims_are_not(verifier):
+    principal = verifier.verify(token(department="eng", teams=["db", "web"], nonce="n", level=3))
+    claims = principal.claims()
+    assert claims["department"] == "eng" and claims["teams"] == ["db", "web"]
+    for dropped in ("aud", "exp", "iat", "nonce", "level"):
+        assert dropped not in claims
+    assert Principal.from_claims(claims) == principal

@@ -650,7 +650,7 @@ LONG = 'max_duration = "1h"'
         (sub('[entitlements.x.requesters]\ngroups = ["a"]', ""), 1, "x has no requesters"),
         (sub('groups = ["a"]', 'groups = "a"'), 6, "requesters.groups must be a list of names"),
         (BASE + "email_domains = ['@example.com']\n", 7, "email domain '@example.com' must be"),
-        (BASE + "claims = { department = 'eng' }\n", 7, "claim 'department' never reaches"),
+        (BASE + "claims = { department = 3 }\n", 7, "claim department must be text"),
         (add("reason", "ticket = '(INC'"), 8, "ticket pattern '(INC' does not compile"),
         (add("reason", "min_length = -1"), 8, "reason.min_length must be a whole number"),
         (add("schedule", "timezone = 'Mars/Olympus'"), 8, "unknown timezone 'Mars/Olympus'"),
@@ -766,3 +766,17 @@ def test_the_example_policy_and_the_readme_policy_are_valid():
     start = readme.index("[approver_groups]")
     found, problems = check_policy_text(readme[start : readme.index("```", start)])
     assert problems == [] and list(found.entitlements) == ["prod-db-admin"]
+
+
+def test_a_claims_rule_matches_any_claim_the_provider_vouched_for():
+    policy, problems = check_policy_text(
+        "[entitlements.x]\nvault_policies = ['p']\nmax_duration = '1h'\n"
+        "[entitlements.x.requesters]\nclaims = { department = 'eng', teams = 'db' }\n"
+    )
+    assert problems == []
+    engineer = Principal("i", "s", extra=(("department", "eng"),))
+    in_team = Principal("i", "t", extra=(("teams", ("web", "db")),))
+    outsider = Principal("i", "u", extra=(("department", "sales"),))
+    assert policy.evaluate(engineer, "x", 60).allowed
+    assert policy.evaluate(in_team, "x", 60).allowed
+    assert policy.evaluate(outsider, "x", 60).error == "not_eligible"
