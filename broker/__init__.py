@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     grants = Grants(
         store,
         policy.current,
-        make_backends(vault),
+        make_backends(vault, settings.postgres["dsn"], settings.vault["timeout"]),
         fingerprint_key=settings.secret_file("audit-hmac.key"),
         retry_min=settings.reaper["retry_min"],
         retry_max=settings.reaper["retry_max"],

@@ -34,6 +34,8 @@ DEFAULTS: dict[str, dict] = {
     "storage": {"path": ""},
     "reaper": {"enabled": True, "retry_min": 5, "retry_max": 300},
     "notify": {"webhook_url": "", "timeout": 5},
+    # Only to verify that a database user is gone: read pg_roles. Never used to create users.
+    "postgres": {"dsn": ""},
 }
 
 
@@ -46,6 +48,7 @@ class Settings:
     storage: dict
     reaper: dict
     notify: dict
+    postgres: dict
     root: Path = field(default=Path("."))
 
     @property

@@ -50,6 +50,13 @@ class VaultUnavailable(BrokerError):
     code = "vault_unavailable"
 
 
+class DatabaseUnavailable(BrokerError):
+    """The database a credential lives in cannot be reached or asked (to verify a removal)."""
+
+    status = 503
+    code = "database_unavailable"
+
+
 class ConfigError(Exception):
     """The broker's own configuration or policy file is wrong; raised at start, never to a user."""
 

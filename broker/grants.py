@@ -371,7 +371,7 @@ class Grants:
         backend = self.backends[chosen.backend]
         try:
             credential = backend.issue(
-                grant.id, chosen.vault_policies, parse_time(grant.window_end), principal.display
+                grant.id, chosen, parse_time(grant.window_end), principal.display
             )
         except BrokerError as exc:
             with self.store.transaction() as tx:
@@ -505,7 +505,7 @@ class Grants:
         chosen = policy.entitlements[grant.entitlement]
         new_end = end + timedelta(seconds=seconds)
         backend = self.backends[chosen.backend]
-        credential = backend.issue(grant.id, chosen.vault_policies, new_end, principal.display)
+        credential = backend.issue(grant.id, chosen, new_end, principal.display)
         try:
             with self.store.transaction() as tx:
                 if not tx.move_grant(

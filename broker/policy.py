@@ -143,11 +143,21 @@ class ExtendRule:
 
 
 @dataclass(frozen=True)
+class DatabaseOptions:
+    """Where a database entitlement's users come from: the OpenBao database role (under the
+    database secrets engine mounted at `mount`) whose creation and revocation statements the
+    broker's per-grant role copies."""
+
+    role: str
+    mount: str = "database"
+
+
+@dataclass(frozen=True)
 class Entitlement:
     name: str
     description: str
     backend: str
-    vault_policies: tuple[str, ...]
+    vault_policies: tuple[str, ...]  # for vault_token; () for a database entitlement
     max_duration: int  # seconds
     default_duration: int | None = None
     max_active: int | None = None  # open (active or pending) grants per principal; None: no limit
@@ -156,6 +166,7 @@ class Entitlement:
     schedule: Schedule | None = None
     approval: ApprovalRule | None = None
     extend: ExtendRule | None = None
+    database: DatabaseOptions | None = None  # set exactly when backend is "database"
 
     @property
     def request_ttl(self) -> int | None:

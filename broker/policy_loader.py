@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .policy import (
     DAYS,
     ApprovalRule,
+    DatabaseOptions,
     Entitlement,
     ExtendRule,
     Policy,
@@ -25,9 +26,12 @@ from .policy import (
     Schedule,
 )
 
-BACKENDS = {"vault_token"}  # adding a credential backend: one name here, one class in vault.py
+# Adding a credential backend: one name here, one class in vault.py.
+BACKENDS = {"vault_token", "database"}
 NEVER_GRANTED = {"root"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+VAULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # one segment of a Vault path
+MOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(/[A-Za-z0-9][A-Za-z0-9_-]*)*")
 
 # --- problems -------------------------------------------------------------------------------------
 
@@ -65,6 +69,7 @@ ENTITLEMENT_KEYS = (
     "schedule",
     "approval",
     "extend",
+    "database",
 )
 SECTION_KEYS = {
     "approver_groups": ("known",),
@@ -73,6 +78,7 @@ SECTION_KEYS = {
     "schedule": ("timezone", "days", "hours"),
     "approval": ("required", "from_groups", "each_of", "expires_after", "auto_approve_groups"),
     "extend": ("max_step", "max_total"),
+    "database": ("role", "mount"),
 }
 
 
@@ -174,7 +180,14 @@ class _Reader:
         # Vault lower-cases policy names, so "Root" would be root.
         for never in sorted(NEVER_GRANTED & {p.strip().lower() for p in policies}):
             self.problem((*at, "vault_policies"), f"{name}: the {never} policy is never granted")
-        if spec.get("vault_policies") in (None, []):
+        if backend == "database":
+            if "vault_policies" in spec:
+                self.problem(
+                    (*at, "vault_policies"),
+                    f"{name}: vault_policies has no effect on a database entitlement: what the "
+                    "user may do is the database role's creation statements",
+                )
+        elif spec.get("vault_policies") in (None, []):
             self.problem(
                 (*at, "vault_policies"), f"{name}: vault_policies must name at least one policy"
             )
@@ -206,6 +219,7 @@ class _Reader:
             schedule=self.schedule(name, spec),
             approval=approval,
             extend=self.extend(name, spec, max_duration),
+            database=self.database(name, spec, backend),
         )
 
     def section(self, name: str, spec: dict, key: str) -> tuple[dict | None, tuple[str, ...]]:
@@ -367,6 +381,42 @@ class _Reader:
         )
         expires = self.duration(table, "expires_after", at, f"{name}: approval")
         return ApprovalRule(required, from_groups, each_of, expires, auto)
+
+    def database(self, name: str, spec: dict, backend: object) -> DatabaseOptions | None:
+        if backend != "database":
+            if "database" in spec:
+                self.problem(
+                    ("entitlements", name, "database"),
+                    f'{name}: a [database] table needs backend = "database", not {backend!r}',
+                )
+            return None
+        if "database" not in spec:
+            self.problem(
+                ("entitlements", name),
+                f"{name}: a database entitlement needs [entitlements.{name}.database] with role, "
+                "the OpenBao database role to issue users from",
+            )
+            return None
+        table, at = self.section(name, spec, "database")
+        if table is None:
+            return None
+        role, mount = table.get("role"), table.get("mount", "database")
+        found_before = len(self.problems)
+        if role is None:
+            self.problem(at, f"{name}: database.role is missing: name the OpenBao role")
+        elif not isinstance(role, str) or not VAULT_NAME.fullmatch(role):
+            self.problem(
+                (*at, "role"),
+                f"{name}: database.role {role!r} must be a role name (letters, digits, _ -)",
+            )
+        if not isinstance(mount, str) or not MOUNT.fullmatch(mount):
+            self.problem(
+                (*at, "mount"),
+                f"{name}: database.mount {mount!r} must be a mount path like database or db/prod",
+            )
+        if len(self.problems) > found_before:
+            return None
+        return DatabaseOptions(role, mount)
 
     def extend(self, name: str, spec: dict, max_duration: int | None) -> ExtendRule | None:
         table, at = self.section(name, spec, "extend")

@@ -1,4 +1,5 @@
-"""Session-wide real processes: an OpenBao dev server and the OIDC provider (tests/services.py).
+"""Session-wide real processes: an OpenBao dev server, the OIDC provider and PostgreSQL
+(tests/services.py).
 Each starts once per test session in its own temporary directory and is stopped at the end."""
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from werkzeug.serving import make_server
 
 from broker import create_app
 from broker.config import load_settings
-from tests.services import OidcProvider, OpenBao, free_port, provider_config, user_access_token
+from tests.services import (
+    OidcProvider,
+    OpenBao,
+    Postgres,
+    free_port,
+    provider_config,
+    user_access_token,
+)
 
 EXPIRING_AGENT = "expiring-agent"
 
@@ -23,6 +31,56 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
     server = OpenBao.start(workdir=tmp_path_factory.mktemp("openbao"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway cluster, or the server JIT_TEST_POSTGRES_DSN names."""
+    server = Postgres.from_env_or_start()
+    yield server
+    server.stop()
+
+
+# What a database role should say: the user ends at the lease end by itself (VALID UNTIL), and
+# its revocation ends its open sessions before dropping it (a dropped role's session lives on).
+READONLY_CREATION = [
+    """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';""",
+    """GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{name}}";""",
+]
+READONLY_REVOCATION = [
+    """SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';""",
+    """REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{{name}}";""",
+    """DROP ROLE IF EXISTS "{{name}}";""",
+]
+
+
+@pytest.fixture(scope="session")
+def database_engine(openbao, postgres):
+    """OpenBao's database engine at database/, connection jitpg to the test PostgreSQL, role
+    readonly. The connection also allows the broker's per-grant copies, jit-readonly-*."""
+    client = openbao.client()
+    client.sys.enable_secrets_engine("database", path="database")
+    client.secrets.database.configure(
+        "jitpg",
+        "postgresql-database-plugin",
+        allowed_roles=["readonly", "jit-readonly-*"],
+        connection_url=(
+            f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres.host}:{postgres.port}/"
+            f"{postgres.dbname}"
+        ),
+        username=postgres.user,
+        password=postgres.password,
+        verify_connection=True,
+    )
+    client.secrets.database.create_role(
+        "readonly",
+        "jitpg",
+        creation_statements=READONLY_CREATION,
+        revocation_statements=READONLY_REVOCATION,
+        default_ttl="1h",
+        max_ttl="24h",
+    )
+    return client
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -577,3 +578,124 @@ def client_credentials_token(
             f"(HTTP {response.status_code}): {response.text}"
         )
     return response.json()["access_token"]
+
+
+# ---- PostgreSQL ---------------------------------------------------------------------------------
+
+POSTGRES_SUPERUSER = "jitadmin"
+
+
+def _postgres_binary(name: str) -> str:
+    """`name` from the newest /usr/lib/postgresql/*/bin, else from PATH."""
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+        key=lambda path: int(path.parent.parent.name) if path.parent.parent.name.isdigit() else 0,
+    )
+    if versions:
+        return str(versions[-1])
+    found = shutil.which(name)
+    if not found:
+        raise ServiceError(
+            f"cannot find PostgreSQL's `{name}`: install PostgreSQL (scripts/setup does, with "
+            "apt-get) or set JIT_TEST_POSTGRES_DSN to a server the tests may use"
+        )
+    return found
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with a password-authenticated superuser, or
+    the server named by JIT_TEST_POSTGRES_DSN. `dsn` is a libpq URI for the superuser."""
+
+    def __init__(self, host: str, port: int, user: str, password: str, dbname: str, datadir=None):
+        self.host, self.port, self.user, self.password, self.dbname = (
+            host,
+            port,
+            user,
+            password,
+            dbname,
+        )
+        self.datadir = datadir
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.dbname}"
+
+    @classmethod
+    def from_dsn(cls, dsn: str) -> Postgres:
+        parts = urlsplit(dsn)
+        return cls(
+            parts.hostname or "127.0.0.1",
+            parts.port or 5432,
+            parts.username or "",
+            parts.password or "",
+            parts.path.lstrip("/") or "postgres",
+        )
+
+    @classmethod
+    def start(cls, timeout: float = 30) -> Postgres:
+        """initdb and pg_ctl in a fresh directory. initdb refuses to run as root, so as root the
+        cluster is made and run by the `postgres` OS user, in a directory it owns (outside any
+        root-only temp directory, which it could not enter)."""
+        initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+        as_user: list[str] = []
+        base = Path(tempfile.mkdtemp(prefix="jit-postgres-"))
+        if os.geteuid() == 0:
+            runuser = shutil.which("runuser")
+            if not runuser:
+                raise ServiceError("running as root, but `runuser` is missing to run initdb")
+            as_user = [runuser, "-u", "postgres", "--"]
+            shutil.chown(base, "postgres", "postgres")
+        datadir = base / "data"
+        password = secrets.token_urlsafe(18)
+        pwfile = base / "pw"
+        pwfile.write_text(password + "\n")
+        if as_user:
+            shutil.chown(pwfile, "postgres", "postgres")
+        pwfile.chmod(0o600)
+        port = free_port()
+
+        def run(argv: list[str]) -> None:
+            result = subprocess.run(
+                [*as_user, *argv], capture_output=True, text=True, timeout=timeout, cwd=base
+            )
+            if result.returncode != 0:
+                raise ServiceError(f"{' '.join(argv[:2])} failed:\n{result.stdout}{result.stderr}")
+
+        run(
+            [
+                initdb,
+                "-D",
+                str(datadir),
+                "-U",
+                POSTGRES_SUPERUSER,
+                f"--pwfile={pwfile}",
+                "--auth-local=scram-sha-256",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-sync",
+            ]
+        )
+        pwfile.unlink()
+        options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base}"
+        run([pg_ctl, "-D", str(datadir), "-l", str(base / "postgres.log"), "-o", options,
+             "-w", "-t", str(int(timeout)), "start"])  # fmt: skip
+        return cls("127.0.0.1", port, POSTGRES_SUPERUSER, password, "postgres", datadir)
+
+    @classmethod
+    def from_env_or_start(cls) -> Postgres:
+        dsn = os.environ.get("JIT_TEST_POSTGRES_DSN")
+        return cls.from_dsn(dsn) if dsn else cls.start()
+
+    def stop(self) -> None:
+        """Stop and remove a cluster we started; a server given by DSN is left alone."""
+        if self.datadir is None:
+            return
+        pg_ctl = _postgres_binary("pg_ctl")
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(self.datadir), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        shutil.rmtree(self.datadir.parent, ignore_errors=True)

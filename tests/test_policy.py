@@ -9,7 +9,7 @@ import pytest
 
 from broker.errors import ConfigError
 from broker.models import Approval, Principal
-from broker.policy import explain
+from broker.policy import DatabaseOptions, explain
 from broker.policy_loader import PolicyError, check_policy_text, load_policy
 
 POLICY = r"""
@@ -625,6 +625,13 @@ def add(section: str, body: str) -> str:
 
 KNOWN = "[approver_groups]\nknown = ['security']\n"
 LONG = 'max_duration = "1h"'
+# A database entitlement: the same lines as BASE, with the backend on line 2.
+DB = sub('vault_policies = ["p"]', 'backend = "database"')
+
+
+def db(body: str) -> str:
+    """DB and its [database] table: the header is line 7, its first key line 8."""
+    return DB + f"[entitlements.x.database]\n{body}\n"
 
 
 @pytest.mark.parametrize(
@@ -645,7 +652,11 @@ LONG = 'max_duration = "1h"'
         (sub('["p"]', '[" Root"]'), 2, "x: the root policy is never granted"),
         (sub('["p"]', '"p"'), 2, "x: vault_policies must be a list of names"),
         (sub('["p"]', "[]"), 2, "vault_policies must name at least one policy"),
-        (sub('["p"]', '["p"]\nbackend = "ftp"'), 3, "unknown backend 'ftp' (known: vault_token)"),
+        (
+            sub('["p"]', '["p"]\nbackend = "ftp"'),
+            3,
+            "unknown backend 'ftp' (known: database, vault_token)",
+        ),
         (sub('groups = ["a"]', "groups = []"), 5, "x has no requesters"),
         (sub('[entitlements.x.requesters]\ngroups = ["a"]', ""), 1, "x has no requesters"),
         (sub('groups = ["a"]', 'groups = "a"'), 6, "requesters.groups must be a list of names"),
@@ -707,12 +718,50 @@ LONG = 'max_duration = "1h"'
         (sub(LONG, LONG + '\nschedule.days = ["someday"]'), 4, "unknown day 'someday'"),
         ('[[entitlements.x.requesters]]\ngroups = ["a"]', 1, "x: max_duration is missing"),
         ('[[entitlements.x.requesters]]\ngroups = ["a"]', 1, "x: requesters must be a table"),
+        # database entitlements
+        (DB, 1, "x: a database entitlement needs [entitlements.x.database] with role"),
+        (db("mount = 'db'"), 7, "x: database.role is missing"),
+        (db("role = 'ro'\nmoutn = 'db'"), 9, "x: database: unknown key 'moutn'; did you mean"),
+        (db("role = 'ro/creds'"), 8, "x: database.role 'ro/creds' must be a role name"),
+        (db("role = ''"), 8, "x: database.role '' must be a role name"),
+        (db("role = 'ro'\nmount = '../sys'"), 9, "x: database.mount '../sys' must be a mount"),
+        (add("database", "role = 'ro'"), 7, 'a [database] table needs backend = "database"'),
+        (DB.replace(LONG, LONG + "\ndatabase = 'ro'"), 4, "x: database must be a table"),
+        (
+            DB.replace(LONG, LONG + "\ndatabase = { role = 1 }"),
+            4,
+            "x: database.role 1 must be a role name",
+        ),
+        (
+            db("role = 'ro'").replace("backend", 'vault_policies = ["p"]\nbackend'),
+            2,
+            "x: vault_policies has no effect on a database entitlement",
+        ),
     ],
 )
 def test_check_names_each_problem_with_its_line(text, line, message):
     found, problems = check_policy_text(text)
     assert found is None
     assert any(p.line == line and message in p.message for p in problems), problems
+
+
+def test_a_database_entitlement_names_its_role_and_needs_no_vault_policies():
+    found, problems = check_policy_text(db("role = 'readonly'") + DB_ON_ITS_OWN_MOUNT)
+    assert problems == []
+    plain, mounted = found.entitlements["x"], found.entitlements["y"]
+    assert (plain.backend, plain.vault_policies) == ("database", ())
+    assert plain.database == DatabaseOptions("readonly", "database")
+    assert mounted.database == DatabaseOptions("ro", "db/prod")
+    assert check_policy_text(BASE)[0].entitlements["x"].database is None
+
+
+DB_ON_ITS_OWN_MOUNT = """
+[entitlements.y]
+backend = "database"
+max_duration = "1h"
+requesters = { groups = ["a"] }
+database = { role = "ro", mount = "db/prod" }
+"""
 
 
 def test_check_reports_every_problem_in_line_order(tmp_path):

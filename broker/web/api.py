@@ -121,6 +121,13 @@ def _with_credential(grant, credential):
 
 
 def credential_json(credential: IssuedCredential) -> dict:
+    if credential.kind == "database":
+        return {
+            "type": credential.kind,
+            "username": credential.details.get("username"),
+            "password": credential.secret,
+            "expires_at": credential.details.get("expires_at"),
+        }
     return {
         "type": credential.kind,
         "token": credential.secret,
