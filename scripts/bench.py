@@ -1,0 +1,113 @@
+"""The broker's cost over the raw Vault call, measured in one run against one OpenBao: issuing
+(policy, two transactions, audit hashing, then the token create) against a bare token create, and
+removal (release, revoke, verify, audit) against a bare revoke and lookup. Prints ratios; asserts
+nothing, because a timing is a measurement, not a test."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from broker.grants import Grants  # noqa: E402
+from broker.models import Principal  # noqa: E402
+from broker.policy_file import PolicyFile  # noqa: E402
+from broker.store import Store  # noqa: E402
+from broker.vault import make_backends  # noqa: E402
+from tests.services import OpenBao  # noqa: E402
+
+POLICY = """
+[entitlements.bench]
+vault_policies = ["default"]
+max_duration = "1h"
+
+[entitlements.bench.requesters]
+groups = ["bench"]
+"""
+BENCHER = Principal("https://bench", "bencher", groups=("bench",), email="bench@example.com")
+
+
+def timed(step, count: int) -> tuple[float, list]:
+    """Median seconds per call over `count` calls, and what the calls returned."""
+    durations, results = [], []
+    for _ in range(count):
+        started = time.perf_counter()
+        results.append(step())
+        durations.append(time.perf_counter() - started)
+    return statistics.median(durations), results
+
+
+def peak_bytes(step, count: int) -> int:
+    """Peak traced memory per call while making `count` calls (the results are kept alive)."""
+    tracemalloc.start()
+    kept = [step() for _ in range(count)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del kept
+    return peak // count
+
+
+def main(count: int) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="jit-bench-"))
+    bao = OpenBao.start(workdir=workdir)
+    try:
+        client = bao.client()
+        (workdir / "policy.toml").write_text(POLICY)
+        grants = Grants(Store(workdir / "broker.db"), PolicyFile(workdir / "policy.toml").current,
+                        make_backends(client), fingerprint_key=b"k" * 32)
+        grants.store.migrate()
+
+        def raw_issue():
+            return client.auth.token.create_orphan(
+                policies=["default"], ttl="600s", explicit_max_ttl="600s", renewable=False,
+                meta={"jit_grant_id": "bench"})["auth"]["accessor"]
+
+        def broker_issue():
+            return grants.request(BENCHER, "bench", "10m", "benchmark")[0]
+
+        def raw_remove(accessor):
+            client.auth.token.revoke_accessor(accessor)
+            try:
+                client.auth.token.lookup_accessor(accessor)
+            except Exception:  # noqa: BLE001 - gone is the expected answer
+                return True
+            return False
+
+        raw_issue_s, accessors = timed(raw_issue, count)
+        broker_issue_s, issued = timed(broker_issue, count)
+        raw_remove_s, _ = timed(lambda: raw_remove(accessors.pop()), count)
+        removal = iter(issued)
+
+        def broker_remove():
+            grant = grants.release(BENCHER, next(removal).id)
+            grants.reap_due()
+            return grant
+
+        broker_remove_s, _ = timed(broker_remove, count)
+        raw_peak = peak_bytes(raw_issue, count // 4 or 1)
+        broker_peak = peak_bytes(broker_issue, count // 4 or 1)
+        chain_ok = grants.verify_chain()
+
+        rows = [
+            ("issue (request -> token)", raw_issue_s, broker_issue_s),
+            ("remove (release -> verified)", raw_remove_s, broker_remove_s),
+        ]
+        print(f"jit-broker bench: {count} grants against OpenBao at {bao.addr}\n")
+        print(f"{'':32}{'raw Vault':>12}{'broker':>12}{'ratio':>9}")
+        for name, raw, broker in rows:
+            print(f"{name:32}{raw * 1000:>10.2f}ms{broker * 1000:>10.2f}ms{broker / raw:>8.2f}x")
+        print(f"{'memory per issue (peak)':32}{raw_peak / 1024:>10.1f}KB"
+              f"{broker_peak / 1024:>10.1f}KB{broker_peak / max(raw_peak, 1):>8.2f}x")
+        print(f"\naudit chain after the run: {chain_ok}")
+    finally:
+        bao.stop()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
