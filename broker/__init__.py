@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from . import web
+from . import audit, web
 from .config import Settings, check_service_settings, load_settings
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
@@ -16,7 +16,7 @@ from .notify import Notifier
 from .policy_file import PolicyFile
 from .reaper import Reaper
 from .store import Store
-from .vault import make_backends, make_client
+from .vault import make_backends, make_client, vault_health
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -51,17 +51,26 @@ def create_app(settings: Settings | None = None) -> Flask:
     policy = PolicyFile(settings.policy_path)
     notifier = Notifier(settings.notify["webhook_url"], timeout=settings.notify["timeout"])
     vault = make_client(settings.vault["addr"], settings.vault["token"], settings.vault["timeout"])
+    fingerprint_key = settings.secret_file("audit-hmac.key")
+    # Tags what this broker issues (replicas sharing the data directory share it), so that its
+    # reconciler never revokes what another broker sharing the Vault issued.
+    instance = audit.fingerprint(fingerprint_key, "jit-broker instance")[-16:]
+    reaper_settings = settings.reaper
     grants = Grants(
         store,
         policy.current,
-        make_backends(vault, settings.postgres["dsn"], settings.vault["timeout"]),
-        fingerprint_key=settings.secret_file("audit-hmac.key"),
-        retry_min=settings.reaper["retry_min"],
-        retry_max=settings.reaper["retry_max"],
+        make_backends(vault, settings.postgres["dsn"], settings.vault["timeout"], instance),
+        fingerprint_key=fingerprint_key,
+        retry_min=reaper_settings["retry_min"],
+        retry_max=reaper_settings["retry_max"],
         notify=notifier.notify,
+        heartbeat_every=reaper_settings["heartbeat"],
+        vault_health=lambda: vault_health(vault),
     )
-    reaper = Reaper(grants)
+    reaper = Reaper(grants, reaper_settings["heartbeat"], reaper_settings["reconcile_every"])
     grants.on_change = reaper.wake
+    if reaper_settings["enabled"]:
+        grants.heartbeat = reaper.heartbeat  # no reaper, no issuing; unless it is switched off
     oidc = settings.oidc
     metadata = ProviderMetadata(oidc["issuer"])
     verifier = BearerVerifier(

@@ -32,7 +32,13 @@ DEFAULTS: dict[str, dict] = {
     "vault": {"addr": "http://127.0.0.1:8200", "token": "", "timeout": 10},
     "policy": {"path": "policy.toml"},
     "storage": {"path": ""},
-    "reaper": {"enabled": True, "retry_min": 5, "retry_max": 300},
+    "reaper": {
+        "enabled": True,
+        "retry_min": 5,
+        "retry_max": 300,
+        "heartbeat": 30,  # the reaper wakes at least this often; 3x stale and issuing stops
+        "reconcile_every": 300,  # seconds between sweeps of what Vault holds for the broker
+    },
     "notify": {"webhook_url": "", "timeout": 5},
     # Only to verify that a database user is gone: read pg_roles. Never used to create users.
     "postgres": {"dsn": ""},

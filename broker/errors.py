@@ -57,6 +57,14 @@ class DatabaseUnavailable(BrokerError):
     code = "database_unavailable"
 
 
+class BrokerUnhealthy(BrokerError):
+    """The broker cannot keep its promises (audit log not writable, reaper not running), so it
+    issues nothing new until it can. Releases and removals go on."""
+
+    status = 503
+    code = "broker_unhealthy"
+
+
 class ConfigError(Exception):
     """The broker's own configuration or policy file is wrong; raised at start, never to a user."""
 

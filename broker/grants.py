@@ -13,6 +13,7 @@ from . import audit, notify
 from .durations import parse_duration
 from .errors import (
     BrokerError,
+    BrokerUnhealthy,
     GrantConflict,
     GrantNotFound,
     InvalidDuration,
@@ -37,6 +38,7 @@ from .models import (
     Approval,
     Decision,
     Grant,
+    Holding,
     IssuedCredential,
     Principal,
     isoformat,
@@ -57,6 +59,12 @@ OPEN = (PENDING, APPROVED, ISSUING, ACTIVE)  # what counts against an entitlemen
 AWAITING = (PENDING, APPROVED)  # requests that expire unapproved (or unactivated) at due_at
 DEFAULT_REQUEST_TTL = timedelta(hours=24)
 EXPIRY_WARNING = timedelta(minutes=5)  # the requester hears this long before the window closes
+# States in which a grant may hold a credential; anything Vault holds for a grant in another state
+# (or for no grant at all) is a stray.
+MAY_HOLD = (ISSUING, ACTIVE, RELEASED, EXPIRED, REVOKING, REVOKE_FAILED)
+# How long an issuance may be in flight (recorded `issuing`, or an extension's new credential not
+# yet recorded) before what Vault holds for it counts as a stray: far beyond any Vault timeout.
+ISSUE_GRACE = timedelta(minutes=2)
 
 
 def _no_notification(event: str, text: str, **details) -> None:
@@ -75,6 +83,9 @@ class Grants:
         retry_min: int = 5,
         retry_max: int = 300,
         notify: Callable[..., None] = _no_notification,
+        heartbeat: Callable[[], datetime | None] | None = None,
+        heartbeat_every: int = 30,
+        vault_health: Callable[[], dict] | None = None,
     ):
         self.store = store
         self.policy = policy
@@ -84,6 +95,11 @@ class Grants:
         self.clock = clock
         self.retry_min, self.retry_max = retry_min, retry_max
         self.notify = notify
+        # The reaper's last completed pass (None: not running); None here: no reaper is expected.
+        # A callable, so grants need not know the reaper (which imports grants).
+        self.heartbeat = heartbeat
+        self.heartbeat_every = heartbeat_every
+        self.vault_health = vault_health
 
     def eligible(self, principal: Principal) -> list[Entitlement]:
         return self.policy().eligible(principal)
@@ -102,6 +118,7 @@ class Grants:
         for approvals. Bad input and refusals leave no trace; a Vault failure leaves a grant
         marked issue_failed, never one that claims a credential."""
         entitlement, seconds, reason, ticket = _validated(entitlement, duration, reason, ticket)
+        self._refuse_if_unhealthy()
         policy = self.policy()
         open_now = self.store.count_open(principal.issuer, principal.subject, entitlement, OPEN)
         decision = policy.evaluate(
@@ -318,6 +335,7 @@ class Grants:
         """Issue an approved request to its requester. The policy is applied again with the
         requester's claims of now: whoever left the group while waiting gets nothing."""
         grant = self.get(principal, grant_id, owner_only=True)
+        self._refuse_if_unhealthy()
         policy = self.policy()
         open_now = self.store.count_open(
             principal.issuer, principal.subject, grant.entitlement, OPEN, excluding=grant.id
@@ -393,7 +411,7 @@ class Grants:
             raise
         try:
             with self.store.transaction() as tx:
-                tx.move_grant(
+                if not tx.move_grant(
                     grant.id,
                     ISSUING,
                     status=ACTIVE,
@@ -401,7 +419,9 @@ class Grants:
                     credential_expires_at=isoformat(credential.expires_at),
                     due_at=_first_look(grant),
                     updated_at=self._now(),
-                )
+                ):
+                    # The reconciler gave it up as abandoned: what Vault just issued must go.
+                    raise GrantConflict(f"grant {grant.id} stopped issuing while Vault answered")
                 self._log(
                     tx,
                     "issue",
@@ -496,6 +516,7 @@ class Grants:
             raise GrantConflict(
                 f"grant {grant.id} is {grant.status}: only an active grant can be extended"
             )
+        self._refuse_if_unhealthy()
         policy = self.policy()
         start, end = parse_time(grant.window_start), parse_time(grant.window_end)
         decision = policy.evaluate_extension(
@@ -663,6 +684,13 @@ class Grants:
                 next_attempt_at=retry_at,
             )
         log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
+        self.notify(
+            "revoke_failed",
+            f"Removal of {grant.entitlement} for {grant.requester} could "
+            f"not be verified (attempt {attempt}): {error}. Retrying at {retry_at}.",
+            grant_id=grant.id,
+            audience="security",
+        )
 
     def _claim_for_removal(self, grant: Grant, now: datetime, attempt: int) -> bool:
         """Move the grant to revoking; False when someone else moved it first."""
@@ -714,6 +742,121 @@ class Grants:
             grant_id=grant.id,
             audience="requester",
         )
+
+    # --- reconciling: what Vault holds against what the store records -------------------------
+
+    def reconcile(self, now: datetime | None = None) -> list[dict]:
+        """Ask every backend what Vault holds for this broker; revoke and verify each stray (a
+        credential of no grant, of a grant that may hold none, or not the one its grant records),
+        writing a `reconcile` entry for each. A grant left `issuing` past the grace period (the
+        broker stopped between Vault's answer and the record) becomes `issue_failed`. Returns the
+        findings as written to the chain."""
+        now = now or self.clock()
+        findings, seen = [], set()
+        for backend in self.backends.values():
+            for holding in backend.holdings() if hasattr(backend, "holdings") else ():
+                seen.add(holding.grant_id)
+                grant = self.store.get_grant(holding.grant_id)
+                why = self._stray(backend, holding, grant, now)
+                if why and (grant is None or grant.status != ISSUING or self._abandon(grant, why)):
+                    findings.append(self._remove_stray(backend, holding, grant, why))
+        for grant in self.store.grants_in((ISSUING,)):
+            if grant.id not in seen and self._stale(grant.updated_at, now):
+                self._abandon(grant, "the broker stopped before Vault issued anything")
+        return findings
+
+    def _stray(self, backend, holding: Holding, grant: Grant | None, now: datetime) -> str:
+        """Why `holding` is a stray ("" when it is not, or when it is not ours to judge)."""
+        if grant is None:
+            # A grant is recorded before Vault is asked, so an unknown id is never in flight.
+            return "" if holding.legacy else "no grant of this broker has this id"
+        if grant.status not in MAY_HOLD:
+            return f"the grant is {grant.status}: it holds no credential"
+        if grant.status == ISSUING:
+            if self._stale(grant.updated_at, now):
+                return "the grant was left issuing: the broker stopped before recording it"
+            return ""  # an issuance in flight right now
+        if backend.is_recorded(holding, grant.handle):
+            return ""  # the reaper's to remove
+        if holding.issued_at is not None and now - holding.issued_at < ISSUE_GRACE:
+            return ""  # an extension's new credential, perhaps not recorded yet
+        return f"the grant is {grant.status} with another credential (a replaced one left over)"
+
+    def _stale(self, moment: str, now: datetime) -> bool:
+        return not moment or now - parse_time(moment) >= ISSUE_GRACE
+
+    def _abandon(self, grant: Grant, why: str) -> bool:
+        """Move a grant stuck in `issuing` to `issue_failed`; False if it moved on meanwhile."""
+        with self.store.transaction() as tx:
+            if not tx.move_grant(
+                grant.id, ISSUING, status=ISSUE_FAILED, last_error=why, updated_at=self._now()
+            ):
+                return False
+            self._log(tx, "issue_failed", REAPER, grant.id, backend=grant.backend, error=why)
+        return True
+
+    def _remove_stray(self, backend, holding: Holding, grant: Grant | None, why: str) -> dict:
+        revoke_error = _failure_of(backend.revoke, holding.handle)
+        verify_error = _failure_of(backend.is_gone, holding.handle, want=True)
+        finding = {
+            "backend": backend.kind,
+            "handle": self._fingerprint(holding.handle),
+            "found": holding.description,
+            "why": why,
+            "grant_status": grant.status if grant else None,
+            "accepted": not revoke_error,
+            "gone": not verify_error,
+            "method": backend.verify_method,
+            "error": "; ".join(e for e in (revoke_error, verify_error) if e) or None,
+        }
+        with self.store.transaction() as tx:
+            self._log(tx, "reconcile", REAPER, holding.grant_id, **finding)
+        log_at = log.warning if verify_error else log.info
+        log_at(
+            "reconcile: stray %s credential of grant %s: %s", backend.kind, holding.grant_id, why
+        )
+        return {"grant_id": holding.grant_id, **finding}
+
+    # --- health: the broker fails closed --------------------------------------------------------
+
+    def health(self, deep: bool = False) -> dict:
+        """What issuing depends on: the audit log can be written, and the reaper is alive. With
+        `deep`, also what operators must hear about: Vault, and removals not yet verified."""
+        checks = {"store": self._store_check(), "reaper": self._reaper_check()}
+        if deep:
+            failed = self.store.grants_in((REVOKE_FAILED,))
+            checks["revoke_failed"] = {
+                "ok": not failed,
+                "count": len(failed),
+                "grants": [grant.id for grant in failed],
+            }
+            if self.vault_health is not None:
+                checks["vault"] = self.vault_health()
+        return checks
+
+    def _refuse_if_unhealthy(self) -> None:
+        problems = [check["error"] for check in self.health().values() if not check["ok"]]
+        if problems:
+            raise BrokerUnhealthy("the broker issues nothing new now: " + "; ".join(problems))
+
+    def _store_check(self) -> dict:
+        try:
+            self.store.check_writable()
+        except Exception as exc:
+            return {"ok": False, "error": f"the audit log cannot be written: {exc}"}
+        return {"ok": True}
+
+    def _reaper_check(self) -> dict:
+        if self.heartbeat is None:
+            return {"ok": True, "enabled": False}
+        beat = self.heartbeat()
+        if beat is None:
+            return {"ok": False, "alive": False, "error": "the reaper is not running"}
+        age = (self.clock() - beat).total_seconds()
+        check = {"ok": True, "alive": True, "heartbeat_age": round(age, 1)}
+        if age > 3 * self.heartbeat_every:
+            check.update(ok=False, error=f"the reaper's heartbeat is {age:.0f}s old")
+        return check
 
     def chain(self, grant_id: str) -> list[dict]:
         return list(self.store.audit_entries(grant_id))

@@ -144,6 +144,21 @@ class IssuedCredential:
     details: dict = field(default_factory=dict)  # non-secret facts: policies, ttl, request id
 
 
+@dataclass(frozen=True)
+class Holding:
+    """Something Vault holds for this broker, as a backend's listing found it: which grant it
+    names, the handle its backend revokes and verifies it by, and non-secret facts for the audit
+    chain (never the handle itself, which the chain only holds as an HMAC)."""
+
+    grant_id: str
+    handle: str = field(repr=False)
+    description: str
+    issued_at: datetime | None = None  # when Vault made it (an issuance may still be in flight)
+    # Issued before credentials were tagged with the broker that made them: claimed only when this
+    # broker's store knows the grant, since another broker sharing the Vault may have made it.
+    legacy: bool = False
+
+
 # Grant states (DESIGN.md). `approved` waits for the requester to activate it: the credential goes
 # to them alone, and their eligibility is checked again with fresh claims when it is issued.
 # `issuing` is the broker's recorded intent before it calls Vault.

@@ -1,10 +1,13 @@
-"""The background thread that ends grants on time. It sleeps until the next deadline or until woken
-by a new grant or a release; the work itself is `Grants.reap_due`, which tests call directly."""
+"""The background thread that ends grants on time. It sleeps until the next deadline, the next
+reconciliation or the next heartbeat, or until woken by a new grant or a release; the work itself is
+`Grants.reap_due` and `Grants.reconcile`, which tests call directly. Each completed pass is a
+heartbeat: when the heartbeats stop, the broker stops issuing (`Grants.health`)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime
 
 from .grants import Grants
@@ -16,15 +19,22 @@ ERROR_PAUSE = 5.0  # seconds before trying again after the store itself failed
 
 
 class Reaper:
-    def __init__(self, grants: Grants):
+    def __init__(self, grants: Grants, heartbeat: float = 30, reconcile_every: float = 300):
         self.grants = grants
+        self.heartbeat_every = heartbeat
+        self.reconcile_every = reconcile_every
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.last_run: datetime | None = None
+        self.last_run: datetime | None = None  # the last pass that completed: the heartbeat
+        self._started_at: datetime | None = None
+        self._next_reconcile = 0.0  # time.monotonic(); 0: at once
 
     def start(self) -> None:
         if self._thread is None:
+            self._stopping = False
+            self._started_at = utcnow()
+            self._next_reconcile = 0.0  # on start: whatever a crash left behind
             self._thread = threading.Thread(target=self._run, name="jit-reaper", daemon=True)
             self._thread.start()
 
@@ -42,16 +52,38 @@ class Reaper:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def heartbeat(self) -> datetime | None:
+        """When the reaper last completed a pass (its start, before the first); None when it is
+        not running."""
+        if not self.running:
+            return None
+        return self.last_run or self._started_at
+
     def _run(self) -> None:
         while not self._stopping:
             # Clear before reaping: a wake that lands during reap_due is kept for the wait below.
             self._wake.clear()
-            try:
-                deadline = self.grants.reap_due()
-                pause = None if deadline is None else (deadline - utcnow()).total_seconds()
-            except Exception:
-                log.exception("reaper pass failed; trying again in %ss", ERROR_PAUSE)
-                pause = ERROR_PAUSE
-            self.last_run = utcnow()
+            if time.monotonic() >= self._next_reconcile:
+                self._reconcile()
+            pause = self._reap()
             if not self._stopping:
-                self._wake.wait(None if pause is None else max(0.0, pause))
+                until_reconcile = self._next_reconcile - time.monotonic()
+                self._wake.wait(max(0.0, min(pause, until_reconcile, self.heartbeat_every)))
+
+    def _reconcile(self) -> None:
+        """A failed sweep (Vault down) is logged and tried again at the next one."""
+        self._next_reconcile = time.monotonic() + self.reconcile_every
+        try:
+            self.grants.reconcile()
+        except Exception:
+            log.exception("reconciliation failed; trying again in %ss", self.reconcile_every)
+
+    def _reap(self) -> float:
+        """One pass; returns the seconds until the next deadline. Only a completed pass beats."""
+        try:
+            deadline = self.grants.reap_due()
+        except Exception:
+            log.exception("reaper pass failed; trying again in %ss", ERROR_PAUSE)
+            return ERROR_PAUSE
+        self.last_run = utcnow()
+        return self.heartbeat_every if deadline is None else (deadline - utcnow()).total_seconds()

@@ -139,6 +139,12 @@ class Store:
             raise
         db.execute("COMMIT")
 
+    def check_writable(self) -> None:
+        """Raise unless a write transaction can begin now (the cheap half of an audit append)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+
     def get_grant(self, grant_id: str) -> Grant | None:
         return Transaction(self.db).get_grant(grant_id)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,7 @@ import psycopg
 import requests
 
 from .errors import DatabaseUnavailable, InvalidDuration, VaultRejected, VaultUnavailable
-from .models import IssuedCredential, isoformat, utcnow
+from .models import Holding, IssuedCredential, isoformat, utcnow
 
 if TYPE_CHECKING:
     from .policy import Entitlement
@@ -56,16 +56,77 @@ def _is_unknown_accessor(exc: hvac.exceptions.VaultError) -> bool:
     return isinstance(exc, hvac.exceptions.InvalidRequest) and "invalid accessor" in str(exc)
 
 
+def _tags(grant_id: str, requester: str, kind: str, instance: str, **extra: str) -> dict:
+    """Token metadata that lets the reconciler find what this broker made, and for which grant."""
+    return {
+        "jit_grant_id": grant_id,
+        "jit_requester": requester,
+        "jit_backend": kind,
+        "jit_broker": instance,
+        **extra,
+    }
+
+
+def _broker_tokens(client: hvac.Client, instance: str, kind: str) -> Iterator[tuple[str, dict]]:
+    """(accessor, lookup data) of every token tagged with a grant of this broker and made by the
+    backend `kind`. Listing accessors needs `sudo` on auth/token/accessors. A token made before the
+    tags existed counts as the broker's (legacy), and as a database child token when its policy is
+    one of the database backend's, as a plain token otherwise."""
+    try:
+        accessors = client.auth.token.list_accessors()["data"]["keys"]
+    except hvac.exceptions.InvalidPath:  # Vault answers 404 to an empty listing
+        return
+    for accessor in accessors:
+        try:
+            data = client.auth.token.lookup_accessor(accessor)["data"]
+        except hvac.exceptions.InvalidRequest as exc:
+            if _is_unknown_accessor(exc):
+                continue  # expired between the listing and the lookup
+            raise
+        meta = data.get("meta") or {}
+        if not meta.get("jit_grant_id"):
+            continue
+        if "jit_broker" in meta and meta["jit_broker"] != instance:
+            continue  # another broker's, sharing this Vault
+        made_by = meta.get("jit_backend") or (
+            "database"
+            if any(p.startswith("jit-db-") for p in data.get("policies") or [])
+            else "vault_token"
+        )
+        if made_by == kind:
+            yield accessor, data
+
+
+def _holding(data: dict, handle: str, description: str) -> Holding:
+    meta = data.get("meta") or {}
+    created = data.get("creation_time")
+    return Holding(
+        grant_id=meta["jit_grant_id"],
+        handle=handle,
+        description=description,
+        issued_at=datetime.fromtimestamp(created, UTC) if created else None,
+        legacy="jit_broker" not in meta,
+    )
+
+
+def _token_facts(data: dict) -> str:
+    created = data.get("creation_time")
+    made = isoformat(datetime.fromtimestamp(created, UTC)) if created else "at an unknown time"
+    policies = ", ".join(data.get("policies") or []) or "none"
+    return f"policies {policies}; made {made}; {data.get('ttl', '?')}s left"
+
+
 class VaultTokenBackend:
     """A Vault token holding the entitlement's policies. Orphaned (outlives nothing of the
     broker's), not renewable, and `explicit_max_ttl` ends it at the window end even if the broker
-    dies."""
+    dies. Tagged with the grant and the broker (`instance`), so the reconciler can find it."""
 
     kind = "vault_token"
     verify_method = "Vault no longer knows the token's accessor"
 
-    def __init__(self, client: hvac.Client):
+    def __init__(self, client: hvac.Client, instance: str = ""):
         self.client = client
+        self.instance = instance
 
     @translate_errors
     def issue(
@@ -80,7 +141,7 @@ class VaultTokenBackend:
             explicit_max_ttl=f"{ttl}s",
             renewable=False,
             display_name=f"jit-{grant_id}",
-            meta={"jit_grant_id": grant_id, "jit_requester": requester},
+            meta=_tags(grant_id, requester, self.kind, self.instance),
         )
         auth = response["auth"]
         expires_at = utcnow().replace(microsecond=0) + timedelta(seconds=auth["lease_duration"])
@@ -113,6 +174,18 @@ class VaultTokenBackend:
                 return True
             raise
         return False
+
+    @translate_errors
+    def holdings(self) -> list[Holding]:
+        """Every token this backend made for this broker that Vault still knows."""
+        return [
+            _holding(data, accessor, f"Vault token: {_token_facts(data)}")
+            for accessor, data in _broker_tokens(self.client, self.instance, self.kind)
+        ]
+
+    def is_recorded(self, holding: Holding, recorded_handle: str) -> bool:
+        """Whether `holding` is the credential a grant records by `recorded_handle`."""
+        return bool(recorded_handle) and holding.handle == recorded_handle
 
 
 def _seconds_until(window_end: datetime) -> int:
@@ -149,7 +222,11 @@ class DatabaseBackend:
     revocation, whose role statements should end the user's sessions before dropping it.
 
     The handle is JSON: lease id, the child token's accessor, the username, the mount and the
-    per-credential role. Never the password."""
+    per-credential role. Never the password. The reconciler finds these credentials by their child
+    tokens (tagged with the grant, the broker, the mount and the role): a user needs a lease, and a
+    lease is only ever read through a child token, so a crash at any step leaves one to find. A
+    handle built from a child token alone has no lease id or username (Vault's token lookup knows
+    neither): its leases are found by listing the per-credential role's prefix."""
 
     kind = "database"
     verify_method = (
@@ -157,10 +234,13 @@ class DatabaseBackend:
         "checked with [postgres] dsn)"
     )
 
-    def __init__(self, client: hvac.Client, verify_dsn: str = "", timeout: int = 10):
+    def __init__(
+        self, client: hvac.Client, verify_dsn: str = "", timeout: int = 10, instance: str = ""
+    ):
         self.client = client
         self.verify_dsn = verify_dsn
         self.timeout = timeout
+        self.instance = instance
 
     @translate_errors
     def issue(
@@ -196,7 +276,9 @@ class DatabaseBackend:
                 explicit_max_ttl=f"{_seconds_until(window_end)}s",
                 renewable=False,
                 display_name=f"jit-{grant_id}",
-                meta={"jit_grant_id": grant_id, "jit_requester": requester},
+                meta=_tags(
+                    grant_id, requester, self.kind, self.instance, jit_mount=mount, jit_role=role
+                ),
             )["auth"]
             accessor = child["accessor"]
             reader = hvac.Client(
@@ -253,9 +335,25 @@ class DatabaseBackend:
         the per-grant role. A lease or accessor Vault no longer knows is already gone. The role
         goes only once the lease is revoked: Vault revokes with the role's statements."""
         found = json.loads(handle)
-        self.client.sys.revoke_lease(found["lease_id"])
+        for lease_id in self._leases(found):
+            self.client.sys.revoke_lease(lease_id)
         _revoke_accessor(self.client, found["accessor"])
-        self.client.secrets.database.delete_role(found["role"], mount_point=found["mount"])
+        if found.get("role"):
+            self.client.secrets.database.delete_role(found["role"], mount_point=found["mount"])
+
+    def _leases(self, found: dict) -> list[str]:
+        """The lease the handle names; or, for a handle the reconciler built from a child token,
+        every lease still under the per-credential role (a LIST that needs `sudo`)."""
+        if found.get("lease_id"):
+            return [found["lease_id"]]
+        if not found.get("role"):
+            return []
+        prefix = f"{found['mount']}/creds/{found['role']}/"
+        try:
+            keys = self.client.sys.list_leases(prefix)["data"]["keys"]
+        except hvac.exceptions.InvalidPath:  # nothing left under the prefix
+            return []
+        return [prefix + key for key in keys]
 
     @translate_errors
     def is_gone(self, handle: str) -> bool:
@@ -263,14 +361,46 @@ class DatabaseBackend:
         role. The broker never holds the password, so it cannot try a login; the role's absence
         is the check. PostgreSQL out of reach is an error (not verified), never "gone"."""
         found = json.loads(handle)
-        try:
-            self.client.sys.read_lease(found["lease_id"])
-        except hvac.exceptions.InvalidRequest as exc:
-            if "invalid lease" not in str(exc):
+        for lease_id in self._leases(found):
+            try:
+                self.client.sys.read_lease(lease_id)
+            except hvac.exceptions.InvalidRequest as exc:
+                if "invalid lease" not in str(exc):
+                    raise
+            else:
+                return False
+        if not found.get("username"):
+            # Found by the reconciler: no username to look up, so the token must be gone too;
+            # Vault drops a lease only once the role's revocation statements have run.
+            try:
+                self.client.auth.token.lookup_accessor(found["accessor"])
+            except hvac.exceptions.InvalidRequest as exc:
+                if _is_unknown_accessor(exc):
+                    return True
                 raise
-        else:
             return False
         return not self._user_exists(found["username"])
+
+    @translate_errors
+    def holdings(self) -> list[Holding]:
+        """Every database credential this backend made for this broker, by its child token."""
+        found = []
+        for accessor, data in _broker_tokens(self.client, self.instance, self.kind):
+            meta = data.get("meta") or {}
+            mount, role = meta.get("jit_mount", ""), meta.get("jit_role", "")
+            handle = {"accessor": accessor, "lease_id": "", "mount": mount, "role": role}
+            handle["username"] = ""
+            where = f"role {role} at {mount}/" if role else "an unknown role"
+            description = f"database user's child token for {where}: {_token_facts(data)}"
+            found.append(_holding(data, json.dumps(handle, sort_keys=True), description))
+        return found
+
+    def is_recorded(self, holding: Holding, recorded_handle: str) -> bool:
+        """Whether `holding` (a child token) belongs to the credential a grant records."""
+        if not recorded_handle:
+            return False
+        recorded = json.loads(recorded_handle).get("accessor")
+        return recorded == json.loads(holding.handle)["accessor"]
 
     def _user_exists(self, username: str) -> bool:
         if not self.verify_dsn:
@@ -295,13 +425,30 @@ def make_client(addr: str, token: str, timeout: int) -> hvac.Client:
     return hvac.Client(url=addr, token=token, timeout=timeout)
 
 
-def make_backends(client: hvac.Client, postgres_dsn: str = "", timeout: int = 10) -> dict:
+def make_backends(
+    client: hvac.Client, postgres_dsn: str = "", timeout: int = 10, instance: str = ""
+) -> dict:
     """Backends by the name a policy uses for them; a new backend is one class added here.
-    `postgres_dsn` is only for verifying that database users are gone."""
+    `postgres_dsn` is only for verifying that database users are gone; `instance` tags what this
+    broker issues, so its reconciler never touches another broker's credentials."""
     return {
         backend.kind: backend
         for backend in (
-            VaultTokenBackend(client),
-            DatabaseBackend(client, postgres_dsn, timeout),
+            VaultTokenBackend(client, instance),
+            DatabaseBackend(client, postgres_dsn, timeout, instance),
         )
     }
+
+
+def vault_health(client: hvac.Client, timeout: float = 2) -> dict:
+    """Whether Vault answers sys/health, and how: for /healthz, never raises."""
+    try:
+        response = client.session.get(f"{client.url}/v1/sys/health", timeout=timeout)
+        body = response.json()
+    except (requests.RequestException, ValueError) as exc:
+        return {"ok": False, "error": f"Vault is unreachable: {type(exc).__name__}"}
+    ok = response.status_code in (200, 429)  # 429: a standby, which forwards to the active node
+    check = {"ok": ok, "status": response.status_code, "sealed": body.get("sealed")}
+    if not ok:
+        check["error"] = f"sys/health answered {response.status_code}"
+    return check

@@ -42,6 +42,8 @@ def test_reap_due_removes_only_what_has_closed_and_returns_the_next_deadline(gra
 
 
 def test_unverified_removal_is_revoke_failed_then_retried_with_backoff(grants, openbao):
+    alerts = []
+    grants.notify = lambda event, text, **details: alerts.append((event, details["audience"]))
     grant, credential = grants.request(ALICE, "kv-read", "10m", "vault goes away")
     secret = credential.secret
     working = grants.backends
@@ -55,6 +57,7 @@ def test_unverified_removal_is_revoke_failed_then_retried_with_backoff(grants, o
     assert types(grants, grant.id)[-4:] == ["expire", "revoke", "verify", "revoke_failed"]
     assert grants.chain(grant.id)[-2]["data"]["gone"] is False
     assert token_works(openbao, secret)  # honestly: still alive, and the record says so
+    assert alerts == [("revoke_failed", "security")]
 
     assert grants.reap_due(end + timedelta(seconds=5)) == end + timedelta(seconds=15)
     assert grants.store.get_grant(grant.id).attempts == 2

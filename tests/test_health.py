@@ -1,0 +1,172 @@
+"""Layer 5: GET /healthz says whether the broker can keep its promises, and the broker fails
+closed (issues nothing new) when its audit log cannot be written or its reaper's heartbeat is
+stale. Release and removal are never blocked. Against real OpenBao and real access tokens."""
+
+import sqlite3
+from datetime import timedelta
+
+import pytest
+
+from broker.models import Principal, parse_time, utcnow
+from broker.vault import make_backends, make_client
+from tests.services import free_port
+from tests.test_api import token_works
+
+ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-9 health"}
+
+
+@pytest.fixture
+def app(make_app):
+    app = make_app(reaper={"enabled": True})
+    yield app
+    app.extensions["jit"].reaper.stop()
+
+
+@pytest.fixture
+def jit(app):
+    return app.extensions["jit"]
+
+
+@pytest.fixture
+def api(app, tokens):
+    client = app.test_client()
+
+    def call(method, path, body=None, user="alice"):
+        headers = {"Authorization": f"Bearer {tokens(user)}"}
+        return client.open(path, method=method, json=body, headers=headers)
+
+    return call
+
+
+def health(app):
+    response = app.test_client().get("/healthz")
+    return response.status_code, response.get_json()
+
+
+def test_a_fresh_broker_is_healthy_and_failing_once_its_reaper_stops(app, jit):
+    status, body = health(app)
+    assert (status, body["status"]) == (200, "ok")
+    checks = body["checks"]
+    assert checks["store"]["ok"] and checks["vault"]["ok"] and checks["policy"]["ok"]
+    assert checks["reaper"]["alive"] and checks["reaper"]["heartbeat_age"] < 5
+    assert checks["revoke_failed"] == {"ok": True, "count": 0, "grants": []}
+    assert set(checks["notifier"]) >= {"delivered", "failed_attempts", "dropped", "pending"}
+
+    jit.reaper.stop()
+    status, body = health(app)
+    assert (status, body["status"]) == (503, "failing")
+    assert body["checks"]["reaper"] == {
+        "ok": False,
+        "alive": False,
+        "error": "the reaper is not running",
+    }
+
+
+def test_unhealthy_broker_issues_nothing_but_release_still_works(app, jit, api):
+    live = api("POST", "/api/v1/requests", ASK)
+    assert live.status_code == 201
+    held_before = len(jit.grants.backends["vault_token"].holdings())
+    jit.reaper.stop()
+
+    refused = api("POST", "/api/v1/requests", ASK)
+    assert refused.status_code == 503
+    assert refused.get_json()["error"] == "broker_unhealthy"
+    assert "reaper is not running" in refused.get_json()["detail"]
+    assert len(jit.grants.store.grants_in(("issuing", "active", "pending"))) == 1
+    assert len(jit.grants.backends["vault_token"].holdings()) == held_before
+
+    released = api("POST", f"/api/v1/requests/{live.get_json()['id']}/release")
+    assert released.status_code == 200 and released.get_json()["status"] == "released"
+    jit.grants.reap_due()
+    assert jit.grants.store.get_grant(live.get_json()["id"]).status == "revoked"
+
+
+def test_a_stale_heartbeat_refuses_issuing(app, jit, api):
+    jit.grants.heartbeat = lambda: utcnow() - timedelta(minutes=10)
+    refused = api("POST", "/api/v1/requests", ASK)
+    assert refused.status_code == 503 and "heartbeat is 600s old" in refused.get_json()["detail"]
+    assert jit.grants.store.grants_in(("issuing", "active")) == []
+    assert health(app)[1]["status"] == "failing"
+
+
+def test_an_audit_log_that_cannot_be_written_refuses_issuing(app, jit, api, monkeypatch):
+    def locked():
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(jit.grants.store, "check_writable", locked)
+    refused = api("POST", "/api/v1/requests", ASK)
+    assert refused.status_code == 503
+    assert "audit log cannot be written: database is locked" in refused.get_json()["detail"]
+    status, body = health(app)
+    assert status == 503 and not body["checks"]["store"]["ok"]
+
+
+def test_a_revoke_failed_grant_fails_health_until_its_removal_is_verified(
+    make_app, api_for, openbao
+):
+    app = make_app()  # no reaper thread: the test drives the retries itself
+    grants = app.extensions["jit"].grants
+    grants.heartbeat = utcnow  # as if a reaper were alive
+    response = api_for(app)("POST", "/api/v1/requests", ASK)
+    body = response.get_json()
+    working = grants.backends
+    grants.backends = make_backends(make_client(f"http://127.0.0.1:{free_port()}", "x", 2))
+    grants.reap_due(parse_time(body["window"]["end"]))
+
+    status, health_body = health(app)
+    assert (status, health_body["status"]) == (503, "failing")
+    assert health_body["checks"]["revoke_failed"] == {
+        "ok": False,
+        "count": 1,
+        "grants": [body["id"]],
+    }
+    assert token_works(openbao, body["credential"]["token"])  # honestly still alive
+
+    grants.backends = working
+    grants.reap_due(parse_time(grants.store.get_grant(body["id"]).due_at))
+    assert grants.store.get_grant(body["id"]).status == "revoked"
+    status, health_body = health(app)
+    assert (status, health_body["status"]) == (200, "ok")
+
+
+def test_vault_out_of_reach_is_degraded_not_failing(make_app):
+    app = make_app(vault={"addr": f"http://127.0.0.1:{free_port()}"})
+    app.extensions["jit"].grants.heartbeat = utcnow
+    status, body = health(app)
+    assert (status, body["status"]) == (200, "degraded")
+    assert not body["checks"]["vault"]["ok"] and "unreachable" in body["checks"]["vault"]["error"]
+
+
+@pytest.fixture
+def api_for(tokens):
+    def for_app(app):
+        client = app.test_client()
+
+        def call(method, path, body=None, user="alice"):
+            headers = {"Authorization": f"Bearer {tokens(user)}"}
+            return client.open(path, method=method, json=body, headers=headers)
+
+        return call
+
+    return for_app
+
+
+def test_the_home_page_warns_of_the_users_grants_whose_removal_is_unverified(make_app):
+    app = make_app()
+    grants = app.extensions["jit"].grants
+    alice = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
+    grant, _ = grants.request(alice, "kv-read", "10m", "banner")
+    client = app.test_client()
+    with client.session_transaction() as session:
+        session["principal"] = alice.claims()
+    assert "Access not yet removed" not in client.get("/").get_data(as_text=True)
+
+    working = grants.backends
+    grants.backends = make_backends(make_client(f"http://127.0.0.1:{free_port()}", "x", 2))
+    grants.reap_due(parse_time(grant.window_end))
+    page = client.get("/").get_data(as_text=True)
+    assert "Access not yet removed" in page and f"/requests/{grant.id}" in page
+
+    grants.backends = working
+    grants.reap_due(parse_time(grants.store.get_grant(grant.id).due_at))
+    assert "Access not yet removed" not in client.get("/").get_data(as_text=True)
