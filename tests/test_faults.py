@@ -1,0 +1,234 @@
+"""Real faults against real processes: hundreds of windows closing at once, OpenBao stopped while
+windows close, the broker down while they close, and the broker SIGKILLed between Vault's answer
+and its own record. Every test ends with each credential verified gone, and the chain saying so."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+
+from broker import create_app
+from broker.grants import REAP_BATCH
+from broker.models import Principal, parse_time, utcnow
+from tests.conftest import broker_settings
+from tests.services import OpenBao, free_port
+from tests.test_api import token_works, wait_for_status
+
+ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
+LATER = timedelta(minutes=3)  # past the grace an issuance in flight gets
+
+
+def types(grants, grant_id):
+    return [entry["type"] for entry in grants.chain(grant_id)]
+
+
+def verified_gone(grants, grant_id) -> bool:
+    return any(e["type"] == "verify" and e["data"]["gone"] for e in grants.chain(grant_id))
+
+
+def wait_until(moment, timeout=20):
+    """Poll the real clock until it is past `moment` (bounded)."""
+    deadline = time.monotonic() + timeout
+    while utcnow() <= moment:
+        assert time.monotonic() < deadline, f"the clock never passed {moment}"
+        time.sleep(0.1)
+
+
+def test_hundreds_of_windows_closing_in_the_same_second_are_all_reaped(make_app, openbao):
+    grants = make_app().extensions["jit"].grants
+    count = REAP_BATCH + 100  # more than one of the reaper's batches
+    start = utcnow()
+    grants.clock = lambda: start  # every window starts, and so ends, in the same second
+    issued = [grants.request(ALICE, "kv-read", "10m", f"bulk {i}") for i in range(count)]
+    (end,) = {grant.window_end for grant, _ in issued}
+
+    assert grants.reap_due(parse_time(end)) is None
+
+    for grant, _ in issued:
+        reaped = grants.store.get_grant(grant.id)
+        assert (reaped.status, reaped.attempts) == ("revoked", 1), grant.id
+        assert verified_gone(grants, grant.id), grant.id
+    for _, credential in issued[:: count // 20]:
+        assert not token_works(openbao, credential.secret)
+    assert grants.verify_chain().ok
+
+
+@pytest.fixture
+def own_openbao(tmp_path):
+    """An OpenBao of this test's own, to stop and start again; started by the test."""
+    servers = []
+
+    def start(port=None, root_token=None):
+        server = OpenBao.start(root_token, port, workdir=tmp_path / f"openbao-{len(servers)}")
+        servers.append(server)
+        client = server.client()
+        client.sys.create_or_update_policy(
+            "jit-test-read", 'path "secret/data/test/*" { capabilities = ["read"] }'
+        )
+        client.secrets.kv.v2.create_or_update_secret("test/app", {"password": "s3cret"})
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_openbao_down_when_windows_close_then_back_every_grant_ends_revoked(
+    tmp_path, own_openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    bao = own_openbao(port=free_port())
+    settings = broker_settings(
+        tmp_path / "broker",
+        bao,
+        oidc_provider,
+        broker_port,
+        oidc_client_secret,
+        reaper={"enabled": False, "retry_min": 5, "retry_max": 60},
+    )
+    grants = create_app(settings).extensions["jit"].grants
+    issued = [grants.request(ALICE, "kv-read", "10m", f"bao goes away {i}") for i in range(3)]
+    end = max(parse_time(grant.window_end) for grant, _ in issued)
+    assert all(token_works(bao, credential.secret) for _, credential in issued)
+
+    bao.stop()
+    grants.reap_due(end)
+
+    retry_at = end + timedelta(seconds=5)
+    for grant, _ in issued:
+        failed = grants.store.get_grant(grant.id)
+        assert (failed.status, failed.attempts) == ("revoke_failed", 1)
+        assert parse_time(failed.due_at) == retry_at  # backed off, not given up
+        assert types(grants, grant.id)[-4:] == ["expire", "revoke", "verify", "revoke_failed"]
+        assert grants.chain(grant.id)[-2]["data"]["gone"] is False
+    assert grants.reap_due(end + timedelta(seconds=1)) == retry_at  # not retried before its time
+
+    # A dev server keeps everything in memory: the OpenBao that answers now, on the same address
+    # with the same root token, has never heard of these tokens. That is the honest answer to
+    # "does this credential still exist?": the old server and every token it issued died with
+    # the process, so nothing can use them; the verify records what the Vault that answers says.
+    back = own_openbao(port=int(bao.addr.rsplit(":", 1)[1]), root_token=bao.root_token)
+    assert back.addr == bao.addr
+    grants.reap_due(retry_at)
+
+    for grant, credential in issued:
+        revoked = grants.store.get_grant(grant.id)
+        assert (revoked.status, revoked.attempts, revoked.last_error) == ("revoked", 2, "")
+        chain = grants.chain(grant.id)
+        attempts = [e["data"]["attempt"] for e in chain if e["type"] == "verify"]
+        assert attempts == [1, 2]
+        assert [e["data"]["gone"] for e in chain if e["type"] == "verify"] == [False, True]
+        assert not token_works(back, credential.secret)
+    assert grants.verify_chain().ok
+
+
+def test_windows_that_closed_while_the_broker_was_down_are_reaped_at_start(make_app, openbao):
+    grants = make_app().extensions["jit"].grants  # broker A, no reaper: its windows pass unseen
+    issued = [grants.request(ALICE, "kv-read", "3s", f"broker down {i}") for i in range(5)]
+    end = max(parse_time(grant.window_end) for grant, _ in issued)
+    del grants
+    wait_until(end)
+
+    restarted = make_app(reaper={"enabled": True})  # broker B: the same data directory
+    reaper = restarted.extensions["jit"].reaper
+    grants = restarted.extensions["jit"].grants
+    try:
+        for grant, credential in issued:
+            reaped = wait_for_status(grants, grant.id, "revoked", timeout=20)
+            assert reaped.attempts == 1
+            assert verified_gone(grants, grant.id)
+            assert not token_works(openbao, credential.secret)
+        assert grants.verify_chain().ok
+    finally:
+        reaper.stop()
+
+
+# The crash: a real process records the grant `issuing` (as the broker does before it asks Vault),
+# has Vault issue the token, tells us what Vault gave it, and is SIGKILLed before recording it.
+CRASHING_BROKER = """
+import json, os, signal, sys, uuid
+from datetime import timedelta
+from broker import create_app
+from broker.config import load_settings
+from broker.models import ISSUING, Grant, isoformat, utcnow
+
+grants = create_app(load_settings(sys.argv[1], environ={})).extensions["jit"].grants
+chosen = grants.policy().entitlements["kv-read"]
+now = utcnow()
+grant = Grant(
+    id=str(uuid.uuid4()), requester_iss="https://idp", requester_sub="alice", requester="alice",
+    entitlement="kv-read", reason="crash", duration=3600, status=ISSUING,
+    created_at=isoformat(now), window_start=isoformat(now),
+    window_end=isoformat(now + timedelta(hours=1)), backend=chosen.backend, policy_hash="x",
+    updated_at=isoformat(now),
+)
+with grants.store.transaction() as tx:
+    tx.insert_grant(grant)
+credential = grants.backends[chosen.backend].issue(
+    grant.id, chosen, now + timedelta(hours=1), "alice"
+)
+print(json.dumps({"grant_id": grant.id, "secret": credential.secret}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+print("still alive", flush=True)
+"""
+
+
+def toml(sections: dict) -> str:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_broker_killed_between_vault_and_its_record_leaves_nothing_behind(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    make_app()  # the data directory, its keys and the policy file, as the next app will see them
+    config = tmp_path / "jit.toml"
+    config.write_text(
+        toml(
+            {
+                "server": {
+                    "base_url": f"http://127.0.0.1:{broker_port}",
+                    "data_dir": str(tmp_path),
+                },
+                "oidc": {
+                    "issuer": oidc_provider.issuer,
+                    "client_id": "jit-broker",
+                    "client_secret": oidc_client_secret,
+                    "api_audience": "urn:jit-broker:api",
+                },
+                "vault": {"addr": openbao.addr, "token": openbao.root_token},
+                "policy": {"path": str(tmp_path / "policy.toml")},
+                "reaper": {"enabled": False},
+            }
+        )
+    )
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASHING_BROKER, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert crashed.returncode == -9, crashed.stderr
+    said = json.loads(crashed.stdout.splitlines()[0])
+    assert "still alive" not in crashed.stdout
+    assert token_works(openbao, said["secret"])  # Vault issued it; nobody recorded it
+
+    grants = make_app().extensions["jit"].grants  # the broker, restarted
+    assert grants.store.get_grant(said["grant_id"]).status == "issuing"
+    (finding,) = grants.reconcile(now=utcnow() + LATER)
+
+    assert finding["grant_id"] == said["grant_id"]
+    assert finding["gone"] and finding["accepted"] and finding["grant_status"] == "issuing"
+    assert not token_works(openbao, said["secret"])
+    failed = grants.store.get_grant(said["grant_id"])
+    assert failed.status == "issue_failed" and "left issuing" in failed.last_error
+    assert types(grants, said["grant_id"]) == ["issue_failed", "reconcile"]
+    assert grants.verify_chain().ok
+    assert grants.reconcile(now=utcnow() + LATER) == []
