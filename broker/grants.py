@@ -113,10 +113,12 @@ class Grants:
         duration: object,
         reason: object,
         ticket: object = "",
+        public_key: object = "",
     ) -> tuple[Grant, IssuedCredential | None]:
         """Check the policy; then either issue at once, or record a pending request that waits
         for approvals. Bad input and refusals leave no trace; a Vault failure leaves a grant
-        marked issue_failed, never one that claims a credential."""
+        marked issue_failed, never one that claims a credential. `public_key` is what an SSH
+        certificate is signed for; it is needed when issuing (now, or at activation)."""
         entitlement, seconds, reason, ticket = _validated(entitlement, duration, reason, ticket)
         self._refuse_if_unhealthy()
         policy = self.policy()
@@ -133,6 +135,8 @@ class Grants:
         _raise_if_refused(decision)
         chosen = policy.entitlements[entitlement]
         status = PENDING if decision.approvals_required else ISSUING
+        if status == ISSUING:
+            self._check_request(chosen, public_key)
         grant = self._record_request(principal, chosen, decision, reason, ticket, status)
         if status == PENDING:
             self.notify(
@@ -144,7 +148,13 @@ class Grants:
             )
             self.on_change()  # the reaper must expire it if nobody approves
             return grant, None
-        return self._issue(principal, grant, chosen)
+        return self._issue(principal, grant, chosen, public_key)
+
+    def _check_request(self, chosen: Entitlement, public_key: object) -> None:
+        """What the backend needs from the requester, checked before anything is recorded."""
+        check = getattr(self.backends[chosen.backend], "check_request", None)
+        if check is not None:
+            check(public_key)
 
     def _record_request(
         self,
@@ -331,12 +341,16 @@ class Grants:
         self.on_change()
         return self.store.get_grant(grant.id)
 
-    def activate(self, principal: Principal, grant_id: str) -> tuple[Grant, IssuedCredential]:
+    def activate(
+        self, principal: Principal, grant_id: str, public_key: object = ""
+    ) -> tuple[Grant, IssuedCredential]:
         """Issue an approved request to its requester. The policy is applied again with the
         requester's claims of now: whoever left the group while waiting gets nothing."""
         grant = self.get(principal, grant_id, owner_only=True)
         self._refuse_if_unhealthy()
         policy = self.policy()
+        if grant.entitlement in policy.entitlements:
+            self._check_request(policy.entitlements[grant.entitlement], public_key)
         open_now = self.store.count_open(
             principal.issuer, principal.subject, grant.entitlement, OPEN, excluding=grant.id
         )
@@ -379,17 +393,17 @@ class Grants:
         if not decision.allowed:
             _raise_if_refused(decision)
         grant = self.store.get_grant(grant.id)
-        return self._issue(principal, grant, policy.entitlements[grant.entitlement])
+        return self._issue(principal, grant, policy.entitlements[grant.entitlement], public_key)
 
     # --- issuing ----------------------------------------------------------------------------
 
     def _issue(
-        self, principal: Principal, grant: Grant, chosen: Entitlement
+        self, principal: Principal, grant: Grant, chosen: Entitlement, public_key: object = ""
     ) -> tuple[Grant, IssuedCredential]:
         backend = self.backends[chosen.backend]
         try:
             credential = backend.issue(
-                grant.id, chosen, parse_time(grant.window_end), principal.display
+                grant.id, chosen, parse_time(grant.window_end), principal.display, public_key
             )
         except BrokerError as exc:
             with self.store.transaction() as tx:
@@ -499,7 +513,7 @@ class Grants:
         return view
 
     def extend(
-        self, principal: Principal, grant_id: str, extra: object
+        self, principal: Principal, grant_id: str, extra: object, public_key: object = ""
     ) -> tuple[Grant, IssuedCredential]:
         """Make a live window longer, within the policy's extension rules. A credential cannot
         outlive its own hard expiry (a token's explicit_max_ttl), so the longer window gets a new
@@ -524,9 +538,10 @@ class Grants:
         )
         _raise_if_refused(decision)
         chosen = policy.entitlements[grant.entitlement]
+        self._check_request(chosen, public_key)
         new_end = end + timedelta(seconds=seconds)
         backend = self.backends[chosen.backend]
-        credential = backend.issue(grant.id, chosen, new_end, principal.display)
+        credential = backend.issue(grant.id, chosen, new_end, principal.display, public_key)
         try:
             with self.store.transaction() as tx:
                 if not tx.move_grant(
@@ -563,6 +578,18 @@ class Grants:
     def _remove_replaced(self, grant: Grant, backend) -> None:
         """Revoke the credential an extension replaced. Should that fail, it still dies at the
         old window end, inside the new window; the chain records what happened either way."""
+        if not backend.revocable:
+            with self.store.transaction() as tx:
+                self._log(
+                    tx,
+                    "replaced",
+                    REAPER,
+                    grant.id,
+                    handle=self._fingerprint(grant.handle),
+                    revocable=False,
+                    valid_until=grant.window_end,
+                )
+            return
         outcome = self._remove(grant, backend)
         with self.store.transaction() as tx:
             self._log_removal(tx, grant, backend, outcome, replaced=True)
@@ -605,12 +632,16 @@ class Grants:
     # --- ending -----------------------------------------------------------------------------
 
     def release(self, principal: Principal, grant_id: str) -> Grant:
-        """End the window now; the reaper, woken at once, removes and verifies."""
+        """End the window now; the reaper, woken at once, removes and verifies. A credential
+        nothing can revoke (its backend says `revocable = False`) stays valid until its own
+        expiry: the release records the end, and the reaper looks (and verifies) only then."""
         grant = self.get(principal, grant_id, owner_only=True)
         now = self._now()
+        revocable = getattr(self.backends.get(grant.backend), "revocable", True)
+        due = now if revocable else max(now, grant.credential_expires_at or now)
         with self.store.transaction() as tx:
             if not tx.move_grant(
-                grant.id, ACTIVE, status=RELEASED, window_end=now, due_at=now, updated_at=now
+                grant.id, ACTIVE, status=RELEASED, window_end=now, due_at=due, updated_at=now
             ):
                 current = tx.get_grant(grant.id)
                 raise GrantConflict(f"grant {grant.id} is {current.status}, not active")
@@ -621,6 +652,7 @@ class Grants:
                 grant.id,
                 window_end_was=grant.window_end,
                 window_end=now,
+                credential_valid_until=None if revocable else due,
             )
         self.on_change()
         return self.store.get_grant(grant.id)

@@ -153,11 +153,21 @@ class DatabaseOptions:
 
 
 @dataclass(frozen=True)
+class SshOptions:
+    """Who signs an ssh entitlement's certificates: the OpenBao SSH role (key_type "ca", under the
+    SSH secrets engine mounted at `mount`), and the principals every certificate is valid for."""
+
+    role: str
+    principals: tuple[str, ...]
+    mount: str = "ssh"
+
+
+@dataclass(frozen=True)
 class Entitlement:
     name: str
     description: str
     backend: str
-    vault_policies: tuple[str, ...]  # for vault_token; () for a database entitlement
+    vault_policies: tuple[str, ...]  # for vault_token; () for database and ssh entitlements
     max_duration: int  # seconds
     default_duration: int | None = None
     max_active: int | None = None  # open (active or pending) grants per principal; None: no limit
@@ -167,6 +177,7 @@ class Entitlement:
     approval: ApprovalRule | None = None
     extend: ExtendRule | None = None
     database: DatabaseOptions | None = None  # set exactly when backend is "database"
+    ssh: SshOptions | None = None  # set exactly when backend is "ssh"
 
     @property
     def request_ttl(self) -> int | None:

@@ -24,13 +24,15 @@ from .policy import (
     ReasonRule,
     Requesters,
     Schedule,
+    SshOptions,
 )
 
 # Adding a credential backend: one name here, one class in vault.py.
-BACKENDS = {"vault_token", "database"}
+BACKENDS = {"vault_token", "database", "ssh"}
 NEVER_GRANTED = {"root"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 VAULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # one segment of a Vault path
+PRINCIPAL = re.compile(r"[^\s,]+")  # Vault takes valid_principals comma-separated
 MOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(/[A-Za-z0-9][A-Za-z0-9_-]*)*")
 
 # --- problems -------------------------------------------------------------------------------------
@@ -70,6 +72,7 @@ ENTITLEMENT_KEYS = (
     "approval",
     "extend",
     "database",
+    "ssh",
 )
 SECTION_KEYS = {
     "approver_groups": ("known",),
@@ -79,6 +82,14 @@ SECTION_KEYS = {
     "approval": ("required", "from_groups", "each_of", "expires_after", "auto_approve_groups"),
     "extend": ("max_step", "max_total"),
     "database": ("role", "mount"),
+    "ssh": ("role", "mount", "principals"),
+}
+# What an entitlement of a backend without vault_policies lets its holder do instead.
+GRANTS_INSTEAD = {
+    "database": "a database entitlement: what the user may do is the database role's creation "
+    "statements",
+    "ssh": "an ssh entitlement: what the certificate allows is its principals on the hosts that "
+    "trust the CA",
 }
 
 
@@ -180,12 +191,11 @@ class _Reader:
         # Vault lower-cases policy names, so "Root" would be root.
         for never in sorted(NEVER_GRANTED & {p.strip().lower() for p in policies}):
             self.problem((*at, "vault_policies"), f"{name}: the {never} policy is never granted")
-        if backend == "database":
+        if backend in GRANTS_INSTEAD:
             if "vault_policies" in spec:
                 self.problem(
                     (*at, "vault_policies"),
-                    f"{name}: vault_policies has no effect on a database entitlement: what the "
-                    "user may do is the database role's creation statements",
+                    f"{name}: vault_policies has no effect on {GRANTS_INSTEAD[backend]}",
                 )
         elif spec.get("vault_policies") in (None, []):
             self.problem(
@@ -220,6 +230,7 @@ class _Reader:
             approval=approval,
             extend=self.extend(name, spec, max_duration),
             database=self.database(name, spec, backend),
+            ssh=self.ssh(name, spec, backend),
         )
 
     def section(self, name: str, spec: dict, key: str) -> tuple[dict | None, tuple[str, ...]]:
@@ -417,6 +428,57 @@ class _Reader:
         if len(self.problems) > found_before:
             return None
         return DatabaseOptions(role, mount)
+
+    def ssh(self, name: str, spec: dict, backend: object) -> SshOptions | None:
+        if backend != "ssh":
+            if "ssh" in spec:
+                self.problem(
+                    ("entitlements", name, "ssh"),
+                    f'{name}: an [ssh] table needs backend = "ssh", not {backend!r}',
+                )
+            return None
+        if "ssh" not in spec:
+            self.problem(
+                ("entitlements", name),
+                f"{name}: an ssh entitlement needs [entitlements.{name}.ssh] with role, the "
+                "OpenBao SSH role that signs, and principals, the users the certificate is for",
+            )
+            return None
+        table, at = self.section(name, spec, "ssh")
+        if table is None:
+            return None
+        role, mount = table.get("role"), table.get("mount", "ssh")
+        found_before = len(self.problems)
+        if role is None:
+            self.problem(at, f"{name}: ssh.role is missing: name the OpenBao SSH role")
+        elif not isinstance(role, str) or not VAULT_NAME.fullmatch(role):
+            self.problem(
+                (*at, "role"),
+                f"{name}: ssh.role {role!r} must be a role name (letters, digits, _ -)",
+            )
+        if not isinstance(mount, str) or not MOUNT.fullmatch(mount):
+            self.problem(
+                (*at, "mount"),
+                f"{name}: ssh.mount {mount!r} must be a mount path like ssh or ssh/prod",
+            )
+        principals = self.names(
+            table.get("principals"), (*at, "principals"), f"{name}: ssh.principals"
+        )
+        if "principals" not in table:
+            self.problem(
+                at, f'{name}: ssh.principals is missing: the users to sign for, like ["deploy"]'
+            )
+        elif table["principals"] == []:
+            self.problem((*at, "principals"), f"{name}: ssh.principals must name at least one")
+        for principal in principals:
+            if not PRINCIPAL.fullmatch(principal):
+                self.problem(
+                    (*at, "principals"),
+                    f"{name}: ssh principal {principal!r} may hold no spaces or commas",
+                )
+        if len(self.problems) > found_before:
+            return None
+        return SshOptions(role, principals, mount)
 
     def extend(self, name: str, spec: dict, max_duration: int | None) -> ExtendRule | None:
         table, at = self.section(name, spec, "extend")

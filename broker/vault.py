@@ -4,6 +4,8 @@ PostgreSQL); hvac, network and database errors become broker errors here."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -15,8 +17,16 @@ import hvac
 import hvac.exceptions
 import psycopg
 import requests
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
-from .errors import DatabaseUnavailable, InvalidDuration, VaultRejected, VaultUnavailable
+from .errors import (
+    DatabaseUnavailable,
+    InvalidDuration,
+    InvalidRequest,
+    VaultRejected,
+    VaultUnavailable,
+)
 from .models import Holding, IssuedCredential, isoformat, utcnow
 
 if TYPE_CHECKING:
@@ -122,6 +132,7 @@ class VaultTokenBackend:
     dies. Tagged with the grant and the broker (`instance`), so the reconciler can find it."""
 
     kind = "vault_token"
+    revocable = True
     verify_method = "Vault no longer knows the token's accessor"
 
     def __init__(self, client: hvac.Client, instance: str = ""):
@@ -130,7 +141,12 @@ class VaultTokenBackend:
 
     @translate_errors
     def issue(
-        self, grant_id: str, entitlement: Entitlement, window_end: datetime, requester: str
+        self,
+        grant_id: str,
+        entitlement: Entitlement,
+        window_end: datetime,
+        requester: str,
+        public_key: str = "",
     ) -> IssuedCredential:
         ttl = _seconds_until(window_end)
         if ttl <= 0:
@@ -229,6 +245,7 @@ class DatabaseBackend:
     neither): its leases are found by listing the per-credential role's prefix."""
 
     kind = "database"
+    revocable = True
     verify_method = (
         "Vault no longer knows the lease, and the user no longer exists in PostgreSQL (pg_roles, "
         "checked with [postgres] dsn)"
@@ -244,7 +261,12 @@ class DatabaseBackend:
 
     @translate_errors
     def issue(
-        self, grant_id: str, entitlement: Entitlement, window_end: datetime, requester: str
+        self,
+        grant_id: str,
+        entitlement: Entitlement,
+        window_end: datetime,
+        requester: str,
+        public_key: str = "",
     ) -> IssuedCredential:
         options = entitlement.database
         if options is None:
@@ -421,6 +443,126 @@ class DatabaseBackend:
         return row is not None
 
 
+MAX_PUBLIC_KEY = 16_384  # far beyond an RSA 8192 key in OpenSSH form
+
+
+class SshCertificateBackend:
+    """An OpenSSH user certificate for the requester's own public key, signed by the OpenBao SSH
+    engine (a role with key_type "ca") for the entitlement's principals. Its `valid_before` is the
+    window end at the latest, and that is the only way it ends: nothing can revoke a certificate
+    (hosts check only its signature and validity), so `revocable` is False, `revoke` does nothing
+    and it is gone once `valid_before` has passed. Vault keeps nothing of it, so there is nothing
+    for the reconciler to find. The handle is JSON: serial and valid_before."""
+
+    kind = "ssh"
+    revocable = False
+    verify_method = (
+        "the certificate's validity ended (valid_before has passed); SSH certificates cannot be "
+        "revoked, so they are capped to the window"
+    )
+
+    def __init__(
+        self, client: hvac.Client, instance: str = "", clock: Callable[[], datetime] = utcnow
+    ):
+        self.client = client
+        self.instance = instance
+        self.clock = clock
+
+    def check_request(self, public_key: str) -> None:
+        """Refuse, before anything is recorded, a request without a usable OpenSSH public key."""
+        _parsed_public_key(public_key)
+
+    @translate_errors
+    def issue(
+        self,
+        grant_id: str,
+        entitlement: Entitlement,
+        window_end: datetime,
+        requester: str,
+        public_key: str = "",
+    ) -> IssuedCredential:
+        options = entitlement.ssh
+        if options is None:
+            raise VaultRejected(f"{entitlement.name} has no [ssh] table in the policy")
+        key = _parsed_public_key(public_key)
+        ttl = _seconds_until(window_end)
+        if ttl <= 0:
+            raise InvalidDuration("the window closed before Vault could sign the certificate")
+        signed = self.client.secrets.ssh.sign_ssh_key(
+            name=options.role,
+            public_key=public_key.strip(),
+            ttl=f"{ttl}s",
+            valid_principals=",".join(options.principals),
+            cert_type="user",
+            key_id=f"jit-{grant_id} {requester}",
+            mount_point=options.mount,
+        )
+        text = signed["data"]["signed_key"].strip()
+        cert = serialization.load_ssh_public_identity(text.encode())
+        valid_before = datetime.fromtimestamp(cert.valid_before, UTC)
+        if valid_before > window_end or cert.public_key() != key:
+            # Never hand out what outlives the window: it could not be taken back.
+            raise VaultRejected(
+                f"the signed certificate is valid until {isoformat(valid_before)}, after the "
+                f"window end {isoformat(window_end)}, or is not for the key sent"
+            )
+        principals = [p.decode() for p in cert.valid_principals]
+        return IssuedCredential(
+            secret=text,
+            handle=json.dumps(
+                {"serial": cert.serial, "valid_before": cert.valid_before}, sort_keys=True
+            ),
+            expires_at=valid_before,
+            kind=self.kind,
+            details={
+                "serial": str(cert.serial),
+                "valid_principals": principals,
+                "valid_before": isoformat(valid_before),
+                "expires_at": isoformat(valid_before),
+                "public_key_sha256": _ssh_fingerprint(public_key),
+                "ssh_role": options.role,
+                "mount": options.mount,
+                "vault_request_id": signed["request_id"],
+            },
+        )
+
+    def revoke(self, handle: str) -> None:
+        """Nothing can revoke an SSH certificate; it ends at its valid_before."""
+
+    def is_gone(self, handle: str) -> bool:
+        return datetime.fromtimestamp(json.loads(handle)["valid_before"], UTC) <= self.clock()
+
+    def holdings(self) -> list[Holding]:
+        """Vault keeps nothing of a signed certificate."""
+        return []
+
+    def is_recorded(self, holding: Holding, recorded_handle: str) -> bool:
+        return bool(recorded_handle) and holding.handle == recorded_handle
+
+
+def _parsed_public_key(public_key: object):
+    if not isinstance(public_key, str) or not public_key.strip():
+        raise InvalidRequest(
+            "public_key is required for an SSH certificate: send your OpenSSH public key "
+            "(the one line of ~/.ssh/id_ed25519.pub)"
+        )
+    if len(public_key) > MAX_PUBLIC_KEY or "cert-v01@openssh.com" in public_key.split()[0]:
+        raise InvalidRequest("public_key must be an OpenSSH public key, not a certificate")
+    try:
+        return serialization.load_ssh_public_key(public_key.strip().encode())
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidRequest(
+            "public_key is not an OpenSSH public key: send one line like "
+            "'ssh-ed25519 AAAA... you@host'"
+        ) from None
+
+
+def _ssh_fingerprint(public_key: str) -> str:
+    """What `ssh-keygen -l` shows: SHA256 of the key's wire form, base64 without padding."""
+    blob = base64.b64decode(public_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
 def make_client(addr: str, token: str, timeout: int) -> hvac.Client:
     return hvac.Client(url=addr, token=token, timeout=timeout)
 
@@ -436,6 +578,7 @@ def make_backends(
         for backend in (
             VaultTokenBackend(client, instance),
             DatabaseBackend(client, postgres_dsn, timeout, instance),
+            SshCertificateBackend(client, instance),
         )
     }
 

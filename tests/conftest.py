@@ -84,6 +84,25 @@ def database_engine(openbao, postgres):
 
 
 @pytest.fixture(scope="session")
+def ssh_engine(openbao):
+    """OpenBao's SSH engine at ssh/ with a generated CA key, and role jit-users that signs user
+    certificates (key ids are the broker's, so sshd's log names the grant)."""
+    client = openbao.client()
+    client.sys.enable_secrets_engine("ssh", path="ssh")
+    client.secrets.ssh.submit_ca_information(generate_signing_key=True, key_type="ed25519")
+    client.secrets.ssh.create_role(
+        "jit-users",
+        key_type="ca",
+        allow_user_certificates=True,
+        allowed_users="*",
+        allow_user_key_ids=True,
+        default_extensions={"permit-pty": ""},
+        max_ttl="24h",
+    )
+    return client
+
+
+@pytest.fixture(scope="session")
 def broker_port() -> int:
     """The port the broker under test will listen on; the provider knows its redirect URI."""
     return free_port()

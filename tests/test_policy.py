@@ -9,7 +9,7 @@ import pytest
 
 from broker.errors import ConfigError
 from broker.models import Approval, Principal
-from broker.policy import DatabaseOptions, explain
+from broker.policy import DatabaseOptions, SshOptions, explain
 from broker.policy_loader import PolicyError, check_policy_text, load_policy
 
 POLICY = r"""
@@ -634,6 +634,14 @@ def db(body: str) -> str:
     return DB + f"[entitlements.x.database]\n{body}\n"
 
 
+SSH = sub('vault_policies = ["p"]', 'backend = "ssh"')
+
+
+def ssh(body: str) -> str:
+    """SSH and its [ssh] table: the header is line 7, its first key line 8."""
+    return SSH + f"[entitlements.x.ssh]\n{body}\n"
+
+
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
@@ -655,7 +663,7 @@ def db(body: str) -> str:
         (
             sub('["p"]', '["p"]\nbackend = "ftp"'),
             3,
-            "unknown backend 'ftp' (known: database, vault_token)",
+            "unknown backend 'ftp' (known: database, ssh, vault_token)",
         ),
         (sub('groups = ["a"]', "groups = []"), 5, "x has no requesters"),
         (sub('[entitlements.x.requesters]\ngroups = ["a"]', ""), 1, "x has no requesters"),
@@ -737,6 +745,24 @@ def db(body: str) -> str:
             2,
             "x: vault_policies has no effect on a database entitlement",
         ),
+        # ssh entitlements
+        (SSH, 1, "x: an ssh entitlement needs [entitlements.x.ssh] with role"),
+        (ssh("principals = ['deploy']"), 7, "x: ssh.role is missing"),
+        (ssh("role = 'jit-users'"), 7, "x: ssh.principals is missing"),
+        (ssh("role = 'u'\nprincipals = []"), 9, "x: ssh.principals must name at least one"),
+        (ssh("role = 'u'\nprincipals = 'deploy'"), 9, "x: ssh.principals must be a list"),
+        (ssh("role = 'u'\nprincipals = ['a,b']"), 9, "x: ssh principal 'a,b' may hold no"),
+        (ssh("role = 'u/x'\nprincipals = ['a']"), 8, "x: ssh.role 'u/x' must be a role name"),
+        (ssh("role = 'u'\nprincipals = ['a']\nmount = '../sys'"), 10, "x: ssh.mount '../sys'"),
+        (ssh("role = 'u'\nprincipals = ['a']\nttl = 1"), 10, "x: ssh: unknown key 'ttl'"),
+        (add("ssh", "role = 'u'"), 7, 'an [ssh] table needs backend = "ssh"'),
+        (
+            ssh("role = 'u'\nprincipals = ['a']").replace(
+                "backend", 'vault_policies = ["p"]\nbackend'
+            ),
+            2,
+            "x: vault_policies has no effect on an ssh entitlement",
+        ),
     ],
 )
 def test_check_names_each_problem_with_its_line(text, line, message):
@@ -753,6 +779,17 @@ def test_a_database_entitlement_names_its_role_and_needs_no_vault_policies():
     assert plain.database == DatabaseOptions("readonly", "database")
     assert mounted.database == DatabaseOptions("ro", "db/prod")
     assert check_policy_text(BASE)[0].entitlements["x"].database is None
+
+
+def test_an_ssh_entitlement_names_its_role_and_principals():
+    found, problems = check_policy_text(
+        ssh("role = 'jit-users'\nprincipals = ['deploy', 'alice']\nmount = 'ssh/prod'")
+    )
+    assert problems == []
+    chosen = found.entitlements["x"]
+    assert (chosen.backend, chosen.vault_policies, chosen.database) == ("ssh", (), None)
+    assert chosen.ssh == SshOptions("jit-users", ("deploy", "alice"), "ssh/prod")
+    assert check_policy_text(BASE)[0].entitlements["x"].ssh is None
 
 
 DB_ON_ITS_OWN_MOUNT = """

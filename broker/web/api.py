@@ -32,13 +32,17 @@ def entitlements():
 
 @bp.post("/requests")
 def create_request():
-    body = _json_body("entitlement, duration, reason (and ticket where the policy asks)")
+    body = _json_body(
+        "entitlement, duration, reason (and ticket where the policy asks; public_key for an "
+        "SSH certificate)"
+    )
     grant, credential = services().grants.request(
         g.principal,
         body.get("entitlement"),
         body.get("duration"),
         body.get("reason"),
         body.get("ticket", ""),
+        body.get("public_key", ""),
     )
     response = _with_credential(grant, credential)
     response.status_code = 201
@@ -86,14 +90,21 @@ def cancel(grant_id: str):
 @bp.post("/requests/<grant_id>/activate")
 def activate(grant_id: str):
     """Issue an approved request: the credential is shown here, once, to the requester."""
-    return _with_credential(*services().grants.activate(g.principal, grant_id))
+    body = _json_body("public_key for an SSH certificate", required=False)
+    return _with_credential(
+        *services().grants.activate(g.principal, grant_id, body.get("public_key", ""))
+    )
 
 
 @bp.post("/requests/<grant_id>/extend")
 def extend(grant_id: str):
     """A longer window means a new credential, shown here once; the old one is revoked."""
-    body = _json_body("duration: how much longer")
-    return _with_credential(*services().grants.extend(g.principal, grant_id, body.get("duration")))
+    body = _json_body("duration: how much longer (and public_key for an SSH certificate)")
+    return _with_credential(
+        *services().grants.extend(
+            g.principal, grant_id, body.get("duration"), body.get("public_key", "")
+        )
+    )
 
 
 @bp.post("/requests/<grant_id>/release")
@@ -127,6 +138,14 @@ def credential_json(credential: IssuedCredential) -> dict:
             "username": credential.details.get("username"),
             "password": credential.secret,
             "expires_at": credential.details.get("expires_at"),
+        }
+    if credential.kind == "ssh":
+        return {
+            "type": credential.kind,
+            "certificate": credential.secret,
+            "valid_principals": credential.details.get("valid_principals", []),
+            "valid_before": credential.details.get("valid_before"),
+            "revocable": False,
         }
     return {
         "type": credential.kind,

@@ -70,6 +70,7 @@ def create_request():
             form.get("duration"),
             form.get("reason"),
             form.get("ticket", ""),
+            form.get("public_key", ""),
         )
     except BrokerError as exc:
         return _home(g.principal, exc, form)
@@ -114,9 +115,11 @@ def act(grant_id: str, action: str):
     new secret."""
     grants, form = services().grants, request.form
     if action == "activate":
-        return _credential_page(*grants.activate(g.principal, grant_id))
+        return _credential_page(*grants.activate(g.principal, grant_id, form.get("public_key", "")))
     if action == "extend":
-        return _credential_page(*grants.extend(g.principal, grant_id, form.get("duration")))
+        return _credential_page(
+            *grants.extend(g.principal, grant_id, form.get("duration"), form.get("public_key", ""))
+        )
     done = {
         "approve": lambda: grants.approve(g.principal, grant_id, form.get("reason", "")),
         "deny": lambda: grants.deny(g.principal, grant_id, form.get("reason")),
