@@ -445,10 +445,17 @@ class Grants:
                     handle=self._fingerprint(credential.handle),
                     **credential.details,
                 )
-        except Exception:
-            # No record of the credential means the credential must not exist either.
+        except BrokerError:
             backend.revoke(credential.handle)
             raise
+        except Exception as exc:
+            # No record of the credential means the credential must not exist either.
+            backend.revoke(credential.handle)
+            log.exception("grant %s: the issued credential could not be recorded", grant.id)
+            raise BrokerUnhealthy(
+                "the issued credential could not be recorded in the audit log, "
+                "so it was revoked at once; nothing was issued"
+            ) from exc
         self.on_change()
         return self.store.get_grant(grant.id), credential
 

@@ -170,3 +170,31 @@ def test_the_home_page_warns_of_the_users_grants_whose_removal_is_unverified(mak
     grants.backends = working
     grants.reap_due(parse_time(grants.store.get_grant(grant.id).due_at))
     assert "Access not yet removed" not in client.get("/").get_data(as_text=True)
+
+
+def test_a_credential_that_cannot_be_recorded_is_revoked_at_once(jit, api, openbao, monkeypatch):
+    """Layer 4: Vault issued, the record of it failed: the credential must not outlive the error."""
+    from broker.store import Transaction
+
+    real_append, backend = Transaction.append, jit.grants.backends["vault_token"]
+    real_issue, issued = backend.issue, []
+
+    def failing_append(self, at, type_, actor, grant_id, data):
+        if type_ == "issue":
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_append(self, at, type_, actor, grant_id, data)
+
+    def watched_issue(*args, **kwargs):  # a spy: Vault really issues; we keep what it gave
+        issued.append(real_issue(*args, **kwargs))
+        return issued[-1]
+
+    monkeypatch.setattr(Transaction, "append", failing_append)
+    monkeypatch.setattr(backend, "issue", watched_issue)
+    refused = api("POST", "/api/v1/requests", ASK)
+    monkeypatch.undo()
+
+    assert refused.status_code == 503, refused.get_json()
+    assert "revoked at once" in refused.get_json()["detail"]
+    assert len(issued) == 1 and not token_works(openbao, issued[0].secret)
+    grant = jit.grants.store.db.execute("SELECT * FROM grants").fetchall()[-1]
+    assert grant["status"] == "issuing" and grant["handle"] == ""  # the reconciler settles it
