@@ -147,32 +147,27 @@ def test_windows_that_closed_while_the_broker_was_down_are_reaped_at_start(make_
         reaper.stop()
 
 
-# The crash: a real process records the grant `issuing` (as the broker does before it asks Vault),
-# has Vault issue the token, tells us what Vault gave it, and is SIGKILLed before recording it.
+# The crash: a real broker process runs its own request path (policy, the recorded intent, the
+# Vault call). The only thing the test adds is the fault: the moment Vault has answered, the
+# process prints what Vault gave it and is SIGKILLed, before the broker can record it.
 CRASHING_BROKER = """
-import json, os, signal, sys, uuid
-from datetime import timedelta
+import json, os, signal, sys
 from broker import create_app
 from broker.config import load_settings
-from broker.models import ISSUING, Grant, isoformat, utcnow
+from broker.models import Principal
 
 grants = create_app(load_settings(sys.argv[1], environ={})).extensions["jit"].grants
-chosen = grants.policy().entitlements["kv-read"]
-now = utcnow()
-grant = Grant(
-    id=str(uuid.uuid4()), requester_iss="https://idp", requester_sub="alice", requester="alice",
-    entitlement="kv-read", reason="crash", duration=3600, status=ISSUING,
-    created_at=isoformat(now), window_start=isoformat(now),
-    window_end=isoformat(now + timedelta(hours=1)), backend=chosen.backend, policy_hash="x",
-    updated_at=isoformat(now),
-)
-with grants.store.transaction() as tx:
-    tx.insert_grant(grant)
-credential = grants.backends[chosen.backend].issue(
-    grant.id, chosen, now + timedelta(hours=1), "alice"
-)
-print(json.dumps({"grant_id": grant.id, "secret": credential.secret}), flush=True)
-os.kill(os.getpid(), signal.SIGKILL)
+backend = grants.backends["vault_token"]
+vault_issue = backend.issue
+
+def issue_then_die(grant_id, *args, **kwargs):
+    credential = vault_issue(grant_id, *args, **kwargs)
+    print(json.dumps({"grant_id": grant_id, "secret": credential.secret}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+backend.issue = issue_then_die
+alice = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
+grants.request(alice, "kv-read", "1h", "crash test")
 print("still alive", flush=True)
 """
 
@@ -222,6 +217,7 @@ def test_a_broker_killed_between_vault_and_its_record_leaves_nothing_behind(
 
     grants = make_app().extensions["jit"].grants  # the broker, restarted
     assert grants.store.get_grant(said["grant_id"]).status == "issuing"
+    assert types(grants, said["grant_id"]) == ["request", "decision"]  # the intent, recorded
     (finding,) = grants.reconcile(now=utcnow() + LATER)
 
     assert finding["grant_id"] == said["grant_id"]
@@ -229,6 +225,6 @@ def test_a_broker_killed_between_vault_and_its_record_leaves_nothing_behind(
     assert not token_works(openbao, said["secret"])
     failed = grants.store.get_grant(said["grant_id"])
     assert failed.status == "issue_failed" and "left issuing" in failed.last_error
-    assert types(grants, said["grant_id"]) == ["issue_failed", "reconcile"]
+    assert types(grants, said["grant_id"]) == ["request", "decision", "issue_failed", "reconcile"]
     assert grants.verify_chain().ok
     assert grants.reconcile(now=utcnow() + LATER) == []
