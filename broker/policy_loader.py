@@ -394,73 +394,38 @@ class _Reader:
         return ApprovalRule(required, from_groups, each_of, expires, auto)
 
     def database(self, name: str, spec: dict, backend: object) -> DatabaseOptions | None:
-        if backend != "database":
-            if "database" in spec:
-                self.problem(
-                    ("entitlements", name, "database"),
-                    f'{name}: a [database] table needs backend = "database", not {backend!r}',
-                )
-            return None
-        if "database" not in spec:
-            self.problem(
-                ("entitlements", name),
-                f"{name}: a database entitlement needs [entitlements.{name}.database] with role, "
-                "the OpenBao database role to issue users from",
-            )
-            return None
-        table, at = self.section(name, spec, "database")
-        if table is None:
-            return None
-        role, mount = table.get("role"), table.get("mount", "database")
         found_before = len(self.problems)
-        if role is None:
-            self.problem(at, f"{name}: database.role is missing: name the OpenBao role")
-        elif not isinstance(role, str) or not VAULT_NAME.fullmatch(role):
-            self.problem(
-                (*at, "role"),
-                f"{name}: database.role {role!r} must be a role name (letters, digits, _ -)",
-            )
-        if not isinstance(mount, str) or not MOUNT.fullmatch(mount):
-            self.problem(
-                (*at, "mount"),
-                f"{name}: database.mount {mount!r} must be a mount path like database or db/prod",
-            )
-        if len(self.problems) > found_before:
+        found = self.backend_table(
+            name,
+            spec,
+            backend,
+            "database",
+            "a",
+            "with role, the OpenBao database role to issue users from",
+            "the OpenBao role",
+            "database or db/prod",
+        )
+        if found is None or len(self.problems) > found_before:
             return None
+        _, _, role, mount = found
         return DatabaseOptions(role, mount)
 
     def ssh(self, name: str, spec: dict, backend: object) -> SshOptions | None:
-        if backend != "ssh":
-            if "ssh" in spec:
-                self.problem(
-                    ("entitlements", name, "ssh"),
-                    f'{name}: an [ssh] table needs backend = "ssh", not {backend!r}',
-                )
-            return None
-        if "ssh" not in spec:
-            self.problem(
-                ("entitlements", name),
-                f"{name}: an ssh entitlement needs [entitlements.{name}.ssh] with role, the "
-                "OpenBao SSH role that signs, and principals, the users the certificate is for",
-            )
-            return None
-        table, at = self.section(name, spec, "ssh")
-        if table is None:
-            return None
-        role, mount = table.get("role"), table.get("mount", "ssh")
         found_before = len(self.problems)
-        if role is None:
-            self.problem(at, f"{name}: ssh.role is missing: name the OpenBao SSH role")
-        elif not isinstance(role, str) or not VAULT_NAME.fullmatch(role):
-            self.problem(
-                (*at, "role"),
-                f"{name}: ssh.role {role!r} must be a role name (letters, digits, _ -)",
-            )
-        if not isinstance(mount, str) or not MOUNT.fullmatch(mount):
-            self.problem(
-                (*at, "mount"),
-                f"{name}: ssh.mount {mount!r} must be a mount path like ssh or ssh/prod",
-            )
+        found = self.backend_table(
+            name,
+            spec,
+            backend,
+            "ssh",
+            "an",
+            "with role, the OpenBao SSH role that signs, and principals, the users the "
+            "certificate is for",
+            "the OpenBao SSH role",
+            "ssh or ssh/prod",
+        )
+        if found is None:
+            return None
+        table, at, role, mount = found
         principals = self.names(
             table.get("principals"), (*at, "principals"), f"{name}: ssh.principals"
         )
@@ -479,6 +444,50 @@ class _Reader:
         if len(self.problems) > found_before:
             return None
         return SshOptions(role, principals, mount)
+
+    def backend_table(
+        self,
+        name: str,
+        spec: dict,
+        backend: object,
+        kind: str,
+        article: str,
+        needs: str,
+        role_is: str,
+        mount_like: str,
+    ) -> tuple[dict, tuple[str, ...], str, str] | None:
+        """The `[entitlements.NAME.<kind>]` table a backend reads its options from, with the role
+        and mount every Vault backend table has; None when it is absent or does not belong."""
+        if backend != kind:
+            if kind in spec:
+                self.problem(
+                    ("entitlements", name, kind),
+                    f'{name}: {article} [{kind}] table needs backend = "{kind}", not {backend!r}',
+                )
+            return None
+        if kind not in spec:
+            self.problem(
+                ("entitlements", name),
+                f"{name}: {article} {kind} entitlement needs [entitlements.{name}.{kind}] {needs}",
+            )
+            return None
+        table, at = self.section(name, spec, kind)
+        if table is None:
+            return None
+        role, mount = table.get("role"), table.get("mount", kind)
+        if role is None:
+            self.problem(at, f"{name}: {kind}.role is missing: name {role_is}")
+        elif not isinstance(role, str) or not VAULT_NAME.fullmatch(role):
+            self.problem(
+                (*at, "role"),
+                f"{name}: {kind}.role {role!r} must be a role name (letters, digits, _ -)",
+            )
+        if not isinstance(mount, str) or not MOUNT.fullmatch(mount):
+            self.problem(
+                (*at, "mount"),
+                f"{name}: {kind}.mount {mount!r} must be a mount path like {mount_like}",
+            )
+        return table, at, role, mount
 
     def extend(self, name: str, spec: dict, max_duration: int | None) -> ExtendRule | None:
         table, at = self.section(name, spec, "extend")
