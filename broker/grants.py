@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from . import audit, notify
 from .durations import parse_duration
@@ -137,10 +138,10 @@ class Grants:
         status = PENDING if decision.approvals_required else ISSUING
         if status == ISSUING:
             self._check_request(chosen, public_key)
-        grant = self._record_request(principal, chosen, decision, reason, ticket, status)
+        grant = self._record_request(policy, principal, chosen, decision, reason, ticket, status)
         if status == PENDING:
             self.notify(
-                "new_request",
+                notify.NEW_REQUEST,
                 notify.new_request_text(grant),
                 grant_id=grant.id,
                 audience="approvers",
@@ -158,6 +159,7 @@ class Grants:
 
     def _record_request(
         self,
+        policy: Policy,
         principal: Principal,
         chosen: Entitlement,
         decision: Decision,
@@ -169,7 +171,7 @@ class Grants:
         start, end, due = "", "", ""
         if status == ISSUING:
             start = isoformat(now)
-            end = isoformat(self.policy().window_end(chosen.name, now, decision.duration))
+            end = isoformat(policy.window_end(chosen.name, now, decision.duration))
         else:
             due = isoformat(now + self._request_ttl(chosen))
         grant = Grant(
@@ -208,7 +210,7 @@ class Grants:
         return grant
 
     def _request_ttl(self, chosen: Entitlement) -> timedelta:
-        seconds = getattr(chosen, "request_ttl", None)
+        seconds = chosen.request_ttl
         return timedelta(seconds=seconds) if seconds else DEFAULT_REQUEST_TTL
 
     def _log_decision(
@@ -272,7 +274,7 @@ class Grants:
         grant = self.store.get_grant(grant.id)
         if satisfied:
             self.notify(
-                "approved",
+                notify.APPROVED,
                 notify.approved_text(grant, approver.display),
                 grant_id=grant.id,
                 audience="requester",
@@ -304,7 +306,7 @@ class Grants:
             )
         grant = self.store.get_grant(grant.id)
         self.notify(
-            "denied",
+            notify.DENIED,
             notify.denied_text(grant, approver.display, reason),
             grant_id=grant.id,
             audience="requester",
@@ -377,7 +379,6 @@ class Grants:
                     closed_reason=f"refused at activation: {decision.reasons[0]}",
                     updated_at=isoformat(now),
                 )
-                self._log_decision(tx, principal, grant.id, decision, at_activation=True)
             else:
                 end = policy.window_end(grant.entitlement, now, grant.duration)
                 tx.move_grant(
@@ -389,9 +390,8 @@ class Grants:
                     due_at="",
                     updated_at=isoformat(now),
                 )
-                self._log_decision(tx, principal, grant.id, decision, at_activation=True)
-        if not decision.allowed:
-            _raise_if_refused(decision)
+            self._log_decision(tx, principal, grant.id, decision, at_activation=True)
+        _raise_if_refused(decision)
         grant = self.store.get_grant(grant.id)
         return self._issue(principal, grant, policy.entitlements[grant.entitlement], public_key)
 
@@ -597,20 +597,21 @@ class Grants:
                     valid_until=grant.window_end,
                 )
             return
-        outcome = self._remove(grant, backend)
+        outcome = self._remove(backend, grant.handle)
         with self.store.transaction() as tx:
             self._log_removal(tx, grant, backend, outcome, replaced=True)
 
-    def _remove(self, grant: Grant, backend) -> tuple[str, str]:
+    def _remove(self, backend, handle: str) -> Removal:
         """Revoke, then verify even when the revoke call failed: Vault's own expiry may have
         removed it in the same instant, and what counts is whether the credential is gone, not
-        who removed it. Returns what went wrong with each ("" for nothing)."""
-        revoke_error = _failure_of(backend.revoke, grant.handle)
-        verify_error = _failure_of(backend.is_gone, grant.handle, want=True)
-        return revoke_error, verify_error
+        who removed it."""
+        return Removal(
+            _failure_of(backend.revoke, handle),
+            _failure_of(backend.is_gone, handle, want=True),
+        )
 
     def _log_removal(
-        self, tx: Transaction, grant: Grant, backend, outcome: tuple[str, str], **context
+        self, tx: Transaction, grant: Grant, backend, outcome: Removal, **context
     ) -> None:
         revoke_error, verify_error = outcome
         handle = self._fingerprint(grant.handle)
@@ -687,12 +688,10 @@ class Grants:
         if not self._claim_for_removal(grant, now, attempt):
             return
         backend = self.backends[grant.backend]
-        outcome = self._remove(grant, backend)
-        revoke_error, verify_error = outcome
-        gone = not verify_error
+        outcome = self._remove(backend, grant.handle)
         with self.store.transaction() as tx:
             self._log_removal(tx, grant, backend, outcome, attempt=attempt)
-            if gone:
+            if outcome.gone:
                 tx.move_grant(
                     grant.id,
                     REVOKING,
@@ -702,7 +701,7 @@ class Grants:
                     updated_at=self._now(),
                 )
                 return
-            error = "; ".join(dict.fromkeys(e for e in (revoke_error, verify_error) if e))
+            error = outcome.error
             backoff = min(self.retry_max, self.retry_min * 2 ** (attempt - 1))
             retry_at = isoformat(now + timedelta(seconds=backoff))
             tx.move_grant(
@@ -793,7 +792,7 @@ class Grants:
         now = now or self.clock()
         findings, seen = [], set()
         for backend in self.backends.values():
-            for holding in backend.holdings() if hasattr(backend, "holdings") else ():
+            for holding in backend.holdings():
                 seen.add(holding.grant_id)
                 grant = self.store.get_grant(holding.grant_id)
                 why = self._stray(backend, holding, grant, now)
@@ -835,22 +834,21 @@ class Grants:
         return True
 
     def _remove_stray(self, backend, holding: Holding, grant: Grant | None, why: str) -> dict:
-        revoke_error = _failure_of(backend.revoke, holding.handle)
-        verify_error = _failure_of(backend.is_gone, holding.handle, want=True)
+        outcome = self._remove(backend, holding.handle)
         finding = {
             "backend": backend.kind,
             "handle": self._fingerprint(holding.handle),
             "found": holding.description,
             "why": why,
             "grant_status": grant.status if grant else None,
-            "accepted": not revoke_error,
-            "gone": not verify_error,
+            "accepted": not outcome.revoke_error,
+            "gone": outcome.gone,
             "method": backend.verify_method,
-            "error": "; ".join(e for e in (revoke_error, verify_error) if e) or None,
+            "error": outcome.error or None,
         }
         with self.store.transaction() as tx:
             self._log(tx, "reconcile", REAPER, holding.grant_id, **finding)
-        log_at = log.warning if verify_error else log.info
+        log_at = log.info if outcome.gone else log.warning
         log_at(
             "reconcile: stray %s credential of grant %s: %s", backend.kind, holding.grant_id, why
         )
@@ -911,6 +909,21 @@ class Grants:
 
     def _log(self, tx: Transaction, type_: str, actor: dict, grant_id: str, **data) -> None:
         tx.append(self._now(), type_, actor, grant_id, data)
+
+
+class Removal(NamedTuple):
+    """What went wrong revoking a credential and verifying it gone ("" for nothing)."""
+
+    revoke_error: str
+    verify_error: str
+
+    @property
+    def gone(self) -> bool:
+        return not self.verify_error
+
+    @property
+    def error(self) -> str:
+        return "; ".join(dict.fromkeys(e for e in self if e))
 
 
 def _failure_of(step: Callable, handle: str, want: object = None) -> str:
