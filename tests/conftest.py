@@ -259,6 +259,22 @@ def make_app(tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, 
     return build
 
 
+@pytest.fixture
+def api_for(tokens):
+    """An API caller for an app: real bearer tokens from the provider, Flask's test client."""
+
+    def for_app(app):
+        client = app.test_client()
+
+        def call(method, path, body=None, user="alice"):
+            headers = {"Authorization": f"Bearer {tokens(user)}"}
+            return client.open(path, method=method, json=body, headers=headers)
+
+        return call
+
+    return for_app
+
+
 @pytest.fixture(scope="session")
 def tokens(oidc_provider):
     """Real access tokens from the provider, one login per user for the session."""

@@ -28,14 +28,8 @@ def jit(app):
 
 
 @pytest.fixture
-def api(app, tokens):
-    client = app.test_client()
-
-    def call(method, path, body=None, user="alice"):
-        headers = {"Authorization": f"Bearer {tokens(user)}"}
-        return client.open(path, method=method, json=body, headers=headers)
-
-    return call
+def api(app, api_for):
+    return api_for(app)
 
 
 def health(app):
@@ -135,20 +129,6 @@ def test_vault_out_of_reach_is_degraded_not_failing(make_app):
     status, body = health(app)
     assert (status, body["status"]) == (200, "degraded")
     assert not body["checks"]["vault"]["ok"] and "unreachable" in body["checks"]["vault"]["error"]
-
-
-@pytest.fixture
-def api_for(tokens):
-    def for_app(app):
-        client = app.test_client()
-
-        def call(method, path, body=None, user="alice"):
-            headers = {"Authorization": f"Bearer {tokens(user)}"}
-            return client.open(path, method=method, json=body, headers=headers)
-
-        return call
-
-    return for_app
 
 
 def test_the_home_page_warns_of_the_users_grants_whose_removal_is_unverified(make_app):

@@ -57,14 +57,8 @@ def grants(app):
 
 
 @pytest.fixture
-def api(app, tokens):
-    client = app.test_client()
-
-    def call(method, path, user="alice", body=None):
-        headers = {"Authorization": f"Bearer {tokens(user)}"}
-        return client.open(path, method=method, json=body, headers=headers)
-
-    return call
+def api(app, api_for):
+    return api_for(app)
 
 
 def ask(api, public_key, duration="10m"):
