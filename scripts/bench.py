@@ -59,14 +59,22 @@ def main(count: int) -> None:
     try:
         client = bao.client()
         (workdir / "policy.toml").write_text(POLICY)
-        grants = Grants(Store(workdir / "broker.db"), PolicyFile(workdir / "policy.toml").current,
-                        make_backends(client), fingerprint_key=b"k" * 32)
+        grants = Grants(
+            Store(workdir / "broker.db"),
+            PolicyFile(workdir / "policy.toml").current,
+            make_backends(client),
+            fingerprint_key=b"k" * 32,
+        )
         grants.store.migrate()
 
         def raw_issue():
             return client.auth.token.create_orphan(
-                policies=["default"], ttl="600s", explicit_max_ttl="600s", renewable=False,
-                meta={"jit_grant_id": "bench"})["auth"]["accessor"]
+                policies=["default"],
+                ttl="600s",
+                explicit_max_ttl="600s",
+                renewable=False,
+                meta={"jit_grant_id": "bench"},
+            )["auth"]["accessor"]
 
         def broker_issue():
             return grants.request(BENCHER, "bench", "10m", "benchmark")[0]
@@ -102,8 +110,10 @@ def main(count: int) -> None:
         print(f"{'':32}{'raw Vault':>12}{'broker':>12}{'ratio':>9}")
         for name, raw, broker in rows:
             print(f"{name:32}{raw * 1000:>10.2f}ms{broker * 1000:>10.2f}ms{broker / raw:>8.2f}x")
-        print(f"{'memory per issue (peak)':32}{raw_peak / 1024:>10.1f}KB"
-              f"{broker_peak / 1024:>10.1f}KB{broker_peak / max(raw_peak, 1):>8.2f}x")
+        print(
+            f"{'memory per issue (peak)':32}{raw_peak / 1024:>10.1f}KB"
+            f"{broker_peak / 1024:>10.1f}KB{broker_peak / max(raw_peak, 1):>8.2f}x"
+        )
         print(f"\naudit chain after the run: {chain_ok}")
     finally:
         bao.stop()

@@ -1,5 +1,7 @@
 """Start the whole stack on localhost for scripts/dev: OpenBao, the OIDC provider with demo users,
-an example config and policy, then the broker. Ctrl-C stops all of it."""
+an example config and policy, then the broker. Ctrl-C stops all of it.
+
+`scripts/dev token USER`, while the stack runs, prints an API access token for a demo user."""
 
 from __future__ import annotations
 
@@ -11,7 +13,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.services import OidcProvider, OpenBao, demo_accounts, provider_config  # noqa: E402
+import requests  # noqa: E402
+
+from tests.services import (  # noqa: E402
+    LoginFailed,
+    OidcProvider,
+    OpenBao,
+    demo_accounts,
+    provider_config,
+    user_access_token,
+)
 
 BROKER_URL = "http://localhost:5000"
 VAULT_PORT, OIDC_PORT = 8200, 9000
@@ -88,6 +99,7 @@ def main() -> None:
   OpenBao         {bao.addr}   root token: {bao.root_token}
   OIDC provider   {provider.issuer}
   demo users      {users}; any password
+  API token       TOKEN=$(scripts/dev token alice)   (in another terminal)
   config          {config}   (jit -c {config.relative_to(ROOT)} audit verify)
   Ctrl-C stops everything.
 """,
@@ -102,5 +114,23 @@ def main() -> None:
         bao.stop()
 
 
+def print_token(username: str) -> None:
+    """Log in as a demo user through the running provider's own form (the CLI client's code flow
+    with PKCE) and print the access token, for `curl -H "Authorization: Bearer $TOKEN"`."""
+    provider = OidcProvider(None, {"issuer": f"http://127.0.0.1:{OIDC_PORT}"})
+    try:
+        print(user_access_token(provider, username))
+    except requests.ConnectionError:
+        sys.exit("scripts/dev token: the dev stack is not running; start it with scripts/dev")
+    except LoginFailed:
+        users = ", ".join(demo_accounts())
+        sys.exit(f"scripts/dev token: {username!r} cannot log in; the demo users are {users}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["token"] and len(sys.argv) == 3:
+        print_token(sys.argv[2])
+    elif len(sys.argv) > 1:
+        sys.exit("usage: scripts/dev [token USER]")
+    else:
+        main()
