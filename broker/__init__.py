@@ -9,6 +9,7 @@ from pathlib import Path
 from flask import Flask
 
 from . import audit, web
+from .audit_log import AuditLog
 from .config import Settings, check_service_settings, load_settings
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
@@ -32,6 +33,7 @@ class Services:
     reaper: Reaper
     policy: PolicyFile
     notifier: Notifier
+    audit_log: AuditLog
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -67,7 +69,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         heartbeat_every=reaper_settings["heartbeat"],
         vault_health=lambda: vault_health(vault),
     )
-    reaper = Reaper(grants, reaper_settings["heartbeat"], reaper_settings["reconcile_every"])
+    audit_log = AuditLog(
+        store, fingerprint_key, audit.load_or_create_key(settings.signing_key_path)
+    )
+    reaper = Reaper(
+        grants,
+        reaper_settings["heartbeat"],
+        reaper_settings["reconcile_every"],
+        checkpoint=audit_log.checkpoint,
+        checkpoint_every=settings.audit["checkpoint_every"],
+    )
     grants.on_change = reaper.wake
     if reaper_settings["enabled"]:
         grants.heartbeat = reaper.heartbeat  # no reaper, no issuing; unless it is switched off
@@ -76,7 +87,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     verifier = BearerVerifier(
         metadata, oidc["api_audience"], oidc["algorithms"], oidc["groups_claim"], oidc["leeway"]
     )
-    app.extensions["jit"] = Services(settings, grants, metadata, verifier, reaper, policy, notifier)
+    app.extensions["jit"] = Services(
+        settings, grants, metadata, verifier, reaper, policy, notifier, audit_log
+    )
     web.init_app(app)
     if settings.reaper["enabled"]:
         reaper.start()

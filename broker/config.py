@@ -40,6 +40,15 @@ DEFAULTS: dict[str, dict] = {
         "reconcile_every": 300,  # seconds between sweeps of what Vault holds for the broker
     },
     "notify": {"webhook_url": "", "timeout": 5},
+    "audit": {
+        "signing_key": "",  # Ed25519 key for checkpoints, outside the database (default data_dir/)
+        "checkpoint_every": 60,  # seconds between signed checkpoints (when the log grew)
+        "auditor_groups": ["auditors"],  # who may read the review pages
+        "forward_url": "",  # an HTTP endpoint that receives every entry, in order (empty: off)
+        "forward_token": "",  # sent as a bearer token to forward_url
+        "forward_timeout": 5,
+        "forward_batch": 100,
+    },
     # Only to verify that a database user is gone: read pg_roles. Never used to create users.
     "postgres": {"dsn": ""},
 }
@@ -54,6 +63,7 @@ class Settings:
     storage: dict
     reaper: dict
     notify: dict
+    audit: dict
     postgres: dict
     root: Path = field(default=Path("."))
 
@@ -64,6 +74,10 @@ class Settings:
     @property
     def database_path(self) -> Path:
         return self._path(self.storage["path"] or str(self.data_dir / "broker.db"))
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self._path(self.audit["signing_key"] or str(self.data_dir / "audit-signing.key"))
 
     @property
     def policy_path(self) -> Path:

@@ -898,9 +898,6 @@ class Grants:
     def chain(self, grant_id: str) -> list[dict]:
         return list(self.store.audit_entries(grant_id))
 
-    def verify_chain(self) -> audit.Verification:
-        return audit.verify(self.store.audit_entries())
-
     def _now(self) -> str:
         return isoformat(self.clock())
 

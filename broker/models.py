@@ -195,6 +195,10 @@ class Grant:
     ticket: str = ""
     approvals_required: int = 0
     closed_reason: str = ""  # why it was denied, cancelled or refused at activation
+    break_glass: int = 0  # 1: the emergency path, issued without approval; must be reviewed
+    review_due: str = ""  # a break-glass grant's review deadline
+    reviewed_at: str = ""
+    reviewed_by: str = ""
 
     def owned_by(self, principal: Principal) -> bool:
         return (self.requester_iss, self.requester_sub) == (principal.issuer, principal.subject)

@@ -1,6 +1,7 @@
 """The background thread that ends grants on time. It sleeps until the next deadline, the next
 reconciliation or the next heartbeat, or until woken by a new grant or a release; the work itself is
-`Grants.reap_due` and `Grants.reconcile`, which tests call directly. Each completed pass is a
+`Grants.reap_due` and `Grants.reconcile`, which tests call directly. It also signs the audit log's
+checkpoints, at intervals and once more when it stops. Each completed pass is a
 heartbeat: when the heartbeats stop, the broker stops issuing (`Grants.health`)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 
 from .grants import Grants
@@ -19,10 +21,20 @@ ERROR_PAUSE = 5.0  # seconds before trying again after the store itself failed
 
 
 class Reaper:
-    def __init__(self, grants: Grants, heartbeat: float = 30, reconcile_every: float = 300):
+    def __init__(
+        self,
+        grants: Grants,
+        heartbeat: float = 30,
+        reconcile_every: float = 300,
+        checkpoint: Callable[[], object] = lambda: None,
+        checkpoint_every: float = 60,
+    ):
         self.grants = grants
         self.heartbeat_every = heartbeat
         self.reconcile_every = reconcile_every
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self._next_checkpoint = 0.0
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -42,11 +54,13 @@ class Reaper:
         self._wake.set()
 
     def stop(self, timeout: float = 10) -> None:
+        """Stop the thread, then sign a last checkpoint over everything written until now."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._checkpoint()
 
     @property
     def running(self) -> bool:
@@ -66,9 +80,19 @@ class Reaper:
             if time.monotonic() >= self._next_reconcile:
                 self._reconcile()
             pause = self._reap()
+            if time.monotonic() >= self._next_checkpoint:
+                self._next_checkpoint = time.monotonic() + self.checkpoint_every
+                self._checkpoint()
             if not self._stopping:
-                until_reconcile = self._next_reconcile - time.monotonic()
-                self._wake.wait(max(0.0, min(pause, until_reconcile, self.heartbeat_every)))
+                now = time.monotonic()
+                until = min(self._next_reconcile, self._next_checkpoint) - now
+                self._wake.wait(max(0.0, min(pause, until, self.heartbeat_every)))
+
+    def _checkpoint(self) -> None:
+        try:
+            self.checkpoint()
+        except Exception:
+            log.exception("signing an audit checkpoint failed; trying again at the next one")
 
     def _reconcile(self) -> None:
         """A failed sweep (Vault down) is logged and tried again at the next one."""

@@ -16,7 +16,7 @@ import sqlite_utils
 from . import audit
 from .models import Approval, Grant
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GRANT_COLUMNS = [f.name for f in fields(Grant)]
 V1_GRANT_COLUMNS = [
     "id",
@@ -124,6 +124,8 @@ class Store:
                 _create_v1(tx.db)
             if version < 2:
                 _migrate_v2(tx.db)
+            if version < 3:
+                _migrate_v3(tx.db)
             tx.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -205,15 +207,66 @@ class Store:
             for row in rows
         ]
 
-    def audit_entries(self, grant_id: str | None = None) -> Iterator[dict]:
+    def audit_entries(
+        self, grant_id: str | None = None, after: int = 0, limit: int = -1
+    ) -> Iterator[dict]:
+        """Entries in sequence order: all, one grant's, or the next `limit` after seq `after`."""
         if grant_id is None:
-            rows = self.db.execute("SELECT * FROM audit ORDER BY seq")
+            rows = self.db.execute(
+                "SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", [after, limit]
+            )
         else:
             rows = self.db.execute(
-                "SELECT * FROM audit WHERE grant_id = ? ORDER BY seq", [grant_id]
+                "SELECT * FROM audit WHERE grant_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                [grant_id, after, limit],
             )
         for row in rows:
             yield _entry(row)
+
+    def audit_entries_containing(self, text: str) -> Iterator[dict]:
+        """Entries whose data holds `text` (an HMAC fingerprint): a scan, for rare lookups."""
+        rows = self.db.execute("SELECT * FROM audit WHERE instr(data, ?) > 0 ORDER BY seq", [text])
+        for row in rows:
+            yield _entry(row)
+
+    def audit_entry(self, seq: int) -> dict | None:
+        row = self.db.execute("SELECT * FROM audit WHERE seq = ?", [seq]).fetchone()
+        return _entry(row) if row else None
+
+    def audit_head(self) -> dict | None:
+        row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return _entry(row) if row else None
+
+    def audit_seq_range(self, since: str = "", until: str = "") -> tuple[int, int]:
+        """The first and last seq of the entries written in [since, until) (0, 0: none)."""
+        first, last = self.db.execute(
+            "SELECT MIN(seq), MAX(seq) FROM audit WHERE at >= ? AND (? = '' OR at < ?)",
+            [since, until, until],
+        ).fetchone()
+        return (first or 0, last or 0)
+
+    def add_checkpoint(self, checkpoint: dict) -> None:
+        self.db["checkpoints"].insert(checkpoint, replace=True)
+
+    def checkpoints(self, first: int = 0, last: int | None = None) -> list[dict]:
+        """Signed checkpoints whose size lies in [first, last], smallest first."""
+        rows = self.db.execute(
+            "SELECT * FROM checkpoints WHERE size >= ? AND (? IS NULL OR size <= ?) ORDER BY size",
+            [first, last, last],
+        )
+        return [dict(row) for row in rows]
+
+    def cursor(self, name: str) -> int:
+        """A consumer's position in the audit log (the last seq it has taken)."""
+        row = self.db.execute("SELECT seq FROM cursors WHERE name = ?", [name]).fetchone()
+        return row[0] if row else 0
+
+    def set_cursor(self, name: str, seq: int) -> None:
+        self.db.execute(
+            "INSERT INTO cursors (name, seq) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET seq = excluded.seq",
+            [name, seq],
+        )
 
 
 def _entry(row: sqlite3.Row) -> dict:
@@ -259,3 +312,25 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
         {"grant_id": str, "issuer": str, "subject": str, "display": str, "groups": str, "at": str}
     )
     db["approvals"].create_index(["grant_id", "issuer", "subject"], unique=True)
+
+
+def _migrate_v3(db: sqlite_utils.Database) -> None:
+    """Break-glass and its review, signed checkpoints, consumer cursors, and the indexes behind
+    the auditors' filters (each filter, newest first)."""
+    db["grants"].add_column("break_glass", int, not_null_default=0)
+    for name in ("review_due", "reviewed_at", "reviewed_by"):
+        db["grants"].add_column(name, str, not_null_default="")
+    for columns in (
+        ["created_at"],
+        ["requester", "created_at"],
+        ["requester_sub", "created_at"],
+        ["entitlement", "created_at"],
+        ["status", "created_at"],
+        ["break_glass", "created_at"],
+    ):
+        db["grants"].create_index(columns, if_not_exists=True)
+    db["audit"].create_index(["at"], if_not_exists=True)
+    db["checkpoints"].create(
+        {"size": int, "head": str, "at": str, "key_id": str, "signature": str}, pk="size"
+    )
+    db["cursors"].create({"name": str, "seq": int}, pk="name")

@@ -1,0 +1,31 @@
+"""The audit log: the hash chain, signed checkpoints, verification and export. Imports nothing of
+the broker; storing entries is the store's job, deciding what to log the use cases' job."""
+
+from .chain import GENESIS, canonical, entry_hash, fingerprint, seal
+from .signing import (
+    checkpoint_problem,
+    key_id,
+    load_or_create_key,
+    load_private_key,
+    load_public_key,
+    public_pem,
+    sign_checkpoint,
+)
+from .verify import Verification, verify
+
+__all__ = [
+    "GENESIS",
+    "Verification",
+    "canonical",
+    "checkpoint_problem",
+    "entry_hash",
+    "fingerprint",
+    "key_id",
+    "load_or_create_key",
+    "load_private_key",
+    "load_public_key",
+    "public_pem",
+    "seal",
+    "sign_checkpoint",
+    "verify",
+]

@@ -1,0 +1,116 @@
+"""The auditors' use cases over the stored log: sign checkpoints, verify the whole log, show one
+grant's timeline with its chain checked, look up whether a value appears. Reads the store; writes
+only checkpoints (entries are written by `grants`, in the transaction of the change they record)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import audit
+from .models import isoformat, utcnow
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One grant's entries, and whether the chain holding them verifies."""
+
+    entries: list[dict]
+    verification: audit.Verification
+
+
+class AuditLog:
+    def __init__(
+        self,
+        store: Store,
+        fingerprint_key: bytes,
+        signing_key: Ed25519PrivateKey | None = None,
+        public_key: Ed25519PublicKey | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ):
+        self.store = store
+        self.fingerprint_key = fingerprint_key
+        self.signing_key = signing_key
+        self.public_key = public_key or (signing_key.public_key() if signing_key else None)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._verified = (0, audit.GENESIS, 0)  # (seq, hash, signed size) checked so far
+
+    @property
+    def key_id(self) -> str:
+        return audit.key_id(self.public_key) if self.public_key else ""
+
+    @property
+    def public_key_pem(self) -> str:
+        return audit.public_pem(self.public_key) if self.public_key else ""
+
+    def checkpoint(self) -> dict | None:
+        """Sign the log's size and head hash, if it grew since the last checkpoint."""
+        if self.signing_key is None:
+            return None
+        head = self.store.audit_head()
+        latest = self.store.checkpoints(first=head["seq"]) if head else [{}]
+        if head is None or latest:
+            return None
+        checkpoint = audit.sign_checkpoint(
+            self.signing_key, head["seq"], head["hash"], isoformat(self.clock())
+        )
+        self.store.add_checkpoint(checkpoint)
+        return checkpoint
+
+    def verify(self, public_key: Ed25519PublicKey | None = None) -> audit.Verification:
+        """The whole log against every checkpoint, under `public_key` (a pinned key) or ours."""
+        return audit.verify(
+            self.store.audit_entries(), self.store.checkpoints(), public_key or self.public_key
+        )
+
+    def timeline(self, grant_id: str) -> Timeline:
+        """One grant's entries. The log is verified in full once, then only what was appended
+        since; the grant's own entries are checked again each time, hash and link."""
+        entries = list(self.store.audit_entries(grant_id))
+        verification = self._verify_since_last()
+        if verification.ok:
+            verification = self._recheck(entries, verification)
+        return Timeline(entries, verification)
+
+    def _verify_since_last(self) -> audit.Verification:
+        with self._lock:
+            seq, head, signed_size = self._verified
+            checkpoints = self.store.checkpoints(first=seq + 1)
+            result = audit.verify(
+                self.store.audit_entries(after=seq),
+                checkpoints,
+                self.public_key,
+                first_seq=seq + 1,
+                first_prev=head,
+            )
+            if not result.ok:
+                return result
+            if result.checked:
+                last = self.store.audit_entry(result.last_seq)
+                signed_size = result.signed_size or signed_size
+                self._verified = (result.last_seq, last["hash"], signed_size)
+            total = self._verified[0]
+            return audit.Verification(True, total, signed_size=signed_size, last_seq=total)
+
+    def _recheck(self, entries: list[dict], whole: audit.Verification) -> audit.Verification:
+        for entry in entries:
+            before = self.store.audit_entry(entry["seq"] - 1)
+            link = before["hash"] if before else audit.GENESIS
+            if audit.entry_hash(entry) != entry["hash"] or entry["prev"] != link:
+                return audit.verify(
+                    self.store.audit_entries(), self.store.checkpoints(), self.public_key
+                )
+        return whole
+
+    def lookup(self, value: str) -> list[dict]:
+        """The entries that name `value` (a token accessor, lease id, database user name, SSH
+        serial): the log holds only its HMAC, so this is how an auditor asks."""
+        return list(
+            self.store.audit_entries_containing(audit.fingerprint(self.fingerprint_key, value))
+        )
