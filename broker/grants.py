@@ -442,7 +442,7 @@ class Grants:
                     principal.actor(),
                     grant.id,
                     backend=chosen.backend,
-                    handle=self._fingerprint(credential.handle),
+                    **self._marks(backend, credential.handle),
                     **credential.details,
                 )
         except BrokerError:
@@ -571,7 +571,7 @@ class Grants:
                     window_end_was=grant.window_end,
                     window_end=isoformat(new_end),
                     backend=chosen.backend,
-                    handle=self._fingerprint(credential.handle),
+                    **self._marks(backend, credential.handle),
                     replaces=self._fingerprint(grant.handle),
                     **credential.details,
                 )
@@ -614,13 +614,13 @@ class Grants:
         self, tx: Transaction, grant: Grant, backend, outcome: Removal, **context
     ) -> None:
         revoke_error, verify_error = outcome
-        handle = self._fingerprint(grant.handle)
+        marks = self._marks(backend, grant.handle)
         self._log(
             tx,
             "revoke",
             REAPER,
             grant.id,
-            handle=handle,
+            **marks,
             accepted=not revoke_error,
             error=revoke_error or None,
             **context,
@@ -630,7 +630,7 @@ class Grants:
             "verify",
             REAPER,
             grant.id,
-            handle=handle,
+            **marks,
             gone=not verify_error,
             method=backend.verify_method,
             error=verify_error or None,
@@ -837,7 +837,7 @@ class Grants:
         outcome = self._remove(backend, holding.handle)
         finding = {
             "backend": backend.kind,
-            "handle": self._fingerprint(holding.handle),
+            **self._marks(backend, holding.handle),
             "found": holding.description,
             "why": why,
             "grant_status": grant.status if grant else None,
@@ -903,6 +903,16 @@ class Grants:
 
     def _fingerprint(self, handle: str) -> str:
         return audit.fingerprint(self.fingerprint_key, handle)
+
+    def _marks(self, backend, handle: str) -> dict:
+        """What the log keeps of a credential's handle and of each name it goes by (accessor,
+        lease id, database user, serial): HMACs, which `jit audit lookup` matches and nobody can
+        read back."""
+        names = backend.identifiers(handle) if handle else {}
+        return {
+            "handle": self._fingerprint(handle),
+            "identifiers": {name: self._fingerprint(value) for name, value in names.items()},
+        }
 
     def _log(self, tx: Transaction, type_: str, actor: dict, grant_id: str, **data) -> None:
         tx.append(self._now(), type_, actor, grant_id, data)

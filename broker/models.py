@@ -142,6 +142,8 @@ class IssuedCredential:
     expires_at: datetime
     kind: str
     details: dict = field(default_factory=dict)  # non-secret facts: policies, ttl, request id
+    # Shown to the requester with the secret, but in the audit log only as HMACs (a user name).
+    private: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,10 @@ class VaultTokenBackend:
             },
         )
 
+    def identifiers(self, handle: str) -> dict:
+        """What names the credential, for the audit log's HMACs and `jit audit lookup`."""
+        return {"accessor": handle}
+
     @translate_errors
     def revoke(self, handle: str) -> None:
         """Revoke by accessor. An accessor Vault no longer knows is already gone: not an error."""
@@ -333,8 +337,8 @@ class DatabaseBackend:
             handle=json.dumps(handle, sort_keys=True),
             expires_at=expires_at,
             kind=self.kind,
+            private={"username": username},
             details={
-                "username": username,
                 "database_role": options.role,
                 "mount": mount,
                 "ttl": creds["lease_duration"],
@@ -350,6 +354,11 @@ class DatabaseBackend:
         rules = f'path "{mount}/creds/jit-{role}-*" {{ capabilities = ["read"] }}'
         self.client.sys.create_or_update_policy(name, rules)
         return name
+
+    def identifiers(self, handle: str) -> dict:
+        found = json.loads(handle)
+        names = ("lease_id", "accessor", "username")
+        return {name: found[name] for name in names if found.get(name)}
 
     @translate_errors
     def revoke(self, handle: str) -> None:
@@ -525,6 +534,9 @@ class SshCertificateBackend:
                 "vault_request_id": signed["request_id"],
             },
         )
+
+    def identifiers(self, handle: str) -> dict:
+        return {"serial": str(json.loads(handle)["serial"])}
 
     def revoke(self, handle: str) -> None:
         """Nothing can revoke an SSH certificate; it ends at its valid_before."""

@@ -103,10 +103,12 @@ def test_a_request_gives_a_postgres_user_that_ends_by_the_window_end(api, grants
         ).fetchone()
     assert end - timedelta(seconds=30) < valid_until <= end + timedelta(seconds=1)
 
-    # The chain names the user (not a secret) and never the password.
+    # The chain holds the user name only as an HMAC, and never the password.
     issued = next(e for e in grants.chain(body["id"]) if e["type"] == "issue")
-    assert issued["data"]["username"] == credential["username"]
-    assert credential["password"] not in str(grants.chain(body["id"]))
+    chain_text = str(grants.chain(body["id"]))
+    assert credential["username"] not in chain_text and credential["password"] not in chain_text
+    username_mark = audit.fingerprint(grants.fingerprint_key, credential["username"])
+    assert issued["data"]["identifiers"]["username"] == username_mark
     api("POST", f"/api/v1/requests/{body['id']}/release")
     grants.reap_due()
 

@@ -198,7 +198,7 @@ def db_grants(make_app, postgres, database_engine, inventory):  # noqa: F811
 def test_a_database_user_issued_but_never_recorded_is_removed(db_grants, postgres, openbao):
     grant_id = str(uuid.uuid4())
     credential = issue_unrecorded(db_grants, grant_id, "db-read", "database")
-    user = {"username": credential.details["username"], "password": credential.secret}
+    user = {"username": credential.private["username"], "password": credential.secret}
     login(postgres, user).close()
 
     (finding,) = db_grants.reconcile()
@@ -219,7 +219,7 @@ def test_a_database_user_issued_but_never_recorded_is_removed(db_grants, postgre
 
 def test_a_live_database_user_is_not_touched(db_grants, postgres):
     grant, credential = db_grants.request(ALICE, "db-read", "10m", "live user")
-    user = {"username": credential.details["username"], "password": credential.secret}
+    user = {"username": credential.private["username"], "password": credential.secret}
     assert db_grants.reconcile(now=utcnow() + LATER) == []
     login(postgres, user).close()
     db_grants.release(ALICE, grant.id)

@@ -135,7 +135,7 @@ def credential_json(credential: IssuedCredential) -> dict:
     if credential.kind == "database":
         return {
             "type": credential.kind,
-            "username": credential.details.get("username"),
+            "username": credential.private.get("username"),
             "password": credential.secret,
             "expires_at": credential.details.get("expires_at"),
         }
