@@ -8,10 +8,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import audit
+from .audit.bundle import write_bundle
 from .models import isoformat, utcnow
 from .store import Store
 
@@ -57,9 +59,7 @@ class AuditLog:
         latest = self.store.checkpoints(first=head["seq"]) if head else [{}]
         if head is None or latest:
             return None
-        checkpoint = audit.sign_checkpoint(
-            self.signing_key, head["seq"], head["hash"], isoformat(self.clock())
-        )
+        checkpoint = audit.sign_checkpoint(self.signing_key, head["seq"], head["hash"], self._now())
         self.store.add_checkpoint(checkpoint)
         return checkpoint
 
@@ -107,6 +107,17 @@ class AuditLog:
                     self.store.audit_entries(), self.store.checkpoints(), self.public_key
                 )
         return whole
+
+    def export(self, path: Path, fmt: str, since: str = "", until: str = "") -> dict:
+        """A bundle of the entries written in [since, until) with the checkpoints over them."""
+        first, last = self.store.audit_seq_range(since, until)
+        entries = self.store.audit_entries(after=first - 1, limit=last - first + 1) if last else ()
+        checkpoints = self.store.checkpoints(first, last) if last else []
+        about = {"since": since or None, "until": until or None, "exported_at": self._now()}
+        return write_bundle(path, fmt, entries, checkpoints, self.public_key_pem, about)
+
+    def _now(self) -> str:
+        return isoformat(self.clock())
 
     def lookup(self, value: str) -> list[dict]:
         """The entries that name `value` (a token accessor, lease id, database user name, SSH

@@ -11,9 +11,11 @@ import click
 from flask import Flask
 
 from . import audit
+from .audit.bundle import FORMATS, BundleError, verify_bundle
+from .audit_log import AuditLog
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
-from .models import Principal, parse_time, utcnow
+from .models import Principal, isoformat, parse_time, utcnow
 from .policy import explain
 from .policy_loader import PolicyError, load_policy
 from .store import Store
@@ -78,14 +80,54 @@ def serve(settings: Settings) -> None:
 
 @main.group("audit")
 def audit_group() -> None:
-    """Read and check the audit chain (needs only the database)."""
+    """Read, check, search and export the audit log (needs only the data directory)."""
+
+
+def _audit_log(settings: Settings) -> AuditLog:
+    """The log as the CLI reads it: never makes a key (a new key would disown every checkpoint)."""
+    hmac_key = settings.data_dir / "audit-hmac.key"
+    signing = settings.signing_key_path
+    return AuditLog(
+        _store(settings),
+        hmac_key.read_bytes() if hmac_key.exists() else b"",
+        public_key=audit.load_private_key(signing).public_key() if signing.exists() else None,
+    )
+
+
+def _pinned_key(path: str | None):
+    if path is None:
+        return None
+    try:
+        return audit.load_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--public-key") from None
 
 
 @audit_group.command("verify")
+@click.option(
+    "--bundle",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Check an exported bundle instead of the database: offline, nothing else needed.",
+)
+@click.option(
+    "--public-key",
+    "public_key",
+    type=click.Path(dir_okay=False),
+    help="The PEM key fetched earlier from /api/v1/audit/public-key; checkpoints must verify "
+    "under it (default: the bundle's key, or the broker's own key file).",
+)
 @click.pass_obj
-def audit_verify(settings: Settings) -> None:
-    """Check every entry's hash and link; exit 1 naming the first broken entry."""
-    result = audit.verify(_store(settings).audit_entries())
+def audit_verify(settings: Settings, bundle: str | None, public_key: str | None) -> None:
+    """Check every entry's place, hash and link, and every signed checkpoint; exit 1 naming the
+    first bad sequence number and what is wrong there."""
+    pinned = _pinned_key(public_key)
+    if bundle:
+        try:
+            result = verify_bundle(Path(bundle), pinned)
+        except BundleError as exc:
+            raise click.ClickException(str(exc)) from None
+    else:
+        result = _audit_log(settings).verify(pinned)
     click.echo(str(result))
     sys.exit(0 if result.ok else 1)
 
@@ -100,14 +142,84 @@ def audit_show(settings: Settings, grant_id: str, as_json: bool) -> None:
     if not entries:
         raise click.ClickException(f"no audit entries for grant {grant_id}")
     for entry in entries:
-        if as_json:
-            click.echo(json.dumps(entry, sort_keys=True))
-        else:
-            actor = entry["actor"].get("sub", "")
-            details = json.dumps(entry["data"], sort_keys=True)
-            click.echo(
-                f"{entry['seq']:>6}  {entry['at']}  {entry['type']:<13} {actor:<24} {details}"
-            )
+        _echo_entry(entry, as_json)
+
+
+def _echo_entry(entry: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(entry, sort_keys=True))
+        return
+    actor = entry["actor"].get("sub", "")
+    details = json.dumps(entry["data"], sort_keys=True)
+    grant = entry["grant_id"] or "-"
+    click.echo(
+        f"{entry['seq']:>6}  {entry['at']}  {entry['type']:<13} {actor:<24} {grant}  {details}"
+    )
+
+
+@audit_group.command("lookup")
+@click.argument("value")
+@click.option("--json", "as_json", is_flag=True, help="One JSON entry a line.")
+@click.pass_obj
+def audit_lookup(settings: Settings, value: str, as_json: bool) -> None:
+    """Does VALUE (a token accessor, lease id, database user name, certificate serial) appear in
+    the log? The log holds only HMACs of these; exit 0 and print the entries, or exit 1."""
+    audit_log = _audit_log(settings)
+    if not audit_log.fingerprint_key:
+        raise click.ClickException(f"no HMAC key in {settings.data_dir}: nothing was logged here")
+    found = audit_log.lookup(value)
+    if not found:
+        click.echo("not found: the value appears in no audit entry")
+        sys.exit(1)
+    for entry in found:
+        _echo_entry(entry, as_json)
+
+
+def _moment(value: str | None, name: str) -> str:
+    """A date or ISO 8601 time as the log writes times (UTC, seconds, Z); "" for none."""
+    if not value:
+        return ""
+    try:
+        return isoformat(parse_time(value if "T" in value else value + "T00:00:00Z"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a date (2026-11-01) or UTC time (2026-11-01T12:00:00Z)",
+            param_hint=name,
+        ) from None
+
+
+@audit_group.command("export")
+@click.option("--since", help="From this date or UTC time (inclusive).")
+@click.option("--until", help="Up to this date or UTC time (exclusive).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
+@click.option(
+    "--output", "-o", required=True, type=click.Path(dir_okay=False), help="The bundle (a zip)."
+)
+@click.pass_obj
+def audit_export(
+    settings: Settings, since: str | None, until: str | None, fmt: str, output: str
+) -> None:
+    """Write a bundle: the entries in [since, until), the signed checkpoints over them and the
+    public key. `jit audit verify --bundle FILE` checks it anywhere, offline."""
+    since, until = _moment(since, "--since"), _moment(until, "--until")
+    if since and until and since >= until:
+        raise click.BadParameter("--since must be before --until", param_hint="--since")
+    target = Path(output)
+    if target.exists():
+        raise click.ClickException(f"{target} exists; choose a new file name")
+    audit_log = _audit_log(settings)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        manifest = audit_log.export(partial, fmt, since, until)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    first, last = manifest["first_seq"], manifest["last_seq"]
+    span = f"seq {first} to {last}" if manifest["count"] else "no entries"
+    click.echo(
+        f"{target}: {manifest['count']} entries ({span}), {manifest['checkpoints']} signed "
+        f"checkpoints, format {fmt}"
+    )
 
 
 @main.group("policy")

@@ -1,0 +1,283 @@
+"""Export bundles: one zip holding a range of entries (as JSON lines, CSV or OCSF events), the
+signed checkpoints over that range, and the public key, so an auditor can verify it offline with
+nothing else. Every format carries each entry exactly, and the verifier derives the format's row
+again from the entry: a row edited in any column shows as an edited entry."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import zipfile
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .chain import GENESIS, Break, canonical
+from .signing import key_id, load_public_key
+from .verify import Verification, verify
+
+FORMATS = ("jsonl", "csv", "ocsf")
+ENTRY_FILES = {"jsonl": "entries.jsonl", "csv": "entries.csv", "ocsf": "entries.ocsf.jsonl"}
+KIND = "jit-broker audit bundle"
+CSV_COLUMNS = ("seq", "at", "type", "grant_id", "actor_iss", "actor_sub", "actor", "data", "prev",
+               "hash")  # fmt: skip
+
+
+class BundleError(ValueError):
+    """A file that is not a readable bundle (as opposed to a bundle whose entries fail)."""
+
+
+# --- formats -------------------------------------------------------------------------------------
+
+
+def _neutral(text: str | None) -> str:
+    """A spreadsheet must not run a cell as a formula."""
+    text = text or ""
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
+def csv_row(entry: dict) -> list[str]:
+    actor = entry.get("actor") or {}
+    return [
+        str(entry["seq"]),
+        entry["at"],
+        entry["type"],
+        entry.get("grant_id") or "",
+        _neutral(actor.get("iss")),
+        _neutral(actor.get("sub")),
+        canonical(entry.get("actor")).decode(),
+        canonical(entry.get("data")).decode(),
+        entry["prev"],
+        entry["hash"],
+    ]
+
+
+def _entry_of_csv(row: list[str]) -> dict:
+    values = dict(zip(CSV_COLUMNS, row, strict=True))
+    return {
+        "seq": int(values["seq"]),
+        "at": values["at"],
+        "type": values["type"],
+        "grant_id": values["grant_id"] or None,
+        "actor": json.loads(values["actor"]),
+        "data": json.loads(values["data"]),
+        "prev": values["prev"],
+        "hash": values["hash"],
+    }
+
+
+ASSIGN, REVOKE, OTHER = 1, 2, 99
+ACTIVITIES = {ASSIGN: "Assign Privileges", REVOKE: "Revoke Privileges", OTHER: "Other"}
+ACTIVITY_OF = {"issue": ASSIGN, "extend": ASSIGN, "break_glass": ASSIGN, "revoke": REVOKE,
+               "verify": REVOKE, "reconcile": REVOKE}  # fmt: skip
+
+
+class OcsfMapper:
+    """Entries as OCSF User Access Management events (class 3005: assign / revoke privileges).
+    Who holds the privilege and which entitlement it is come from the grant's `request` entry,
+    so the mapper remembers them while it reads the log in order."""
+
+    def __init__(self) -> None:
+        self.grants: dict[str, dict] = {}
+
+    def event(self, entry: dict) -> dict:
+        data, grant_id = entry.get("data") or {}, entry.get("grant_id")
+        if entry["type"] == "request" and grant_id:
+            self.grants[grant_id] = {
+                "principal": data.get("principal") or {},
+                "entitlement": data.get("entitlement"),
+            }
+        grant = self.grants.get(grant_id or "", {})
+        principal = grant.get("principal") or {}
+        activity = ACTIVITY_OF.get(entry["type"], OTHER)
+        failed = (
+            bool(data.get("error")) or data.get("gone") is False or data.get("allowed") is False
+        )
+        actor = entry.get("actor") or {}
+        return {
+            "category_uid": 3,
+            "category_name": "Identity & Access Management",
+            "class_uid": 3005,
+            "class_name": "User Access Management",
+            "activity_id": activity,
+            "activity_name": ACTIVITIES[activity],
+            "type_uid": 300500 + activity,
+            "type_name": f"User Access Management: {ACTIVITIES[activity]}",
+            "time": int(datetime.fromisoformat(entry["at"].replace("Z", "+00:00")).timestamp())
+            * 1000,
+            "severity_id": 4 if failed else 3 if entry["type"] == "break_glass" else 1,
+            "status_id": 2 if failed else 1,
+            "status": "Failure" if failed else "Success",
+            "message": f"{entry['type']} of grant {grant_id}" if grant_id else entry["type"],
+            "metadata": {
+                "version": "1.3.0",
+                "product": {"name": "jit-broker", "vendor_name": "jit-broker"},
+                "log_name": "audit",
+                "uid": str(entry["seq"]),
+                "sequence": entry["seq"],
+            },
+            "actor": {"user": {"uid": actor.get("sub")}, "idp": {"name": actor.get("iss")}},
+            "user": {
+                "uid": principal.get("sub"),
+                "name": principal.get("name") or principal.get("email") or None,
+                "email_addr": principal.get("email") or None,
+            },
+            "privileges": [grant["entitlement"]] if grant.get("entitlement") else [],
+            "resource": {"uid": grant_id, "type": "jit-broker grant"},
+            "raw_data": canonical(entry).decode(),
+        }
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def write_bundle(
+    path: Path,
+    fmt: str,
+    entries: Iterable[dict],
+    checkpoints: list[dict],
+    public_key_pem: str,
+    about: dict,
+) -> dict:
+    """Write the bundle; return its manifest (what it holds, for the exporter to report)."""
+    if fmt not in FORMATS:
+        raise BundleError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    count, first, last = 0, 0, 0
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        with bundle.open(ENTRY_FILES[fmt], "w") as raw:
+            out = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+            write_row = _row_writer(fmt, out)
+            for entry in entries:
+                write_row(entry)
+                count, first, last = count + 1, first or entry["seq"], entry["seq"]
+            out.flush()
+            out.detach()
+        bundle.writestr(
+            "checkpoints.jsonl", "".join(canonical(c).decode() + "\n" for c in checkpoints)
+        )
+        bundle.writestr("public-key.pem", public_key_pem)
+        manifest = {
+            "kind": KIND,
+            "version": 1,
+            "entries_format": fmt,
+            "entries_file": ENTRY_FILES[fmt],
+            "count": count,
+            "first_seq": first,
+            "last_seq": last,
+            "checkpoints": len(checkpoints),
+            "key_id": key_id(load_public_key(public_key_pem)) if public_key_pem else "",
+            **about,
+        }
+        bundle.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def _row_writer(fmt: str, out: io.TextIOWrapper):
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        return lambda entry: writer.writerow(csv_row(entry))
+    if fmt == "ocsf":
+        mapper = OcsfMapper()
+        return lambda entry: out.write(canonical(mapper.event(entry)).decode() + "\n")
+    return lambda entry: out.write(canonical(entry).decode() + "\n")
+
+
+# --- reading and verifying -----------------------------------------------------------------------
+
+
+def verify_bundle(path: Path, pinned_key: Ed25519PublicKey | None = None) -> Verification:
+    """Check a bundle with no database and no network. With `pinned_key` (the key the auditor
+    fetched from /api/v1/audit/public-key beforehand), a bundle whose key was replaced fails."""
+    try:
+        bundle = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{path} is not a bundle: {exc}") from None
+    with bundle:
+        manifest = _manifest(bundle)
+        key = _bundle_key(bundle, pinned_key)
+        checkpoints = [json.loads(line) for line in _lines(bundle, "checkpoints.jsonl") if line]
+        first_seq = manifest.get("first_seq") or 1
+        entries = _entries(bundle, manifest)
+        result = verify(entries, checkpoints, key, first_seq, GENESIS if first_seq == 1 else None)
+        last = manifest.get("last_seq") or 0
+        if result.ok and result.last_seq < last:
+            gone = Break(
+                result.last_seq + 1,
+                f"the manifest lists entries up to seq {last} but the bundle ends at seq "
+                f"{result.last_seq}: it was cut short",
+            )
+            return Verification(False, result.checked, gone.seq, gone.problem)
+        return result
+
+
+def _manifest(bundle: zipfile.ZipFile) -> dict:
+    try:
+        manifest = json.loads(bundle.read("manifest.json"))
+    except (KeyError, ValueError) as exc:
+        raise BundleError(f"the bundle has no readable manifest.json: {exc}") from None
+    if manifest.get("kind") != KIND or manifest.get("entries_format") not in FORMATS:
+        raise BundleError("manifest.json does not describe a jit-broker audit bundle")
+    return manifest
+
+
+def _bundle_key(bundle: zipfile.ZipFile, pinned: Ed25519PublicKey | None):
+    try:
+        key = load_public_key(bundle.read("public-key.pem"))
+    except (KeyError, ValueError) as exc:
+        raise BundleError(f"the bundle's public-key.pem cannot be read: {exc}") from None
+    if pinned is not None and key_id(key) != key_id(pinned):
+        # The pinned key decides; the bundle's own key is what a forger would replace.
+        return pinned
+    return key
+
+
+def _lines(bundle: zipfile.ZipFile, name: str) -> Iterator[str]:
+    try:
+        raw = bundle.open(name)
+    except KeyError:
+        raise BundleError(f"the bundle has no {name}") from None
+    with raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+        for line in text:
+            yield line.rstrip("\n")
+
+
+def _entries(bundle: zipfile.ZipFile, manifest: dict) -> Iterator[dict]:
+    """Each entry as the format carries it; a row whose other columns disagree with the entry it
+    carries comes out with a hash that cannot match, so the verifier calls it edited."""
+    fmt = manifest["entries_format"]
+    lines = _lines(bundle, ENTRY_FILES[fmt])
+    if fmt == "csv":
+        rows = csv.reader(lines)
+        if next(rows, None) != list(CSV_COLUMNS):
+            raise BundleError("entries.csv does not start with the expected header")
+        for number, row in enumerate(rows, start=2):
+            entry = _parsed(number, lambda row=row: _entry_of_csv(row))
+            yield entry if csv_row(entry) == row else _spoiled(entry)
+        return
+    mapper = OcsfMapper()
+    for number, line in enumerate(lines, start=1):
+        if fmt == "jsonl":
+            yield _parsed(number, lambda line=line: json.loads(line))
+            continue
+        event = _parsed(number, lambda line=line: json.loads(line))
+        entry = _parsed(number, lambda event=event: json.loads(event["raw_data"]))
+        yield entry if mapper.event(entry) == event else _spoiled(entry)
+
+
+def _parsed(number: int, parse) -> dict:
+    try:
+        value = parse()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"line {number} of the entries cannot be read: {exc}") from None
+    if not isinstance(value, dict):
+        raise BundleError(f"line {number} of the entries is not an object")
+    return value
+
+
+def _spoiled(entry: dict) -> dict:
+    """The entry with a hash that cannot match: its row was edited outside the entry."""
+    return dict(entry, hash="edited outside the entry")
