@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -34,11 +35,14 @@ class _NoQueryStrings(logging.Filter):
 
 
 def run_server(app: Flask) -> None:
-    """Serve the app (threaded) until Ctrl-C, then stop its reaper."""
+    """Serve the app (threaded) until Ctrl-C or SIGTERM, then stop its reaper."""
     from werkzeug.serving import run_simple
 
     logging.getLogger("werkzeug").addFilter(_NoQueryStrings())
     server = app.extensions["jit"].settings.server
+    # SIGTERM (a service manager's stop) ends the server like Ctrl-C, so the reaper stops and
+    # signs the last checkpoint.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         run_simple(server["host"], int(server["port"]), app, threaded=True, use_reloader=False)
     finally:
