@@ -70,7 +70,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         vault_health=lambda: vault_health(vault),
     )
     audit_log = AuditLog(
-        store, fingerprint_key, audit.load_or_create_key(settings.signing_key_path)
+        store,
+        fingerprint_key,
+        audit.load_or_create_key(settings.signing_key_path),
+        checkpoint_copy=settings.checkpoint_copy_path,
     )
     reaper = Reaper(
         grants,

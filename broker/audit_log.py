@@ -33,9 +33,11 @@ class AuditLog:
         fingerprint_key: bytes,
         signing_key: Ed25519PrivateKey | None = None,
         public_key: Ed25519PublicKey | None = None,
+        checkpoint_copy: Path | None = None,
         clock: Callable[[], datetime] = utcnow,
     ):
         self.store = store
+        self.checkpoint_copy = checkpoint_copy
         self.fingerprint_key = fingerprint_key
         self.signing_key = signing_key
         self.public_key = public_key or (signing_key.public_key() if signing_key else None)
@@ -61,12 +63,23 @@ class AuditLog:
             return None
         checkpoint = audit.sign_checkpoint(self.signing_key, head["seq"], head["hash"], self._now())
         self.store.add_checkpoint(checkpoint)
+        if self.checkpoint_copy is not None:
+            audit.append_checkpoint(self.checkpoint_copy, checkpoint)
         return checkpoint
+
+    def checkpoints(self, first: int = 0, last: int | None = None) -> list[dict]:
+        """The checkpoints in the database and the copies kept outside it, once each."""
+        copies = audit.read_checkpoints(self.checkpoint_copy) if self.checkpoint_copy else []
+        found = {}
+        for checkpoint in [*self.store.checkpoints(first, last), *copies]:
+            if checkpoint.get("size", 0) >= first and (last is None or checkpoint["size"] <= last):
+                found.setdefault((checkpoint["size"], checkpoint.get("signature")), checkpoint)
+        return sorted(found.values(), key=lambda c: c["size"])
 
     def verify(self, public_key: Ed25519PublicKey | None = None) -> audit.Verification:
         """The whole log against every checkpoint, under `public_key` (a pinned key) or ours."""
         return audit.verify(
-            self.store.audit_entries(), self.store.checkpoints(), public_key or self.public_key
+            self.store.audit_entries(), self.checkpoints(), public_key or self.public_key
         )
 
     def timeline(self, grant_id: str) -> Timeline:
@@ -81,7 +94,7 @@ class AuditLog:
     def _verify_since_last(self) -> audit.Verification:
         with self._lock:
             seq, head, signed_size = self._verified
-            checkpoints = self.store.checkpoints(first=seq + 1)
+            checkpoints = self.checkpoints(first=seq + 1)
             result = audit.verify(
                 self.store.audit_entries(after=seq),
                 checkpoints,
@@ -103,16 +116,14 @@ class AuditLog:
             before = self.store.audit_entry(entry["seq"] - 1)
             link = before["hash"] if before else audit.GENESIS
             if audit.entry_hash(entry) != entry["hash"] or entry["prev"] != link:
-                return audit.verify(
-                    self.store.audit_entries(), self.store.checkpoints(), self.public_key
-                )
+                return self.verify()
         return whole
 
     def export(self, path: Path, fmt: str, since: str = "", until: str = "") -> dict:
         """A bundle of the entries written in [since, until) with the checkpoints over them."""
         first, last = self.store.audit_seq_range(since, until)
         entries = self.store.audit_entries(after=first - 1, limit=last - first + 1) if last else ()
-        checkpoints = self.store.checkpoints(first, last) if last else []
+        checkpoints = self.checkpoints(first, last) if last else []
         about = {"since": since or None, "until": until or None, "exported_at": self._now()}
         return write_bundle(path, fmt, entries, checkpoints, self.public_key_pem, about)
 

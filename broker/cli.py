@@ -95,6 +95,7 @@ def _audit_log(settings: Settings) -> AuditLog:
         _store(settings),
         hmac_key.read_bytes() if hmac_key.exists() else b"",
         public_key=audit.load_private_key(signing).public_key() if signing.exists() else None,
+        checkpoint_copy=settings.checkpoint_copy_path,
     )
 
 

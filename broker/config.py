@@ -80,6 +80,11 @@ class Settings:
         return self._path(self.audit["signing_key"] or str(self.data_dir / "audit-signing.key"))
 
     @property
+    def checkpoint_copy_path(self) -> Path:
+        """Where the signed checkpoints are copied, beside the signing key, outside the database."""
+        return self.signing_key_path.with_name("audit-checkpoints.jsonl")
+
+    @property
     def policy_path(self) -> Path:
         return self._path(self.policy["path"])
 

@@ -25,7 +25,7 @@ def data_dir(tmp_path):
     store.migrate()
     key = audit.load_or_create_key(tmp_path / "audit-signing.key")
     (tmp_path / "audit-hmac.key").write_bytes(b"k" * 32)
-    log = AuditLog(store, b"k" * 32, key)
+    log = AuditLog(store, b"k" * 32, key, checkpoint_copy=tmp_path / "audit-checkpoints.jsonl")
     for n in range(1, 11):
         with store.transaction() as tx:
             tx.append(f"2026-11-0{1 + n // 5}T00:00:{n:02d}Z", "step", ALICE, "g1", {"n": n})
@@ -132,6 +132,14 @@ def test_a_log_cut_short_after_a_checkpoint_is_named(data_dir):
     assert "cut short" in output
 
 
+def test_a_log_cut_short_with_its_checkpoints_deleted_is_caught_by_their_copies(data_dir):
+    sql(data_dir, "DELETE FROM audit WHERE seq > 6", "DELETE FROM checkpoints")
+    code, output = verify(data_dir)
+    assert code == 1 and output.startswith("FAILED at seq 7: the log ends at seq 6")
+    (data_dir / "audit-checkpoints.jsonl").unlink()  # only both together hide it
+    assert verify(data_dir)[0] == 0
+
+
 def test_a_replaced_signing_key_is_named_at_the_first_checkpoint(data_dir):
     (data_dir / "audit-signing.key").unlink()
     audit.load_or_create_key(data_dir / "audit-signing.key")
@@ -146,13 +154,15 @@ def test_a_replaced_key_that_re_signed_everything_fails_against_the_pinned_key(d
     pinned = data_dir / "pinned.pem"
     pinned.write_text(audit.public_pem(audit.load_private_key(data_dir / "audit-signing.key")
                                        .public_key()))  # fmt: skip
-    new_key = Ed25519PrivateKey.generate()
+    (data_dir / "audit-signing.key").unlink()
+    (data_dir / "audit-checkpoints.jsonl").unlink()
+    new_key = audit.load_or_create_key(data_dir / "audit-signing.key")
     store = Store(data_dir / "broker.db")
     for checkpoint in store.checkpoints():
         store.add_checkpoint(
             audit.sign_checkpoint(new_key, checkpoint["size"], checkpoint["head"], "now")
         )
-    assert verify(data_dir)[0] == 1  # the key file on disk still disowns them
+    assert verify(data_dir)[0] == 0  # the new key, no copies: consistent...
     code, output = verify(data_dir, "--public-key", str(pinned))
     assert code == 1 and output.startswith("FAILED at seq 5: checkpoint of size 5")
 

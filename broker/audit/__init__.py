@@ -3,12 +3,14 @@ the broker; storing entries is the store's job, deciding what to log the use cas
 
 from .chain import GENESIS, canonical, entry_hash, fingerprint, seal
 from .signing import (
+    append_checkpoint,
     checkpoint_problem,
     key_id,
     load_or_create_key,
     load_private_key,
     load_public_key,
     public_pem,
+    read_checkpoints,
     sign_checkpoint,
 )
 from .verify import Verification, verify
@@ -16,6 +18,7 @@ from .verify import Verification, verify
 __all__ = [
     "GENESIS",
     "Verification",
+    "append_checkpoint",
     "canonical",
     "checkpoint_problem",
     "entry_hash",
@@ -25,6 +28,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "public_pem",
+    "read_checkpoints",
     "seal",
     "sign_checkpoint",
     "verify",
