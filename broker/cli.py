@@ -32,7 +32,7 @@ class _NoQueryStrings(logging.Filter):
 
 
 def run_server(app: Flask) -> None:
-    """Serve the app (threaded) until Ctrl-C, then stop its reaper."""
+    """Serve the app (threaded) until Ctrl-C, then stop its reaper and audit forwarder."""
     from werkzeug.serving import run_simple
 
     logging.getLogger("werkzeug").addFilter(_NoQueryStrings())
@@ -41,6 +41,7 @@ def run_server(app: Flask) -> None:
         run_simple(server["host"], int(server["port"]), app, threaded=True, use_reloader=False)
     finally:
         app.extensions["jit"].reaper.stop()
+        app.extensions["jit"].forwarder.stop()
 
 
 def _store(settings: Settings) -> Store:
