@@ -11,6 +11,7 @@ from flask import Flask
 from . import audit, web
 from .audit_log import AuditLog
 from .config import Settings, check_service_settings, load_settings
+from .forward import Forwarder
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
 from .notify import Notifier
@@ -34,6 +35,7 @@ class Services:
     policy: PolicyFile
     notifier: Notifier
     audit_log: AuditLog
+    forwarder: Forwarder
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -82,7 +84,20 @@ def create_app(settings: Settings | None = None) -> Flask:
         checkpoint=audit_log.checkpoint,
         checkpoint_every=settings.audit["checkpoint_every"],
     )
-    grants.on_change = reaper.wake
+    audit_settings = settings.audit
+    forwarder = Forwarder(
+        store,
+        audit_settings["forward_url"],
+        token=audit_settings["forward_token"],
+        timeout=audit_settings["forward_timeout"],
+        batch=audit_settings["forward_batch"],
+    )
+
+    def on_change() -> None:  # the reaper's deadlines, and new audit entries to forward
+        reaper.wake()
+        forwarder.wake()
+
+    grants.on_change = on_change
     if reaper_settings["enabled"]:
         grants.heartbeat = reaper.heartbeat  # no reaper, no issuing; unless it is switched off
     oidc = settings.oidc
@@ -91,9 +106,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         metadata, oidc["api_audience"], oidc["algorithms"], oidc["groups_claim"], oidc["leeway"]
     )
     app.extensions["jit"] = Services(
-        settings, grants, metadata, verifier, reaper, policy, notifier, audit_log
+        settings, grants, metadata, verifier, reaper, policy, notifier, audit_log, forwarder
     )
     web.init_app(app)
     if settings.reaper["enabled"]:
         reaper.start()
+    forwarder.start()  # only when forward_url is set
     return app

@@ -35,7 +35,7 @@ class _NoQueryStrings(logging.Filter):
 
 
 def run_server(app: Flask) -> None:
-    """Serve the app (threaded) until Ctrl-C or SIGTERM, then stop its reaper."""
+    """Serve the app (threaded) until Ctrl-C or SIGTERM, then stop its reaper and forwarder."""
     from werkzeug.serving import run_simple
 
     logging.getLogger("werkzeug").addFilter(_NoQueryStrings())
@@ -47,6 +47,7 @@ def run_server(app: Flask) -> None:
         run_simple(server["host"], int(server["port"]), app, threaded=True, use_reloader=False)
     finally:
         app.extensions["jit"].reaper.stop()
+        app.extensions["jit"].forwarder.stop()
 
 
 def _store(settings: Settings) -> Store:

@@ -8,6 +8,7 @@ import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -161,6 +162,9 @@ def _coerce(text: str, default: object, key: str) -> object:
     return text
 
 
+# Never echoes the URL: its path or query may hold a secret.
+FORWARD_URL_ERROR = "audit.forward_url must be an http:// or https:// URL with a host"
+
 ASYMMETRIC_ALGORITHMS = {
     "RS256",
     "RS384",
@@ -188,3 +192,22 @@ def check_service_settings(settings: Settings) -> None:
         )
     if not settings.vault["token"]:
         raise ConfigError("vault.token is required (or JIT_VAULT_TOKEN)")
+    _check_forwarding(settings.audit)
+
+
+def _check_forwarding(audit: dict) -> None:
+    url = audit["forward_url"]
+    if url:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ConfigError(FORWARD_URL_ERROR) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(FORWARD_URL_ERROR)
+    batch = audit["forward_batch"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"audit.forward_batch must be a whole number >= 1, not {batch!r}")
+    timeout = audit["forward_timeout"]
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"audit.forward_timeout must be a positive number, not {timeout!r}")

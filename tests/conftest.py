@@ -232,6 +232,7 @@ class LiveBroker:
     def stop(self):
         self.server.shutdown()
         self.app.extensions["jit"].reaper.stop()
+        self.app.extensions["jit"].forwarder.stop()
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,9 @@ def healthz():
         "dropped": notifier.dropped,
         "pending": notifier.pending(),
     }
+    # Informational: a forwarding outage degrades health but never stops issuing (the log in
+    # the store is the record); `lag` and `last_error` tell the operator how far behind it is.
+    checks["forward"] = jit.forwarder.health()
     if any(not checks[name]["ok"] for name in CRITICAL):
         status = "failing"
     elif all(check["ok"] for check in checks.values()) and checks["reaper"].get("enabled", True):

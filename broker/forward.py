@@ -1,0 +1,217 @@
+"""Forwarding the audit log to an HTTP endpoint (a SIEM, a log store), every entry, in order, at
+least once. One background thread posts the entries after a saved cursor in batches,
+`{"entries": [...]}`, each entry exactly as stored (seq, at, type, actor, grant_id, data, prev,
+hash), and moves the cursor only after a 2xx. Only one batch is ever in flight, so the receiver
+sees entries in seq order. A crash (or a failed cursor write) after a delivery but before the
+cursor is saved sends that batch again: receivers dedupe by seq.
+
+Forwarding never holds up the broker: the log in the store is the source of truth, and an outage
+only makes the forwarder fall behind (its lag is on /healthz) and retry with backoff."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime
+
+import requests
+
+from .config import FORWARD_URL_ERROR
+from .errors import ConfigError
+from .models import isoformat, utcnow
+from .notify import _target
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+CURSOR = "forward"  # the name of the forwarder's position in the store's cursors table
+POLL_EVERY = 5.0  # seconds between looks at the log when nobody wakes the forwarder
+BACKOFF_MIN = 1.0  # seconds before retrying a failed batch; doubles per failure ...
+BACKOFF_MAX = 60.0  # ... up to this
+
+
+class ForwardFailed(Exception):
+    """One batch was not delivered (or its delivery not recorded); the cursor has not moved."""
+
+
+class Forwarder:
+    def __init__(
+        self,
+        store: Store,
+        url: str | None,
+        token: str = "",
+        timeout: float = 5,
+        batch: int = 100,
+        backoff_min: float = BACKOFF_MIN,
+        backoff_max: float = BACKOFF_MAX,
+        poll_every: float = POLL_EVERY,
+        post: Callable[..., requests.Response] | None = None,
+    ):
+        self.store = store
+        self.url = url or ""
+        # Scheme and host only: the one part of the URL that may be logged (a path can be secret).
+        try:
+            self.target = _target(self.url) if self.url else ""
+        except ConfigError:
+            raise ConfigError(FORWARD_URL_ERROR) from None
+        self.token = token
+        self.timeout = timeout
+        self.batch = max(1, int(batch))
+        self.backoff_min = backoff_min
+        self.backoff_max = max(backoff_min, backoff_max)
+        self.poll_every = poll_every
+        # Called as post(url, json=..., headers=..., timeout=..., allow_redirects=False).
+        self._post = post
+        self.delivered = 0  # entries accepted by the receiver (a resent batch counts again)
+        self.last_success: datetime | None = None
+        self.last_error = ""
+        self.last_error_at: datetime | None = None
+        self.failures = 0  # consecutive failed attempts; 0 while delivering
+        self.retry_in = 0.0  # the backoff before the next attempt, while failing
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.enabled and self._thread is None:
+            if self._post is None:
+                self._post = requests.Session().post
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="jit-forward", daemon=True)
+            self._thread.start()
+
+    def wake(self) -> None:
+        """New entries were written: look now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread; what is not yet delivered is sent by the next start, from the cursor.
+        Waits at most one request's timeout for a batch in flight."""
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(self.timeout + 1 if timeout is None else timeout)
+
+    def forward_once(self) -> int:
+        """Deliver the next batch after the cursor and save the cursor; the number of entries
+        delivered (0: nothing to send). Raises ForwardFailed with the reason, cursor unmoved."""
+        if self._post is None:
+            self._post = requests.Session().post
+        try:
+            cursor = self.store.cursor(CURSOR)
+            entries = list(self.store.audit_entries(after=cursor, limit=self.batch))
+        except Exception as exc:
+            raise ForwardFailed(f"reading the audit log failed: {type(exc).__name__}") from None
+        if not entries:
+            return 0
+        failure = self._send(entries)
+        if failure:
+            raise ForwardFailed(failure)
+        last = entries[-1]["seq"]
+        try:
+            self.store.set_cursor(CURSOR, last)
+        except Exception as exc:
+            # Delivered but not recorded: the same batch goes again, which receivers dedupe.
+            raise ForwardFailed(
+                f"seq {entries[0]['seq']}-{last} delivered but saving the cursor failed: "
+                f"{type(exc).__name__}"
+            ) from None
+        self.delivered += len(entries)
+        self.last_success = utcnow()
+        return len(entries)
+
+    def health(self) -> dict:
+        """For /healthz, informational only: an outage never stops issuing (the log in the
+        store is the record); `lag` says how far the receiver is behind."""
+        if not self.enabled:
+            return {"ok": True, "enabled": False}
+        check: dict = {"ok": self.failures == 0, "enabled": True, "running": self.running}
+        try:
+            cursor = self.store.cursor(CURSOR)
+            head = self.store.audit_head()
+        except Exception as exc:
+            check.update(ok=False, error=f"reading the audit log failed: {type(exc).__name__}")
+            return check
+        head_seq = head["seq"] if head else 0
+        check.update(
+            cursor=cursor,
+            head=head_seq,
+            lag=max(0, head_seq - cursor),
+            delivered=self.delivered,
+            last_success=isoformat(self.last_success) if self.last_success else None,
+            last_error=self.last_error or None,
+            last_error_at=isoformat(self.last_error_at) if self.last_error_at else None,
+            failures=self.failures,
+        )
+        if self.failures:
+            check["retry_in"] = self.retry_in
+        if not self.running:
+            check.update(ok=False, error="the audit forwarder is not running")
+        return check
+
+    def _run(self) -> None:
+        delay = self.backoff_min
+        while not self._stop.is_set():
+            # Clear before looking: a wake that lands during a delivery is kept for the wait.
+            self._wake.clear()
+            try:
+                sent = self.forward_once()
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, ForwardFailed) else type(exc).__name__
+                if not isinstance(exc, ForwardFailed):
+                    log.exception("audit forwarding failed unexpectedly")
+                self._failed(reason, delay)
+                self._stop.wait(delay)  # a wake does not cut the backoff short; a stop does
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            if self.failures:
+                log.info(
+                    "audit forwarding to %s delivers again after %d failed attempt(s)",
+                    self.target,
+                    self.failures,
+                )
+            self.failures = 0
+            self.retry_in = 0.0
+            delay = self.backoff_min
+            if sent < self.batch:  # caught up; a full batch means more may be waiting
+                self._wake.wait(self.poll_every)
+
+    def _failed(self, reason: str, delay: float) -> None:
+        self.failures += 1
+        self.last_error = reason
+        self.last_error_at = utcnow()
+        self.retry_in = delay
+        log.warning(
+            "audit forwarding to %s failed (%s); cursor kept, retrying the batch in %ss",
+            self.target,
+            reason,
+            delay,
+        )
+
+    def _send(self, entries: list[dict]) -> str:
+        """One POST; "" when the receiver answered 2xx, else why not. Never the exception's text
+        (requests puts the URL in it), never the token."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            response = self._post(
+                self.url,
+                json={"entries": entries},
+                headers=headers,
+                timeout=self.timeout,
+                allow_redirects=False,
+            )
+        except Exception as exc:
+            return type(exc).__name__
+        if 200 <= response.status_code < 300:
+            return ""
+        return f"HTTP {response.status_code}"
