@@ -20,7 +20,7 @@ import requests
 from .config import FORWARD_URL_ERROR
 from .errors import ConfigError
 from .models import isoformat, utcnow
-from .notify import _target
+from .notify import loggable_target
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Forwarder:
         self.url = url or ""
         # Scheme and host only: the one part of the URL that may be logged (a path can be secret).
         try:
-            self.target = _target(self.url) if self.url else ""
+            self.target = loggable_target(self.url) if self.url else ""
         except ConfigError:
             raise ConfigError(FORWARD_URL_ERROR) from None
         self.token = token

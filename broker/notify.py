@@ -63,7 +63,7 @@ class Notifier:
         self.retry_delays = tuple(retry_delays)
         if any(delay < 0 for delay in self.retry_delays):
             raise ConfigError("notification retry delays must not be negative")
-        self.target = _target(self.url) if self.url else ""
+        self.target = loggable_target(self.url) if self.url else ""
         # Called as post(url, json=..., timeout=..., allow_redirects=False): a Session's post.
         self._post = post
         self.delivered = 0
@@ -287,7 +287,7 @@ def grant_fields(grant: Grant) -> dict[str, str]:
     return fields
 
 
-def _target(url: str) -> str:
+def loggable_target(url: str) -> str:
     """Scheme and host, the only part of the URL that may be logged: Slack's secret is the path."""
     try:
         parts = urlsplit(url)
