@@ -16,6 +16,7 @@ from .identity import BearerVerifier, ProviderMetadata
 from .notify import Notifier
 from .policy_file import PolicyFile
 from .reaper import Reaper
+from .review import Review
 from .store import Store
 from .vault import make_backends, make_client, vault_health
 
@@ -34,6 +35,7 @@ class Services:
     policy: PolicyFile
     notifier: Notifier
     audit_log: AuditLog
+    review: Review
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -88,7 +90,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         metadata, oidc["api_audience"], oidc["algorithms"], oidc["groups_claim"], oidc["leeway"]
     )
     app.extensions["jit"] = Services(
-        settings, grants, metadata, verifier, reaper, policy, notifier, audit_log
+        settings,
+        grants,
+        metadata,
+        verifier,
+        reaper,
+        policy,
+        notifier,
+        audit_log,
+        Review(audit_log, settings.audit["auditor_groups"]),
     )
     web.init_app(app)
     if settings.reaper["enabled"]:
