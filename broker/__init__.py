@@ -17,6 +17,7 @@ from .identity import BearerVerifier, ProviderMetadata
 from .notify import Notifier
 from .policy_file import PolicyFile
 from .reaper import Reaper
+from .review import Review
 from .store import Store
 from .vault import make_backends, make_client, vault_health
 
@@ -36,6 +37,7 @@ class Services:
     notifier: Notifier
     audit_log: AuditLog
     forwarder: Forwarder
+    review: Review
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -106,7 +108,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         metadata, oidc["api_audience"], oidc["algorithms"], oidc["groups_claim"], oidc["leeway"]
     )
     app.extensions["jit"] = Services(
-        settings, grants, metadata, verifier, reaper, policy, notifier, audit_log, forwarder
+        settings,
+        grants,
+        metadata,
+        verifier,
+        reaper,
+        policy,
+        notifier,
+        audit_log,
+        forwarder,
+        Review(audit_log, settings.audit["auditor_groups"]),
     )
     web.init_app(app)
     if settings.reaper["enabled"]:
