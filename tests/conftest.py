@@ -142,12 +142,6 @@ def oidc_provider(
         "name": "Erin DBA",
         "groups": ["security", "dba"],
     }
-    # An auditor, and nothing else: reads the review pages, may request nothing.
-    config["accounts"]["frank"] = {
-        "email": "frank@example.com",
-        "name": "Frank Auditor",
-        "groups": ["auditors"],
-    }
     provider = OidcProvider.start(config, tmp_path_factory.mktemp("oidc"))
     yield provider
     provider.stop()

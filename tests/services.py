@@ -314,6 +314,8 @@ def demo_accounts() -> dict:
             "name": "Carol Contractor",
             "groups": ["contractors"],
         },
+        # An auditor and nothing else: reads the review pages, may request nothing.
+        "frank": {"email": "frank@example.com", "name": "Frank Auditor", "groups": ["auditors"]},
     }
 
 
