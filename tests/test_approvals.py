@@ -2,16 +2,14 @@
 OpenBao. Separation of duties, refusals that change nothing, races settled once, the window
 starting at issuance, eligibility checked again at activation, policy reloads."""
 
-import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from broker.models import parse_time, utcnow
+from tests.receiver import HttpReceiver
 from tests.services import client_credentials_token
 from tests.test_api import token_works
 
@@ -329,26 +327,10 @@ def test_a_broken_policy_edit_keeps_the_last_good_policy(api, app):
     assert ask(api)["status"] == "pending"
 
 
-class Receiver(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):  # noqa: N802
-        length = int(self.headers["Content-Length"])
-        Receiver.received.append(json.loads(self.rfile.read(length)))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 def test_webhooks_tell_approvers_and_the_requester(make_app, tokens):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    Receiver.received = []
+    receiver = HttpReceiver(path="/hooks/secret-path")
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/hooks/secret-path"
-        app = make_app(policy_text=APPROVAL_POLICY, notify={"webhook_url": url})
+        app = make_app(policy_text=APPROVAL_POLICY, notify={"webhook_url": receiver.url})
         client = app.test_client()
 
         def call(user, path, body=None):
@@ -363,11 +345,11 @@ def test_webhooks_tell_approvers_and_the_requester(make_app, tokens):
         ).json["id"]
         call("bob", f"/requests/{grant_id}/approve")
         assert app.extensions["jit"].notifier.wait_idle(10)
-        events = [(m["jit"]["event"], m["jit"]["audience"]) for m in Receiver.received]
+        events = [(m["jit"]["event"], m["jit"]["audience"]) for m in receiver.bodies]
         assert events == [("new_request", "approvers"), ("approved", "requester")]
-        assert all(m["jit"]["grant_id"] == grant_id and m["text"] for m in Receiver.received)
+        assert all(m["jit"]["grant_id"] == grant_id and m["text"] for m in receiver.bodies)
     finally:
-        server.shutdown()
+        receiver.stop()
         app.extensions["jit"].notifier.stop()
 
 

@@ -9,7 +9,6 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -19,6 +18,7 @@ from broker.errors import ConfigError
 from broker.forward import CURSOR, Forwarder
 from broker.models import isoformat, utcnow
 from broker.store import Store
+from tests.receiver import HttpReceiver
 from tests.services import free_port
 from tests.test_notify import wait_until
 
@@ -27,65 +27,28 @@ TOKEN = "fwd-t0ken-n3ver-logged"
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-7 forwarding"}
 
 
-class Receiver:
-    """An ingest endpoint on a fixed port that records every POST; `status` is what it answers
-    (503 for an outage), `delay` holds each answer back, and it can be shut down and started
-    again on the same port."""
+class Receiver(HttpReceiver):
+    """An ingest endpoint that answers `status` (503 for an outage), each answer held back
+    `delay` seconds; it can be stopped and started again on the same port."""
 
     def __init__(self, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}{SECRET_PATH}"
-        self.bodies: list[dict] = []  # every POST in arrival order, answered 2xx or not
-        self.headers: list[dict] = []
-        self.accepted: list[list[dict]] = []  # the batches answered 2xx, in order
         self.status = 200
         self.delay = 0.0
-        self.release = threading.Event()  # ends a delay early, so teardown never waits on one
-        self.server: ThreadingHTTPServer | None = None
-        self.start()
+        super().__init__(port or free_port(), SECRET_PATH)
 
-    def start(self) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+    def answer(self, body: dict) -> tuple[int, float]:
+        return self.status, self.delay
 
-    def stop(self) -> None:
-        if self.server is not None:
-            self.release.set()
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+    def batches(self) -> list[list[dict]]:
+        """The batches answered 2xx, in order."""
+        return [body["entries"] for body in self.accepted]
 
     def entries(self) -> list[dict]:
         """Every entry the receiver accepted, in arrival order (a resent batch appears twice)."""
-        return [entry for batch in self.accepted for entry in batch]
+        return [entry for batch in self.batches() for entry in batch]
 
     def seqs(self) -> list[int]:
         return [entry["seq"] for entry in self.entries()]
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.bodies.append(body)
-                receiver.headers.append(dict(self.headers))
-                if receiver.delay:
-                    receiver.release.wait(receiver.delay)
-                status = receiver.status
-                if 200 <= status < 300:
-                    receiver.accepted.append(body["entries"])
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                except OSError:
-                    pass  # the forwarder gave up waiting and hung up
-
-            def log_message(self, *args) -> None:
-                pass
-
-        return Handler
 
 
 @pytest.fixture
@@ -145,7 +108,7 @@ def assert_complete_and_ordered(received: Receiver, store: Store) -> None:
     run of consecutive seqs, batches never start further back than a resend of an earlier one,
     and keeping each seq once, at its first arrival, gives exactly the stored log, without gaps."""
     starts = []
-    for batch in received.accepted:
+    for batch in received.batches():
         seqs = [entry["seq"] for entry in batch]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
         starts.append(seqs[0])
@@ -168,7 +131,7 @@ def test_entries_arrive_in_order_in_batches_exactly_as_stored(store, receiver, f
     fwd.start()
 
     assert wait_until(caught_up(store), timeout=5)
-    assert [len(batch) for batch in endpoint.accepted] == [10, 10, 5]
+    assert [len(batch) for batch in endpoint.batches()] == [10, 10, 5]
     received = endpoint.entries()
     assert received == list(store.audit_entries())  # seq, at, type, actor, ..., prev, hash
     assert set(received[0]) == {"seq", "at", "type", "actor", "grant_id", "data", "prev", "hash"}

@@ -3,7 +3,6 @@ never waiting on the network, retries, drops logged without the URL's secret, an
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -24,67 +23,30 @@ from broker.notify import (
     grant_fields,
     new_request_text,
 )
+from tests.receiver import HttpReceiver
 from tests.services import free_port
 
 SECRET_PATH = "/services/T0001/B0002/s3cr3tW3bh00kPath"
 FAST = (0.05, 0.1, 0.2)
 
 
-class Receiver:
-    """A webhook endpoint that records every POST and misbehaves on request: answer 500 for the
-    first `fail_first` requests or for events in `fail_events`, or sleep `delay` seconds first."""
+class Receiver(HttpReceiver):
+    """A webhook endpoint that misbehaves on request: answer 500 for the first `fail_first`
+    requests or for events in `fail_events`, or hold the next answer back `delay` seconds."""
 
     def __init__(self, port: int = 0):
-        self.bodies: list[dict] = []  # every POST, in arrival order, answered 2xx or not
-        self.headers: list[dict] = []
-        self.accepted: list[dict] = []
         self.fail_first = 0
         self.fail_events: set[str] = set()
         self.delay = 0.0
-        self.arrived = threading.Event()
-        self.release = threading.Event()  # ends a delay early, so teardown never waits on one
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}{SECRET_PATH}"
-        serve = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
-        serve.start()
+        super().__init__(port, SECRET_PATH)
+
+    def answer(self, body: dict) -> tuple[int, float]:
+        delay, self.delay = self.delay, 0.0  # a delay applies to one request
+        failing = len(self.bodies) <= self.fail_first or body["jit"]["event"] in self.fail_events
+        return (500 if failing else 200), delay
 
     def events(self, accepted_only: bool = False) -> list[str]:
         return [body["jit"]["event"] for body in (self.accepted if accepted_only else self.bodies)]
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.bodies.append(body)
-                receiver.headers.append(dict(self.headers))
-                receiver.arrived.set()
-                delay, receiver.delay = receiver.delay, 0.0  # a delay applies to one request
-                if delay:
-                    receiver.release.wait(delay)
-                failing = len(receiver.bodies) <= receiver.fail_first
-                status = 500 if failing or body["jit"]["event"] in receiver.fail_events else 200
-                if status == 200:
-                    receiver.accepted.append(body)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Length", "2")
-                    self.end_headers()
-                    self.wfile.write(b"ok")
-                except OSError:
-                    pass  # the notifier gave up waiting and hung up
-
-            def log_message(self, *args) -> None:
-                pass
-
-        return Handler
 
 
 @pytest.fixture
@@ -97,7 +59,7 @@ def receiver() -> Callable[..., Receiver]:
 
     yield start
     for each in started:
-        each.close()
+        each.stop()
 
 
 @pytest.fixture
