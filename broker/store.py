@@ -216,24 +216,13 @@ class Store:
         )
         return [Grant(**dict(row)) for row in rows]
 
-    def iter_grants(
-        self,
-        person: str = "",
-        entitlement: str = "",
-        status: str = "",
-        break_glass: bool | None = None,
-        since: str = "",
-        until: str = "",
-        batch: int = 500,
-    ) -> Iterator[Grant]:
-        """Every grant `search_grants` would find, page after page: memory stays at one batch,
-        and no read transaction stays open while the caller works (a long one would keep the
-        WAL from being checkpointed)."""
+    def iter_grants(self, batch: int = 500, **filters) -> Iterator[Grant]:
+        """Every grant `search_grants(**filters)` would find, page after page: memory stays at
+        one batch, and no read transaction stays open while the caller works (a long one would
+        keep the WAL from being checkpointed)."""
         before = None
         while True:
-            page = self.search_grants(
-                person, entitlement, status, break_glass, since, until, before, batch
-            )
+            page = self.search_grants(**filters, before=before, limit=batch)
             yield from page
             if len(page) < batch:
                 return
