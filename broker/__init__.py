@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         notify=notifier.notify,
         heartbeat_every=reaper_settings["heartbeat"],
         vault_health=lambda: vault_health(vault),
+        auditor_groups=tuple(settings.audit["auditor_groups"]),
     )
     audit_log = AuditLog(
         store,

@@ -96,6 +96,12 @@ class PolicyRefused(BrokerError):
         "not_an_approver": 403,
         "already_approved": 409,
         "no_approval_needed": 409,
+        "no_break_glass": 403,
+        "agent_cannot_review": 403,
+        "self_review": 403,
+        "not_a_reviewer": 403,
+        "already_reviewed": 409,
+        "not_break_glass": 409,
     }
 
     def __init__(self, code: str, detail: str, **context):

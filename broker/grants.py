@@ -59,6 +59,7 @@ REVOCATION_LEASE = timedelta(seconds=60)  # a crash mid-revocation is retried af
 OPEN = (PENDING, APPROVED, ISSUING, ACTIVE)  # what counts against an entitlement's limit
 AWAITING = (PENDING, APPROVED)  # requests that expire unapproved (or unactivated) at due_at
 DEFAULT_REQUEST_TTL = timedelta(hours=24)
+REVIEW_OUTCOMES = ("justified", "unjustified")
 EXPIRY_WARNING = timedelta(minutes=5)  # the requester hears this long before the window closes
 # States in which a grant may hold a credential; anything Vault holds for a grant in another state
 # (or for no grant at all) is a stray.
@@ -87,6 +88,7 @@ class Grants:
         heartbeat: Callable[[], datetime | None] | None = None,
         heartbeat_every: int = 30,
         vault_health: Callable[[], dict] | None = None,
+        auditor_groups: tuple[str, ...] = (),
     ):
         self.store = store
         self.policy = policy
@@ -101,9 +103,13 @@ class Grants:
         self.heartbeat = heartbeat
         self.heartbeat_every = heartbeat_every
         self.vault_health = vault_health
+        self.auditor_groups = tuple(auditor_groups)  # may review any break-glass grant
 
     def eligible(self, principal: Principal) -> list[Entitlement]:
         return self.policy().eligible(principal)
+
+    def break_glass_eligible(self, principal: Principal) -> list[Entitlement]:
+        return self.policy().break_glass_eligible(principal)
 
     # --- requesting -------------------------------------------------------------------------
 
@@ -115,14 +121,20 @@ class Grants:
         reason: object,
         ticket: object = "",
         public_key: object = "",
+        break_glass: object = False,
     ) -> tuple[Grant, IssuedCredential | None]:
         """Check the policy; then either issue at once, or record a pending request that waits
         for approvals. Bad input and refusals leave no trace; a Vault failure leaves a grant
         marked issue_failed, never one that claims a credential. `public_key` is what an SSH
-        certificate is signed for; it is needed when issuing (now, or at activation)."""
+        certificate is signed for; it is needed when issuing (now, or at activation).
+        `break_glass` takes the emergency path: issued at once, reviewed afterwards."""
+        if not isinstance(break_glass, bool):
+            raise InvalidRequest("break_glass must be true or false")
         entitlement, seconds, reason, ticket = _validated(entitlement, duration, reason, ticket)
         self._refuse_if_unhealthy()
         policy = self.policy()
+        if break_glass:
+            return self._break_glass(policy, principal, entitlement, seconds, reason, public_key)
         open_now = self.store.count_open(principal.issuer, principal.subject, entitlement, OPEN)
         decision = policy.evaluate(
             principal,
@@ -166,10 +178,17 @@ class Grants:
         reason: str,
         ticket: str,
         status: str,
+        review_within: int | None = None,
     ) -> Grant:
+        """Record the request and the decision, in one transaction. `review_within` (seconds)
+        marks a break-glass grant: its window ignores the schedule, and its review falls due."""
         now = self.clock().replace(microsecond=0)
-        start, end, due = "", "", ""
-        if status == ISSUING:
+        start, end, due, review_due = "", "", "", ""
+        if review_within is not None:
+            start = isoformat(now)
+            end = isoformat(now + timedelta(seconds=decision.duration))
+            review_due = isoformat(now + timedelta(seconds=review_within))
+        elif status == ISSUING:
             start = isoformat(now)
             end = isoformat(policy.window_end(chosen.name, now, decision.duration))
         else:
@@ -192,6 +211,8 @@ class Grants:
             updated_at=isoformat(now),
             ticket=ticket,
             approvals_required=decision.approvals_required,
+            break_glass=int(review_within is not None),
+            review_due=review_due,
         )
         with self.store.transaction() as tx:
             tx.insert_grant(grant)
@@ -205,9 +226,108 @@ class Grants:
                 duration=decision.duration,
                 reason=reason,
                 ticket=ticket or None,
+                break_glass=grant.break_glass == 1 or None,
             )
             self._log_decision(tx, principal, grant.id, decision)
+            if grant.break_glass:
+                self._log(
+                    tx,
+                    "break_glass",
+                    principal.actor(),
+                    grant.id,
+                    entitlement=chosen.name,
+                    reason=reason,
+                    duration=decision.duration,
+                    window_end=end,
+                    review_due=review_due,
+                    reviewers=list(chosen.break_glass.reviewers),
+                )
         return grant
+
+    def _break_glass(
+        self,
+        policy: Policy,
+        principal: Principal,
+        entitlement: str,
+        seconds: int | None,
+        reason: str,
+        public_key: object,
+    ) -> tuple[Grant, IssuedCredential]:
+        """The emergency path: no approval, no ticket, no schedule; a loud alert, and a review
+        that falls due. Issued through the same intent-then-record steps as any grant."""
+        decision = policy.evaluate_break_glass(principal, entitlement, seconds, reason)
+        _raise_if_refused(decision)
+        chosen = policy.entitlements[entitlement]
+        self._check_request(chosen, public_key)
+        grant = self._record_request(
+            policy,
+            principal,
+            chosen,
+            decision,
+            reason,
+            "",
+            ISSUING,
+            chosen.break_glass.review_within,
+        )
+        self.notify(
+            notify.BREAK_GLASS,
+            notify.break_glass_text(grant),
+            grant_id=grant.id,
+            audience="security",
+            fields={"reviewers": ", ".join(chosen.break_glass.reviewers)},
+        )
+        return self._issue(principal, grant, chosen, public_key)
+
+    def review(self, reviewer: Principal, grant_id: str, outcome: object, notes: object) -> Grant:
+        """Close a break-glass grant's mandatory review, once, by someone other than its
+        requester. The window may still be open: a review does not end it."""
+        if outcome not in REVIEW_OUTCOMES:
+            raise InvalidRequest(f"outcome must be one of {', '.join(REVIEW_OUTCOMES)}")
+        notes = _short_text(notes, "notes")
+        if not notes:
+            raise InvalidRequest("notes are required: what happened, and was it justified")
+        policy = self.policy()
+        with self.store.transaction() as tx:
+            grant = tx.get_grant(grant_id)
+            if grant is None:
+                raise GrantNotFound(f"no grant {grant_id}")
+            if not grant.break_glass:
+                raise PolicyRefused(
+                    "not_break_glass", f"grant {grant_id} is not a break-glass grant"
+                )
+            _raise_refusal(
+                policy.check_reviewer(
+                    grant.entitlement,
+                    reviewer,
+                    (grant.requester_iss, grant.requester_sub),
+                    self.auditor_groups,
+                )
+            )
+            if grant.reviewed_at:
+                raise PolicyRefused(
+                    "already_reviewed",
+                    f"grant {grant_id} was reviewed by {grant.reviewed_by} at {grant.reviewed_at}",
+                )
+            now = self._now()
+            tx.move_grant(
+                grant.id,
+                grant.status,
+                reviewed_at=now,
+                reviewed_by=reviewer.display,
+                updated_at=now,
+            )
+            self._log(
+                tx,
+                "review",
+                reviewer.actor(),
+                grant.id,
+                reviewer=reviewer.claims(),
+                outcome=outcome,
+                notes=notes,
+                review_due=grant.review_due,
+                late=now > grant.review_due or None,
+            )
+        return self.store.get_grant(grant.id)
 
     def _request_ttl(self, chosen: Entitlement) -> timedelta:
         seconds = chosen.request_ttl
@@ -462,13 +582,30 @@ class Grants:
     # --- reading ----------------------------------------------------------------------------
 
     def get(self, principal: Principal, grant_id: str, owner_only: bool = False) -> Grant:
-        """The requester sees their grant; so does anyone who may approve its entitlement."""
+        """The requester sees their grant; so does anyone who may approve its entitlement, or
+        review it when it is break-glass."""
         grant = self.store.get_grant(grant_id)
         if grant is not None and (
-            grant.owned_by(principal) or (not owner_only and self._may_approve(principal, grant))
+            grant.owned_by(principal)
+            or (
+                not owner_only
+                and (self._may_approve(principal, grant) or self.may_review(principal, grant))
+            )
         ):
             return grant
         raise GrantNotFound(f"no grant {grant_id} of yours")
+
+    def may_review(self, principal: Principal, grant: Grant) -> bool:
+        """Whether this person may review this break-glass grant (reviewed or not)."""
+        if not grant.break_glass:
+            return False
+        requester = (grant.requester_iss, grant.requester_sub)
+        return (
+            self.policy().check_reviewer(
+                grant.entitlement, principal, requester, self.auditor_groups
+            )
+            is None
+        )
 
     def _may_approve(self, principal: Principal, grant: Grant) -> bool:
         policy = self.policy()
@@ -869,6 +1006,9 @@ class Grants:
             }
             if self.vault_health is not None:
                 checks["vault"] = self.vault_health()
+            overdue = self.store.reviews_overdue(self._now())
+            # Informational: a missed review is for people to chase, not a reason to stop.
+            checks["reviews"] = {"ok": True, "overdue": len(overdue), "grants": overdue}
         return checks
 
     def _refuse_if_unhealthy(self) -> None:

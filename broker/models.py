@@ -220,4 +220,16 @@ class Grant:
             "last_error": self.last_error or None,
             "ticket": self.ticket or None,
             "closed_reason": self.closed_reason or None,
+            "break_glass": bool(self.break_glass),
+            **(
+                {
+                    "review": {
+                        "due": self.review_due,
+                        "at": self.reviewed_at or None,
+                        "by": self.reviewed_by or None,
+                    }
+                }
+                if self.break_glass
+                else {}
+            ),
         }

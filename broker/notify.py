@@ -27,6 +27,7 @@ NEW_REQUEST = "new_request"
 APPROVED = "approved"
 DENIED = "denied"
 EXPIRING = "expiring"
+BREAK_GLASS = "break_glass"  # to the security channel, every time
 
 # Seconds before each retry; after the last one the message is dropped.
 RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0, 600.0)
@@ -248,6 +249,14 @@ def new_request_text(grant: Grant) -> str:
     if grant.ticket:
         text += f" Ticket: {grant.ticket}."
     return text
+
+
+def break_glass_text(grant: Grant) -> str:
+    return (
+        f":rotating_light: BREAK-GLASS: {grant.requester} took {grant.entitlement} without "
+        f"approval until {grant.window_end} (grant {grant.id}). Reason: "
+        f"{_clip(grant.reason, 300)} Review due by {grant.review_due}."
+    )
 
 
 def approved_text(grant: Grant, approver_display: str) -> str:

@@ -143,6 +143,20 @@ class ExtendRule:
 
 
 @dataclass(frozen=True)
+class BreakGlassRule:
+    """The emergency path: members of `groups` get the entitlement at once, without approval,
+    ticket or schedule, for at most `max_duration`; `reviewers` must review it within
+    `review_within` seconds of its start."""
+
+    groups: tuple[str, ...]
+    reviewers: tuple[str, ...]
+    max_duration: int = 3600
+    review_within: int = 86400
+
+    MIN_REASON = 10  # an emergency still says what it is
+
+
+@dataclass(frozen=True)
 class DatabaseOptions:
     """Where a database entitlement's users come from: the OpenBao database role (under the
     database secrets engine mounted at `mount`) whose creation and revocation statements the
@@ -176,6 +190,7 @@ class Entitlement:
     schedule: Schedule | None = None
     approval: ApprovalRule | None = None
     extend: ExtendRule | None = None
+    break_glass: BreakGlassRule | None = None
     database: DatabaseOptions | None = None  # set exactly when backend is "database"
     ssh: SshOptions | None = None  # set exactly when backend is "ssh"
 
@@ -217,6 +232,14 @@ class Policy:
         """The entitlements this principal may request (requester rules only)."""
         return [e for e in self.entitlements.values() if e.admits(principal)]
 
+    def break_glass_eligible(self, principal: Principal) -> list[Entitlement]:
+        """The entitlements this principal may take through break-glass."""
+        return [
+            e
+            for e in self.entitlements.values()
+            if e.break_glass and not _break_glass_rule(e, principal).code
+        ]
+
     def evaluate(
         self,
         principal: Principal,
@@ -245,6 +268,58 @@ class Policy:
         ]
         required, auto, approval_text = _approval_outcome(found, principal)
         return self._decide(found, seconds or 0, findings, required, auto, approval_text)
+
+    def evaluate_break_glass(
+        self,
+        principal: Principal,
+        entitlement: str,
+        duration: int | None,
+        reason: str | None,
+    ) -> Decision:
+        """The emergency path: only the break-glass groups, a real reason and the break-glass
+        maximum count; approvals, the ticket, the schedule and max_active do not. `duration` None
+        takes the break-glass maximum."""
+        found = self.entitlements.get(entitlement)
+        if found is None:
+            return self._unknown(entitlement, duration)
+        rule = _break_glass_rule(found, principal)
+        if rule.code or found.break_glass is None:
+            return self._decide(found, duration or 0, [rule], 0, "", "")
+        glass = found.break_glass
+        seconds = duration if duration is not None else glass.max_duration
+        findings = [
+            rule,
+            _break_glass_duration_rule(found, glass, seconds),
+            _break_glass_reason_rule(found, glass, reason or ""),
+        ]
+        bypassed = (
+            "break-glass: approvals, ticket, schedule and max_active are bypassed; "
+            f"{' or '.join(glass.reviewers)} must review it within "
+            f"{format_duration(glass.review_within)}"
+        )
+        return self._decide(found, seconds, findings, 0, "", bypassed)
+
+    def check_reviewer(
+        self, grant_entitlement: str, reviewer: Principal, requester: tuple[str, str],
+        auditor_groups: tuple[str, ...],
+    ) -> Refusal | None:  # fmt: skip
+        """Why this person may not review this break-glass grant; None when they may."""
+        found = self.entitlements.get(grant_entitlement)
+        reviewers = set(auditor_groups) | set(
+            found.break_glass.reviewers if found and found.break_glass else ()
+        )
+        if reviewer.kind != "human":
+            return Refusal("agent_cannot_review", "an agent cannot review a break-glass grant")
+        if (reviewer.issuer, reviewer.subject) == requester:
+            return Refusal("self_review", "you cannot review your own break-glass grant")
+        if not set(reviewer.groups) & reviewers:
+            return Refusal(
+                "not_a_reviewer",
+                f"break-glass grants of {grant_entitlement} are reviewed by members of "
+                f"{' or '.join(sorted(reviewers))}; you are in "
+                f"{', '.join(reviewer.groups) or 'no groups'}",
+            )
+        return None
 
     def evaluate_extension(
         self,
@@ -499,6 +574,45 @@ def _approval_outcome(found: Entitlement, principal: Principal) -> tuple[int, st
                 auto = f"requester is in auto-approve group {group}"
                 return 0, auto, f"auto-approved: {auto}"
     return rule.required, "", f"needs {rule.describe()}"
+
+
+def _break_glass_rule(found: Entitlement, principal: Principal) -> _Finding:
+    glass = found.break_glass
+    if glass is None:
+        return _failed("no_break_glass", f"{found.name} has no break-glass path")
+    if principal.kind != "human":
+        return _failed("not_eligible", "break-glass is for people, never for agents")
+    matched = [group for group in glass.groups if group in principal.groups]
+    if not matched:
+        return _failed(
+            "not_eligible",
+            f"break-glass for {found.name} is for members of {' or '.join(glass.groups)}; "
+            f"{principal.display} is in {', '.join(principal.groups) or 'no groups'}",
+        )
+    return _passed(f"break-glass: requester is in {matched[0]}")
+
+
+def _break_glass_duration_rule(found: Entitlement, glass: BreakGlassRule, seconds: int) -> _Finding:
+    maximum = format_duration(glass.max_duration)
+    if seconds <= 0:
+        return _failed("invalid_duration", "a duration must be longer than zero")
+    if seconds > glass.max_duration:
+        return _failed(
+            "duration_too_long",
+            f"{format_duration(seconds)} is longer than the break-glass maximum {maximum} "
+            f"for {found.name}",
+        )
+    return _passed(f"{format_duration(seconds)} is within the break-glass maximum {maximum}")
+
+
+def _break_glass_reason_rule(found: Entitlement, glass: BreakGlassRule, reason: str) -> _Finding:
+    needed = max(found.reason.min_length, glass.MIN_REASON)
+    if len(reason.strip()) < needed:
+        return _failed(
+            "reason_too_short",
+            f"break-glass needs a reason of at least {needed} characters: what is on fire",
+        )
+    return _passed("a reason is given")
 
 
 def _extension_rules(found: Entitlement, extra: int) -> list[_Finding]:

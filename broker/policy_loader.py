@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .policy import (
     DAYS,
     ApprovalRule,
+    BreakGlassRule,
     DatabaseOptions,
     Entitlement,
     ExtendRule,
@@ -71,6 +72,7 @@ ENTITLEMENT_KEYS = (
     "schedule",
     "approval",
     "extend",
+    "break_glass",
     "database",
     "ssh",
 )
@@ -81,6 +83,7 @@ SECTION_KEYS = {
     "schedule": ("timezone", "days", "hours"),
     "approval": ("required", "from_groups", "each_of", "expires_after", "auto_approve_groups"),
     "extend": ("max_step", "max_total"),
+    "break_glass": ("groups", "reviewers", "max_duration", "review_within"),
     "database": ("role", "mount"),
     "ssh": ("role", "mount", "principals"),
 }
@@ -229,6 +232,7 @@ class _Reader:
             schedule=self.schedule(name, spec),
             approval=approval,
             extend=self.extend(name, spec, max_duration),
+            break_glass=self.break_glass(name, spec, max_duration),
             database=self.database(name, spec, backend),
             ssh=self.ssh(name, spec, backend),
         )
@@ -392,6 +396,33 @@ class _Reader:
         )
         expires = self.duration(table, "expires_after", at, f"{name}: approval")
         return ApprovalRule(required, from_groups, each_of, expires, auto)
+
+    def break_glass(self, name: str, spec: dict, max_duration: int | None) -> BreakGlassRule | None:
+        table, at = self.section(name, spec, "break_glass")
+        if table is None:
+            return None
+        found_before = len(self.problems)
+        lists = {}
+        for key, what in (("groups", "who may break glass"), ("reviewers", "who reviews it")):
+            lists[key] = self.names(table.get(key), (*at, key), f"{name}: break_glass.{key}")
+            if not lists[key]:
+                self.problem(
+                    at if key not in table else (*at, key),
+                    f"{name}: break_glass needs {key}, the groups of {what}",
+                )
+        longest = self.duration(table, "max_duration", at, f"{name}: break_glass")
+        if longest is None:  # an hour, or less when the entitlement's own maximum is less
+            longest = min(3600, max_duration or 3600)
+        elif max_duration and longest > max_duration:
+            self.problem(
+                (*at, "max_duration"),
+                f"{name}: break_glass.max_duration {format_duration(longest)} is longer than "
+                f"max_duration {format_duration(max_duration)}",
+            )
+        review_within = self.duration(table, "review_within", at, f"{name}: break_glass") or 86400
+        if len(self.problems) > found_before:
+            return None
+        return BreakGlassRule(lists["groups"], lists["reviewers"], longest, review_within)
 
     def database(self, name: str, spec: dict, backend: object) -> DatabaseOptions | None:
         found_before = len(self.problems)

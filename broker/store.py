@@ -228,6 +228,15 @@ class Store:
                 return
             before = (page[-1].created_at, page[-1].id)
 
+    def reviews_overdue(self, now: str, limit: int = 100) -> list[str]:
+        """Break-glass grants whose review is past due: their ids, oldest deadline first."""
+        rows = self.db.execute(
+            "SELECT id FROM grants WHERE break_glass = 1 AND reviewed_at = '' "
+            "AND review_due != '' AND review_due <= ? ORDER BY review_due LIMIT ?",
+            [now, limit],
+        )
+        return [row[0] for row in rows]
+
     def approvals_of(self, grant_id: str) -> list[Approval]:
         rows = self.db.execute(
             "SELECT * FROM approvals WHERE grant_id = ? ORDER BY at, rowid", [grant_id]

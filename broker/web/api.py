@@ -34,7 +34,7 @@ def entitlements():
 def create_request():
     body = _json_body(
         "entitlement, duration, reason (and ticket where the policy asks; public_key for an "
-        "SSH certificate)"
+        "SSH certificate; break_glass: true for the emergency path)"
     )
     grant, credential = services().grants.request(
         g.principal,
@@ -43,6 +43,7 @@ def create_request():
         body.get("reason"),
         body.get("ticket", ""),
         body.get("public_key", ""),
+        body.get("break_glass", False),
     )
     response = _with_credential(grant, credential)
     response.status_code = 201
@@ -79,6 +80,16 @@ def deny(grant_id: str):
     body = _json_body("reason")
     grants = services().grants
     return grants.describe(grants.deny(g.principal, grant_id, body.get("reason")))
+
+
+@bp.post("/requests/<grant_id>/review")
+def review(grant_id: str):
+    """A break-glass grant's mandatory review: outcome justified|unjustified, and notes."""
+    body = _json_body("outcome (justified or unjustified) and notes")
+    grants = services().grants
+    return grants.describe(
+        grants.review(g.principal, grant_id, body.get("outcome"), body.get("notes"))
+    )
 
 
 @bp.post("/requests/<grant_id>/cancel")

@@ -49,9 +49,12 @@ def index():
 
 def _home(principal, error: BrokerError | None = None, form: dict | None = None):
     grants = services().grants
+    eligible = grants.eligible(principal)
+    break_glass = grants.break_glass_eligible(principal)
     page = render_template(
         "index.html",
-        entitlements=grants.eligible(principal),
+        entitlements=eligible + [e for e in break_glass if e not in eligible],
+        break_glass=break_glass,
         grants=grants.mine(principal),
         error=error,
         form=form or {},
@@ -71,6 +74,7 @@ def create_request():
             form.get("reason"),
             form.get("ticket", ""),
             form.get("public_key", ""),
+            form.get("break_glass") == "1",
         )
     except BrokerError as exc:
         return _home(g.principal, exc, form)
@@ -97,6 +101,7 @@ def show_request(grant_id: str):
         view=grants.describe(grant),
         chain=grants.chain(grant.id),
         mine=grant.owned_by(g.principal),
+        may_review=grants.may_review(g.principal, grant) and not grant.reviewed_at,
     )
 
 
@@ -111,8 +116,8 @@ def approvals():
 @bp.post("/requests/<grant_id>/<action>")
 @login_required
 def act(grant_id: str, action: str):
-    """One form post per button: approve, deny, cancel, release; activate and extend show a
-    new secret."""
+    """One form post per button: approve, deny, cancel, release, review; activate and extend
+    show a new secret."""
     grants, form = services().grants, request.form
     if action == "activate":
         return _credential_page(*grants.activate(g.principal, grant_id, form.get("public_key", "")))
@@ -125,6 +130,9 @@ def act(grant_id: str, action: str):
         "deny": lambda: grants.deny(g.principal, grant_id, form.get("reason")),
         "cancel": lambda: grants.cancel(g.principal, grant_id),
         "release": lambda: grants.release(g.principal, grant_id),
+        "review": lambda: grants.review(
+            g.principal, grant_id, form.get("outcome"), form.get("notes")
+        ),
     }
     if action not in done:
         abort(404)
