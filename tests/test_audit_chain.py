@@ -33,6 +33,10 @@ from_groups = ["security"]
 [entitlements.guarded.extend]
 max_step = "10m"
 max_total = "2h"
+
+[entitlements.guarded.break_glass]
+groups = ["engineers"]
+reviewers = ["security"]
 """
 
 
@@ -120,6 +124,17 @@ def test_a_grants_chain_holds_every_step_and_verifies(make_app, api_for, openbao
     denial = [e for e in grants.chain(denied["id"]) if e["type"] == "denial"]
     assert denial and denial[0]["actor"]["sub"] == "bob"
     assert denial[0]["data"]["reason"] == "not now"
+
+    # The emergency path and its review are in the chain as well.
+    emergency = {"entitlement": "guarded", "reason": "outage, all hands", "break_glass": True}
+    glass_id = api("POST", "/api/v1/requests", {**emergency, "duration": "10m"}).json["id"]
+    review = {"outcome": "justified", "notes": "INC-8 confirmed"}
+    assert api("POST", f"/api/v1/requests/{glass_id}/review", review, "dave").status_code == 200
+    glass_chain = grants.chain(glass_id)
+    assert [e["type"] for e in glass_chain] == [
+        "request", "decision", "break_glass", "issue", "review"
+    ]  # fmt: skip
+    assert data_of(glass_chain, "review")[0]["outcome"] == "justified"
 
     # Nothing secret anywhere; the accessor only as its HMAC, which lookup finds.
     everything = str(list(grants.store.audit_entries()))
