@@ -117,7 +117,7 @@ class Store:
     def migrate(self) -> None:
         """Create or upgrade the schema; `PRAGMA user_version` says which version the file has."""
         with self.transaction() as tx:
-            version = tx.db.execute("PRAGMA user_version").fetchone()[0]
+            version = self.schema_version()
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} has schema {version}, newer than this broker")
             if version < 1:
@@ -295,11 +295,16 @@ class Store:
 
     def checkpoints(self, first: int = 0, last: int | None = None) -> list[dict]:
         """Signed checkpoints whose size lies in [first, last], smallest first."""
+        if self.schema_version() < 3:  # a copy of an older broker's database: none were signed
+            return []
         rows = self.db.execute(
             "SELECT * FROM checkpoints WHERE size >= ? AND (? IS NULL OR size <= ?) ORDER BY size",
             [first, last, last],
         )
         return [dict(row) for row in rows]
+
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     def cursor(self, name: str) -> int:
         """A consumer's position in the audit log (the last seq it has taken)."""

@@ -85,3 +85,39 @@ def test_schema_version_is_recorded_and_migrate_is_idempotent(tmp_path):
     store.migrate()
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_version_2_database_is_read_as_it_is_and_upgraded_with_its_grants(tmp_path):
+    """A database from the broker before signed checkpoints and break-glass: `jit audit` reads
+    it without upgrading it; the broker's migrate() then adds the new columns and tables."""
+    from click.testing import CliRunner
+
+    from broker.cli import main as jit
+    from broker.store import _create_v1, _migrate_v2
+
+    store = Store(tmp_path / "broker.db")
+    with store.transaction() as tx:
+        _create_v1(tx.db)
+        _migrate_v2(tx.db)
+        tx.db.execute("PRAGMA user_version = 2")
+        tx.db["grants"].insert(
+            {
+                "id": "g1",
+                "entitlement": "kv-read",
+                "status": "revoked",
+                "window_end": "t",
+                "duration": 60,
+                "attempts": 0,
+            }  # fmt: skip
+        )
+        tx.append("2026-01-01T00:00:00Z", "request", {"iss": "i", "sub": "s"}, "g1", {})
+    result = CliRunner().invoke(jit, ["audit", "verify"], env={"JIT_STORAGE_PATH": str(store.path)})
+    assert result.exit_code == 0 and result.output.startswith("ok: 1 entries, chain intact")
+    assert store.schema_version() == 2
+
+    store.migrate()
+    assert store.schema_version() == SCHEMA_VERSION
+    grant = store.get_grant("g1")
+    assert (grant.status, grant.break_glass, grant.review_due) == ("revoked", 0, "")
+    assert store.checkpoints() == [] and store.cursor("forward") == 0
+    assert audit.verify(store.audit_entries()).ok
