@@ -1,0 +1,385 @@
+"""Requesting, activating and extending: the policy is checked, the intent recorded, Vault
+asked, and the credential recorded or, when that fails, revoked at once (layer 4). Break-glass is
+the same path past approvals, with a loud alert and a review to follow."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from .. import notify
+from ..durations import parse_duration
+from ..errors import (
+    BrokerError,
+    BrokerUnhealthy,
+    GrantConflict,
+    InvalidDuration,
+    InvalidRequest,
+)
+from ..models import (
+    ACTIVE,
+    APPROVED,
+    DENIED,
+    ISSUE_FAILED,
+    ISSUING,
+    PENDING,
+    Decision,
+    Grant,
+    IssuedCredential,
+    Principal,
+    isoformat,
+    parse_time,
+)
+from ..policy import Entitlement, Policy
+from .base import (
+    OPEN,
+    GrantsBase,
+    _raise_if_refused,
+    _validated,
+    log,
+)
+from .removal import _first_look
+
+
+class Issuing(GrantsBase):
+    def request(
+        self,
+        principal: Principal,
+        entitlement: object,
+        duration: object,
+        reason: object,
+        ticket: object = "",
+        public_key: object = "",
+        break_glass: object = False,
+    ) -> tuple[Grant, IssuedCredential | None]:
+        """Check the policy; then either issue at once, or record a pending request that waits
+        for approvals. Bad input and refusals leave no trace; a Vault failure leaves a grant
+        marked issue_failed, never one that claims a credential. `public_key` is what an SSH
+        certificate is signed for; it is needed when issuing (now, or at activation).
+        `break_glass` takes the emergency path: issued at once, reviewed afterwards."""
+        if not isinstance(break_glass, bool):
+            raise InvalidRequest("break_glass must be true or false")
+        entitlement, seconds, reason, ticket = _validated(entitlement, duration, reason, ticket)
+        self._refuse_if_unhealthy()
+        policy = self.policy()
+        if break_glass:
+            return self._break_glass(policy, principal, entitlement, seconds, reason, public_key)
+        open_now = self.store.count_open(principal.issuer, principal.subject, entitlement, OPEN)
+        decision = policy.evaluate(
+            principal,
+            entitlement,
+            seconds,
+            reason=reason,
+            ticket=ticket,
+            now=self.clock(),
+            active=open_now,
+        )
+        _raise_if_refused(decision)
+        chosen = policy.entitlements[entitlement]
+        status = PENDING if decision.approvals_required else ISSUING
+        if status == ISSUING:
+            self._check_request(chosen, public_key)
+        grant = self._record_request(policy, principal, chosen, decision, reason, ticket, status)
+        if status == PENDING:
+            self.notify(
+                notify.NEW_REQUEST,
+                notify.new_request_text(grant),
+                grant_id=grant.id,
+                audience="approvers",
+                fields={"approvers": ", ".join(decision.approvers)},
+            )
+            self.on_change()  # the reaper must expire it if nobody approves
+            return grant, None
+        return self._issue(principal, grant, chosen, public_key)
+
+    def _check_request(self, chosen: Entitlement, public_key: object) -> None:
+        """What the backend needs from the requester, checked before anything is recorded."""
+        check = getattr(self.backends[chosen.backend], "check_request", None)
+        if check is not None:
+            check(public_key)
+
+    def _record_request(
+        self,
+        policy: Policy,
+        principal: Principal,
+        chosen: Entitlement,
+        decision: Decision,
+        reason: str,
+        ticket: str,
+        status: str,
+        review_within: int | None = None,
+    ) -> Grant:
+        """Record the request and the decision, in one transaction. `review_within` (seconds)
+        marks a break-glass grant: its window ignores the schedule, and its review falls due."""
+        now = self.clock().replace(microsecond=0)
+        start, end, due, review_due = "", "", "", ""
+        if review_within is not None:
+            start = isoformat(now)
+            end = isoformat(now + timedelta(seconds=decision.duration))
+            review_due = isoformat(now + timedelta(seconds=review_within))
+        elif status == ISSUING:
+            start = isoformat(now)
+            end = isoformat(policy.window_end(chosen.name, now, decision.duration))
+        else:
+            due = isoformat(now + self._request_ttl(chosen))
+        grant = Grant(
+            id=str(uuid.uuid4()),
+            requester_iss=principal.issuer,
+            requester_sub=principal.subject,
+            requester=principal.display,
+            entitlement=chosen.name,
+            reason=reason,
+            duration=decision.duration,
+            status=status,
+            created_at=isoformat(now),
+            window_start=start,
+            window_end=end,
+            backend=chosen.backend,
+            policy_hash=decision.policy_hash,
+            due_at=due,
+            updated_at=isoformat(now),
+            ticket=ticket,
+            approvals_required=decision.approvals_required,
+            break_glass=int(review_within is not None),
+            review_due=review_due,
+        )
+        with self.store.transaction() as tx:
+            tx.insert_grant(grant)
+            self._log(
+                tx,
+                "request",
+                principal.actor(),
+                grant.id,
+                principal=principal.claims(),
+                entitlement=chosen.name,
+                duration=decision.duration,
+                reason=reason,
+                ticket=ticket or None,
+                break_glass=grant.break_glass == 1 or None,
+            )
+            self._log_decision(tx, principal, grant.id, decision)
+            if grant.break_glass:
+                self._log(
+                    tx,
+                    "break_glass",
+                    principal.actor(),
+                    grant.id,
+                    entitlement=chosen.name,
+                    reason=reason,
+                    duration=decision.duration,
+                    window_end=end,
+                    review_due=review_due,
+                    reviewers=list(chosen.break_glass.reviewers),
+                )
+        return grant
+
+    def _break_glass(
+        self,
+        policy: Policy,
+        principal: Principal,
+        entitlement: str,
+        seconds: int | None,
+        reason: str,
+        public_key: object,
+    ) -> tuple[Grant, IssuedCredential]:
+        """The emergency path: no approval, no ticket, no schedule; a loud alert, and a review
+        that falls due. Issued through the same intent-then-record steps as any grant."""
+        decision = policy.evaluate_break_glass(principal, entitlement, seconds, reason)
+        _raise_if_refused(decision)
+        chosen = policy.entitlements[entitlement]
+        self._check_request(chosen, public_key)
+        grant = self._record_request(
+            policy,
+            principal,
+            chosen,
+            decision,
+            reason,
+            "",
+            ISSUING,
+            chosen.break_glass.review_within,
+        )
+        self.notify(
+            notify.BREAK_GLASS,
+            notify.break_glass_text(grant),
+            grant_id=grant.id,
+            audience="security",
+            fields={"reviewers": ", ".join(chosen.break_glass.reviewers)},
+        )
+        return self._issue(principal, grant, chosen, public_key)
+
+    def activate(
+        self, principal: Principal, grant_id: str, public_key: object = ""
+    ) -> tuple[Grant, IssuedCredential]:
+        """Issue an approved request to its requester. The policy is applied again with the
+        requester's claims of now: whoever left the group while waiting gets nothing."""
+        grant = self.get(principal, grant_id, owner_only=True)
+        self._refuse_if_unhealthy()
+        policy = self.policy()
+        if grant.entitlement in policy.entitlements:
+            self._check_request(policy.entitlements[grant.entitlement], public_key)
+        open_now = self.store.count_open(
+            principal.issuer, principal.subject, grant.entitlement, OPEN, excluding=grant.id
+        )
+        decision = policy.evaluate(
+            principal,
+            grant.entitlement,
+            grant.duration,
+            reason=grant.reason,
+            ticket=grant.ticket,
+            now=self.clock(),
+            active=open_now,
+        )
+        now = self.clock().replace(microsecond=0)
+        with self.store.transaction() as tx:
+            current = tx.get_grant(grant.id)
+            if current.status != APPROVED:
+                raise GrantConflict(f"request {grant.id} is {current.status}, not approved")
+            if not decision.allowed:
+                tx.move_grant(
+                    grant.id,
+                    APPROVED,
+                    status=DENIED,
+                    due_at="",
+                    closed_reason=f"refused at activation: {decision.reasons[0]}",
+                    updated_at=isoformat(now),
+                )
+            else:
+                end = policy.window_end(grant.entitlement, now, grant.duration)
+                tx.move_grant(
+                    grant.id,
+                    APPROVED,
+                    status=ISSUING,
+                    window_start=isoformat(now),
+                    window_end=isoformat(end),
+                    due_at="",
+                    updated_at=isoformat(now),
+                )
+            self._log_decision(tx, principal, grant.id, decision, at_activation=True)
+        _raise_if_refused(decision)
+        grant = self.store.get_grant(grant.id)
+        return self._issue(principal, grant, policy.entitlements[grant.entitlement], public_key)
+
+    def _issue(
+        self, principal: Principal, grant: Grant, chosen: Entitlement, public_key: object = ""
+    ) -> tuple[Grant, IssuedCredential]:
+        backend = self.backends[chosen.backend]
+        try:
+            credential = backend.issue(
+                grant.id, chosen, parse_time(grant.window_end), principal.display, public_key
+            )
+        except BrokerError as exc:
+            with self.store.transaction() as tx:
+                tx.move_grant(
+                    grant.id,
+                    ISSUING,
+                    status=ISSUE_FAILED,
+                    last_error=exc.detail,
+                    updated_at=self._now(),
+                )
+                self._log(
+                    tx,
+                    "issue_failed",
+                    principal.actor(),
+                    grant.id,
+                    backend=chosen.backend,
+                    error=exc.detail,
+                )
+            raise
+        try:
+            with self.store.transaction() as tx:
+                if not tx.move_grant(
+                    grant.id,
+                    ISSUING,
+                    status=ACTIVE,
+                    handle=credential.handle,
+                    credential_expires_at=isoformat(credential.expires_at),
+                    due_at=_first_look(grant),
+                    updated_at=self._now(),
+                ):
+                    # The reconciler gave it up as abandoned: what Vault just issued must go.
+                    raise GrantConflict(f"grant {grant.id} stopped issuing while Vault answered")
+                self._log(
+                    tx,
+                    "issue",
+                    principal.actor(),
+                    grant.id,
+                    backend=chosen.backend,
+                    **self._marks(backend, credential.handle),
+                    **credential.details,
+                )
+        except BrokerError:
+            backend.revoke(credential.handle)
+            raise
+        except Exception as exc:
+            # No record of the credential means the credential must not exist either.
+            backend.revoke(credential.handle)
+            log.exception("grant %s: the issued credential could not be recorded", grant.id)
+            raise BrokerUnhealthy(
+                "the issued credential could not be recorded in the audit log, "
+                "so it was revoked at once; nothing was issued"
+            ) from exc
+        self.on_change()
+        return self.store.get_grant(grant.id), credential
+
+    def extend(
+        self, principal: Principal, grant_id: str, extra: object, public_key: object = ""
+    ) -> tuple[Grant, IssuedCredential]:
+        """Make a live window longer, within the policy's extension rules. A credential cannot
+        outlive its own hard expiry (a token's explicit_max_ttl), so the longer window gets a new
+        credential, shown once, and the old one is revoked. Were that revocation to fail, the old
+        credential still dies at the old window end, which lies inside the new window."""
+        if extra is None or extra == "":
+            raise InvalidDuration("duration is required: how much longer (like 15m)")
+        try:
+            seconds = parse_duration(extra)
+        except ValueError as exc:
+            raise InvalidDuration(str(exc)) from None
+        grant = self.get(principal, grant_id, owner_only=True)
+        if grant.status != ACTIVE:
+            raise GrantConflict(
+                f"grant {grant.id} is {grant.status}: only an active grant can be extended"
+            )
+        self._refuse_if_unhealthy()
+        policy = self.policy()
+        start, end = parse_time(grant.window_start), parse_time(grant.window_end)
+        decision = policy.evaluate_extension(
+            principal, grant.entitlement, start, end, seconds, self.clock()
+        )
+        _raise_if_refused(decision)
+        chosen = policy.entitlements[grant.entitlement]
+        self._check_request(chosen, public_key)
+        new_end = end + timedelta(seconds=seconds)
+        backend = self.backends[chosen.backend]
+        credential = backend.issue(grant.id, chosen, new_end, principal.display, public_key)
+        try:
+            with self.store.transaction() as tx:
+                if not tx.move_grant(
+                    grant.id,
+                    ACTIVE,
+                    handle=credential.handle,
+                    window_end=isoformat(new_end),
+                    duration=grant.duration + seconds,
+                    credential_expires_at=isoformat(credential.expires_at),
+                    due_at=_first_look(grant, new_end),
+                    updated_at=self._now(),
+                ):
+                    raise GrantConflict(f"grant {grant.id} ended while it was being extended")
+                self._log_decision(tx, principal, grant.id, decision, extension=seconds)
+                self._log(
+                    tx,
+                    "extend",
+                    principal.actor(),
+                    grant.id,
+                    window_end_was=grant.window_end,
+                    window_end=isoformat(new_end),
+                    backend=chosen.backend,
+                    **self._marks(backend, credential.handle),
+                    replaces=self._fingerprint(grant.handle),
+                    **credential.details,
+                )
+        except Exception:
+            backend.revoke(credential.handle)  # no record of it, so it must not exist
+            raise
+        self._remove_replaced(grant, backend)
+        self.on_change()
+        return self.store.get_grant(grant.id), credential

@@ -1,0 +1,277 @@
+"""Ending access: release, expiry, and the reaper's removal, which revokes and then verifies that
+the credential is gone before anything says `revoked`; unverified removals are retried with
+backoff and alerted on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
+from .. import notify
+from ..errors import (
+    BrokerError,
+    GrantConflict,
+)
+from ..models import (
+    ACTIVE,
+    APPROVED,
+    EXPIRED,
+    EXPIRED_UNAPPROVED,
+    RELEASED,
+    REVOKE_FAILED,
+    REVOKED,
+    REVOKING,
+    TO_REAP,
+    Grant,
+    Principal,
+    isoformat,
+    parse_time,
+)
+from ..store import Transaction
+from .base import (
+    AWAITING,
+    EXPIRY_WARNING,
+    REAP_BATCH,
+    REAPER,
+    REVOCATION_LEASE,
+    GrantsBase,
+    log,
+)
+
+
+class Removing(GrantsBase):
+    def _remove_replaced(self, grant: Grant, backend) -> None:
+        """Revoke the credential an extension replaced. Should that fail, it still dies at the
+        old window end, inside the new window; the chain records what happened either way."""
+        if not backend.revocable:
+            with self.store.transaction() as tx:
+                self._log(
+                    tx,
+                    "replaced",
+                    REAPER,
+                    grant.id,
+                    handle=self._fingerprint(grant.handle),
+                    revocable=False,
+                    valid_until=grant.window_end,
+                )
+            return
+        outcome = self._remove(backend, grant.handle)
+        with self.store.transaction() as tx:
+            self._log_removal(tx, grant, backend, outcome, replaced=True)
+
+    def _remove(self, backend, handle: str) -> Removal:
+        """Revoke, then verify even when the revoke call failed: Vault's own expiry may have
+        removed it in the same instant, and what counts is whether the credential is gone, not
+        who removed it."""
+        return Removal(
+            _failure_of(backend.revoke, handle),
+            _failure_of(backend.is_gone, handle, want=True),
+        )
+
+    def _log_removal(
+        self, tx: Transaction, grant: Grant, backend, outcome: Removal, **context
+    ) -> None:
+        revoke_error, verify_error = outcome
+        marks = self._marks(backend, grant.handle)
+        self._log(
+            tx,
+            "revoke",
+            REAPER,
+            grant.id,
+            **marks,
+            accepted=not revoke_error,
+            error=revoke_error or None,
+            **context,
+        )
+        self._log(
+            tx,
+            "verify",
+            REAPER,
+            grant.id,
+            **marks,
+            gone=not verify_error,
+            method=backend.verify_method,
+            error=verify_error or None,
+            **context,
+        )
+
+    def release(self, principal: Principal, grant_id: str) -> Grant:
+        """End the window now; the reaper, woken at once, removes and verifies. A credential
+        nothing can revoke (its backend says `revocable = False`) stays valid until its own
+        expiry: the release records the end, and the reaper looks (and verifies) only then."""
+        grant = self.get(principal, grant_id, owner_only=True)
+        now = self._now()
+        revocable = getattr(self.backends.get(grant.backend), "revocable", True)
+        due = now if revocable else max(now, grant.credential_expires_at or now)
+        with self.store.transaction() as tx:
+            if not tx.move_grant(
+                grant.id, ACTIVE, status=RELEASED, window_end=now, due_at=due, updated_at=now
+            ):
+                current = tx.get_grant(grant.id)
+                raise GrantConflict(f"grant {grant.id} is {current.status}, not active")
+            self._log(
+                tx,
+                "release",
+                principal.actor(),
+                grant.id,
+                window_end_was=grant.window_end,
+                window_end=now,
+                credential_valid_until=None if revocable else due,
+            )
+        self.on_change()
+        return self.store.get_grant(grant.id)
+
+    def reap_due(self, now: datetime | None = None) -> datetime | None:
+        """Remove every credential whose window has closed; return when the next one closes."""
+        now = now or self.clock()
+        while True:
+            due = self.store.due_grants(isoformat(now), limit=REAP_BATCH)
+            for grant in due:
+                self._reap(grant, now)
+            if len(due) < REAP_BATCH:
+                break
+        deadline = self.store.next_deadline()
+        return parse_time(deadline) if deadline else None
+
+    def _reap(self, grant: Grant, now: datetime) -> None:
+        if grant.status in AWAITING:
+            self._expire_unapproved(grant)
+            return
+        if grant.status == ACTIVE and parse_time(grant.window_end) > now:
+            self._warn_of_expiry(grant, now)
+            return
+        attempt = grant.attempts + 1
+        if not self._claim_for_removal(grant, now, attempt):
+            return
+        backend = self.backends[grant.backend]
+        outcome = self._remove(backend, grant.handle)
+        with self.store.transaction() as tx:
+            self._log_removal(tx, grant, backend, outcome, attempt=attempt)
+            if outcome.gone:
+                tx.move_grant(
+                    grant.id,
+                    REVOKING,
+                    status=REVOKED,
+                    due_at="",
+                    last_error="",
+                    updated_at=self._now(),
+                )
+                return
+            error = outcome.error
+            backoff = min(self.retry_max, self.retry_min * 2 ** (attempt - 1))
+            retry_at = isoformat(now + timedelta(seconds=backoff))
+            tx.move_grant(
+                grant.id,
+                REVOKING,
+                status=REVOKE_FAILED,
+                last_error=error,
+                due_at=retry_at,
+                updated_at=self._now(),
+            )
+            self._log(
+                tx,
+                "revoke_failed",
+                REAPER,
+                grant.id,
+                attempt=attempt,
+                error=error,
+                next_attempt_at=retry_at,
+            )
+        log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
+        self.notify(
+            "revoke_failed",
+            f"Removal of {grant.entitlement} for {grant.requester} could "
+            f"not be verified (attempt {attempt}): {error}. Retrying at {retry_at}.",
+            grant_id=grant.id,
+            audience="security",
+        )
+
+    def _claim_for_removal(self, grant: Grant, now: datetime, attempt: int) -> bool:
+        """Move the grant to revoking; False when someone else moved it first."""
+        with self.store.transaction() as tx:
+            if grant.status == ACTIVE:
+                if not tx.move_grant(grant.id, ACTIVE, status=EXPIRED, updated_at=self._now()):
+                    return False
+                self._log(tx, "expire", REAPER, grant.id, window_end=grant.window_end)
+            return tx.move_grant(
+                grant.id,
+                TO_REAP,
+                status=REVOKING,
+                attempts=attempt,
+                due_at=isoformat(now + REVOCATION_LEASE),
+                updated_at=self._now(),
+            )
+
+    def _warn_of_expiry(self, grant: Grant, now: datetime) -> None:
+        """Tell the requester the window closes soon; then look again at the window end."""
+        with self.store.transaction() as tx:
+            if not tx.move_grant(grant.id, ACTIVE, due_at=grant.window_end):
+                return
+        minutes = max(1, round((parse_time(grant.window_end) - now).total_seconds() / 60))
+        self.notify(
+            notify.EXPIRING,
+            notify.expiring_text(grant, minutes),
+            grant_id=grant.id,
+            audience="requester",
+        )
+
+    def _expire_unapproved(self, grant: Grant) -> None:
+        with self.store.transaction() as tx:
+            if not tx.move_grant(
+                grant.id, grant.status, status=EXPIRED_UNAPPROVED, due_at="", updated_at=self._now()
+            ):
+                return
+            self._log(
+                tx,
+                "expire_unapproved",
+                REAPER,
+                grant.id,
+                was=grant.status,
+                waited_until=grant.due_at,
+            )
+        self.notify(
+            "expired_unapproved",
+            f"Your request for {grant.entitlement} expired "
+            f"before it was {'activated' if grant.status == APPROVED else 'approved'}.",
+            grant_id=grant.id,
+            audience="requester",
+        )
+
+
+class Removal(NamedTuple):
+    """What went wrong revoking a credential and verifying it gone ("" for nothing)."""
+
+    revoke_error: str
+    verify_error: str
+
+    @property
+    def gone(self) -> bool:
+        return not self.verify_error
+
+    @property
+    def error(self) -> str:
+        return "; ".join(dict.fromkeys(e for e in self if e))
+
+
+def _failure_of(step: Callable, handle: str, want: object = None) -> str:
+    """Run one removal step; return what went wrong ("" when it did what was wanted), so the
+    reaper records it and retries rather than dying on one grant's surprise."""
+    try:
+        result = step(handle)
+    except BrokerError as exc:
+        return exc.detail
+    except Exception as exc:
+        log.exception("removal step %s failed", getattr(step, "__name__", step))
+        return f"{type(exc).__name__}: {exc}"
+    if want is not None and result != want:
+        return "Vault still knows the credential after revocation"
+    return ""
+
+
+def _first_look(grant: Grant, end: datetime | None = None) -> str:
+    """An active grant is looked at first to warn its requester, if the window is long enough."""
+    end = end or parse_time(grant.window_end)
+    if end - parse_time(grant.window_start) > 2 * EXPIRY_WARNING:
+        return isoformat(end - EXPIRY_WARNING)
+    return isoformat(end)
