@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from broker import audit  # noqa: E402
 from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
 from broker.policy_file import PolicyFile  # noqa: E402
@@ -100,7 +101,7 @@ def main(count: int) -> None:
         broker_remove_s, _ = timed(broker_remove, count)
         raw_peak = peak_bytes(raw_issue, count // 4 or 1)
         broker_peak = peak_bytes(broker_issue, count // 4 or 1)
-        chain_ok = grants.verify_chain()
+        chain_ok = audit.verify(grants.store.audit_entries())
 
         rows = [
             ("issue (request -> token)", raw_issue_s, broker_issue_s),

@@ -125,3 +125,17 @@ def test_pkce_is_required_of_every_client(oidc_provider, broker_port, client_id)
     assert params["error"] == ["invalid_request"]
     assert "PKCE" in params["error_description"][0]
     assert params["state"] == ["s1"]
+
+
+def test_the_bench_runs_and_reports_ratios_with_an_intact_chain():
+    """Not a timing test: the bench must keep working as the code under it changes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "3"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ratio" in result.stdout and "chain intact" in result.stdout
