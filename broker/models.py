@@ -169,6 +169,9 @@ DENIED, EXPIRED_UNAPPROVED, CANCELLED = "denied", "expired_unapproved", "cancell
 ISSUING, ISSUE_FAILED, ACTIVE = "issuing", "issue_failed", "active"
 RELEASED, EXPIRED, REVOKING = "released", "expired", "revoking"
 REVOKED, REVOKE_FAILED = "revoked", "revoke_failed"
+# Every state, in the order of a grant's life.
+STATES = (PENDING, APPROVED, DENIED, EXPIRED_UNAPPROVED, CANCELLED, ISSUING, ISSUE_FAILED, ACTIVE,
+          RELEASED, EXPIRED, REVOKING, REVOKED, REVOKE_FAILED)  # fmt: skip
 ENDED = (RELEASED, EXPIRED)  # the window is over; the credential still has to go
 TO_REAP = (RELEASED, EXPIRED, REVOKING, REVOKE_FAILED)
 

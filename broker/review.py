@@ -18,22 +18,7 @@ from .models import Approval, Grant, Principal, isoformat
 
 PAGE_SIZE = 50
 
-# Every state a grant can be in (models.py), in the order of its life.
-STATUSES = (
-    models.PENDING,
-    models.APPROVED,
-    models.DENIED,
-    models.EXPIRED_UNAPPROVED,
-    models.CANCELLED,
-    models.ISSUING,
-    models.ISSUE_FAILED,
-    models.ACTIVE,
-    models.RELEASED,
-    models.EXPIRED,
-    models.REVOKING,
-    models.REVOKED,
-    models.REVOKE_FAILED,
-)
+STATUSES = models.STATES
 
 BREAK_GLASS_CHOICES = {"": None, "any": None, "yes": True, "no": False}
 
