@@ -17,7 +17,7 @@ from .audit_log import AuditLog
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
 from .models import Principal, isoformat, parse_time, utcnow
-from .policy import explain
+from .policy import decide, explain
 from .policy_loader import PolicyError, load_policy
 from .store import Store
 
@@ -267,6 +267,7 @@ def policy_check(file: str) -> None:
 @click.option("--ticket", default=None, help="The ticket (not checked when left out).")
 @click.option("--at", "at", default=None, help="When, ISO 8601 (default: now), for schedules.")
 @click.option("--active", default=0, type=int, help="Open grants the requester already holds.")
+@click.option("--break-glass", is_flag=True, help="Ask for the emergency path instead.")
 def policy_explain(
     file: str,
     user: str,
@@ -279,6 +280,7 @@ def policy_explain(
     ticket: str | None,
     at: str | None,
     active: int,
+    break_glass: bool,
 ) -> None:
     """Explain what the policy in FILE decides for one request; exit 0 if allowed, 1 if not.
 
@@ -303,9 +305,9 @@ def policy_explain(
         groups=tuple(g.strip() for g in groups.split(",") if g.strip()),
         client_id=user if agent else "",
     )
-    click.echo(explain(policy, principal, entitlement, seconds, now, reason, ticket, active))
-    decision = policy.evaluate(principal, entitlement, seconds, reason, ticket, now, active)
-    sys.exit(0 if decision.allowed else 1)
+    request = (policy, principal, entitlement, seconds, now, reason, ticket, active, break_glass)
+    click.echo(explain(*request))
+    sys.exit(0 if decide(*request).allowed else 1)
 
 
 def run() -> None:

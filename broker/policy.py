@@ -732,6 +732,23 @@ def _days_text(days: tuple[int, ...]) -> str:
 # --- explaining -----------------------------------------------------------------------------------
 
 
+def decide(
+    policy: Policy,
+    principal: Principal,
+    entitlement: str,
+    duration: int | None,
+    now: datetime | None = None,
+    reason: str | None = None,
+    ticket: str | None = None,
+    active: int = 0,
+    break_glass: bool = False,
+) -> Decision:
+    """The decision for a request on the normal path or, with `break_glass`, the emergency one."""
+    if break_glass:
+        return policy.evaluate_break_glass(principal, entitlement, duration, reason)
+    return policy.evaluate(principal, entitlement, duration, reason, ticket, now, active)
+
+
 def explain(
     policy: Policy,
     principal: Principal,
@@ -741,13 +758,19 @@ def explain(
     reason: str | None = None,
     ticket: str | None = None,
     active: int = 0,
+    break_glass: bool = False,
 ) -> str:
-    """The decision in words for people: the verdict, every reason, and who could approve."""
-    decision = policy.evaluate(principal, entitlement, duration, reason, ticket, now, active)
+    """The decision in words for people: the verdict, every reason, and who could approve (or,
+    for break-glass, who reviews it)."""
+    decision = decide(
+        policy, principal, entitlement, duration, now, reason, ticket, active, break_glass
+    )
     who = f"{principal.display} ({principal.kind}"
     who += f", groups: {', '.join(principal.groups)})" if principal.groups else ")"
     if not decision.allowed:
         verdict = f"refused ({decision.error})"
+    elif break_glass:
+        verdict = "allowed through break-glass, issued at once, reviewed afterwards"
     elif decision.approvals_required:
         verdict = f"allowed after {decision.approvals_required} approval" + (
             "s" if decision.approvals_required > 1 else ""
@@ -762,6 +785,8 @@ def explain(
     found = policy.entitlements.get(entitlement)
     if found is None:
         lines.append(f"  entitlements in the policy: {', '.join(policy.entitlements) or 'none'}")
+        return "\n".join(lines)
+    if break_glass:
         return "\n".join(lines)
     if reason is None and found.reason.min_length:
         lines.append(f"  ? a reason of at least {found.reason.min_length} characters is required")

@@ -31,6 +31,11 @@ ticket = '^INC-\d+$'
 required = 1
 from_groups = ["security"]
 
+[entitlements.admin.break_glass]
+groups = ["oncall"]
+reviewers = ["security"]
+max_duration = "20m"
+
 [entitlements.deploy]
 vault_policies = ["deploy"]
 max_duration = "15m"
@@ -202,3 +207,26 @@ def test_explain_a_broken_policy_prints_its_problems(tmp_path):
     result = invoke("policy", "explain", path, "--as", "a", "-e", "admin")
     assert result.exit_code == 1
     assert result.stdout.splitlines()[0] == f"{path}:2: admin: the root policy is never granted"
+
+
+def test_explain_the_break_glass_path(policy_file):
+    allowed = invoke(
+        "policy", "explain", policy_file, "--as", "olga", "--groups", "oncall", "-e", "admin",
+        "--duration", "15m", "--reason", "payments are down", "--break-glass",
+    )  # fmt: skip
+    assert allowed.exit_code == 0, allowed.output
+    assert allowed.stdout.splitlines() == [
+        "admin for olga (human, groups: oncall): allowed through break-glass, issued at once, "
+        "reviewed afterwards",
+        "  + break-glass: requester is in oncall",
+        "  + 15m is within the break-glass maximum 20m",
+        "  + a reason is given",
+        "  + break-glass: approvals, ticket, schedule and max_active are bypassed; security must "
+        "review it within 24h",
+    ]
+    refused = invoke(
+        "policy", "explain", policy_file, "--as", "alice", "--groups", "engineers", "-e", "admin",
+        "--reason", "short", "--break-glass",
+    )  # fmt: skip
+    assert refused.exit_code == 1
+    assert refused.stdout.splitlines()[0].endswith("refused (not_eligible)")
