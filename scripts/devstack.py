@@ -1,5 +1,6 @@
-"""Start the whole stack on localhost for scripts/dev: OpenBao, the OIDC provider with demo users,
-an example config and policy, then the broker. Ctrl-C stops all of it.
+"""Start the whole stack on localhost for scripts/dev: OpenBao (with a database engine over a
+throwaway PostgreSQL and an SSH CA), the OIDC provider with demo users, an example config and
+policy, then the broker. Ctrl-C (or SIGTERM) stops all of it.
 
 `scripts/dev token USER`, while the stack runs, prints an API access token for a demo user."""
 
@@ -19,6 +20,9 @@ from tests.services import (  # noqa: E402
     LoginFailed,
     OidcProvider,
     OpenBao,
+    Postgres,
+    configure_database_engine,
+    configure_ssh_engine,
     demo_accounts,
     provider_config,
     user_access_token,
@@ -30,15 +34,26 @@ STATE = ROOT / "var" / "dev"
 EXAMPLE = ROOT / "scripts" / "example"
 
 
-def configure_vault(bao: OpenBao) -> None:
-    """The Vault policies the example entitlements grant, and a secret worth reading."""
+def configure_vault(bao: OpenBao, postgres: Postgres) -> None:
+    """The Vault policies the example entitlements grant, a secret worth reading, the database
+    engine over `postgres` (with a table worth reading) and the SSH CA."""
     client = bao.client()
     for hcl in sorted((EXAMPLE / "vault").glob("*.hcl")):
         client.sys.create_or_update_policy(hcl.stem, hcl.read_text())
     client.secrets.kv.v2.create_or_update_secret("app/database", {"password": "hunter2"})
+    import psycopg
+
+    with psycopg.connect(postgres.dsn) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS orders (id serial PRIMARY KEY, item text NOT NULL)")
+        if not db.execute("SELECT 1 FROM orders LIMIT 1").fetchone():
+            db.execute("INSERT INTO orders (item) VALUES ('keyboard'), ('monitor')")
+    configure_database_engine(client, postgres)
+    configure_ssh_engine(client)
 
 
-def write_config(bao: OpenBao, provider: OidcProvider, client_secret: str) -> Path:
+def write_config(
+    bao: OpenBao, provider: OidcProvider, postgres: Postgres, client_secret: str
+) -> Path:
     policy = STATE / "policy.toml"
     policy.write_text((EXAMPLE / "policy.toml").read_text())
     config = STATE / "config.toml"
@@ -62,6 +77,9 @@ token = "{bao.root_token}"
 
 [policy]
 path = "policy.toml"
+
+[postgres]
+dsn = "{postgres.dsn}"
 """)
     config.chmod(0o600)
     return config
@@ -72,18 +90,21 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     STATE.mkdir(parents=True, exist_ok=True)
-    (STATE / "broker.db").unlink(missing_ok=True)  # grants of a previous OpenBao mean nothing now
-    for suffix in ("-wal", "-shm"):
-        (STATE / f"broker.db{suffix}").unlink(missing_ok=True)
+    # Grants of a previous OpenBao mean nothing now. The log's checkpoint copies go with the log:
+    # kept, they would rightly say the new log is not the one they signed.
+    for name in ("broker.db", "broker.db-wal", "broker.db-shm", "audit-checkpoints.jsonl"):
+        (STATE / name).unlink(missing_ok=True)
     client_secret = secrets.token_urlsafe(24)
     bao = OpenBao.start(root_token=secrets.token_urlsafe(16), port=VAULT_PORT, workdir=STATE)
-    provider = None
+    provider = postgres = None
     try:
-        configure_vault(bao)
+        # The database entitlement's target: a throwaway cluster, or JIT_TEST_POSTGRES_DSN's server.
+        postgres = Postgres.from_env_or_start()
+        configure_vault(bao, postgres)
         provider = OidcProvider.start(
             provider_config(OIDC_PORT, f"{BROKER_URL}/auth/callback", client_secret), STATE
         )
-        config = write_config(bao, provider, client_secret)
+        config = write_config(bao, provider, postgres, client_secret)
 
         from broker import create_app
         from broker.cli import run_server
@@ -98,6 +119,7 @@ def main() -> None:
   jit-broker      {BROKER_URL}
   OpenBao         {bao.addr}   root token: {bao.root_token}
   OIDC provider   {provider.issuer}
+  PostgreSQL      {postgres.host}:{postgres.port}   (the app-db-readonly entitlement's users)
   demo users      {users}; any password
   API token       TOKEN=$(scripts/dev token alice)   (in another terminal)
   config          {config}   (jit -c {config.relative_to(ROOT)} audit verify)
@@ -111,6 +133,8 @@ def main() -> None:
     finally:
         if provider:
             provider.stop()
+        if postgres:
+            postgres.stop()
         bao.stop()
 
 

@@ -18,6 +18,8 @@ from tests.services import (
     OidcProvider,
     OpenBao,
     Postgres,
+    configure_database_engine,
+    configure_ssh_engine,
     free_port,
     provider_config,
     user_access_token,
@@ -41,64 +43,19 @@ def postgres() -> Iterator[Postgres]:
     server.stop()
 
 
-# What a database role should say: the user ends at the lease end by itself (VALID UNTIL), and
-# its revocation ends its open sessions before dropping it (a dropped role's session lives on).
-READONLY_CREATION = [
-    """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';""",
-    """GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{name}}";""",
-]
-READONLY_REVOCATION = [
-    """SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';""",
-    """REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{{name}}";""",
-    """DROP ROLE IF EXISTS "{{name}}";""",
-]
-
-
 @pytest.fixture(scope="session")
 def database_engine(openbao, postgres):
-    """OpenBao's database engine at database/, connection jitpg to the test PostgreSQL, role
-    readonly. The connection also allows the broker's per-grant copies, jit-readonly-*."""
+    """OpenBao's database engine at database/ against the test PostgreSQL, role readonly."""
     client = openbao.client()
-    client.sys.enable_secrets_engine("database", path="database")
-    client.secrets.database.configure(
-        "jitpg",
-        "postgresql-database-plugin",
-        allowed_roles=["readonly", "jit-readonly-*"],
-        connection_url=(
-            f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres.host}:{postgres.port}/"
-            f"{postgres.dbname}"
-        ),
-        username=postgres.user,
-        password=postgres.password,
-        verify_connection=True,
-    )
-    client.secrets.database.create_role(
-        "readonly",
-        "jitpg",
-        creation_statements=READONLY_CREATION,
-        revocation_statements=READONLY_REVOCATION,
-        default_ttl="1h",
-        max_ttl="24h",
-    )
+    configure_database_engine(client, postgres)
     return client
 
 
 @pytest.fixture(scope="session")
 def ssh_engine(openbao):
-    """OpenBao's SSH engine at ssh/ with a generated CA key, and role jit-users that signs user
-    certificates (key ids are the broker's, so sshd's log names the grant)."""
+    """OpenBao's SSH engine at ssh/ with a generated CA key and role jit-users."""
     client = openbao.client()
-    client.sys.enable_secrets_engine("ssh", path="ssh")
-    client.secrets.ssh.submit_ca_information(generate_signing_key=True, key_type="ed25519")
-    client.secrets.ssh.create_role(
-        "jit-users",
-        key_type="ca",
-        allow_user_certificates=True,
-        allowed_users="*",
-        allow_user_key_ids=True,
-        default_extensions={"permit-pty": ""},
-        max_ttl="24h",
-    )
+    configure_ssh_engine(client)
     return client
 
 

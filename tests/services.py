@@ -701,3 +701,60 @@ class Postgres:
             check=False,
         )
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
+
+
+# --- the engines the database and ssh entitlements use (tests and scripts/dev) ----------------
+
+# What a database role should say: the user ends at the lease end by itself (VALID UNTIL), and
+# its revocation ends its open sessions before dropping it (a dropped role's session lives on).
+READONLY_CREATION = [
+    """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';""",
+    """GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{name}}";""",
+]
+READONLY_REVOCATION = [
+    """SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';""",
+    """REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{{name}}";""",
+    """DROP ROLE IF EXISTS "{{name}}";""",
+]
+
+
+def configure_database_engine(client, postgres: Postgres) -> None:
+    """OpenBao's database engine at database/, connection jitpg to `postgres`, role readonly.
+    The connection also allows the broker's per-grant copies, jit-readonly-*."""
+    client.sys.enable_secrets_engine("database", path="database")
+    client.secrets.database.configure(
+        "jitpg",
+        "postgresql-database-plugin",
+        allowed_roles=["readonly", "jit-readonly-*"],
+        connection_url=(
+            f"postgresql://{{{{username}}}}:{{{{password}}}}@{postgres.host}:{postgres.port}/"
+            f"{postgres.dbname}"
+        ),
+        username=postgres.user,
+        password=postgres.password,
+        verify_connection=True,
+    )
+    client.secrets.database.create_role(
+        "readonly",
+        "jitpg",
+        creation_statements=READONLY_CREATION,
+        revocation_statements=READONLY_REVOCATION,
+        default_ttl="1h",
+        max_ttl="24h",
+    )
+
+
+def configure_ssh_engine(client) -> None:
+    """OpenBao's SSH engine at ssh/ with a generated CA key, and role jit-users that signs user
+    certificates (key ids are the broker's, so sshd's log names the grant)."""
+    client.sys.enable_secrets_engine("ssh", path="ssh")
+    client.secrets.ssh.submit_ca_information(generate_signing_key=True, key_type="ed25519")
+    client.secrets.ssh.create_role(
+        "jit-users",
+        key_type="ca",
+        allow_user_certificates=True,
+        allowed_users="*",
+        allow_user_key_ids=True,
+        default_extensions={"permit-pty": ""},
+        max_ttl="24h",
+    )
