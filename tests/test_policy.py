@@ -847,7 +847,14 @@ def test_the_example_policy_and_the_readme_policy_are_valid():
 
     root = Path(__file__).parent.parent
     example = load_policy(root / "scripts" / "example" / "policy.toml")
-    assert set(example.entitlements) == {"app-secrets-read", "app-secrets-admin", "ci-deploy-read"}
+    assert set(example.entitlements) == {
+        "app-secrets-read",
+        "app-secrets-admin",
+        "ci-deploy-read",
+        "app-db-readonly",
+        "deploy-ssh",
+    }
+    assert example.entitlements["app-secrets-admin"].break_glass.reviewers == ("security",)
     readme = (root / "README.md").read_text()
     start = readme.index("[approver_groups]")
     found, problems = check_policy_text(readme[start : readme.index("```", start)])
