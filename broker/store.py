@@ -489,7 +489,8 @@ def _add_credentials(db: sqlite_utils.Database) -> None:
     db["credentials"].create_index(["grant_id", "issued_at"])
     db.execute(
         "INSERT INTO credentials (id, grant_id, backend, handle, issued_at, gone_at) "
-        "SELECT 'v4-' || id, id, backend, handle, COALESCE(NULLIF(window_start, ''), created_at), "
+        "SELECT 'v4-' || id, id, COALESCE(backend, ''), handle, "
+        "COALESCE(NULLIF(window_start, ''), created_at), "
         "CASE WHEN status = 'revoked' THEN COALESCE(NULLIF(updated_at, ''), window_end) ELSE '' "
         "END FROM grants WHERE COALESCE(handle, '') != ''"
     )
