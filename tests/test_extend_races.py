@@ -98,8 +98,8 @@ def test_parallel_extends_give_one_new_token_and_release_leaves_none(app, api_fo
 
 
 class HeldAfterIssue(VaultTokenBackend):
-    """The real token backend, paused after OpenBao has issued and before the broker records:
-    the moment a release can slip in."""
+    """The real token backend, its first issue paused after OpenBao has issued and before the
+    broker records: the moment a release (or another extension) can slip in."""
 
     def __init__(self, real: VaultTokenBackend):
         super().__init__(real.client, real.instance)
@@ -110,8 +110,9 @@ class HeldAfterIssue(VaultTokenBackend):
     def issue(self, *args, **kwargs):
         credential = super().issue(*args, **kwargs)
         self.credentials.append(credential)
-        self.issued.set()
-        assert self.resume.wait(30)
+        if not self.issued.is_set():
+            self.issued.set()
+            assert self.resume.wait(30)
         return credential
 
 
@@ -151,6 +152,46 @@ def test_a_release_racing_an_extension_is_not_revoked_before_the_new_token_is_go
     (lost,) = [e["data"] for e in chain if e["type"] == "extend_lost"]
     assert lost["handle"] == grants._fingerprint(new.handle)
     assert new.handle not in str(chain) and new.secret not in str(chain)
+    assert audit.verify(grants.store.audit_entries()).ok
+
+
+def test_an_extension_records_only_over_the_credential_it_replaces(grants, openbao):
+    """A claim left by an extension that seems to have died (older than the issuance grace) is
+    taken over; should the first one come back after all, its record is conditional on the
+    credential it saw, which the second replaced: it loses, and removes what it made."""
+    grant, first = grants.request(ALICE, "stretchy", "10m", "slow extension")
+    held = HeldAfterIssue(grants.backends["vault_token"])
+    grants.backends = {**grants.backends, "vault_token": held}
+    outcome = {}
+
+    def extend():
+        try:
+            grants.extend(ALICE, grant.id, "5m")
+        except GrantConflict as exc:
+            outcome["refused"] = exc
+
+    slow = threading.Thread(target=extend)
+    slow.start()
+    try:
+        assert held.issued.wait(30)
+        grants.clock = lambda: utcnow() + LATER  # the slow one's claim looks abandoned
+        _, second = grants.extend(ALICE, grant.id, "5m")
+    finally:
+        held.resume.set()
+        slow.join(30)
+
+    assert outcome["refused"].status == 409
+    slow_one = held.credentials[0]
+    recorded = grants.store.get_grant(grant.id)
+    assert recorded.handle == second.handle != slow_one.handle
+    assert token_works(openbao, second.secret)
+    assert not token_works(openbao, slow_one.secret) and not token_works(openbao, first.secret)
+    assert live_tokens_of(openbao, grant.id) == {second.handle}
+    grants.clock = utcnow
+    grants.release(ALICE, grant.id)
+    grants.reap_due()
+    assert grants.store.get_grant(grant.id).status == "revoked"
+    assert live_tokens_of(openbao, grant.id) == set()
     assert audit.verify(grants.store.audit_entries()).ok
 
 
