@@ -161,6 +161,21 @@ class Holding:
     legacy: bool = False
 
 
+@dataclass(frozen=True)
+class Credential:
+    """One credential a grant holds or once held, in the order issued. Every one is listed, not
+    only the grant's current one, so nothing says `revoked` while a replaced or raced one lives.
+    `handle` is "" while an extension is being issued (its claim: one at a time per grant);
+    `gone_at` is set once its removal was verified."""
+
+    id: str
+    grant_id: str
+    backend: str
+    handle: str = field(repr=False)
+    issued_at: str
+    gone_at: str = ""
+
+
 # Grant states (DESIGN.md). `approved` waits for the requester to activate it: the credential goes
 # to them alone, and their eligibility is checked again with fresh claims when it is issued.
 # `issuing` is the broker's recorded intent before it calls Vault.

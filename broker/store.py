@@ -14,9 +14,9 @@ from pathlib import Path
 import sqlite_utils
 
 from . import audit
-from .models import Approval, Grant
+from .models import Approval, Credential, Grant
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 GRANT_COLUMNS = [f.name for f in fields(Grant)]
 V1_GRANT_COLUMNS = [
     "id",
@@ -55,18 +55,56 @@ class Transaction:
     def insert_grant(self, grant: Grant) -> None:
         self.db["grants"].insert({name: getattr(grant, name) for name in GRANT_COLUMNS})
 
-    def move_grant(self, grant_id: str, from_status: tuple[str, ...] | str, **changes) -> bool:
-        """Change a grant only if it is still in one of `from_status`; False means someone else
-        moved it first, so the caller must not act on it."""
+    def move_grant(
+        self,
+        grant_id: str,
+        from_status: tuple[str, ...] | str,
+        if_handle: str | None = None,
+        **changes,
+    ) -> bool:
+        """Change a grant only if it is still in one of `from_status` (and, given `if_handle`,
+        still holds that credential: a change that replaces a credential must not replace one
+        it never saw); False means someone else moved it first, so the caller must not act."""
         from_status = (from_status,) if isinstance(from_status, str) else from_status
         assignments = ", ".join(f"{name} = :{name}" for name in changes)
         marks = ", ".join(f":s{i}" for i in range(len(from_status)))
         params = dict(changes, id=grant_id, **{f"s{i}": s for i, s in enumerate(from_status)})
+        where = f"id = :id AND status IN ({marks})"
+        if if_handle is not None:
+            where += " AND handle = :if_handle"
+            params["if_handle"] = if_handle
         cursor = self.db.execute(
-            f"UPDATE grants SET {assignments} WHERE id = :id AND status IN ({marks})",  # noqa: S608
+            f"UPDATE grants SET {assignments} WHERE {where}",  # noqa: S608
             params,
         )
         return cursor.rowcount == 1
+
+    def credentials_of(self, grant_id: str) -> list[Credential]:
+        """Every credential the grant holds or held, oldest first (under the write lock here)."""
+        rows = self.db.execute(
+            "SELECT * FROM credentials WHERE grant_id = ? ORDER BY issued_at, rowid", [grant_id]
+        )
+        return [Credential(**dict(row)) for row in rows]
+
+    def add_credential(self, credential: Credential) -> None:
+        self.db["credentials"].insert(
+            {f.name: getattr(credential, f.name) for f in fields(Credential)}
+        )
+
+    def record_handle(self, credential_id: str, handle: str) -> None:
+        """Vault answered an extension's claim: the claim becomes the credential it issued."""
+        self.db.execute("UPDATE credentials SET handle = ? WHERE id = ?", [handle, credential_id])
+
+    def drop_claim(self, credential_id: str) -> None:
+        """Vault issued nothing for this claim: there is nothing to remember."""
+        self.db.execute("DELETE FROM credentials WHERE id = ? AND handle = ''", [credential_id])
+
+    def mark_gone(self, grant_id: str, handle: str, at: str) -> None:
+        """Its removal was verified: it no longer keeps its grant from being `revoked`."""
+        self.db.execute(
+            "UPDATE credentials SET gone_at = ? WHERE grant_id = ? AND handle = ? AND gone_at = ''",
+            [at, grant_id, handle],
+        )
 
     def add_approval(self, grant_id: str, approval: Approval) -> bool:
         """Record one person's approval; False when that person had already approved."""
@@ -126,6 +164,8 @@ class Store:
                 _migrate_v2(tx.db)
             if version < 3:
                 _migrate_v3(tx.db)
+            if version < 4:
+                _migrate_v4(tx.db)
             tx.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -149,6 +189,9 @@ class Store:
 
     def get_grant(self, grant_id: str) -> Grant | None:
         return Transaction(self.db).get_grant(grant_id)
+
+    def credentials_of(self, grant_id: str) -> list[Credential]:
+        return Transaction(self.db).credentials_of(grant_id)
 
     def grants_of(self, issuer: str, subject: str, limit: int = 100) -> list[Grant]:
         rows = self.db.execute(
@@ -420,3 +463,34 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
         {"size": int, "head": str, "at": str, "key_id": str, "signature": str}, pk="size"
     )
     db["cursors"].create({"name": str, "seq": int}, pk="name")
+
+
+def _migrate_v4(db: sqlite_utils.Database) -> None:
+    """Each step of schema 4 in its own helper."""
+    _add_credentials(db)
+
+
+def _add_credentials(db: sqlite_utils.Database) -> None:
+    """Every credential a grant ever held (issue #10), so `revoked` can wait for all of them.
+    A grant recorded before holds one: its current handle, already gone if it was revoked."""
+    db["credentials"].create(
+        {
+            "id": str,
+            "grant_id": str,
+            "backend": str,
+            "handle": str,
+            "issued_at": str,
+            "gone_at": str,
+        },
+        pk="id",
+        not_null={"grant_id", "backend", "handle", "issued_at", "gone_at"},
+        defaults={"gone_at": ""},
+    )
+    db["credentials"].create_index(["grant_id", "issued_at"])
+    db.execute(
+        "INSERT INTO credentials (id, grant_id, backend, handle, issued_at, gone_at) "
+        "SELECT 'v4-' || id, id, COALESCE(backend, ''), handle, "
+        "COALESCE(NULLIF(window_start, ''), created_at), "
+        "CASE WHEN status = 'revoked' THEN COALESCE(NULLIF(updated_at, ''), window_end) ELSE '' "
+        "END FROM grants WHERE COALESCE(handle, '') != ''"
+    )

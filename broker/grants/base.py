@@ -24,10 +24,12 @@ from ..models import (
     RELEASED,
     REVOKE_FAILED,
     REVOKING,
+    Credential,
     Decision,
     Grant,
     Principal,
     isoformat,
+    parse_time,
     utcnow,
 )
 from ..policy import Entitlement, Policy
@@ -215,6 +217,17 @@ class GrantsBase:
 
     def _log(self, tx: Transaction, type_: str, actor: dict, grant_id: str, **data) -> None:
         tx.append(self._now(), type_, actor, grant_id, data)
+
+
+def _in_flight(credential: Credential, now: datetime) -> bool:
+    """An extension's claim whose Vault call may still be under way: what it issues is not on
+    the grant's list yet, so nothing may say the grant's credentials are all gone. A claim older
+    than ISSUE_GRACE was left by a broker that stopped; what it issued is the reconciler's."""
+    return (
+        not credential.handle
+        and not credential.gone_at
+        and now - parse_time(credential.issued_at) < ISSUE_GRACE
+    )
 
 
 def _validated(

@@ -23,6 +23,7 @@ from ..models import (
     ISSUE_FAILED,
     ISSUING,
     PENDING,
+    Credential,
     Decision,
     Grant,
     IssuedCredential,
@@ -34,6 +35,7 @@ from ..policy import Entitlement, Policy
 from .base import (
     OPEN,
     GrantsBase,
+    _in_flight,
     _raise_if_refused,
     _validated,
     log,
@@ -298,6 +300,7 @@ class Issuing(GrantsBase):
                 ):
                     # The reconciler gave it up as abandoned: what Vault just issued must go.
                     raise GrantConflict(f"grant {grant.id} stopped issuing while Vault answered")
+                tx.add_credential(_credential_of(grant, credential.handle, self._now()))
                 self._log(
                     tx,
                     "issue",
@@ -327,7 +330,9 @@ class Issuing(GrantsBase):
         """Make a live window longer, within the policy's extension rules. A credential cannot
         outlive its own hard expiry (a token's explicit_max_ttl), so the longer window gets a new
         credential, shown once, and the old one is revoked. Were that revocation to fail, the old
-        credential still dies at the old window end, which lies inside the new window."""
+        credential stays on the grant's list, so the grant is never `revoked` before it is gone
+        (and it dies at the old window end anyway, inside the new window). Of extensions racing
+        on one grant, one wins and the others get a 409 with nothing left behind."""
         if extra is None or extra == "":
             raise InvalidDuration("duration is required: how much longer (like 15m)")
         try:
@@ -350,36 +355,90 @@ class Issuing(GrantsBase):
         self._check_request(chosen, public_key)
         new_end = end + timedelta(seconds=seconds)
         backend = self.backends[chosen.backend]
-        credential = backend.issue(grant.id, chosen, new_end, principal.display, public_key)
+        claim = self._claim_extension(grant)
+        try:
+            credential = backend.issue(grant.id, chosen, new_end, principal.display, public_key)
+        except BaseException:
+            with self.store.transaction() as tx:
+                tx.drop_claim(claim.id)
+            raise
         try:
             with self.store.transaction() as tx:
-                if not tx.move_grant(
+                tx.record_handle(claim.id, credential.handle)
+                won = tx.move_grant(
                     grant.id,
                     ACTIVE,
+                    if_handle=grant.handle,
                     handle=credential.handle,
                     window_end=isoformat(new_end),
                     duration=grant.duration + seconds,
                     credential_expires_at=isoformat(credential.expires_at),
                     due_at=_first_look(grant, new_end),
                     updated_at=self._now(),
-                ):
-                    raise GrantConflict(f"grant {grant.id} ended while it was being extended")
-                self._log_decision(tx, principal, grant.id, decision, extension=seconds)
-                self._log(
-                    tx,
-                    "extend",
-                    principal.actor(),
-                    grant.id,
-                    window_end_was=grant.window_end,
-                    window_end=isoformat(new_end),
-                    backend=chosen.backend,
-                    **self._marks(backend, credential.handle),
-                    replaces=self._fingerprint(grant.handle),
-                    **credential.details,
                 )
+                if won:
+                    self._log_decision(tx, principal, grant.id, decision, extension=seconds)
+                    self._log(
+                        tx,
+                        "extend",
+                        principal.actor(),
+                        grant.id,
+                        window_end_was=grant.window_end,
+                        window_end=isoformat(new_end),
+                        backend=chosen.backend,
+                        **self._marks(backend, credential.handle),
+                        replaces=self._fingerprint(grant.handle),
+                        **credential.details,
+                    )
+                else:
+                    self._log(
+                        tx,
+                        "extend_lost",
+                        principal.actor(),
+                        grant.id,
+                        backend=chosen.backend,
+                        **self._marks(backend, credential.handle),
+                        reason="the grant ended or changed while Vault issued the new credential",
+                    )
         except Exception:
             backend.revoke(credential.handle)  # no record of it, so it must not exist
             raise
+        if not won:
+            # On the grant's list now, so the reaper removes it should this attempt fail.
+            self._remove_unused(grant, backend, credential.handle)
+            raise GrantConflict(f"grant {grant.id} ended while it was being extended")
         self._remove_replaced(grant, backend)
         self.on_change()
         return self.store.get_grant(grant.id), credential
+
+    def _claim_extension(self, grant: Grant) -> Credential:
+        """Claim the right to replace the grant's credential before Vault is asked, conditional
+        on the credential seen: of many extensions at once, one is issued and the others are
+        refused before anything exists. The claim also keeps the reaper from writing `revoked`
+        while the new credential is on its way (a release racing an extension)."""
+        now = self.clock()
+        claim = _credential_of(grant, "", isoformat(now), str(uuid.uuid4()))
+        with self.store.transaction() as tx:
+            current = tx.get_grant(grant.id)
+            if current.status != ACTIVE or current.handle != grant.handle:
+                raise GrantConflict(
+                    f"grant {grant.id} changed while the extension was checked "
+                    f"(it is {current.status}): look at it again"
+                )
+            if any(_in_flight(held, now) for held in tx.credentials_of(grant.id)):
+                raise GrantConflict(
+                    f"grant {grant.id} is being extended by another request: look at it again"
+                )
+            tx.add_credential(claim)
+        return claim
+
+
+def _credential_of(grant: Grant, handle: str, at: str, credential_id: str = "") -> Credential:
+    """A row of the grant's credential list (`handle` "" for an extension's claim)."""
+    return Credential(
+        id=credential_id or str(uuid.uuid4()),
+        grant_id=grant.id,
+        backend=grant.backend,
+        handle=handle,
+        issued_at=at,
+    )

@@ -54,8 +54,12 @@ class Reconciling(GrantsBase):
             if self._stale(grant.updated_at, now):
                 return "the grant was left issuing: the broker stopped before recording it"
             return ""  # an issuance in flight right now
-        if backend.is_recorded(holding, grant.handle):
-            return ""  # the reaper's to remove
+        if any(
+            backend.is_recorded(holding, held.handle)
+            for held in self.store.credentials_of(grant.id)
+            if held.handle and not held.gone_at
+        ):
+            return ""  # on the grant's list, not yet removed: the reaper's to remove
         if holding.issued_at is not None and now - holding.issued_at < ISSUE_GRACE:
             return ""  # an extension's new credential, perhaps not recorded yet
         return f"the grant is {grant.status} with another credential (a replaced one left over)"

@@ -36,14 +36,16 @@ from .base import (
     REAPER,
     REVOCATION_LEASE,
     GrantsBase,
+    _in_flight,
     log,
 )
 
 
 class Removing(GrantsBase):
     def _remove_replaced(self, grant: Grant, backend) -> None:
-        """Revoke the credential an extension replaced. Should that fail, it still dies at the
-        old window end, inside the new window; the chain records what happened either way."""
+        """Revoke the credential an extension replaced. Should that fail, it stays on the grant's
+        list for the reaper (and still dies at the old window end, inside the new window); the
+        chain records what happened either way."""
         if not backend.revocable:
             with self.store.transaction() as tx:
                 self._log(
@@ -56,9 +58,17 @@ class Removing(GrantsBase):
                     valid_until=grant.window_end,
                 )
             return
-        outcome = self._remove(backend, grant.handle)
+        self._remove_unused(grant, backend, grant.handle, replaced=True)
+
+    def _remove_unused(self, grant: Grant, backend, handle: str, **context) -> None:
+        """Revoke and verify one credential of a live grant that nobody may use any more (the
+        one an extension replaced, or the one an extension that lost a race made); it leaves
+        the grant's list only once verified gone."""
+        outcome = self._remove(backend, handle)
         with self.store.transaction() as tx:
-            self._log_removal(tx, grant, backend, outcome, replaced=True)
+            self._log_removal(tx, grant, backend, handle, outcome, **context)
+            if outcome.gone:
+                tx.mark_gone(grant.id, handle, self._now())
 
     def _remove(self, backend, handle: str) -> Removal:
         """Revoke, then verify even when the revoke call failed: Vault's own expiry may have
@@ -70,10 +80,10 @@ class Removing(GrantsBase):
         )
 
     def _log_removal(
-        self, tx: Transaction, grant: Grant, backend, outcome: Removal, **context
+        self, tx: Transaction, grant: Grant, backend, handle: str, outcome: Removal, **context
     ) -> None:
         revoke_error, verify_error = outcome
-        marks = self._marks(backend, grant.handle)
+        marks = self._marks(backend, handle)
         self._log(
             tx,
             "revoke",
@@ -145,10 +155,23 @@ class Removing(GrantsBase):
         if not self._claim_for_removal(grant, now, attempt):
             return
         backend = self.backends[grant.backend]
-        outcome = self._remove(backend, grant.handle)
+        outcomes = [
+            (held.handle, self._remove(backend, held.handle))
+            for held in self.store.credentials_of(grant.id)
+            if held.handle and not held.gone_at
+        ]
         with self.store.transaction() as tx:
-            self._log_removal(tx, grant, backend, outcome, attempt=attempt)
-            if outcome.gone:
+            for handle, outcome in outcomes:
+                self._log_removal(tx, grant, backend, handle, outcome, attempt=attempt)
+                if outcome.gone:
+                    tx.mark_gone(grant.id, handle, self._now())
+            # Read again under the write lock: a racing extension may have added one meanwhile.
+            left = [
+                held
+                for held in tx.credentials_of(grant.id)
+                if not held.gone_at and (held.handle or _in_flight(held, self.clock()))
+            ]
+            if not left:
                 tx.move_grant(
                     grant.id,
                     REVOKING,
@@ -158,7 +181,17 @@ class Removing(GrantsBase):
                     updated_at=self._now(),
                 )
                 return
-            error = outcome.error
+            error = "; ".join(dict.fromkeys(o.error for _, o in outcomes if not o.gone))
+            if not error:
+                # Only what a racing extension is issuing (or has just added) is left: not a
+                # failure, so no alert; look again soon.
+                tx.move_grant(
+                    grant.id,
+                    REVOKING,
+                    due_at=isoformat(now + timedelta(seconds=self.retry_min)),
+                    updated_at=self._now(),
+                )
+                return
             backoff = min(self.retry_max, self.retry_min * 2 ** (attempt - 1))
             retry_at = isoformat(now + timedelta(seconds=backoff))
             tx.move_grant(
