@@ -232,12 +232,13 @@ class OpenBao:
         return hvac.Client(url=self.addr, token=token or self.root_token)
 
     def make_broker_token(self, token_policies: list[str], token_id: str | None = None) -> str:
-        """What an operator does once with the root token (README, "OpenBao setup"): write the
-        broker's shipped policy, the token role every token the broker issues is made through
-        (admitting only `token_policies`: the entitlements' vault_policies and the database
-        backend's jit-db-* policies), and the broker's own token with that policy alone (no
-        default policy). `token_id` (one of ours: OpenBao refuses its own s. ids) makes the same
-        token again on a restarted dev server, which forgot it. Sets and returns broker_token."""
+        """What an operator does once with the root token (README, "The broker's OpenBao
+        token"): write the broker's shipped policy, the token role every token the broker issues
+        is made through (admitting only `token_policies`: the entitlements' vault_policies and
+        the database backend's jit-db-* policies), and the broker's own token with that policy
+        alone (no default policy). `token_id` (one of ours: OpenBao refuses its own s. ids)
+        makes the same token again on a restarted dev server, which forgot it. Sets and returns
+        broker_token."""
         client = self.client()
         client.sys.create_or_update_policy(BROKER_POLICY, openbao_policy())
         client.auth.token.create_or_update_role(
