@@ -1,4 +1,5 @@
-"""The `jit` command: run the broker, check its audit chain, check and explain a policy file."""
+"""The `jit` command: run the broker, check its audit chain, check and explain a policy file,
+print the broker's own OpenBao policy."""
 
 from __future__ import annotations
 
@@ -67,8 +68,10 @@ def _store(settings: Settings) -> Store:
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
     """jit-broker: just-in-time elevation with verified removal."""
-    # `jit policy ...` reads only the policy file it is given: no config, no database.
-    ctx.obj = None if ctx.invoked_subcommand == "policy" else load_settings(config)
+    # `jit policy ...` reads only the policy file it is given, `jit vault-policy` only the
+    # package: no config, no database.
+    needs_no_config = ctx.invoked_subcommand in ("policy", "vault-policy")
+    ctx.obj = None if needs_no_config else load_settings(config)
 
 
 @main.command()
@@ -308,6 +311,14 @@ def policy_explain(
     request = (policy, principal, entitlement, seconds, now, reason, ticket, active, break_glass)
     click.echo(explain(*request))
     sys.exit(0 if decide(*request).allowed else 1)
+
+
+@main.command("vault-policy")
+def vault_policy() -> None:
+    """Print the broker's own least-privilege OpenBao policy, to install with `bao policy write`."""
+    from .vault import openbao_policy
+
+    click.echo(openbao_policy(), nl=False)
 
 
 def run() -> None:

@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import wraps
+from importlib import resources
 from typing import TYPE_CHECKING
 
 import hvac
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
     from .policy import Entitlement
 
 CALL_LATENCY = timedelta(milliseconds=250)
+# Every token the broker issues is made through this token role (auth/token/create/jit-broker):
+# its allowed_policies, not the broker's own policies, bound what a token may hold, and it makes
+# orphans. See broker/openbao/jit-broker.hcl.
+TOKEN_ROLE = "jit-broker"  # noqa: S105 - a role name, not a secret
 UNREACHABLE = (
     hvac.exceptions.VaultDown,
     hvac.exceptions.InternalServerError,
@@ -127,9 +132,10 @@ def _token_facts(data: dict) -> str:
 
 
 class VaultTokenBackend:
-    """A Vault token holding the entitlement's policies. Orphaned (outlives nothing of the
-    broker's), not renewable, and `explicit_max_ttl` ends it at the window end even if the broker
-    dies. Tagged with the grant and the broker (`instance`), so the reconciler can find it."""
+    """A Vault token holding the entitlement's policies, made through the token role TOKEN_ROLE:
+    orphaned (outlives nothing of the broker's), not renewable, and `explicit_max_ttl` ends it at
+    the window end even if the broker dies. Tagged with the grant and the broker (`instance`), so
+    the reconciler can find it."""
 
     kind = "vault_token"
     revocable = True
@@ -151,7 +157,8 @@ class VaultTokenBackend:
         ttl = _seconds_until(window_end)
         if ttl <= 0:
             raise VaultUnavailable("the window closed before Vault could issue the token")
-        response = self.client.auth.token.create_orphan(
+        response = self.client.auth.token.create(
+            role_name=TOKEN_ROLE,
             policies=list(entitlement.vault_policies),
             ttl=f"{ttl}s",
             explicit_max_ttl=f"{ttl}s",
@@ -238,8 +245,10 @@ class DatabaseBackend:
     """A PostgreSQL user from OpenBao's database engine, in layers that each end it by the window
     end even if the broker dies: a per-grant copy of the entitlement's role whose lease TTL (and
     so the user's VALID UNTIL) ends at the window; read through a per-grant child token whose
-    explicit_max_ttl is the window end (Vault revokes a token's leases with it); and the reaper's
-    revocation, whose role statements should end the user's sessions before dropping it.
+    explicit_max_ttl is the window end (Vault revokes a token's leases with it; made through
+    TOKEN_ROLE, it is an orphan, so the broker's own token's TTL neither shortens nor ends it);
+    and the reaper's revocation, whose role statements should end the user's sessions before
+    dropping it.
 
     The handle is JSON: lease id, the child token's accessor, the username, the mount and the
     per-credential role. Never the password. The reconciler finds these credentials by their child
@@ -296,6 +305,7 @@ class DatabaseBackend:
         try:
             policy = self._creds_policy(mount, options.role)
             child = self.client.auth.token.create(
+                role_name=TOKEN_ROLE,
                 policies=[policy],
                 no_default_policy=True,
                 ttl=f"{_seconds_until(window_end)}s",
@@ -573,6 +583,12 @@ def _ssh_fingerprint(public_key: str) -> str:
     """What `ssh-keygen -l` shows: SHA256 of the key's wire form, base64 without padding."""
     blob = base64.b64decode(public_key.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def openbao_policy() -> str:
+    """The broker's own least-privilege OpenBao policy, shipped in the package so that an operator
+    installs exactly what this version of the broker calls (`jit vault-policy` prints it)."""
+    return resources.files(__package__).joinpath("openbao", "jit-broker.hcl").read_text()
 
 
 def make_client(addr: str, token: str, timeout: int) -> hvac.Client:

@@ -20,7 +20,7 @@ from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
 from broker.policy_file import PolicyFile  # noqa: E402
 from broker.store import Store  # noqa: E402
-from broker.vault import make_backends  # noqa: E402
+from broker.vault import TOKEN_ROLE, make_backends  # noqa: E402
 from tests.services import OpenBao  # noqa: E402
 
 POLICY = """
@@ -58,7 +58,8 @@ def main(count: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="jit-bench-"))
     bao = OpenBao.start(workdir=workdir)
     try:
-        client = bao.client()
+        # The broker's own least-privilege token, as in production; the raw calls use it too.
+        client = bao.client(bao.make_broker_token(["default"]))
         (workdir / "policy.toml").write_text(POLICY)
         grants = Grants(
             Store(workdir / "broker.db"),
@@ -69,7 +70,8 @@ def main(count: int) -> None:
         grants.store.migrate()
 
         def raw_issue():
-            return client.auth.token.create_orphan(
+            return client.auth.token.create(
+                role_name=TOKEN_ROLE,
                 policies=["default"],
                 ttl="600s",
                 explicit_max_ttl="600s",

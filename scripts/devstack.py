@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from tests.services import (  # noqa: E402
+    DATABASE_READONLY_POLICY,
     LoginFailed,
     OidcProvider,
     OpenBao,
@@ -36,10 +37,13 @@ EXAMPLE = ROOT / "scripts" / "example"
 
 def configure_vault(bao: OpenBao, postgres: Postgres) -> None:
     """The Vault policies the example entitlements grant, a secret worth reading, the database
-    engine over `postgres` (with a table worth reading) and the SSH CA."""
+    engine over `postgres` (with a table worth reading) and the SSH CA; then the broker's own
+    token, with only its least-privilege policy (its token role admits the example's policies)."""
     client = bao.client()
+    example_policies = []
     for hcl in sorted((EXAMPLE / "vault").glob("*.hcl")):
         client.sys.create_or_update_policy(hcl.stem, hcl.read_text())
+        example_policies.append(hcl.stem)
     client.secrets.kv.v2.create_or_update_secret("app/database", {"password": "hunter2"})
     import psycopg
 
@@ -49,6 +53,7 @@ def configure_vault(bao: OpenBao, postgres: Postgres) -> None:
             db.execute("INSERT INTO orders (item) VALUES ('keyboard'), ('monitor')")
     configure_database_engine(client, postgres)
     configure_ssh_engine(client)
+    bao.make_broker_token([*example_policies, DATABASE_READONLY_POLICY])
 
 
 def write_config(
@@ -73,7 +78,7 @@ api_audience = "urn:jit-broker:api"
 
 [vault]
 addr = "{bao.addr}"
-token = "{bao.root_token}"
+token = "{bao.broker_token}"  # only the policy `jit vault-policy` prints, never the root token
 
 [policy]
 path = "policy.toml"
@@ -118,6 +123,7 @@ def main() -> None:
             f"""
   jit-broker      {BROKER_URL}
   OpenBao         {bao.addr}   root token: {bao.root_token}
+                  (the broker's own token holds only the jit-broker policy: jit vault-policy)
   OIDC provider   {provider.issuer}
   PostgreSQL      {postgres.host}:{postgres.port}   (the app-db-readonly entitlement's users)
   demo users      {users}; any password

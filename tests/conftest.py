@@ -15,6 +15,7 @@ from werkzeug.serving import make_server
 from broker import create_app
 from broker.config import load_settings
 from tests.services import (
+    DATABASE_READONLY_POLICY,
     OidcProvider,
     OpenBao,
     Postgres,
@@ -28,11 +29,24 @@ from tests.services import (
 EXPIRING_AGENT = "expiring-agent"
 
 
+# What the tests' entitlements grant: the token role admits these and nothing else.
+BROKER_TOKEN_POLICIES = ["jit-test-read", "jit-test-admin", DATABASE_READONLY_POLICY]
+
+
 @pytest.fixture(scope="session")
 def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    """The root token stays with the fixtures; every broker runs with openbao.broker_token, which
+    holds only the broker's shipped least-privilege policy."""
     server = OpenBao.start(workdir=tmp_path_factory.mktemp("openbao"))
+    server.make_broker_token(BROKER_TOKEN_POLICIES)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_vault(openbao):
+    """An hvac client holding the broker's own token (to prove what it can and cannot do)."""
+    return openbao.client(openbao.broker_token)
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +177,7 @@ def broker_settings(
             "client_secret": client_secret,
             "api_audience": "urn:jit-broker:api",
         },
-        "vault": {"addr": openbao.addr, "token": openbao.root_token},
+        "vault": {"addr": openbao.addr, "token": openbao.broker_token},
         "policy": {"path": str(workdir / "policy.toml")},
         "reaper": {"retry_min": 1, "retry_max": 2},
     }

@@ -34,6 +34,8 @@ import hvac
 import jwt
 import requests
 
+from broker.vault import TOKEN_ROLE, openbao_policy
+
 ROOT = Path(__file__).resolve().parent.parent
 OIDC_DIR = ROOT / "scripts" / "oidc"
 
@@ -43,6 +45,11 @@ CLI_CLIENT_ID = "jit-cli"
 CLI_REDIRECT_URI = "http://127.0.0.1:8765/callback"
 AGENT_CLIENT_ID = "ci-agent"
 USER_SCOPES = "openid email profile groups"
+# The name of the broker's own policy in OpenBao (the text is broker/openbao/jit-broker.hcl).
+BROKER_POLICY = "jit-broker"
+# The policy of the database backend's per-grant tokens for the database/ mount's readonly role
+# (broker/vault.py names it jit-db-<mount>-<role>); the token role must admit it.
+DATABASE_READONLY_POLICY = "jit-db-database-readonly"
 
 
 class ServiceError(RuntimeError):
@@ -156,12 +163,15 @@ def _executable(name: str, hint: str) -> str:
 
 
 class OpenBao:
-    """An OpenBao dev server: in memory, unsealed, with a known root token."""
+    """An OpenBao dev server: in memory, unsealed, with a known root token. The root token is for
+    setting the server up and checking credentials; the broker gets `broker_token`, made by
+    make_broker_token with only the broker's shipped policy."""
 
     def __init__(self, process: ManagedProcess, addr: str, root_token: str) -> None:
         self.process = process
         self.addr = addr
         self.root_token = root_token
+        self.broker_token = ""
 
     @classmethod
     def start(
@@ -220,6 +230,30 @@ class OpenBao:
 
     def client(self, token: str | None = None) -> hvac.Client:
         return hvac.Client(url=self.addr, token=token or self.root_token)
+
+    def make_broker_token(self, token_policies: list[str], token_id: str | None = None) -> str:
+        """What an operator does once with the root token (README, "The broker's OpenBao
+        token"): write the broker's shipped policy, the token role every token the broker issues
+        is made through (admitting only `token_policies`: the entitlements' vault_policies and
+        the database backend's jit-db-* policies), and the broker's own token with that policy
+        alone (no default policy). `token_id` (one of ours: OpenBao refuses its own s. ids)
+        makes the same token again on a restarted dev server, which forgot it. Sets and returns
+        broker_token."""
+        client = self.client()
+        client.sys.create_or_update_policy(BROKER_POLICY, openbao_policy())
+        client.auth.token.create_or_update_role(
+            TOKEN_ROLE, allowed_policies=list(token_policies), orphan=True, renewable=False
+        )
+        made = client.auth.token.create(
+            id=token_id,
+            policies=[BROKER_POLICY],
+            no_default_policy=True,
+            no_parent=True,
+            period="768h",
+            display_name="jit-broker",
+        )
+        self.broker_token = made["auth"]["client_token"]
+        return self.broker_token
 
     def stop(self) -> None:
         self.process.stop()

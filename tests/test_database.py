@@ -205,7 +205,7 @@ def test_postgres_out_of_reach_during_verification_is_never_gone(api, grants, po
     working = grants.backends
     # Vault revokes the lease (and drops the user), but the broker cannot look into PostgreSQL.
     grants.backends = make_backends(
-        make_client(openbao.addr, openbao.root_token, 5),
+        make_client(openbao.addr, openbao.broker_token, 5),
         f"postgresql://nobody:x@127.0.0.1:{free_port()}/postgres",
         2,
     )

@@ -5,6 +5,7 @@ and its own record. Every test ends with each credential verified gone, and the 
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -63,9 +64,12 @@ def own_openbao(tmp_path):
     """An OpenBao of this test's own, to stop and start again; started by the test."""
     servers = []
 
-    def start(port=None, root_token=None):
+    def start(port=None, root_token=None, broker_token=None):
         server = OpenBao.start(root_token, port, workdir=tmp_path / f"openbao-{len(servers)}")
         servers.append(server)
+        # A token id of our own (OpenBao's own ids cannot be given back), so that a server
+        # started again on the same port can make the broker's token again.
+        server.make_broker_token(["jit-test-read"], broker_token or secrets.token_urlsafe(24))
         client = server.client()
         client.sys.create_or_update_policy(
             "jit-test-read", 'path "secret/data/test/*" { capabilities = ["read"] }'
@@ -108,10 +112,15 @@ def test_openbao_down_when_windows_close_then_back_every_grant_ends_revoked(
     assert grants.reap_due(end + timedelta(seconds=1)) == retry_at  # not retried before its time
 
     # A dev server keeps everything in memory: the OpenBao that answers now, on the same address
-    # with the same root token, has never heard of these tokens. That is the honest answer to
-    # "does this credential still exist?": the old server and every token it issued died with
-    # the process, so nothing can use them; the verify records what the Vault that answers says.
-    back = own_openbao(port=int(bao.addr.rsplit(":", 1)[1]), root_token=bao.root_token)
+    # with the same root token (and the broker's token made again), has never heard of these
+    # tokens. That is the honest answer to "does this credential still exist?": the old server
+    # and every token it issued died with the process, so nothing can use them; the verify
+    # records what the Vault that answers says.
+    back = own_openbao(
+        port=int(bao.addr.rsplit(":", 1)[1]),
+        root_token=bao.root_token,
+        broker_token=bao.broker_token,
+    )
     assert back.addr == bao.addr
     grants.reap_due(retry_at)
 
@@ -198,7 +207,7 @@ def test_a_broker_killed_between_vault_and_its_record_leaves_nothing_behind(
                     "client_secret": oidc_client_secret,
                     "api_audience": "urn:jit-broker:api",
                 },
-                "vault": {"addr": openbao.addr, "token": openbao.root_token},
+                "vault": {"addr": openbao.addr, "token": openbao.broker_token},
                 "policy": {"path": str(tmp_path / "policy.toml")},
                 "reaper": {"enabled": False},
             }

@@ -1,0 +1,97 @@
+# jit-broker's own OpenBao (or Vault) policy: everything the broker's token needs, nothing more.
+# `jit vault-policy` prints this file. Install it once, with a token that may write policies:
+#
+#   jit vault-policy > jit-broker.hcl && bao policy write jit-broker jit-broker.hcl
+#   bao write auth/token/roles/jit-broker orphan=true renewable=false \
+#       allowed_policies="<every vault_policies name of the policy file>,jit-db-database-readonly"
+#   bao token create -orphan -no-default-policy -policy=jit-broker -period=768h
+#
+# It is written for the engines at their default mounts (database/, ssh/) and for the roles the
+# example policy names (database role "readonly", ssh role "jit-users"). Each entitlement with
+# another role or mount needs the same lines with its names: see the comments of each block.
+#
+# Not here on purpose: sys/health (unauthenticated), anything under secret/ or other engines'
+# data, sys/policy beyond the one pinned policy below, sys/mounts, auth methods. The token needs
+# no "default" policy either (create it with -no-default-policy).
+
+# --- Vault tokens (backend "vault_token") and the database backend's per-grant tokens ----------
+
+# Every token the broker issues is made through the token role jit-broker, never through
+# auth/token/create: a non-root token may only create tokens whose policies are a subset of its
+# own, and `sudo` on the create path would let it create a token with any policy but root. The
+# role instead admits exactly the policies in its allowed_policies (the entitlements'
+# vault_policies and the database backend's jit-db-* policies; "default" is always admitted),
+# makes orphans (a grant's token outlives nothing of the broker's own token, and is not cut short
+# by its TTL) and refuses renewal. The broker still caps each token with explicit_max_ttl.
+path "auth/token/create/jit-broker" {
+  capabilities = ["update"]
+}
+
+# Removal and its proof: revoke a token by accessor, then look the accessor up until OpenBao no
+# longer knows it. The reconciler reads each token's metadata (jit_grant_id, jit_broker) the
+# same way.
+path "auth/token/revoke-accessor" {
+  capabilities = ["update"]
+}
+path "auth/token/lookup-accessor" {
+  capabilities = ["update"]
+}
+
+# The reconciler lists every token accessor to find what the broker made and never recorded
+# (a broker killed between OpenBao's answer and its record). Listing accessors needs sudo.
+path "auth/token/accessors" {
+  capabilities = ["list", "sudo"]
+}
+
+# --- Database credentials (backend "database", mount database/, role readonly) ---------------
+
+# The entitlement's role is read and copied, per grant, to jit-readonly-<grant>-<random> with a
+# lease TTL that ends at the window end; the copy is deleted at removal. One pair of paths per
+# database role an entitlement names: database/roles/<role>, database/roles/jit-<role>-*.
+path "database/roles/readonly" {
+  capabilities = ["read"]
+}
+path "database/roles/jit-readonly-*" {
+  capabilities = ["create", "update", "delete"]
+}
+
+# The per-grant token that reads the user holds one policy, jit-db-<mount>-<role>, which the
+# broker writes on every issue (so a deleted or edited one mends itself). The body is pinned:
+# the broker may write this policy with exactly this text and nothing else, or it could grant
+# itself anything through a policy of its own making and a token made with it.
+path "sys/policy/jit-db-database-readonly" {
+  capabilities = ["create", "update"]
+  allowed_parameters = {
+    "policy" = ["path \"database/creds/jit-readonly-*\" { capabilities = [\"read\"] }"]
+  }
+}
+
+# Removal revokes the user's lease (the role's revocation statements drop the user) and
+# verification looks it up until OpenBao no longer knows it: only the leases of the broker's
+# per-grant roles (lease ids are <mount>/creds/<role>/<id>).
+path "sys/leases/revoke" {
+  capabilities = ["update"]
+  allowed_parameters = {
+    "lease_id" = ["database/creds/jit-*"]
+  }
+}
+path "sys/leases/lookup" {
+  capabilities = ["update"]
+  allowed_parameters = {
+    "lease_id" = ["database/creds/jit-*"]
+  }
+}
+
+# A credential the reconciler finds by its per-grant token alone has no lease id: its leases are
+# listed under the per-grant role's prefix. Listing leases needs sudo.
+path "sys/leases/lookup/database/creds/jit-*" {
+  capabilities = ["list", "sudo"]
+}
+
+# --- SSH certificates (backend "ssh", mount ssh/, role jit-users) ------------------------------
+
+# Sign the requester's public key for the entitlement's principals; one path per ssh role an
+# entitlement names: ssh/sign/<role>. Nothing of a certificate is kept, so nothing to revoke.
+path "ssh/sign/jit-users" {
+  capabilities = ["update"]
+}
