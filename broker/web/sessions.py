@@ -229,7 +229,10 @@ class StoreSessionInterface(SessionInterface):
 
     def _login(self, row: dict, key: str) -> Login | None:
         value = self.sealer.open(row["login"], key)
-        return Login(**value) if value else None
+        try:
+            return Login(**value) if value else None
+        except TypeError:  # written by a broker whose Login had other fields: sign in again
+            return None
 
     def _login_columns(self, login: Login, key: str) -> dict:
         claims = login.claims
