@@ -49,7 +49,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.server["base_url"].startswith("https://"),
-        PERMANENT_SESSION_LIFETIME=8 * 3600,
         MAX_CONTENT_LENGTH=64 * 1024,
     )
     store = Store(settings.database_path)

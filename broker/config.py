@@ -7,6 +7,7 @@ import os
 import secrets
 import tomllib
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,6 +20,9 @@ DEFAULTS: dict[str, dict] = {
         "port": 5000,
         "secret_key": "",
         "data_dir": "var",
+        "session_refresh": 300,  # seconds a browser session's claims are trusted before a refresh
+        "session_idle": 1800,  # a browser session unused this long ends
+        "session_lifetime": 8 * 3600,  # and every browser session ends this long after login
     },
     "oidc": {
         "issuer": "",
@@ -92,6 +96,11 @@ class Settings:
     @property
     def redirect_uri(self) -> str:
         return self.server["base_url"].rstrip("/") + "/auth/callback"
+
+    @property
+    def post_logout_redirect_uri(self) -> str:
+        """Where the provider sends the browser after logout; registered with it exactly."""
+        return self.server["base_url"].rstrip("/") + "/"
 
     def _path(self, value: str) -> Path:
         path = Path(value)
@@ -192,7 +201,43 @@ def check_service_settings(settings: Settings) -> None:
         )
     if not settings.vault["token"]:
         raise ConfigError("vault.token is required (or JIT_VAULT_TOKEN)")
+    _check_https("oidc.issuer", oidc["issuer"])
+    _check_https("server.base_url", settings.server["base_url"])
+    _check_sessions(settings.server)
     _check_forwarding(settings.audit)
+
+
+def _check_https(name: str, url: str) -> None:
+    """Login codes, ID tokens and session cookies cross these URLs: plain http only on this
+    machine (development), where nobody on the network can read them."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL") from None
+    if not parts.hostname or parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{name} must be an https:// URL with a host")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            f"{name} must use https:// (http:// is accepted only for a loopback host such as "
+            "127.0.0.1 or localhost, for development)"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_sessions(server: dict) -> None:
+    for name in ("session_refresh", "session_idle", "session_lifetime"):
+        value = server[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"server.{name} must be a whole number of seconds, not {value!r}")
 
 
 def _check_forwarding(audit: dict) -> None:

@@ -361,6 +361,31 @@ class Store:
             [name, seq],
         )
 
+    # --- browser sessions (broker/web/sessions.py): rows, not rules -----------------------------
+
+    def web_session(self, key: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM web_sessions WHERE key = ?", [key]).fetchone()
+        return dict(row) if row else None
+
+    def insert_web_session(self, key: str, **columns) -> None:
+        self.db["web_sessions"].insert(dict(columns, key=key))
+
+    def update_web_session(self, key: str, **changes) -> bool:
+        """Change the columns given; False when the session is gone (ended meanwhile)."""
+        assignments = ", ".join(f"{name} = :{name}" for name in changes)
+        cursor = self.db.execute(
+            f"UPDATE web_sessions SET {assignments} WHERE key = :key",  # noqa: S608
+            dict(changes, key=key),
+        )
+        return cursor.rowcount == 1
+
+    def delete_web_session(self, key: str) -> bool:
+        return self.db.execute("DELETE FROM web_sessions WHERE key = ?", [key]).rowcount == 1
+
+    def purge_web_sessions(self, now: float) -> int:
+        """Delete every session past its idle or absolute deadline; how many went."""
+        return self.db.execute("DELETE FROM web_sessions WHERE expires_at <= ?", [now]).rowcount
+
 
 def _grant_filters(
     person: str,
@@ -468,6 +493,7 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
 def _migrate_v4(db: sqlite_utils.Database) -> None:
     """Each step of schema 4 in its own helper."""
     _add_credentials(db)
+    _add_web_sessions(db)
 
 
 def _add_credentials(db: sqlite_utils.Database) -> None:
@@ -494,3 +520,29 @@ def _add_credentials(db: sqlite_utils.Database) -> None:
         "CASE WHEN status = 'revoked' THEN COALESCE(NULLIF(updated_at, ''), window_end) ELSE '' "
         "END FROM grants WHERE COALESCE(handle, '') != ''"
     )
+
+
+def _add_web_sessions(db: sqlite_utils.Database) -> None:
+    """Server-side browser sessions (issue 10): the cookie holds only a random id; the row is
+    found by its SHA-256 (`key`), so the table alone lets nobody take over a session. `data` (the
+    Flask session: login state, CSRF token, messages) and `login` (claims, refresh and ID token)
+    are sealed by the web layer. `expires_at` (epoch seconds) is the earlier of the idle and the
+    absolute deadline; `checked_at` is when the provider last confirmed the claims."""
+    db["web_sessions"].create(
+        {
+            "key": str,
+            "created_at": float,
+            "last_seen": float,
+            "expires_at": float,
+            "issuer": str,
+            "subject": str,
+            "checked_at": float,
+            "data": bytes,
+            "login": bytes,
+        },
+        pk="key",
+        not_null={"created_at", "last_seen", "expires_at"},
+        defaults={"issuer": "", "subject": "", "checked_at": 0},
+    )
+    db["web_sessions"].create_index(["expires_at"])
+    db["web_sessions"].create_index(["issuer", "subject"])

@@ -107,7 +107,13 @@ def main() -> None:
         postgres = Postgres.from_env_or_start()
         configure_vault(bao, postgres)
         provider = OidcProvider.start(
-            provider_config(OIDC_PORT, f"{BROKER_URL}/auth/callback", client_secret), STATE
+            provider_config(
+                OIDC_PORT,
+                f"{BROKER_URL}/auth/callback",
+                client_secret,
+                post_logout_redirect_uri=f"{BROKER_URL}/",
+            ),
+            STATE,
         )
         config = write_config(bao, provider, postgres, client_secret)
 

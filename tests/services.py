@@ -280,9 +280,10 @@ def ensure_node_modules() -> None:
 class OidcProvider:
     """scripts/oidc/provider.mjs, the oidc-provider package with our clients and accounts."""
 
-    def __init__(self, process: ManagedProcess, config: dict) -> None:
+    def __init__(self, process: ManagedProcess, config: dict, config_path: Path) -> None:
         self.process = process
         self.config = config
+        self.config_path = config_path
         self.issuer: str = config["issuer"]
         self._metadata: dict | None = None
 
@@ -302,7 +303,7 @@ class OidcProvider:
         process = ManagedProcess(
             "oidc-provider", argv, workdir / "oidc-provider.log", _clean_env(), cwd=OIDC_DIR
         )
-        provider = cls(process, config)
+        provider = cls(process, config, config_path)
         try:
             wait_for_http(f"{provider.issuer}/.well-known/openid-configuration", timeout, process)
         except BaseException:
@@ -323,6 +324,18 @@ class OidcProvider:
     @property
     def api_resource(self) -> str:
         return self.config.get("api_resource", API_RESOURCE)
+
+    def set_account(self, username: str, account: dict | None) -> None:
+        """Change (or, with None, remove) a person while the provider runs: it reads the
+        accounts from its config file on each use. Written atomically, never half a file."""
+        if account is None:
+            self.config["accounts"].pop(username, None)
+        else:
+            self.config["accounts"][username] = account
+        partial = self.config_path.with_suffix(".tmp")
+        partial.touch(mode=0o600)
+        partial.write_text(json.dumps(self.config, indent=2))
+        partial.replace(self.config_path)
 
     def client_secret(self, client_id: str) -> str | None:
         for client in self.config["clients"]:
@@ -359,9 +372,18 @@ def agent_secret(client_secret: str) -> str:
 
 
 def provider_config(
-    port: int, broker_redirect_uri: str, client_secret: str, api_resource: str = API_RESOURCE
+    port: int,
+    broker_redirect_uri: str,
+    client_secret: str,
+    api_resource: str = API_RESOURCE,
+    post_logout_redirect_uri: str | None = None,
 ) -> dict:
-    """The standard provider config: the broker's web client, the CLI, one CI agent."""
+    """The standard provider config: the broker's web client, the CLI, one CI agent. The web
+    client may refresh (the broker confirms a session's claims with it) and log out back to the
+    broker's home page (by default the redirect URI's origin + "/", as the broker sends it)."""
+    if post_logout_redirect_uri is None:
+        parts = urlsplit(broker_redirect_uri)
+        post_logout_redirect_uri = f"{parts.scheme}://{parts.netloc}/"
     return {
         "port": port,
         "issuer": f"http://127.0.0.1:{port}",
@@ -372,7 +394,8 @@ def provider_config(
                 "client_id": WEB_CLIENT_ID,
                 "client_secret": client_secret,
                 "redirect_uris": [broker_redirect_uri],
-                "grant_types": ["authorization_code"],
+                "post_logout_redirect_uris": [post_logout_redirect_uri],
+                "grant_types": ["authorization_code", "refresh_token"],
                 "token_endpoint_auth_method": "client_secret_basic",
             },
             {

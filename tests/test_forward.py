@@ -369,7 +369,7 @@ def test_without_a_forward_url_healthz_says_forwarding_is_off(make_app):
 def service_settings(**audit_section):
     return load_settings(
         overrides={
-            "oidc": {"issuer": "http://idp", "client_id": "c", "api_audience": "a"},
+            "oidc": {"issuer": "https://idp.example", "client_id": "c", "api_audience": "a"},
             "vault": {"token": "t"},
             "audit": audit_section,
         },

@@ -11,6 +11,7 @@ from broker.models import Principal, parse_time, utcnow
 from broker.vault import make_backends, make_client
 from tests.services import free_port
 from tests.test_api import token_works
+from tests.test_review import browser
 
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-9 health"}
 
@@ -131,14 +132,17 @@ def test_vault_out_of_reach_is_degraded_not_failing(make_app):
     assert not body["checks"]["vault"]["ok"] and "unreachable" in body["checks"]["vault"]["error"]
 
 
-def test_the_home_page_warns_of_the_users_grants_whose_removal_is_unverified(make_app):
+def test_the_home_page_warns_of_the_users_grants_whose_removal_is_unverified(
+    make_app, oidc_provider
+):
     app = make_app()
     grants = app.extensions["jit"].grants
-    alice = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
+    alice = Principal(
+        oidc_provider.issuer, "alice", groups=("engineers",), email="alice@example.com"
+    )
     grant, _ = grants.request(alice, "kv-read", "10m", "banner")
-    client = app.test_client()
-    with client.session_transaction() as session:
-        session["principal"] = alice.claims()
+    # Signed in for real: sessions live in the broker's store, a cookie cannot carry claims.
+    client = browser(app, "alice")
     assert "Access not yet removed" not in client.get("/").get_data(as_text=True)
 
     working = grants.backends

@@ -18,7 +18,7 @@ from flask import (
 
 from ..errors import BrokerError
 from . import services
-from .auth import current_principal
+from .auth import current_principal, fresh_principal
 
 bp = Blueprint("ui", __name__)
 
@@ -32,6 +32,12 @@ def login_required(view):
         return view(*args, **kwargs)
 
     return wrapper
+
+
+# Actions that must rest on the claims the provider holds now, not on those of the login: each
+# confirms them first (a refresh), so someone removed from a group cannot act on the old ones.
+# Release and cancel only give something up: they go on even when the provider is unreachable.
+CONFIRMED_ACTIONS = {"approve", "deny", "activate", "extend", "review"}
 
 
 @bp.app_context_processor
@@ -65,6 +71,7 @@ def _home(principal, error: BrokerError | None = None, form: dict | None = None)
 @bp.post("/requests")
 @login_required
 def create_request():
+    g.principal = fresh_principal()  # a request, a break-glass activation: on current claims
     form = request.form
     try:
         grant, credential = services().grants.request(
@@ -119,6 +126,8 @@ def act(grant_id: str, action: str):
     """One form post per button: approve, deny, cancel, release, review; activate and extend
     show a new secret."""
     grants, form = services().grants, request.form
+    if action in CONFIRMED_ACTIONS:
+        g.principal = fresh_principal()
     if action == "activate":
         return _credential_page(*grants.activate(g.principal, grant_id, form.get("public_key", "")))
     if action == "extend":

@@ -3,7 +3,8 @@
 //
 // Usage: node provider.mjs CONFIG.json, where the config holds port, issuer, clients (oidc-provider
 // client metadata), api_resource, accounts ({username: {email, name, groups}}) and optionally
-// access_token_ttls ({client_id: seconds}).
+// access_token_ttls ({client_id: seconds}). The accounts are read from the file again on each use,
+// so a test can change someone's groups, or remove them, while the provider runs.
 //
 // What it does on top of oidc-provider's defaults:
 // - PKCE (S256) required for every client; client_credentials enabled.
@@ -12,6 +13,10 @@
 //   account's email, name and groups; the resource is the default when a request names none.
 // - its own login page at /interaction/:uid (username + any password; unknown users refused) and
 //   no consent screen for the configured clients (they are first-party).
+// - refresh tokens for every client allowed the refresh_token grant (no offline_access needed),
+//   rotated on each use; they end with the provider's login session. A refresh gives a new ID
+//   token with the account's current claims, and fails once the account is gone.
+// - RP-initiated logout (end_session_endpoint) to a client's registered post_logout_redirect_uris.
 
 import crypto from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -21,12 +26,18 @@ import Provider, { errors } from 'oidc-provider';
 
 const ACCESS_TOKEN_TTL = 600;
 
-const config = JSON.parse(readFileSync(process.argv[2] ?? usage(), 'utf8'));
-const { issuer, accounts, api_resource: apiResource } = config;
+const configPath = process.argv[2] ?? usage();
+const config = JSON.parse(readFileSync(configPath, 'utf8'));
+const { issuer, api_resource: apiResource } = config;
 const host = config.host ?? '127.0.0.1';
 // Seconds, by client id: lets a test obtain a real token that really runs out.
 const accessTokenTTLs = config.access_token_ttls ?? {};
 const accessTokenTTL = (client) => accessTokenTTLs[client?.clientId] ?? ACCESS_TOKEN_TTL;
+
+/** The accounts as the config file says now (a test may have changed them). */
+function accounts() {
+  return JSON.parse(readFileSync(configPath, 'utf8')).accounts;
+}
 
 function usage() {
   console.error('usage: node provider.mjs CONFIG.json');
@@ -50,7 +61,7 @@ function clientMetadata(client) {
 }
 
 function profile(accountId) {
-  const account = accounts[accountId];
+  const account = accounts()[accountId];
   return {
     email: account.email,
     email_verified: true,
@@ -89,10 +100,12 @@ const provider = new Provider(issuer, {
     groups: ['groups'],
   },
   async findAccount(ctx, sub) {
-    if (!Object.hasOwn(accounts, sub)) return undefined;
+    if (!Object.hasOwn(accounts(), sub)) return undefined;
     return { accountId: sub, claims: async () => ({ sub, ...profile(sub) }) };
   },
   loadExistingGrant: firstPartyGrant,
+  issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  rotateRefreshToken: true,
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
   features: {
     devInteractions: { enabled: false },
@@ -115,7 +128,7 @@ const provider = new Provider(issuer, {
     },
   },
   async extraTokenClaims(ctx, token) {
-    if (!token.accountId || !Object.hasOwn(accounts, token.accountId)) return undefined;
+    if (!token.accountId || !Object.hasOwn(accounts(), token.accountId)) return undefined;
     const { email, name, groups } = profile(token.accountId);
     return { email, name, groups };
   },
@@ -184,7 +197,7 @@ async function interaction(req, res) {
   const form = await readForm(req);
   if (form.get('prompt') === 'login' && prompt.name === 'login') {
     const username = (form.get('username') ?? '').trim();
-    if (!Object.hasOwn(accounts, username) || !form.get('password')) {
+    if (!Object.hasOwn(accounts(), username) || !form.get('password')) {
       return loginForm(res, uid, { status: 401, error: 'Unknown user or missing password.', username });
     }
     return provider.interactionFinished(req, res, { login: { accountId: username } },
