@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -385,3 +386,46 @@ def test_a_starting_broker_leaves_a_live_processs_issuance_in_flight_alone(
     grants.reap_due()
     assert grants.store.get_grant(said["grant_id"]).status == "revoked"
     assert not token_works(openbao, said["secret"])
+
+
+def test_brokers_settling_a_dead_process_at_the_same_moment_settle_each_grant_once(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    config = crash_config(
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret
+    )
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASHING_BROKER_IN_FLIGHT, str(config), "3", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert crashed.returncode == -9, crashed.stderr
+    said = [json.loads(line) for line in crashed.stdout.splitlines()]
+    grants = make_app().extensions["jit"].grants
+    start = threading.Barrier(8)
+    failures = []
+
+    def settle():
+        start.wait()
+        try:
+            grants.reconcile()
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            failures.append(exc)
+
+    threads = [threading.Thread(target=settle) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert failures == []
+    for each in said:
+        assert grants.store.get_grant(each["grant_id"]).status == "issue_failed"
+        assert types(grants, each["grant_id"]).count("issue_failed") == 1
+        if each["secret"]:
+            assert not token_works(openbao, each["secret"])
+            findings = [e for e in grants.chain(each["grant_id"]) if e["type"] == "reconcile"]
+            assert findings and all(e["data"]["gone"] for e in findings)
+    assert audit.verify(grants.store.audit_entries()).ok
+    assert grants.reconcile() == []
