@@ -62,11 +62,5 @@ class Liveness:
             if not self.is_alive(path.name.removesuffix(SUFFIX)):
                 path.unlink(missing_ok=True)
 
-    def close(self) -> None:
-        """A clean stop: this process no longer counts as alive."""
-        if not self._file.closed:
-            self._path(self.id).unlink(missing_ok=True)
-            self._file.close()
-
     def _path(self, process_id: str) -> Path:
         return self.directory / f"{process_id}{SUFFIX}"

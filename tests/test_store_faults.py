@@ -141,6 +141,35 @@ def test_a_full_disk_gives_503_fails_health_and_recovers_when_space_returns(
         jit.reaper.stop()
 
 
+def test_a_disk_filling_while_vault_answers_revokes_what_it_issued(
+    small_disk, make_app, api_for, openbao
+):
+    """The store passes its check, then fills between Vault's answer and the record: the
+    credential nobody can record is revoked at once, and the caller hears 503, not 500."""
+    app = make_app(storage={"path": str(small_disk / "broker.db")})
+    grants = app.extensions["jit"].grants
+    backend = grants.backends["vault_token"]
+    vault_issue = backend.issue
+    issued = []
+
+    def issue_then_fill(*args, **kwargs):
+        credential = vault_issue(*args, **kwargs)
+        issued.append(credential.secret)
+        fill(small_disk)
+        return credential
+
+    backend.issue = issue_then_fill
+    refused = api_for(app)("POST", "/api/v1/requests", ASK)
+
+    assert refused.status_code == 503
+    assert refused.get_json()["error"] == "store_unavailable"
+    assert "SQLITE_FULL" in refused.get_json()["detail"]
+    assert "revoked at once; nothing was issued" in refused.get_json()["detail"]
+    (secret,) = issued
+    assert not token_works(openbao, secret)
+    assert "issue" not in [entry["type"] for entry in grants.store.audit_entries()]
+
+
 def test_a_database_file_made_unwritable_gives_503_and_fails_health(make_app, serve, openbao):
     app = make_app(reaper={"enabled": True})
     jit = app.extensions["jit"]
