@@ -27,7 +27,7 @@ class Liveness:
         # Locked under a temporary name, then renamed: a file under its final name is always
         # locked while its process lives, so an unlocked one can only be a dead process's.
         claiming = self.directory / f"{self.id}.claiming"
-        self._file = open(claiming, "w")  # noqa: SIM115 (held open, and locked, until close)
+        self._file = open(claiming, "w")  # noqa: SIM115 (held open and locked for the life of the process)
         fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         claiming.rename(self._path(self.id))
         self.forget_dead()
