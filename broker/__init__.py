@@ -14,6 +14,7 @@ from .config import Settings, check_service_settings, load_settings
 from .forward import Forwarder
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
+from .liveness import Liveness
 from .notify import Notifier
 from .policy_file import PolicyFile
 from .reaper import Reaper
@@ -72,6 +73,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         heartbeat_every=reaper_settings["heartbeat"],
         vault_health=lambda: vault_health(vault),
         auditor_groups=tuple(settings.audit["auditor_groups"]),
+        # Held for the app's life: other processes on the same store see this one as alive.
+        processes=Liveness.beside(settings.database_path),
     )
     audit_log = AuditLog(
         store,

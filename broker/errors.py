@@ -57,6 +57,14 @@ class DatabaseUnavailable(BrokerError):
     code = "database_unavailable"
 
 
+class StoreUnavailable(BrokerError):
+    """The broker's own database cannot be used now (full, read-only, an I/O error, locked past
+    the timeout). What was being written was rolled back, so nothing was changed or issued."""
+
+    status = 503
+    code = "store_unavailable"
+
+
 class BrokerUnhealthy(BrokerError):
     """The broker cannot keep its promises (audit log not writable, reaper not running), so it
     issues nothing new until it can. Releases and removals go on."""

@@ -219,6 +219,9 @@ class Grant:
     review_due: str = ""  # a break-glass grant's review deadline
     reviewed_at: str = ""
     reviewed_by: str = ""
+    # The broker process that took it to `issuing` (liveness.py): while that process lives the
+    # issuance may be in flight; once it is dead, whatever it left is settled at once.
+    issuing_process: str = ""
 
     def owned_by(self, principal: Principal) -> bool:
         return (self.requester_iss, self.requester_sub) == (principal.issuer, principal.subject)

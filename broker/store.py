@@ -14,6 +14,7 @@ from pathlib import Path
 import sqlite_utils
 
 from . import audit
+from .errors import StoreUnavailable
 from .models import Approval, Credential, Grant
 
 SCHEMA_VERSION = 4
@@ -39,6 +40,89 @@ V1_GRANT_COLUMNS = [
     "last_error",
     "updated_at",
 ]
+
+
+# SQLite's primary result codes that mean "the database cannot be used now" rather than "the
+# broker's SQL is wrong": busy/locked past the timeout, out of memory, read-only, I/O error,
+# corrupt, full, cannot open, lock protocol, not a database, no permission.
+UNAVAILABLE_CODES = frozenset({3, 5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
+
+
+def _unavailable(exc: sqlite3.Error) -> StoreUnavailable | None:
+    """The broker error for `exc` when it means the store cannot be used now; None for the
+    errors that are the broker's own bugs (bad SQL, a broken constraint), which stay 500s."""
+    if not isinstance(exc, sqlite3.OperationalError) and type(exc) is not sqlite3.DatabaseError:
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF not in UNAVAILABLE_CODES:
+        return None
+    name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
+    return StoreUnavailable(f"the broker's database cannot be used now: {exc} ({name})")
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        unavailable = _unavailable(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from exc
+
+
+class _Cursor(sqlite3.Cursor):
+    """Rows are read lazily, so a failing read can surface while iterating: translated too."""
+
+    def execute(self, *args):
+        with _translated():
+            return super().execute(*args)
+
+    def executemany(self, *args):
+        with _translated():
+            return super().executemany(*args)
+
+    def fetchone(self):
+        with _translated():
+            return super().fetchone()
+
+    def fetchmany(self, *args):
+        with _translated():
+            return super().fetchmany(*args)
+
+    def fetchall(self):
+        with _translated():
+            return super().fetchall()
+
+    def __next__(self):
+        with _translated():
+            return super().__next__()
+
+
+class _Connection(sqlite3.Connection):
+    """The one boundary where SQLite failures become broker errors: every statement of the
+    store (and of sqlite-utils on its behalf) runs through here, so a full disk, a read-only
+    file, an I/O error or a lock held past the timeout is a `StoreUnavailable` (503) on every
+    path, reads included, instead of an unexplained 500."""
+
+    def cursor(self, factory=_Cursor):
+        return super().cursor(factory)
+
+    def execute(self, *args):
+        with _translated():
+            return super().execute(*args)
+
+    def executemany(self, *args):
+        with _translated():
+            return super().executemany(*args)
+
+    def executescript(self, *args):
+        with _translated():
+            return super().executescript(*args)
+
+    def commit(self):
+        with _translated():
+            return super().commit()
 
 
 class Transaction:
@@ -136,8 +220,9 @@ class Transaction:
 class Store:
     """One SQLite file; one connection per thread (the web server's and the reaper's)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, timeout: float = 30):
         self.path = Path(path)
+        self.timeout = timeout  # seconds to wait for another writer's lock before giving up
         self._local = threading.local()
 
     @property
@@ -145,7 +230,10 @@ class Store:
         db = getattr(self._local, "db", None)
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            with _translated():
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, timeout=self.timeout, factory=_Connection
+                )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
@@ -176,16 +264,18 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield Transaction(db)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
-        db.execute("COMMIT")
 
     def check_writable(self) -> None:
-        """Raise unless a write transaction can begin now (the cheap half of an audit append)."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("ROLLBACK")
+        """Raise unless a write can be committed now. It commits one: beginning a transaction
+        and rolling it back writes nothing, so a full disk or a read-only file would pass."""
+        with self.transaction() as tx:
+            tx.db.execute(
+                "UPDATE write_check SET writes = writes + 1, at = strftime('%Y-%m-%dT%H:%M:%fZ')"
+            )
 
     def get_grant(self, grant_id: str) -> Grant | None:
         return Transaction(self.db).get_grant(grant_id)
@@ -423,6 +513,16 @@ def _grant_filters(
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
+def _rollback(db: sqlite_utils.Database) -> None:
+    """Roll back what is still open. SQLite has already rolled back by itself after some
+    failures (a full disk at COMMIT), and a second error must not hide the first."""
+    if db.conn.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except StoreUnavailable:
+            pass
+
+
 def _entry(row: sqlite3.Row) -> dict:
     entry = dict(row)
     entry["actor"] = json.loads(entry["actor"])
@@ -494,6 +594,7 @@ def _migrate_v4(db: sqlite_utils.Database) -> None:
     """Each step of schema 4 in its own helper."""
     _add_credentials(db)
     _add_web_sessions(db)
+    _add_store_faults_v4(db)
 
 
 def _add_credentials(db: sqlite_utils.Database) -> None:
@@ -546,3 +647,12 @@ def _add_web_sessions(db: sqlite_utils.Database) -> None:
     )
     db["web_sessions"].create_index(["expires_at"])
     db["web_sessions"].create_index(["issuer", "subject"])
+
+
+def _add_store_faults_v4(db: sqlite_utils.Database) -> None:
+    """The health check's write (one row, committed for real), and which broker process took
+    a grant to `issuing`, so that a starting broker can tell an issuance left by a dead process
+    from one in flight in a live one ("": recorded before v4, judged by the grace period)."""
+    db["write_check"].create({"id": int, "writes": int, "at": str}, pk="id")
+    db["write_check"].insert({"id": 1, "writes": 0, "at": ""})
+    db["grants"].add_column("issuing_process", str, not_null_default="")

@@ -8,6 +8,7 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -189,9 +190,8 @@ def toml(sections: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_a_broker_killed_between_vault_and_its_record_leaves_nothing_behind(
-    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
-):
+def crash_config(make_app, tmp_path, openbao, oidc_provider, broker_port, client_secret):
+    """The config file of a broker subprocess on the data directory `make_app` uses."""
     make_app()  # the data directory, its keys and the policy file, as the next app will see them
     config = tmp_path / "jit.toml"
     config.write_text(
@@ -204,7 +204,7 @@ def test_a_broker_killed_between_vault_and_its_record_leaves_nothing_behind(
                 "oidc": {
                     "issuer": oidc_provider.issuer,
                     "client_id": "jit-broker",
-                    "client_secret": oidc_client_secret,
+                    "client_secret": client_secret,
                     "api_audience": "urn:jit-broker:api",
                 },
                 "vault": {"addr": openbao.addr, "token": openbao.broker_token},
@@ -212,6 +212,15 @@ def test_a_broker_killed_between_vault_and_its_record_leaves_nothing_behind(
                 "reaper": {"enabled": False},
             }
         )
+    )
+    return config
+
+
+def test_a_broker_killed_between_vault_and_its_record_leaves_nothing_behind(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    config = crash_config(
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret
     )
     crashed = subprocess.run(
         [sys.executable, "-c", CRASHING_BROKER, str(config)],
@@ -237,3 +246,195 @@ def test_a_broker_killed_between_vault_and_its_record_leaves_nothing_behind(
     assert types(grants, said["grant_id"]) == ["request", "decision", "issue_failed", "reconcile"]
     assert audit.verify(grants.store.audit_entries()).ok
     assert grants.reconcile(now=utcnow() + LATER) == []
+
+
+# Several issuances in flight at the moment of the crash: `answered` of them have Vault's token,
+# the others are recorded `issuing` and still waiting for Vault. When all are there, SIGKILL.
+CRASHING_BROKER_IN_FLIGHT = """
+import json, os, signal, sys, threading
+from broker import create_app
+from broker.config import load_settings
+from broker.models import Principal
+
+answered, waiting = int(sys.argv[2]), int(sys.argv[3])
+grants = create_app(load_settings(sys.argv[1], environ={})).extensions["jit"].grants
+backend = grants.backends["vault_token"]
+vault_issue = backend.issue
+all_there = threading.Barrier(answered + waiting)
+calls = iter(range(answered + waiting))
+lock = threading.Lock()
+
+def issue_then_die(grant_id, *args, **kwargs):
+    with lock:
+        before_vault = next(calls) >= answered
+    secret = None if before_vault else vault_issue(grant_id, *args, **kwargs).secret
+    with lock:
+        print(json.dumps({"grant_id": grant_id, "secret": secret}), flush=True)
+    if all_there.wait() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Event().wait()
+
+backend.issue = issue_then_die
+alice = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
+for i in range(answered + waiting):
+    threading.Thread(target=grants.request, args=(alice, "kv-read", "1h", f"crash {i}")).start()
+"""
+
+
+def test_issuances_in_flight_when_a_broker_is_killed_are_settled_as_soon_as_one_starts(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    config = crash_config(
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret
+    )
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASHING_BROKER_IN_FLIGHT, str(config), "4", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert crashed.returncode == -9, crashed.stderr
+    said = [json.loads(line) for line in crashed.stdout.splitlines()]
+    issued = [each for each in said if each["secret"]]
+    unanswered = [each for each in said if not each["secret"]]
+    assert (len(issued), len(unanswered)) == (4, 2)
+    assert all(token_works(openbao, each["secret"]) for each in issued)  # live, unrecorded
+
+    # A new broker on the same data, its reaper running as in production: no grace period
+    # for a process that is dead, so its first pass settles everything, within seconds.
+    restarted = make_app(reaper={"enabled": True})
+    grants = restarted.extensions["jit"].grants
+    try:
+        for each in said:
+            wait_for_status(grants, each["grant_id"], "issue_failed", timeout=15)
+        for each in issued:
+            assert not token_works(openbao, each["secret"])
+            assert types(grants, each["grant_id"]) == [
+                "request",
+                "decision",
+                "issue_failed",
+                "reconcile",
+            ]
+            (found,) = [e for e in grants.chain(each["grant_id"]) if e["type"] == "reconcile"]
+            assert found["data"]["gone"] and found["data"]["method"]
+            assert "left issuing" in grants.store.get_grant(each["grant_id"]).last_error
+        for each in unanswered:
+            assert types(grants, each["grant_id"]) == ["request", "decision", "issue_failed"]
+            assert "before Vault issued" in grants.store.get_grant(each["grant_id"]).last_error
+        assert audit.verify(grants.store.audit_entries()).ok
+    finally:
+        restarted.extensions["jit"].reaper.stop()
+
+
+# A live broker process with an issuance in flight: Vault has answered, and the process waits
+# (for the test's word on stdin) before recording it, as a slow request would.
+SLOW_BROKER = """
+import json, sys
+from broker import create_app
+from broker.config import load_settings
+from broker.models import Principal
+
+grants = create_app(load_settings(sys.argv[1], environ={})).extensions["jit"].grants
+backend = grants.backends["vault_token"]
+vault_issue = backend.issue
+
+def issue_slowly(grant_id, *args, **kwargs):
+    credential = vault_issue(grant_id, *args, **kwargs)
+    print(json.dumps({"grant_id": grant_id, "secret": credential.secret}), flush=True)
+    sys.stdin.readline()
+    return credential
+
+backend.issue = issue_slowly
+alice = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
+grant, _ = grants.request(alice, "kv-read", "1h", "slow but alive")
+print(json.dumps({"status": grant.status}), flush=True)
+"""
+
+
+def test_a_starting_broker_leaves_a_live_processs_issuance_in_flight_alone(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    config = crash_config(
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret
+    )
+    slow = subprocess.Popen(
+        [sys.executable, "-c", SLOW_BROKER, str(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        said = json.loads(slow.stdout.readline() or "null")
+        assert said, slow.stderr.read() if slow.poll() is not None else "no answer"
+
+        starting = make_app(reaper={"enabled": True})  # a second broker on the same store
+        jit = starting.extensions["jit"]
+        try:
+            deadline = time.monotonic() + 15
+            while jit.reaper.last_run is None:  # its first pass, reconciliation included
+                assert time.monotonic() < deadline, "the reaper never completed a pass"
+                time.sleep(0.1)
+        finally:
+            jit.reaper.stop()
+        assert jit.grants.reconcile() == []  # and once more, by hand: nothing to settle
+        assert jit.grants.store.get_grant(said["grant_id"]).status == "issuing"
+        assert token_works(openbao, said["secret"])
+
+        out, err = slow.communicate("go\n", timeout=30)  # the slow request finishes
+        assert slow.returncode == 0, err
+        assert json.loads(out.splitlines()[-1]) == {"status": "active"}
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    grants = jit.grants
+    assert grants.store.get_grant(said["grant_id"]).status == "active"
+    assert types(grants, said["grant_id"]) == ["request", "decision", "issue"]
+    assert token_works(openbao, said["secret"])
+    grants.release(ALICE, said["grant_id"])
+    grants.reap_due()
+    assert grants.store.get_grant(said["grant_id"]).status == "revoked"
+    assert not token_works(openbao, said["secret"])
+
+
+def test_brokers_settling_a_dead_process_at_the_same_moment_settle_each_grant_once(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    config = crash_config(
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret
+    )
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASHING_BROKER_IN_FLIGHT, str(config), "3", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert crashed.returncode == -9, crashed.stderr
+    said = [json.loads(line) for line in crashed.stdout.splitlines()]
+    grants = make_app().extensions["jit"].grants
+    start = threading.Barrier(8)
+    failures = []
+
+    def settle():
+        start.wait()
+        try:
+            grants.reconcile()
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            failures.append(exc)
+
+    threads = [threading.Thread(target=settle) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert failures == []
+    for each in said:
+        assert grants.store.get_grant(each["grant_id"]).status == "issue_failed"
+        assert types(grants, each["grant_id"]).count("issue_failed") == 1
+        if each["secret"]:
+            assert not token_works(openbao, each["secret"])
+            findings = [e for e in grants.chain(each["grant_id"]) if e["type"] == "reconcile"]
+            assert findings and all(e["data"]["gone"] for e in findings)
+    assert audit.verify(grants.store.audit_entries()).ok
+    assert grants.reconcile() == []

@@ -15,6 +15,7 @@ from ..errors import (
     InvalidRequest,
     PolicyRefused,
 )
+from ..liveness import Liveness
 from ..models import (
     ACTIVE,
     APPROVED,
@@ -78,6 +79,7 @@ class GrantsBase:
         heartbeat_every: int = 30,
         vault_health: Callable[[], dict] | None = None,
         auditor_groups: tuple[str, ...] = (),
+        processes: Liveness | None = None,
     ):
         self.store = store
         self.policy = policy
@@ -93,6 +95,14 @@ class GrantsBase:
         self.heartbeat_every = heartbeat_every
         self.vault_health = vault_health
         self.auditor_groups = tuple(auditor_groups)  # may review any break-glass grant
+        # Which broker processes sharing the store are alive; None: unknown, so an issuance left
+        # `issuing` is given up only after ISSUE_GRACE.
+        self.processes = processes
+
+    @property
+    def process_id(self) -> str:
+        """What a grant taken to `issuing` is stamped with ("": no liveness known)."""
+        return self.processes.id if self.processes is not None else ""
 
     def eligible(self, principal: Principal) -> list[Entitlement]:
         return self.policy().eligible(principal)

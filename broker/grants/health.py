@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..errors import (
     BrokerUnhealthy,
+    StoreUnavailable,
 )
 from ..models import (
     REVOKE_FAILED,
@@ -20,18 +21,26 @@ class Health(GrantsBase):
         `deep`, also what operators must hear about: Vault, and removals not yet verified."""
         checks = {"store": self._store_check(), "reaper": self._reaper_check()}
         if deep:
-            failed = self.store.grants_in((REVOKE_FAILED,))
-            checks["revoke_failed"] = {
-                "ok": not failed,
-                "count": len(failed),
-                "grants": [grant.id for grant in failed],
-            }
+            checks["revoke_failed"] = self._revoke_failed_check()
             if self.vault_health is not None:
                 checks["vault"] = self.vault_health()
-            overdue = self.store.reviews_overdue(self._now())
-            # Informational: a missed review is for people to chase, not a reason to stop.
-            checks["reviews"] = {"ok": True, "overdue": len(overdue), "grants": overdue}
+            checks["reviews"] = self._reviews_check()
         return checks
+
+    def _revoke_failed_check(self) -> dict:
+        try:
+            failed = self.store.grants_in((REVOKE_FAILED,))
+        except StoreUnavailable as exc:  # unknown is not "none": removals may be unverified
+            return {"ok": False, "error": f"unverified removals cannot be read: {exc.detail}"}
+        return {"ok": not failed, "count": len(failed), "grants": [grant.id for grant in failed]}
+
+    def _reviews_check(self) -> dict:
+        """Informational: a missed review is for people to chase, not a reason to stop."""
+        try:
+            overdue = self.store.reviews_overdue(self._now())
+        except StoreUnavailable as exc:
+            return {"ok": True, "error": f"overdue reviews cannot be read: {exc.detail}"}
+        return {"ok": True, "overdue": len(overdue), "grants": overdue}
 
     def _refuse_if_unhealthy(self) -> None:
         problems = [check["error"] for check in self.health().values() if not check["ok"]]
@@ -39,6 +48,8 @@ class Health(GrantsBase):
             raise BrokerUnhealthy("the broker issues nothing new now: " + "; ".join(problems))
 
     def _store_check(self) -> dict:
+        """A real commit, before every issuance and on every /healthz: cheap (one row), and the
+        only proof that the audit entries of what is about to be issued can be recorded."""
         try:
             self.store.check_writable()
         except Exception as exc:

@@ -15,6 +15,7 @@ from ..errors import (
     GrantConflict,
     InvalidDuration,
     InvalidRequest,
+    StoreUnavailable,
 )
 from ..models import (
     ACTIVE,
@@ -144,6 +145,7 @@ class Issuing(GrantsBase):
             approvals_required=decision.approvals_required,
             break_glass=int(review_within is not None),
             review_due=review_due,
+            issuing_process=self.process_id if status == ISSUING else "",
         )
         with self.store.transaction() as tx:
             tx.insert_grant(grant)
@@ -255,6 +257,7 @@ class Issuing(GrantsBase):
                     window_end=isoformat(end),
                     due_at="",
                     updated_at=isoformat(now),
+                    issuing_process=self.process_id,
                 )
             self._log_decision(tx, principal, grant.id, decision, at_activation=True)
         _raise_if_refused(decision)
@@ -310,6 +313,12 @@ class Issuing(GrantsBase):
                     **self._marks(backend, credential.handle),
                     **credential.details,
                 )
+        except StoreUnavailable as exc:
+            backend.revoke(credential.handle)  # no record of it, so it must not exist
+            raise StoreUnavailable(
+                f"{exc.detail}. The issued credential could not be recorded, so it was revoked "
+                "at once; nothing was issued"
+            ) from exc
         except BrokerError:
             backend.revoke(credential.handle)
             raise

@@ -1,6 +1,8 @@
 """The reconciler: what Vault holds for this broker without a live grant to account for it
 (a crash between Vault's answer and the record, a replaced credential) is revoked, verified
-gone, and written to the chain."""
+gone, and written to the chain. A grant left `issuing` by a broker process that is dead is
+settled at once (the reaper reconciles when it starts); one whose process lives, or that was
+recorded before processes were stamped, gets ISSUE_GRACE, since it may be in flight."""
 
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ class Reconciling(GrantsBase):
     def reconcile(self, now: datetime | None = None) -> list[dict]:
         """Ask every backend what Vault holds for this broker; revoke and verify each stray (a
         credential of no grant, of a grant that may hold none, or not the one its grant records),
-        writing a `reconcile` entry for each. A grant left `issuing` past the grace period (the
-        broker stopped between Vault's answer and the record) becomes `issue_failed`. Returns the
-        findings as written to the chain."""
+        writing a `reconcile` entry for each. A grant left `issuing` (the broker stopped between
+        Vault's answer and the record) becomes `issue_failed`. Returns the findings as written
+        to the chain."""
         now = now or self.clock()
         findings, seen = [], set()
         for backend in self.backends.values():
@@ -39,7 +41,7 @@ class Reconciling(GrantsBase):
                 if why and (grant is None or grant.status != ISSUING or self._abandon(grant, why)):
                     findings.append(self._remove_stray(backend, holding, grant, why))
         for grant in self.store.grants_in((ISSUING,)):
-            if grant.id not in seen and self._stale(grant.updated_at, now):
+            if grant.id not in seen and self._left_behind(grant, now):
                 self._abandon(grant, "the broker stopped before Vault issued anything")
         return findings
 
@@ -51,7 +53,7 @@ class Reconciling(GrantsBase):
         if grant.status not in MAY_HOLD:
             return f"the grant is {grant.status}: it holds no credential"
         if grant.status == ISSUING:
-            if self._stale(grant.updated_at, now):
+            if self._left_behind(grant, now):
                 return "the grant was left issuing: the broker stopped before recording it"
             return ""  # an issuance in flight right now
         if any(
@@ -63,6 +65,15 @@ class Reconciling(GrantsBase):
         if holding.issued_at is not None and now - holding.issued_at < ISSUE_GRACE:
             return ""  # an extension's new credential, perhaps not recorded yet
         return f"the grant is {grant.status} with another credential (a replaced one left over)"
+
+    def _left_behind(self, grant: Grant, now: datetime) -> bool:
+        """Whether an `issuing` grant is no longer in flight: the process that took it there is
+        dead (known at once), or the grace period is over (a grant from before processes were
+        stamped, or one a live process failed to finish)."""
+        process = grant.issuing_process
+        if process and self.processes is not None and not self.processes.is_alive(process):
+            return True
+        return self._stale(grant.updated_at, now)
 
     def _stale(self, moment: str, now: datetime) -> bool:
         return not moment or now - parse_time(moment) >= ISSUE_GRACE
