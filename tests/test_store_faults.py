@@ -41,11 +41,10 @@ def small_disk(tmp_path):
 def fill(disk: Path) -> Path:
     """Write until the filesystem says it is full; the file is the space to give back."""
     filler = disk / "filler"
-    with open(filler, "wb") as out:
+    with open(filler, "wb", buffering=0) as out:  # unbuffered: nothing left to fail at close
         try:
             while True:
                 out.write(b"\0" * 65536)
-                out.flush()
         except OSError as exc:
             assert exc.errno == 28, exc  # ENOSPC
     return filler
