@@ -3,6 +3,7 @@ at once give one new credential and 409s; a release racing an extension, or a re
 whose revocation failed, never lets the grant say `revoked` while one of its tokens still works."""
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -67,6 +68,12 @@ def test_parallel_extends_give_one_new_token_and_release_leaves_none(app, api_fo
     ).json
     path = f"/api/v1/requests/{first['id']}/extend"
     start = threading.Barrier(RACERS)
+    grants = app.extensions["jit"].grants
+    # Whoever wins the claim is held inside Vault's call until every other extend has answered:
+    # on a busy machine a late thread would otherwise start after the winner finished, and
+    # rightly extend once more.
+    held = HeldAfterIssue(grants.backends["vault_token"])
+    grants.backends = {**grants.backends, "vault_token": held}
 
     def extend(_):
         api = api_for(app)  # a client per thread
@@ -74,14 +81,19 @@ def test_parallel_extends_give_one_new_token_and_release_leaves_none(app, api_fo
         return api("POST", path, {"duration": "5m"})
 
     with ThreadPoolExecutor(RACERS) as pool:
-        answers = list(pool.map(extend, range(RACERS)))
+        racing = [pool.submit(extend, i) for i in range(RACERS)]
+        assert held.issued.wait(30)
+        deadline = time.monotonic() + 30
+        while sum(f.done() for f in racing) < RACERS - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held.resume.set()
+        answers = [f.result() for f in racing]
 
     codes = sorted(answer.status_code for answer in answers)
     assert codes == [200] + [409] * (RACERS - 1), [a.json for a in answers]
     refused = [a.json for a in answers if a.status_code == 409]
     assert all(body["error"] == "conflict" and body["detail"] for body in refused)
     (winner,) = [a.json for a in answers if a.status_code == 200]
-    grants = app.extensions["jit"].grants
     grant = grants.store.get_grant(first["id"])
     # OpenBao holds one token for the grant: the winner's, which the grant records.
     assert live_tokens_of(openbao, grant.id) == {grant.handle}
