@@ -295,6 +295,8 @@ def principal_from_claims(claims: dict, groups_claim: str, kind: str = "human") 
         kind=kind,
         name=str(claims.get("name") or claims.get("preferred_username") or ""),
         email=str(claims.get("email") or ""),
+        # Only a JSON true: "true" or 1 from a sloppy provider does not make an address verified.
+        email_verified=claims.get("email_verified") is True,
         groups=tuple(groups),
         client_id=str(claims.get("client_id") or claims.get("azp") or ""),
         extra=extra_claims(claims, exclude=STANDARD_CLAIMS | PROTOCOL_CLAIMS | {groups_claim}),

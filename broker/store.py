@@ -16,7 +16,7 @@ import sqlite_utils
 from . import audit
 from .models import Approval, Grant
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 GRANT_COLUMNS = [f.name for f in fields(Grant)]
 V1_GRANT_COLUMNS = [
     "id",
@@ -79,6 +79,7 @@ class Transaction:
                     "display": approval.display,
                     "groups": json.dumps(list(approval.groups)),
                     "at": approval.at,
+                    "email": approval.email,
                 }
             )
         except sqlite3.IntegrityError:
@@ -126,6 +127,8 @@ class Store:
                 _migrate_v2(tx.db)
             if version < 3:
                 _migrate_v3(tx.db)
+            if version < 4:
+                _migrate_v4(tx.db)
             tx.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -248,6 +251,7 @@ class Store:
                 row["display"],
                 tuple(json.loads(row["groups"])),
                 row["at"],
+                row["email"],
             )
             for row in rows
         ]
@@ -420,3 +424,14 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
         {"size": int, "head": str, "at": str, "key_id": str, "signature": str}, pk="size"
     )
     db["cursors"].create({"name": str, "seq": int}, pk="name")
+
+
+def _migrate_v4(db: sqlite_utils.Database) -> None:
+    _add_verified_emails(db)
+
+
+def _add_verified_emails(db: sqlite_utils.Database) -> None:
+    """The requester's and each approver's verified email (lower-cased; "" when not verified or
+    recorded before v4), so that separation of duties holds per person across identities."""
+    db["grants"].add_column("requester_email", str, not_null_default="")
+    db["approvals"].add_column("email", str, not_null_default="")
