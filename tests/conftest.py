@@ -106,10 +106,10 @@ def oidc_provider(
         "groups": ["security"],
     }
     # Claims Bob's address, but the provider never verified it: not Bob for the broker.
-    config["accounts"]["mallory"] = {
+    config["accounts"]["bob-unverified"] = {
         "email": "bob@example.com",
         "email_verified": False,
-        "name": "Mallory Unverified",
+        "name": "Bob Unverified",
         "groups": ["security"],
     }
     provider = OidcProvider.start(config, tmp_path_factory.mktemp("oidc"))

@@ -452,7 +452,8 @@ days = ["{tomorrow}"]
 
 # --- one person, several identities (issue 10, item 2) --------------------------------------------
 # The provider has bob2: another account of Bob's, with his verified email written in other case,
-# and mallory, who claims bob@example.com but whose address the provider never verified.
+# and bob-unverified, another person's account claiming bob@example.com, which the provider
+# never verified.
 
 TWO_PEOPLE_POLICY = (
     APPROVAL_POLICY
@@ -505,10 +506,10 @@ def test_another_identity_with_the_requesters_verified_email_cannot_approve(api,
 
 
 def test_an_unverified_email_makes_nobody_the_same_person(api, app):
-    """Anyone can claim an address the provider did not verify: mallory's bob@example.com does
-    not make her Bob, so she is just another approver (and Bob is not blocked by her claim)."""
+    """Anyone can claim an address the provider did not verify: an account claiming
+    bob@example.com unverified is not Bob, just another approver."""
     pending = ask(api, "bob")
-    response = api("mallory", "POST", f"/requests/{pending['id']}/approve")
+    response = api("bob-unverified", "POST", f"/requests/{pending['id']}/approve")
     assert response.status_code == 200, response.json
     assert response.json["status"] == "approved"
 
