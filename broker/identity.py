@@ -3,8 +3,11 @@ into a Principal. Pinned algorithms, exact issuer and audience, required claims 
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
+from collections.abc import Callable
 
 import jwt
 import requests
@@ -12,8 +15,16 @@ import requests
 from .errors import ProviderUnavailable, Unauthenticated
 from .models import STANDARD_CLAIMS, Principal, extra_claims
 
-REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]
+log = logging.getLogger(__name__)
+
+REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud", "client_id"]
 ACCESS_TOKEN_TYPES = {"at+jwt", "application/at+jwt"}
+# Header fields by which a token points at its own key (RFC 7515 §4.1): never followed.
+KEY_SOURCE_HEADERS = frozenset({"jku", "jwk", "x5u", "x5c"})
+# Far above any real access token, far below what would cost us to parse.
+MAX_TOKEN_LENGTH = 16 * 1024
+# Seconds the JWKS is kept: (at least, when the provider names no max-age, at most).
+JWKS_LIFETIME = (60.0, 600.0, 86400.0)
 # Claims about the token or the login, not about the person: never policy material.
 PROTOCOL_CLAIMS = frozenset(
     {
@@ -71,35 +82,122 @@ class ProviderMetadata:
 
 
 class ProviderKeys:
-    """The provider's signing keys (JWKS), parsed by pyjwt. Fetched again when a token names a
-    key not seen yet (rotation), but at most once per `cooldown` so junk kids cannot hammer it."""
+    """The provider's signing keys (JWKS), parsed by pyjwt, cached for the lifetime the provider
+    names (Cache-Control max-age, within bounds), so that a key withdrawn from its JWKS stops
+    being trusted after the next successful fetch.
 
-    def __init__(self, metadata: ProviderMetadata, cooldown: float = 30, timeout: float = 5):
+    Shaped by who can reach it: anyone can send a token with a made-up `kid`. So a fetch starts
+    at most once per `cooldown`, whether it succeeds or fails; one fetch is in flight at a time;
+    and no lock is held while it runs, so a slow or hanging provider delays only the requests
+    that need keys the cache does not have. A request whose key is cached but past its lifetime
+    fetches again itself (at most once per cooldown); meanwhile everyone else keeps using the
+    cache, and if the fetch fails the cached keys stay: the provider being down is no reason to
+    refuse the tokens it signed, while a key it stops listing is dropped."""
+
+    def __init__(
+        self,
+        metadata: ProviderMetadata,
+        cooldown: float = 30,
+        timeout: float = 5,
+        lifetime: tuple[float, float, float] = JWKS_LIFETIME,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.metadata = metadata
         self.cooldown = cooldown
         self.timeout = timeout
+        self.min_lifetime, self.default_lifetime, self.max_lifetime = lifetime
+        self.clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at = -cooldown
-        self._lock = threading.Lock()
+        self._generation = 0  # counts successful fetches
+        self._expires_at = -math.inf  # when the cached keys must be fetched again
+        self._next_fetch_at = -math.inf  # the cooldown: no fetch starts before this
+        self._in_flight: threading.Event | None = None  # set when the running fetch ends
+        self._last_error = ""  # why the last fetch failed ("" when it succeeded)
+        self._lock = threading.Lock()  # guards the fields above; never held across the network
 
-    def get(self, kid: str | None) -> jwt.PyJWK | None:
+    def get(self, kid: str) -> jwt.PyJWK | None:
+        """The provider's key named `kid`, or None when it has none. Raises ProviderUnavailable
+        when the key is not cached and the keys cannot be fetched."""
         with self._lock:
-            if kid not in self._keys and time.monotonic() - self._fetched_at >= self.cooldown:
-                self._fetch()
-            return self._keys.get(kid)
+            now = self.clock()
+            cached = self._keys.get(kid)
+            if cached is not None and now < self._expires_at:
+                return cached
+            generation = self._generation
+            mine, theirs = self._claim_fetch(now)
+        if mine is not None:
+            self._fetch(mine)
+        elif theirs is not None and cached is None:
+            theirs.wait(2 * self.timeout + 1)  # the fetch in flight may bring this key
+        with self._lock:
+            if self._generation != generation:  # fresh keys are the whole truth
+                return self._keys.get(kid)
+            if cached is None and self._last_error:
+                raise ProviderUnavailable(self._last_error)
+            return cached
 
-    def _fetch(self) -> None:
+    def _claim_fetch(self, now: float) -> tuple[threading.Event | None, threading.Event | None]:
+        """(the fetch this caller must run, or None; the fetch in flight, or None). The cooldown
+        counts from the start of a fetch, so a failing one is not retried on every request.
+        Called with the lock held."""
+        if self._in_flight is not None:
+            return None, self._in_flight
+        if now < self._next_fetch_at:
+            return None, None
+        self._next_fetch_at = now + self.cooldown
+        self._in_flight = threading.Event()
+        return self._in_flight, None
+
+    def _fetch(self, done: threading.Event) -> None:
+        keys, lifetime, error = None, 0.0, "the fetch did not finish"
+        try:
+            keys, lifetime = self._download()
+        except ProviderUnavailable as exc:
+            error = exc.detail
+            log.warning("%s", error)
+        finally:
+            with self._lock:
+                if keys is not None:
+                    self._keys = keys  # a key the provider no longer lists is gone
+                    self._generation += 1
+                    self._expires_at = self.clock() + lifetime
+                    error = ""
+                self._last_error = error
+                self._in_flight = None
+            done.set()
+
+    def _download(self) -> tuple[dict[str, jwt.PyJWK], float]:
         try:
             response = requests.get(self.metadata.get()["jwks_uri"], timeout=self.timeout)
             response.raise_for_status()
-            keys = jwt.PyJWKSet.from_dict(response.json())
-        except (requests.RequestException, ValueError, jwt.PyJWKSetError) as exc:
+            document = response.json()
+            if not isinstance(document, dict):
+                raise ValueError("the JWKS is not a JSON object")
+            keys = jwt.PyJWKSet.from_dict(document)
+        except (requests.RequestException, ValueError, TypeError, KeyError, jwt.PyJWTError) as exc:
             raise ProviderUnavailable(f"cannot fetch the provider's signing keys: {exc}") from exc
-        self._keys = {key.key_id: key for key in keys.keys if key.key_id}
-        self._fetched_at = time.monotonic()
+        lifetime = self._lifetime(response.headers.get("Cache-Control", ""))
+        return {key.key_id: key for key in keys.keys if key.key_id}, lifetime
+
+    def _lifetime(self, cache_control: str) -> float:
+        """max-age clamped to [min, max]; the default when none is named; the minimum when the
+        provider forbids caching (we must keep the keys a little while to work at all)."""
+        directives = [part.strip().lower() for part in cache_control.split(",")]
+        if "no-store" in directives or "no-cache" in directives:
+            return self.min_lifetime
+        for directive in directives:
+            name, _, value = directive.partition("=")
+            value = value.strip().strip('"')
+            if name.strip() == "max-age" and value.isascii() and value.isdigit():
+                return min(max(float(value), self.min_lifetime), self.max_lifetime)
+        return self.default_lifetime
 
 
 class BearerVerifier:
+    """Checks a bearer access token (RFC 9068) the RFC 8725 way. Everything in a token is chosen
+    by whoever sent it, so the header is checked field by field before it selects anything, and
+    every way a token can be wrong ends in Unauthenticated (a 401), never in another error."""
+
     def __init__(
         self,
         metadata: ProviderMetadata,
@@ -107,9 +205,10 @@ class BearerVerifier:
         algorithms: list[str],
         groups_claim: str = "groups",
         leeway: int = 30,
+        keys: ProviderKeys | None = None,
     ):
         self.metadata = metadata
-        self.keys = ProviderKeys(metadata)
+        self.keys = keys or ProviderKeys(metadata)
         self.audience = audience
         self.algorithms = list(algorithms)
         self.groups_claim = groups_claim
@@ -117,22 +216,19 @@ class BearerVerifier:
 
     def verify(self, token: str) -> Principal:
         """Return the Principal the token vouches for, or raise Unauthenticated saying why."""
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise Unauthenticated("the bearer token is not a JWT") from None
-        if header.get("alg") not in self.algorithms:
-            raise Unauthenticated(f"token algorithm {header.get('alg')!r} is not accepted")
-        if str(header.get("typ", "")).lower() not in ACCESS_TOKEN_TYPES:
-            raise Unauthenticated("the bearer token is not an access token (typ must be at+jwt)")
-        key = self.keys.get(header.get("kid"))
+        header = self._checked_header(token)
+        key = self.keys.get(header["kid"])
         if key is None:
             raise Unauthenticated("the token was not signed by a key of the provider")
+        if key.algorithm_name != header["alg"]:
+            # The key fixes the algorithm (its JWK `alg`, else the one its type implies): an
+            # ES256 header naming an RSA key is refused here, not tried.
+            raise Unauthenticated("the token's algorithm does not match its key")
         try:
             claims = jwt.decode(
                 token,
                 key=key.key,
-                algorithms=self.algorithms,
+                algorithms=[header["alg"]],
                 audience=self.audience,
                 issuer=self.metadata.issuer,
                 leeway=self.leeway,
@@ -140,13 +236,52 @@ class BearerVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("the bearer token has expired") from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
             raise Unauthenticated(f"the bearer token is not valid: {exc}") from None
-        client_id = str(claims.get("client_id") or "")
+        client_id = _client_id(claims)
         # A client acting for itself (client credentials: sub == client_id, RFC 9068 §2.2) is an
         # agent; a token obtained by someone logging in is a human's.
-        kind = "agent" if client_id and claims["sub"] == client_id else "human"
+        kind = "agent" if claims["sub"] == client_id else "human"
         return principal_from_claims(claims, self.groups_claim, kind)
+
+    def _checked_header(self, token: str) -> dict:
+        """The JOSE header, if every field the broker reads has the shape it must have."""
+        if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+            raise Unauthenticated("the bearer token is not a JWT")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:  # not three base64url parts, not a JSON object, bad kid or crit
+            raise Unauthenticated("the bearer token is not a JWT") from None
+        alg, typ, kid = header.get("alg"), header.get("typ"), header.get("kid")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise Unauthenticated(f"token algorithm {_shown(alg)} is not accepted")
+        if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
+            raise Unauthenticated("the bearer token is not an access token (typ must be at+jwt)")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthenticated("the token names no key of the provider (kid)")
+        if "crit" in header:  # RFC 7515 §4.1.11: we understand no extension, so none is critical
+            raise Unauthenticated("the token has critical header extensions the broker refuses")
+        named = sorted(KEY_SOURCE_HEADERS & header.keys())
+        if named:  # RFC 8725 §3.10: keys come from the provider's JWKS, never from the token
+            raise Unauthenticated(f"the token names its own key ({', '.join(named)}): refused")
+        return header
+
+
+def _client_id(claims: dict) -> str:
+    """RFC 9068 §2.2: every access token names the client it was issued to; an `azp`, when a
+    provider adds one, names the same client."""
+    client_id = claims.get("client_id")
+    if not isinstance(client_id, str) or not client_id:
+        raise Unauthenticated("the bearer token names no client (client_id)")
+    if "azp" in claims and claims["azp"] != client_id:
+        raise Unauthenticated("the bearer token's azp is not its client_id")
+    return client_id
+
+
+def _shown(value: object) -> str:
+    """A value from a token, safe to put in a message and a header: short and ASCII."""
+    text = ascii(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def principal_from_claims(claims: dict, groups_claim: str, kind: str = "human") -> Principal:
@@ -160,6 +295,8 @@ def principal_from_claims(claims: dict, groups_claim: str, kind: str = "human") 
         kind=kind,
         name=str(claims.get("name") or claims.get("preferred_username") or ""),
         email=str(claims.get("email") or ""),
+        # Only a JSON true: "true" or 1 from a sloppy provider does not make an address verified.
+        email_verified=claims.get("email_verified") is True,
         groups=tuple(groups),
         client_id=str(claims.get("client_id") or claims.get("azp") or ""),
         extra=extra_claims(claims, exclude=STANDARD_CLAIMS | PROTOCOL_CLAIMS | {groups_claim}),

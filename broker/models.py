@@ -20,7 +20,9 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
 
 
-STANDARD_CLAIMS = frozenset({"iss", "sub", "kind", "name", "email", "groups", "client_id"})
+STANDARD_CLAIMS = frozenset(
+    {"iss", "sub", "kind", "name", "email", "email_verified", "groups", "client_id"}
+)
 
 
 def extra_claims(claims: dict, exclude: frozenset) -> tuple[tuple[str, str | tuple[str, ...]], ...]:
@@ -36,6 +38,28 @@ def extra_claims(claims: dict, exclude: frozenset) -> tuple[tuple[str, str | tup
     return tuple(kept)
 
 
+def verified_email(email: str, verified: bool) -> str:
+    """The address as the broker compares it (case-insensitively), or "" when the provider did
+    not vouch that its holder controls it: an unverified address is a claim anyone can make."""
+    return email.strip().lower() if verified and email.strip() else ""
+
+
+@dataclass(frozen=True)
+class Person:
+    """Who someone is for separation of duties. One person may hold several identities at the
+    provider; two are taken for the same person when they are the same account (issuer and
+    subject) or share a verified email address. Unverified addresses never match."""
+
+    issuer: str
+    subject: str
+    email: str = ""  # verified and lower-cased (verified_email), or ""
+
+    def is_same_as(self, other: Person) -> bool:
+        if (self.issuer, self.subject) == (other.issuer, other.subject):
+            return True
+        return bool(self.email) and self.email == other.email
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated requester, as the OIDC provider vouched for them."""
@@ -47,6 +71,7 @@ class Principal:
     email: str = ""
     groups: tuple[str, ...] = ()
     client_id: str = ""
+    email_verified: bool = False  # the provider vouches that the person controls `email`
     # The provider's other identity claims (department, cost centre...), for policy rules that
     # match any claim, and for the audit chain's record of who asked.
     extra: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
@@ -59,6 +84,10 @@ class Principal:
         """The identity as the audit log records it."""
         return {"iss": self.issuer, "sub": self.subject}
 
+    @property
+    def person(self) -> Person:
+        return Person(self.issuer, self.subject, verified_email(self.email, self.email_verified))
+
     @classmethod
     def from_claims(cls, claims: dict) -> Principal:
         """The inverse of claims(), for a principal kept in the web session."""
@@ -70,6 +99,7 @@ class Principal:
             name=claims["name"],
             groups=tuple(claims["groups"]),
             client_id=claims["client_id"],
+            email_verified=claims.get("email_verified") is True,
             extra=extra_claims(claims, exclude=STANDARD_CLAIMS),
         )
 
@@ -80,6 +110,7 @@ class Principal:
             "sub": self.subject,
             "kind": self.kind,
             "email": self.email,
+            "email_verified": self.email_verified,
             "name": self.name,
             "groups": list(self.groups),
             "client_id": self.client_id,
@@ -114,6 +145,11 @@ class Approval:
     display: str
     groups: tuple[str, ...]
     at: str
+    email: str = ""  # the approver's verified email (verified_email), "" when none
+
+    @property
+    def person(self) -> Person:
+        return Person(self.issuer, self.subject, self.email)
 
 
 @dataclass(frozen=True)
@@ -222,6 +258,11 @@ class Grant:
     # The broker process that took it to `issuing` (liveness.py): while that process lives the
     # issuance may be in flight; once it is dead, whatever it left is settled at once.
     issuing_process: str = ""
+    requester_email: str = ""  # verified, lower-cased, at request time ("" if none; schema v4)
+
+    @property
+    def requester_person(self) -> Person:
+        return Person(self.requester_iss, self.requester_sub, self.requester_email)
 
     def owned_by(self, principal: Principal) -> bool:
         return (self.requester_iss, self.requester_sub) == (principal.issuer, principal.subject)

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from .durations import format_duration
-from .models import Approval, Decision, Principal, Refusal, utcnow
+from .models import Approval, Decision, Person, Principal, Refusal, utcnow
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -300,17 +300,18 @@ class Policy:
         return self._decide(found, seconds, findings, 0, "", bypassed)
 
     def check_reviewer(
-        self, grant_entitlement: str, reviewer: Principal, requester: tuple[str, str],
+        self, grant_entitlement: str, reviewer: Principal, requester: Person,
         auditor_groups: tuple[str, ...],
     ) -> Refusal | None:  # fmt: skip
-        """Why this person may not review this break-glass grant; None when they may."""
+        """Why this person may not review this break-glass grant; None when they may. The
+        requester's other identities (Person.is_same_as) may not review it either."""
         found = self.entitlements.get(grant_entitlement)
         reviewers = set(auditor_groups) | set(
             found.break_glass.reviewers if found and found.break_glass else ()
         )
         if reviewer.kind != "human":
             return Refusal("agent_cannot_review", "an agent cannot review a break-glass grant")
-        if (reviewer.issuer, reviewer.subject) == requester:
+        if reviewer.person.is_same_as(requester):
             return Refusal("self_review", "you cannot review your own break-glass grant")
         if not set(reviewer.groups) & reviewers:
             return Refusal(
@@ -356,11 +357,12 @@ class Policy:
         self,
         entitlement: str,
         approver: Principal,
-        requester_iss: str,
-        requester_sub: str,
+        requester: Person,
         approvals: list[Approval],
     ) -> Refusal | None:
-        """Why this person may not approve this request now; None when they may."""
+        """Why this person may not approve this request now; None when they may. Separation of
+        duties holds per person, not per account: another identity of the requester, or of
+        someone who already approved, is the same person (Person.is_same_as)."""
         found = self.entitlements.get(entitlement)
         if found is None:
             return Refusal("unknown_entitlement", f"{entitlement} is no longer in the policy")
@@ -373,7 +375,7 @@ class Policy:
                 f"an agent cannot approve; {entitlement} needs people from "
                 f"{' or '.join(rule.from_groups)}",
             )
-        if (approver.issuer, approver.subject) == (requester_iss, requester_sub):
+        if approver.person.is_same_as(requester):
             return Refusal("self_approval", "you cannot approve your own request")
         if not set(approver.groups) & set(rule.from_groups):
             return Refusal(
@@ -382,7 +384,7 @@ class Policy:
                 f"{' or '.join(rule.from_groups)}; you are in "
                 f"{', '.join(approver.groups) or 'no groups'}",
             )
-        if any((a.issuer, a.subject) == (approver.issuer, approver.subject) for a in approvals):
+        if any(a.person.is_same_as(approver.person) for a in approvals):
             return Refusal("already_approved", "you have already approved this request")
         return None
 
@@ -672,13 +674,13 @@ def _extension_schedule_rule(found: Entitlement, now: datetime, new_end: datetim
 
 
 def _distinct_approvers(approvals: list[Approval], from_groups: tuple[str, ...]) -> list[Approval]:
-    """Each person once, and only people who were in an approving group when they approved."""
-    seen: set[tuple[str, str]] = set()
-    counted = []
+    """Each person once (whichever of their identities approved), and only people who were in
+    an approving group when they approved."""
+    counted: list[Approval] = []
     for approval in approvals:
-        key = (approval.issuer, approval.subject)
-        if key not in seen and set(approval.groups) & set(from_groups):
-            seen.add(key)
+        if set(approval.groups) & set(from_groups) and not any(
+            approval.person.is_same_as(other.person) for other in counted
+        ):
             counted.append(approval)
     return counted
 

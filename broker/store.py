@@ -201,6 +201,7 @@ class Transaction:
                     "display": approval.display,
                     "groups": json.dumps(list(approval.groups)),
                     "at": approval.at,
+                    "email": approval.email,
                 }
             )
         except sqlite3.IntegrityError:
@@ -381,6 +382,7 @@ class Store:
                 row["display"],
                 tuple(json.loads(row["groups"])),
                 row["at"],
+                row["email"],
             )
             for row in rows
         ]
@@ -595,6 +597,7 @@ def _migrate_v4(db: sqlite_utils.Database) -> None:
     _add_credentials(db)
     _add_web_sessions(db)
     _add_store_faults_v4(db)
+    _add_verified_emails(db)
 
 
 def _add_credentials(db: sqlite_utils.Database) -> None:
@@ -656,3 +659,10 @@ def _add_store_faults_v4(db: sqlite_utils.Database) -> None:
     db["write_check"].create({"id": int, "writes": int, "at": str}, pk="id")
     db["write_check"].insert({"id": 1, "writes": 0, "at": ""})
     db["grants"].add_column("issuing_process", str, not_null_default="")
+
+
+def _add_verified_emails(db: sqlite_utils.Database) -> None:
+    """The requester's and each approver's verified email (lower-cased; "" when not verified or
+    recorded before v4), so that separation of duties holds per person across identities."""
+    db["grants"].add_column("requester_email", str, not_null_default="")
+    db["approvals"].add_column("email", str, not_null_default="")

@@ -113,6 +113,19 @@ def oidc_provider(
         "name": "Erin DBA",
         "groups": ["security", "dba"],
     }
+    # Bob's second account: another subject, the same verified email (written differently).
+    config["accounts"]["bob2"] = {
+        "email": "Bob@Example.com",
+        "name": "Bob Second Account",
+        "groups": ["security"],
+    }
+    # Claims Bob's address, but the provider never verified it: not Bob for the broker.
+    config["accounts"]["bob-unverified"] = {
+        "email": "bob@example.com",
+        "email_verified": False,
+        "name": "Bob Unverified",
+        "groups": ["security"],
+    }
     provider = OidcProvider.start(config, tmp_path_factory.mktemp("oidc"))
     yield provider
     provider.stop()

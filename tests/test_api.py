@@ -1,6 +1,8 @@
 """The JSON API end to end: real access tokens from the OIDC provider, real tokens from OpenBao,
 the real reaper thread."""
 
+import base64
+import json
 import time
 from datetime import timedelta
 
@@ -10,13 +12,15 @@ import jwt
 import pytest
 import requests
 from click.testing import CliRunner
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.cli import main as jit
 from broker.models import parse_time
 from tests.conftest import EXPIRING_AGENT
+from tests.jwks_server import JwksServer
 from tests.services import (
     OidcProvider,
+    agent_secret,
     client_credentials_token,
     free_port,
     provider_config,
@@ -279,6 +283,109 @@ def test_bad_bearer_tokens_are_401_with_a_challenge(broker, tokens, make, has_er
     challenge = response.headers["WWW-Authenticate"]
     assert challenge.startswith('Bearer realm="jit-broker"')
     assert ('error="invalid_token"' in challenge) == has_error_code
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _with_header(token: str, header: object = None, raw: bytes = b"", **fields) -> str:
+    """The token's claims and signature under another header: any JSON value, raw bytes, or the
+    original header with `fields` changed."""
+    if not raw:
+        if header is None:
+            header = {**jwt.get_unverified_header(token), **fields}
+        raw = json.dumps(header).encode()
+    _, payload, signature = token.split(".")
+    return f"{_b64(raw)}.{payload}.{signature}"
+
+
+def _signed_by_us(token: str, key=None, alg: str = "RS256", **header) -> str:
+    """The token's claims signed with a key of the test's, under the original header plus
+    `header` (None: left out): a forger who also controls what the header says."""
+    claims = jwt.decode(token, options={"verify_signature": False})
+    key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    headers = {**jwt.get_unverified_header(token), **header}
+    headers.pop("alg")
+    return jwt.encode(
+        claims, key, algorithm=alg, headers={k: v for k, v in headers.items() if v is not None}
+    )
+
+
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+FORGER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+FORGER_JWK = jwt.algorithms.RSAAlgorithm.to_jwk(FORGER_KEY.public_key(), as_dict=True)
+
+MALFORMED = {
+    "kid-number": lambda t, _: _with_header(t, kid=5),
+    "kid-list": lambda t, _: _with_header(t, kid=["a"]),
+    "kid-object": lambda t, _: _with_header(t, kid={"k": 1}),
+    "kid-null": lambda t, _: _with_header(t, kid=None),
+    "kid-empty": lambda t, _: _with_header(t, kid=""),
+    "crit-unknown": lambda t, _: _with_header(t, crit=["urn:example:ext"]),
+    "crit-not-a-list": lambda t, _: _with_header(t, crit="exp"),
+    "crit-empty": lambda t, _: _with_header(t, crit=[]),
+    "crit-b64-false": lambda t, _: _with_header(t, crit=["b64"], b64=False),
+    "es256-header-with-the-rsa-kid": lambda t, _: _signed_by_us(t, EC_KEY, "ES256"),
+    "header-array": lambda t, _: _with_header(t, ["RS256", "at+jwt"]),
+    "header-number": lambda t, _: _with_header(t, 42),
+    "header-string": lambda t, _: _with_header(t, "RS256"),
+    "header-null": lambda t, _: _with_header(t, raw=b"null"),
+    "header-not-json": lambda t, _: _with_header(t, raw=b"{alg: RS256"),
+    "header-deeply-nested": lambda t, _: _with_header(
+        t, raw=b'{"alg":"RS256","x":' + b"[" * 3000 + b"]" * 3000 + b"}"
+    ),
+    "header-not-base64": lambda t, _: "!!!." + t.split(".", 1)[1],
+    "typ-list": lambda t, _: _with_header(t, typ=["at+jwt"]),
+    "typ-number": lambda t, _: _with_header(t, typ=1),
+    "alg-list": lambda t, _: _with_header(t, alg=["RS256"]),
+    "alg-object": lambda t, _: _with_header(t, alg={"RS256": 1}),
+    "alg-with-a-newline": lambda t, _: _with_header(t, alg="RS256\r\nX-Evil: 1"),
+    "alg-non-ascii": lambda t, _: _with_header(t, alg='RS256\u2028\u00e9"\\'),
+    "huge": lambda t, _: t + "A" * 60_000,
+    "non-ascii-latin-1": lambda t, _: t + "\u00e9",
+    "non-ascii-utf-8-bytes": lambda t, _: (t + "\u00e9\u2603").encode(),
+    "five-segments": lambda t, _: t + ".e30.e30",
+    "two-segments": lambda t, _: t.rsplit(".", 1)[0],
+    "jku": lambda t, server: _signed_by_us(t, FORGER_KEY, jku=f"{server.issuer}/jwks"),
+    "x5u": lambda t, server: _signed_by_us(t, FORGER_KEY, x5u=f"{server.issuer}/cert.pem"),
+    "jwk": lambda t, _: _signed_by_us(t, FORGER_KEY, jwk=dict(FORGER_JWK, use="sig")),
+    "jwk-without-a-kid": lambda t, _: _signed_by_us(t, FORGER_KEY, kid=None, jwk=FORGER_JWK),
+}
+
+
+@pytest.fixture(scope="module")
+def forgers_jwks():
+    """Where a forged token's jku/x5u point: it must never be asked."""
+    server = JwksServer([])
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("shape", list(MALFORMED))
+def test_malformed_tokens_are_401_with_a_challenge(broker, tokens, forgers_jwks, shape):
+    token = MALFORMED[shape](tokens("alice"), forgers_jwks)
+    response = call(broker, token, "GET", "/api/v1/requests?mine=1")
+    assert response.status_code == 401, response.text
+    assert response.json()["error"] == "unauthenticated" and response.json()["detail"]
+    challenge = response.headers["WWW-Authenticate"]
+    assert challenge.startswith('Bearer realm="jit-broker", error="invalid_token"')
+    assert challenge.isascii() and "\\" not in challenge and challenge.count('"') == 6
+    assert forgers_jwks.fetches == 0
+    # The same token's real, untouched sibling still works: nothing was poisoned.
+    assert call(broker, tokens("alice"), "GET", "/api/v1/requests?mine=1").status_code == 200
+
+
+def test_the_providers_access_tokens_carry_client_id(tokens, oidc_provider, oidc_client_secret):
+    """RFC 9068 §2.2: the broker requires client_id, so the real provider must send it."""
+    user = jwt.decode(tokens("alice"), options={"verify_signature": False})
+    assert user["client_id"] == "jit-cli"
+    agent = client_credentials_token(
+        oidc_provider, "ci-agent", agent_secret(oidc_client_secret), oidc_provider.api_resource
+    )
+    claims = jwt.decode(agent, options={"verify_signature": False})
+    assert claims["client_id"] == claims["sub"] == "ci-agent"
+    assert claims.get("azp", "ci-agent") == "ci-agent"
 
 
 def test_an_id_token_is_not_an_access_token(broker, oidc_provider):

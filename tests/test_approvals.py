@@ -448,3 +448,110 @@ days = ["{tomorrow}"]
     assert response.status_code == 422
     assert response.json["error"] == "outside_schedule"
     assert tomorrow in response.json["detail"]
+
+
+# --- one person, several identities (issue 10, item 2) --------------------------------------------
+# The provider has bob2: another account of Bob's, with his verified email written in other case,
+# and bob-unverified, another person's account claiming bob@example.com, which the provider
+# never verified.
+
+TWO_PEOPLE_POLICY = (
+    APPROVAL_POLICY
+    + """
+[entitlements.two-people]
+description = "Needs two people from security"
+backend = "vault_token"
+vault_policies = ["jit-test-admin"]
+max_duration = "1h"
+
+[entitlements.two-people.requesters]
+groups = ["engineers"]
+
+[entitlements.two-people.approval]
+required = 2
+from_groups = ["security"]
+"""
+)
+
+
+@pytest.fixture
+def two_people_api(make_app, tokens):
+    app = make_app(policy_text=TWO_PEOPLE_POLICY)
+    client = app.test_client()
+
+    def call(user, method, path, body=None):
+        headers = {"Authorization": f"Bearer {tokens(user)}"}
+        return client.open(f"/api/v1{path}", method=method, json=body, headers=headers)
+
+    call.app = app
+    return call
+
+
+def test_another_identity_with_the_requesters_verified_email_cannot_approve(api, app):
+    pending = ask(api, "bob")
+    for decision, body in (("approve", None), ("deny", {"reason": "no"})):
+        response = api("bob2", "POST", f"/requests/{pending['id']}/{decision}", body)
+        assert response.status_code == 403, response.json
+        assert response.json["error"] == "self_approval"
+    assert grants_of(app).store.get_grant(pending["id"]).status == "pending"
+    assert types(app, pending["id"]) == ["request", "decision"]
+
+    # The queue offers bob2 other people's requests, never Bob's.
+    others = ask(api, "alice")
+    queue = [r["id"] for r in api("bob2", "GET", "/requests?pending_approval=1").json["requests"]]
+    assert others["id"] in queue and pending["id"] not in queue
+
+    done = api("dave", "POST", f"/requests/{pending['id']}/approve")
+    assert done.status_code == 200 and done.json["status"] == "approved"
+
+
+def test_an_unverified_email_makes_nobody_the_same_person(api, app):
+    """Anyone can claim an address the provider did not verify: an account claiming
+    bob@example.com unverified is not Bob, just another approver."""
+    pending = ask(api, "bob")
+    response = api("bob-unverified", "POST", f"/requests/{pending['id']}/approve")
+    assert response.status_code == 200, response.json
+    assert response.json["status"] == "approved"
+
+
+def test_one_person_counts_once_whichever_identity_approves(two_people_api):
+    api = two_people_api
+    pending = ask(api, entitlement="two-people", duration="5m")
+    assert api("bob", "POST", f"/requests/{pending['id']}/approve").status_code == 200
+    twice = api("bob2", "POST", f"/requests/{pending['id']}/approve")
+    assert twice.status_code == 409 and twice.json["error"] == "already_approved"
+    still = api("alice", "GET", f"/requests/{pending['id']}").json
+    assert still["status"] == "pending" and still["approvals"]["missing"] == ["1 more approval"]
+    assert pending["id"] not in [
+        r["id"] for r in api("bob2", "GET", "/requests?pending_approval=1").json["requests"]
+    ]
+
+    done = api("dave", "POST", f"/requests/{pending['id']}/approve")
+    assert done.status_code == 200 and done.json["status"] == "approved"
+    assert [a["by"] for a in done.json["approvals"]["given"]] == [
+        "bob@example.com",
+        "dave@example.com",
+    ]
+
+    # bob2 and someone with another address are two people.
+    other = ask(api, entitlement="two-people", duration="5m")
+    assert api("bob2", "POST", f"/requests/{other['id']}/approve").status_code == 200
+    done = api("dave", "POST", f"/requests/{other['id']}/approve")
+    assert done.status_code == 200 and done.json["status"] == "approved"
+
+
+def test_both_identities_approving_at_once_count_as_one_person(two_people_api):
+    api = two_people_api
+    store = grants_of(api.app).store
+    pending = ask(api, entitlement="two-people", duration="5m")
+    path = f"/requests/{pending['id']}/approve"
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda user: api(user, "POST", path), ["bob", "bob2"] * 6))
+    assert sorted(r.status_code for r in answers) == [200] + [409] * 11, [r.json for r in answers]
+    assert {r.json["error"] for r in answers if r.status_code == 409} == {"already_approved"}
+    assert store.get_grant(pending["id"]).status == "pending"
+    assert len(store.approvals_of(pending["id"])) == 1
+    assert types(api.app, pending["id"]).count("approval") == 1
+
+    done = api("dave", "POST", path)
+    assert done.status_code == 200 and done.json["status"] == "approved"

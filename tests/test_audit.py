@@ -121,3 +121,33 @@ def test_a_version_2_database_is_read_as_it_is_and_upgraded_with_its_grants(tmp_
     assert (grant.status, grant.break_glass, grant.review_due) == ("revoked", 0, "")
     assert store.checkpoints() == [] and store.cursor("forward") == 0
     assert audit.verify(store.audit_entries()).ok
+
+
+def test_a_version_3_database_gets_empty_verified_emails(tmp_path):
+    """Schema v4 adds the requester's and approvers' verified emails; grants and approvals from
+    before have none ("": matched by issuer and subject only)."""
+    from broker.models import Approval
+    from broker.store import _create_v1, _migrate_v2, _migrate_v3
+
+    store = Store(tmp_path / "broker.db")
+    with store.transaction() as tx:
+        _create_v1(tx.db)
+        _migrate_v2(tx.db)
+        _migrate_v3(tx.db)
+        tx.db.execute("PRAGMA user_version = 3")
+        grant = {"id": "g1", "entitlement": "db", "status": "pending", "window_end": ""}
+        tx.db["grants"].insert(dict(grant, duration=60, attempts=0))
+        tx.db["approvals"].insert(
+            {
+                "grant_id": "g1",
+                "issuer": "i",
+                "subject": "s",
+                "display": "d",
+                "groups": "[]",
+                "at": "t",
+            }  # fmt: skip
+        )
+    store.migrate()
+    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.get_grant("g1").requester_email == ""
+    assert store.approvals_of("g1") == [Approval("i", "s", "d", (), "t", email="")]

@@ -172,6 +172,17 @@ def test_the_requester_who_is_also_a_reviewer_still_cannot_review(app, api_for, 
     assert review(api, grant_id, "frank").status_code == 200  # auditors review any
 
 
+def test_another_identity_of_the_requester_cannot_review(app, api_for, alerts):
+    """bob2 is Bob's second account (the same verified email): reviewing Bob's emergency is
+    reviewing himself; bob-unverified only claims Bob's address, unverified: someone else."""
+    api = api_for(app)
+    grant_id = api("POST", "/api/v1/requests", EMERGENCY, "bob").json["id"]
+    refused = review(api, grant_id, "bob2")
+    assert (refused.status_code, refused.json["error"]) == (403, "self_review")
+    assert "review" not in types(app, grant_id)
+    assert review(api, grant_id, "bob-unverified").status_code == 200
+
+
 def test_an_overdue_review_shows_on_healthz_without_stopping_issuing(app, api_for, alerts):
     api = api_for(app)
     grant_id = api("POST", "/api/v1/requests", EMERGENCY).json["id"]

@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 import responses
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.errors import ProviderUnavailable, Unauthenticated
 from broker.identity import BearerVerifier, ProviderMetadata
@@ -17,6 +17,7 @@ ISSUER = "https://idp.test"
 AUDIENCE = "urn:jit-broker:api"
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
 def jwks() -> dict:
@@ -32,7 +33,7 @@ def verifier():
             json={"issuer": ISSUER, "jwks_uri": f"{ISSUER}/jwks"},
         )
         mock.get(f"{ISSUER}/jwks", json=jwks())
-        yield BearerVerifier(ProviderMetadata(ISSUER), AUDIENCE, ["RS256"], leeway=0)
+        yield BearerVerifier(ProviderMetadata(ISSUER), AUDIENCE, ["RS256", "ES256"], leeway=0)
 
 
 def token(key=KEY, alg="RS256", typ="at+jwt", kid="k1", drop=(), **claims) -> str:
@@ -62,6 +63,10 @@ def test_a_good_token_gives_the_principal(verifier):
     )
 
 
+def test_an_azp_naming_the_same_client_is_accepted(verifier):
+    assert verifier.verify(token(azp="jit-cli")).client_id == "jit-cli"
+
+
 def test_client_credentials_token_is_an_agent(verifier):
     assert verifier.verify(token(sub="ci-agent", client_id="ci-agent")).kind == "agent"
 
@@ -83,6 +88,12 @@ def test_client_credentials_token_is_an_agent(verifier):
         (lambda: token(alg="HS256", key=b"a shared secret of thirty-two bytes"), "algorithm"),
         (lambda: token(groups="engineers"), "groups"),
         (lambda: "not-a-jwt", "not a JWT"),
+        (lambda: token(drop=("client_id",)), "client_id"),
+        (lambda: token(client_id=""), "client_id"),
+        (lambda: token(client_id=["jit-cli"]), "client_id"),
+        (lambda: token(azp="someone-else"), "azp"),
+        (lambda: token(azp=None), "azp"),
+        (lambda: token(key=EC_KEY, alg="ES256"), "does not match its key"),
     ],
 )
 def test_bad_tokens_are_refused_with_the_reason(verifier, make, why):

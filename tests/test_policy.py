@@ -3,6 +3,7 @@ zones, limits, approvals, extensions, and every problem `check` reports with its
 services, fixed clocks."""
 
 import hashlib
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -430,7 +431,7 @@ def test_the_auto_approve_group_must_match_the_agent_too():
 )
 def test_who_may_approve(policy, entitlement, approver, requester, given, code, text):
     refusal = policy.check_approver(
-        entitlement, approver, requester.issuer, requester.subject, [approval(p) for p in given]
+        entitlement, approver, requester.person, [approval(p) for p in given]
     )
     if code is None:
         assert refusal is None
@@ -440,7 +441,39 @@ def test_who_may_approve(policy, entitlement, approver, requester, given, code, 
 
 def test_the_same_subject_from_another_issuer_is_not_the_requester(policy):
     other = Principal("https://other-idp", "sam", groups=("security",))
-    assert policy.check_approver("db", other, SAM.issuer, SAM.subject, []) is None
+    assert policy.check_approver("db", other, SAM.person, []) is None
+
+
+@pytest.mark.parametrize(
+    ("approver", "code"),
+    [
+        # Another account of Sam's: his verified address, written in other case.
+        (Principal(ISS, "sam-2", email="Sam@Corp.Test", email_verified=True), "self_approval"),
+        # Claims Sam's address, unverified: proves nothing, so someone else.
+        (Principal(ISS, "sam-3", email="sam@corp.test"), None),
+        (
+            Principal("https://other-idp", "x", email="sam@corp.test", email_verified=True),
+            "self_approval",
+        ),  # fmt: skip
+        (Principal(ISS, "sam-4", email="", email_verified=True), None),
+    ],
+)
+def test_the_requester_is_a_person_not_an_account(policy, approver, code):
+    sam = Principal(ISS, "sam", email="sam@corp.test", groups=("sre",), email_verified=True)
+    approver = replace(approver, groups=("security",))
+    refusal = policy.check_approver("db", approver, sam.person, [])
+    assert (refusal.code if refusal else None) == code
+    # And once someone approved, their other identities have approved too.
+    deaver = Principal(ISS, "deaver", email="DEAVER@corp.test", email_verified=True)
+    again = Principal(ISS, "deaver-2", email="deaver@corp.test", email_verified=True,
+                      groups=("security",))  # fmt: skip
+    given = Approval(ISS, "deaver", "d", ("security",), "t", email=deaver.person.email)
+    assert policy.check_approver("db", again, sam.person, [given]).code == "already_approved"
+    # Counted twice, Deaver's two accounts would stand for both groups.
+    same = Approval(ISS, "deaver-2", "d2", ("security", "dba"), "t", email=again.person.email)
+    other = Approval(ISS, "erin", "e", ("dba",), "t", email="erin@corp.test")
+    assert policy.approval_progress("db", [given, same]) == (False, ["one approval from dba"])
+    assert policy.approval_progress("db", [given, same, other]) == (True, [])
 
 
 FRANK = Principal(ISS, "frank", email="frank@corp.test", groups=("security",))

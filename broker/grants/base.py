@@ -128,10 +128,9 @@ class GrantsBase:
         """Whether this person may review this break-glass grant (reviewed or not)."""
         if not grant.break_glass:
             return False
-        requester = (grant.requester_iss, grant.requester_sub)
         return (
             self.policy().check_reviewer(
-                grant.entitlement, principal, requester, self.auditor_groups
+                grant.entitlement, principal, grant.requester_person, self.auditor_groups
             )
             is None
         )
@@ -140,16 +139,15 @@ class GrantsBase:
         policy = self.policy()
         if grant.entitlement not in policy.entitlements:
             return False
-        refusal = policy.check_approver(
-            grant.entitlement, principal, grant.requester_iss, grant.requester_sub, []
-        )
+        refusal = policy.check_approver(grant.entitlement, principal, grant.requester_person, [])
         return refusal is None or refusal.code == "already_approved"
 
     def mine(self, principal: Principal) -> list[Grant]:
         return self.store.grants_of(principal.issuer, principal.subject)
 
     def approval_queue(self, approver: Principal) -> list[Grant]:
-        """Pending requests this person may approve now (never their own)."""
+        """Pending requests this person may approve now (never their own, under any of their
+        identities)."""
         policy = self.policy()
         return [
             grant
@@ -158,8 +156,7 @@ class GrantsBase:
             and policy.check_approver(
                 grant.entitlement,
                 approver,
-                grant.requester_iss,
-                grant.requester_sub,
+                grant.requester_person,
                 self.store.approvals_of(grant.id),
             )
             is None

@@ -42,11 +42,16 @@ class Deciding(GrantsBase):
             approvals = self.store.approvals_of(grant.id)
             _raise_refusal(
                 policy.check_approver(
-                    grant.entitlement, approver, grant.requester_iss, grant.requester_sub, approvals
+                    grant.entitlement, approver, grant.requester_person, approvals
                 )
             )
             approval = Approval(
-                approver.issuer, approver.subject, approver.display, approver.groups, self._now()
+                approver.issuer,
+                approver.subject,
+                approver.display,
+                approver.groups,
+                self._now(),
+                email=approver.person.email,
             )
             if not tx.add_approval(grant.id, approval):
                 raise PolicyRefused("already_approved", "you have already approved this request")
@@ -89,9 +94,7 @@ class Deciding(GrantsBase):
         policy = self.policy()
         with self.store.transaction() as tx:
             grant = self._pending_for_decision(tx, grant_id)
-            refusal = policy.check_approver(
-                grant.entitlement, approver, grant.requester_iss, grant.requester_sub, []
-            )
+            refusal = policy.check_approver(grant.entitlement, approver, grant.requester_person, [])
             _raise_refusal(refusal)
             tx.move_grant(
                 grant.id,
@@ -164,7 +167,7 @@ class Deciding(GrantsBase):
                 policy.check_reviewer(
                     grant.entitlement,
                     reviewer,
-                    (grant.requester_iss, grant.requester_sub),
+                    grant.requester_person,
                     self.auditor_groups,
                 )
             )

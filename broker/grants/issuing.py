@@ -129,6 +129,7 @@ class Issuing(GrantsBase):
             id=str(uuid.uuid4()),
             requester_iss=principal.issuer,
             requester_sub=principal.subject,
+            requester_email=principal.person.email,
             requester=principal.display,
             entitlement=chosen.name,
             reason=reason,

@@ -64,10 +64,17 @@ def _broker_error(exc: BrokerError):
         # RFC 6750 §3: no error code when the request carried no token at all.
         challenge = 'Bearer realm="jit-broker"'
         if request.headers.get("Authorization"):
-            description = exc.detail.replace('"', "'")
+            description = _challenge_text(exc.detail)
             challenge += f', error="invalid_token", error_description="{description}"'
         response.headers["WWW-Authenticate"] = challenge
     return response
+
+
+def _challenge_text(text: str) -> str:
+    """RFC 6750 §3: error_description holds printable ASCII but for " and \\. A refusal may
+    quote a token's header, which its sender chose: anything else becomes "?"."""
+    text = text.replace('"', "'")
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)[:200]
 
 
 def _csrf_error(exc: CSRFError):

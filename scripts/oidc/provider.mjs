@@ -2,15 +2,16 @@
 // stack. Not for production: in-memory storage, keys made at start, any password accepted.
 //
 // Usage: node provider.mjs CONFIG.json, where the config holds port, issuer, clients (oidc-provider
-// client metadata), api_resource, accounts ({username: {email, name, groups}}) and optionally
-// access_token_ttls ({client_id: seconds}). The accounts are read from the file again on each use,
-// so a test can change someone's groups, or remove them, while the provider runs.
+// client metadata), api_resource, accounts ({username: {email, name, groups, email_verified}}) and
+// optionally access_token_ttls ({client_id: seconds}). The accounts are read from the file again on
+// each use, so a test can change someone's groups, or remove them, while the provider runs.
 //
 // What it does on top of oidc-provider's defaults:
 // - PKCE (S256) required for every client; client_credentials enabled.
 // - scopes openid, email, profile and groups; ID tokens carry the claims of the granted scopes.
 // - access tokens for api_resource are RS256 JWTs (typ at+jwt, RFC 9068), 10 minutes, with the
-//   account's email, name and groups; the resource is the default when a request names none.
+//   account's email, email_verified, name and groups; the resource is the default when a request
+//   names none. An account's email is verified unless it says `email_verified: false`.
 // - its own login page at /interaction/:uid (username + any password; unknown users refused) and
 //   no consent screen for the configured clients (they are first-party).
 // - refresh tokens for every client allowed the refresh_token grant (no offline_access needed),
@@ -64,7 +65,7 @@ function profile(accountId) {
   const account = accounts()[accountId];
   return {
     email: account.email,
-    email_verified: true,
+    email_verified: account.email_verified ?? true,
     name: account.name ?? accountId,
     preferred_username: accountId,
     groups: account.groups ?? [],
@@ -129,8 +130,8 @@ const provider = new Provider(issuer, {
   },
   async extraTokenClaims(ctx, token) {
     if (!token.accountId || !Object.hasOwn(accounts(), token.accountId)) return undefined;
-    const { email, name, groups } = profile(token.accountId);
-    return { email, name, groups };
+    const { email, email_verified, name, groups } = profile(token.accountId);
+    return { email, email_verified, name, groups };
   },
   ttl: {
     AccessToken: (ctx, token, client) => accessTokenTTL(client),
