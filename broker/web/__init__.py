@@ -64,10 +64,17 @@ def _broker_error(exc: BrokerError):
         # RFC 6750 §3: no error code when the request carried no token at all.
         challenge = 'Bearer realm="jit-broker"'
         if request.headers.get("Authorization"):
-            description = exc.detail.replace('"', "'")
+            description = _header_text(exc.detail)
             challenge += f', error="invalid_token", error_description="{description}"'
         response.headers["WWW-Authenticate"] = challenge
     return response
+
+
+def _header_text(text: str) -> str:
+    """What RFC 6750 §3 allows in error_description (printable ASCII but " and \\): a detail may
+    quote a token's own fields, and a header value with a newline or a character outside Latin-1
+    cannot be sent at all."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)[:300]
 
 
 def _csrf_error(exc: CSRFError):
