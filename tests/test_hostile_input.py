@@ -541,6 +541,48 @@ def test_a_body_over_the_limit_is_413_json(broker, tokens):
     assert _live_footprint(broker) == before
 
 
+def _chunked(body: bytes, token: str) -> bytes:
+    head = _get(
+        "/api/v1/requests",
+        f"Authorization: Bearer {token}",
+        "Content-Type: application/json",
+        "Transfer-Encoding: chunked",
+        method="POST",
+    )
+    return head + body
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_cut_short(broker, tokens):
+    """werkzeug stops reading a chunked body at MAX_CONTENT_LENGTH without saying so: a valid
+    object padded past the limit was read as the object and issued."""
+    padded = json.dumps(_ask("kv-read")).encode() + b" " * 70_000
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(padded), padded)
+    before = _live_footprint(broker)
+    assert_raw_json_error(*raw_http(broker, _chunked(chunked, tokens("alice"))), 413)
+    assert _live_footprint(broker) == before
+
+
+def test_a_broken_chunked_body_is_400_json(broker, tokens):
+    before = _live_footprint(broker)
+    broken = b"zz\r\n{}\r\n0\r\n\r\n"
+    assert_raw_json_error(*raw_http(broker, _chunked(broken, tokens("alice"))), 400)
+    assert _live_footprint(broker) == before
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1e3"])
+def test_a_bad_content_length_is_400_json(broker, tokens, length):
+    before = _live_footprint(broker)
+    request = _get(
+        "/api/v1/requests",
+        f"Authorization: Bearer {tokens('alice')}",
+        "Content-Type: application/json",
+        f"Content-Length: {length}",
+        method="POST",
+    )
+    assert_raw_json_error(*raw_http(broker, request), 400)
+    assert _live_footprint(broker) == before
+
+
 @pytest.mark.parametrize(
     "path",
     [
