@@ -74,7 +74,8 @@ def _header_text(text: str) -> str:
     """What RFC 6750 §3 allows in error_description (printable ASCII but " and \\): a detail may
     quote a token's own fields, and a header value with a newline or a character outside Latin-1
     cannot be sent at all."""
-    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)[:300]
+    text = text.replace('"', "'")
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)[:300]
 
 
 def _csrf_error(exc: CSRFError):
