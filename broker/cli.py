@@ -39,13 +39,22 @@ def run_server(app: Flask) -> None:
     """Serve the app (threaded) until Ctrl-C or SIGTERM, then stop its reaper and forwarder."""
     from werkzeug.serving import run_simple
 
+    from .web.serving import RequestHandler
+
     logging.getLogger("werkzeug").addFilter(_NoQueryStrings())
     server = app.extensions["jit"].settings.server
     # SIGTERM (a service manager's stop) ends the server like Ctrl-C, so the reaper stops and
     # signs the last checkpoint.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        run_simple(server["host"], int(server["port"]), app, threaded=True, use_reloader=False)
+        run_simple(
+            server["host"],
+            int(server["port"]),
+            app,
+            threaded=True,
+            use_reloader=False,
+            request_handler=RequestHandler,  # the API's JSON errors for what http.server refuses
+        )
     finally:
         app.extensions["jit"].reaper.stop()
         app.extensions["jit"].forwarder.stop()

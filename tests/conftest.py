@@ -14,6 +14,7 @@ from werkzeug.serving import make_server
 
 from broker import create_app
 from broker.config import load_settings
+from broker.web.serving import RequestHandler
 from tests.services import (
     DATABASE_READONLY_POLICY,
     OidcProvider,
@@ -205,7 +206,9 @@ class LiveBroker:
     def __init__(self, app, port: int):
         self.app = app
         self.url = f"http://127.0.0.1:{port}"
-        self.server = make_server("127.0.0.1", port, app, threaded=True)
+        self.server = make_server(
+            "127.0.0.1", port, app, threaded=True, request_handler=RequestHandler
+        )
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

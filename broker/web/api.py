@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, g, jsonify, request
 
-from ..errors import InvalidRequest, Unauthenticated
+from ..errors import Unauthenticated
 from ..models import IssuedCredential
 from . import services
+from .json_body import json_object
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -32,7 +33,7 @@ def entitlements():
 
 @bp.post("/requests")
 def create_request():
-    body = _json_body(
+    body = json_object(
         "entitlement, duration, reason (and ticket where the policy asks; public_key for an "
         "SSH certificate; break_glass: true for the emergency path)"
     )
@@ -70,14 +71,14 @@ def get_request(grant_id: str):
 
 @bp.post("/requests/<grant_id>/approve")
 def approve(grant_id: str):
-    body = _json_body("an optional reason", required=False)
+    body = json_object("an optional reason", required=False)
     grants = services().grants
     return grants.describe(grants.approve(g.principal, grant_id, body.get("reason", "")))
 
 
 @bp.post("/requests/<grant_id>/deny")
 def deny(grant_id: str):
-    body = _json_body("reason")
+    body = json_object("reason")
     grants = services().grants
     return grants.describe(grants.deny(g.principal, grant_id, body.get("reason")))
 
@@ -85,7 +86,7 @@ def deny(grant_id: str):
 @bp.post("/requests/<grant_id>/review")
 def review(grant_id: str):
     """A break-glass grant's mandatory review: outcome justified|unjustified, and notes."""
-    body = _json_body("outcome (justified or unjustified) and notes")
+    body = json_object("outcome (justified or unjustified) and notes")
     grants = services().grants
     return grants.describe(
         grants.review(g.principal, grant_id, body.get("outcome"), body.get("notes"))
@@ -101,7 +102,7 @@ def cancel(grant_id: str):
 @bp.post("/requests/<grant_id>/activate")
 def activate(grant_id: str):
     """Issue an approved request: the credential is shown here, once, to the requester."""
-    body = _json_body("public_key for an SSH certificate", required=False)
+    body = json_object("public_key for an SSH certificate", required=False)
     return _with_credential(
         *services().grants.activate(g.principal, grant_id, body.get("public_key", ""))
     )
@@ -110,7 +111,7 @@ def activate(grant_id: str):
 @bp.post("/requests/<grant_id>/extend")
 def extend(grant_id: str):
     """A longer window means a new credential, shown here once; the old one is revoked."""
-    body = _json_body("duration: how much longer (and public_key for an SSH certificate)")
+    body = json_object("duration: how much longer (and public_key for an SSH certificate)")
     return _with_credential(
         *services().grants.extend(
             g.principal, grant_id, body.get("duration"), body.get("public_key", "")
@@ -122,15 +123,6 @@ def extend(grant_id: str):
 def release(grant_id: str):
     grants = services().grants
     return grants.describe(grants.release(g.principal, grant_id))
-
-
-def _json_body(expected: str, required: bool = True) -> dict:
-    body = request.get_json(silent=True)
-    if body is None and not required and not request.get_data():
-        return {}
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"the body must be a JSON object with {expected}")
-    return body
 
 
 def _with_credential(grant, credential):
