@@ -280,7 +280,11 @@ def ensure_node_modules() -> None:
 class OidcProvider:
     """scripts/oidc/provider.mjs, the oidc-provider package with our clients and accounts."""
 
-    def __init__(self, process: ManagedProcess, config: dict, config_path: Path) -> None:
+    def __init__(
+        self, process: ManagedProcess | None, config: dict, config_path: Path | None = None
+    ) -> None:
+        """`process` and `config_path` are None for a provider someone else started (the dev
+        stack's, for `scripts/dev token`): it can be logged into, not changed."""
         self.process = process
         self.config = config
         self.config_path = config_path

@@ -139,3 +139,10 @@ def test_the_bench_runs_and_reports_ratios_with_an_intact_chain():
     )
     assert result.returncode == 0, result.stderr
     assert "ratio" in result.stdout and "chain intact" in result.stdout
+
+
+def test_a_provider_someone_else_started_can_be_logged_into(oidc_provider):
+    """What `scripts/dev token USER` does with the dev stack's running provider."""
+    running = OidcProvider(None, {"issuer": oidc_provider.issuer})
+    token = user_access_token(running, "alice")
+    assert verified(oidc_provider, token)["sub"] == "alice"
