@@ -16,6 +16,7 @@ from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
 from .liveness import Liveness
 from .notify import Notifier
+from .own_token import OwnToken
 from .policy_file import PolicyFile
 from .reaper import Reaper
 from .review import Review
@@ -39,6 +40,7 @@ class Services:
     audit_log: AuditLog
     forwarder: Forwarder
     review: Review
+    own_token: OwnToken
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -57,6 +59,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     policy = PolicyFile(settings.policy_path)
     notifier = Notifier(settings.notify["webhook_url"], timeout=settings.notify["timeout"])
     vault = make_client(settings.vault["addr"], settings.vault["token"], settings.vault["timeout"])
+    own_token = OwnToken(vault)
+    own_token.look_up()  # /healthz knows from the start whether it will lapse
     fingerprint_key = settings.secret_file("audit-hmac.key")
     # Tags what this broker issues (replicas sharing the data directory share it), so that its
     # reconciler never revokes what another broker sharing the Vault issued.
@@ -71,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         retry_max=reaper_settings["retry_max"],
         notify=notifier.notify,
         heartbeat_every=reaper_settings["heartbeat"],
-        vault_health=lambda: vault_health(vault),
+        vault_health=lambda: vault_health(vault, token=own_token.health),
         auditor_groups=tuple(settings.audit["auditor_groups"]),
         # Held for the app's life: other processes on the same store see this one as alive.
         processes=Liveness.beside(settings.database_path),
@@ -88,6 +92,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         reaper_settings["reconcile_every"],
         checkpoint=audit_log.checkpoint,
         checkpoint_every=settings.audit["checkpoint_every"],
+        renew_token=own_token.renew_if_due,
     )
     audit_settings = settings.audit
     forwarder = Forwarder(
@@ -121,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         audit_log,
         forwarder,
         Review(audit_log, settings.audit["auditor_groups"]),
+        own_token,
     )
     web.init_app(app)
     if settings.reaper["enabled"]:

@@ -1,8 +1,9 @@
 """The background thread that ends grants on time. It sleeps until the next deadline, the next
 reconciliation or the next heartbeat, or until woken by a new grant or a release; the work itself is
 `Grants.reap_due` and `Grants.reconcile`, which tests call directly. It also signs the audit log's
-checkpoints, at intervals and once more when it stops. Each completed pass is a
-heartbeat: when the heartbeats stop, the broker stops issuing (`Grants.health`)."""
+checkpoints, at intervals and once more when it stops, and renews the broker's own Vault token
+(`OwnToken.renew_if_due`, also called directly by tests) when half its TTL is gone. Each completed
+pass is a heartbeat: when the heartbeats stop, the broker stops issuing (`Grants.health`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Reaper:
         reconcile_every: float = 300,
         checkpoint: Callable[[], object] = lambda: None,
         checkpoint_every: float = 60,
+        renew_token: Callable[[], float | None] = lambda: None,
     ):
         self.grants = grants
         self.heartbeat_every = heartbeat
@@ -35,6 +37,7 @@ class Reaper:
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self._next_checkpoint = 0.0
+        self.renew_token = renew_token  # seconds until it is next due, or None
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -79,7 +82,7 @@ class Reaper:
             self._wake.clear()
             if time.monotonic() >= self._next_reconcile:
                 self._reconcile()
-            pause = self._reap()
+            pause = min(self._reap(), self._renew_token())
             if time.monotonic() >= self._next_checkpoint:
                 self._next_checkpoint = time.monotonic() + self.checkpoint_every
                 self._checkpoint()
@@ -101,6 +104,15 @@ class Reaper:
             self.grants.reconcile()
         except Exception:
             log.exception("reconciliation failed; trying again in %ss", self.reconcile_every)
+
+    def _renew_token(self) -> float:
+        """The broker's own Vault token; a failure is reported on /healthz and tried again."""
+        try:
+            due = self.renew_token()
+        except Exception:
+            log.exception("renewing the broker's Vault token failed; again in %ss", ERROR_PAUSE)
+            return ERROR_PAUSE
+        return self.heartbeat_every if due is None else due
 
     def _reap(self) -> float:
         """One pass; returns the seconds until the next deadline. Only a completed pass beats."""

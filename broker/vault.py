@@ -1,6 +1,7 @@
 """Credential backends over one hvac client: each issues, revokes and verifies one kind of
-credential. The only module that talks to Vault (and, to verify that a database user is gone, to
-PostgreSQL); hvac, network and database errors become broker errors here."""
+credential. With own_token.py (the broker's own token), the only module that talks to Vault (and,
+to verify that a database user is gone, to PostgreSQL); hvac, network and database errors become
+broker errors here."""
 
 from __future__ import annotations
 
@@ -611,8 +612,11 @@ def make_backends(
     }
 
 
-def vault_health(client: hvac.Client, timeout: float = 2) -> dict:
-    """Whether Vault answers sys/health, and how: for /healthz, never raises."""
+def vault_health(
+    client: hvac.Client, timeout: float = 2, token: Callable[[], dict] | None = None
+) -> dict:
+    """Whether Vault answers sys/health, and how: for /healthz, never raises. `token` is the
+    broker's own token's state (`OwnToken.health`): one about to lapse degrades the check too."""
     try:
         response = client.session.get(f"{client.url}/v1/sys/health", timeout=timeout)
         body = response.json()
@@ -622,4 +626,8 @@ def vault_health(client: hvac.Client, timeout: float = 2) -> dict:
     check = {"ok": ok, "status": response.status_code, "sealed": body.get("sealed")}
     if not ok:
         check["error"] = f"sys/health answered {response.status_code}"
+    elif token is not None:
+        check["token"] = own = token()
+        if not own["ok"]:
+            check.update(ok=False, error=own["error"])
     return check

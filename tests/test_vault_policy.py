@@ -152,3 +152,19 @@ def test_the_broker_token_reaches_only_its_own_database_roles_leases_and_ssh_rol
     ssh = broker_vault.secrets.ssh
     assert forbidden(lambda: ssh.create_role("anyone", key_type="ca", allow_user_certificates=True))
     assert forbidden(lambda: ssh.read_role("jit-users"))
+
+
+def test_the_broker_token_renews_and_looks_up_itself_only(broker_vault, openbao):
+    """lookup-self and renew-self are in the policy (the token has no default policy); no other
+    token's renewal or lookup is."""
+    own = broker_vault.auth.token.lookup_self()["data"]
+    assert own["policies"] == [BROKER_POLICY]
+    assert broker_vault.auth.token.renew_self()["auth"]["lease_duration"] > 0
+
+    other = openbao.client().auth.token.create(policies=["jit-test-read"], period="1h")["auth"]
+    try:
+        assert forbidden(lambda: broker_vault.auth.token.renew(other["client_token"]))
+        assert forbidden(lambda: broker_vault.auth.token.renew_accessor(other["accessor"]))
+        assert forbidden(lambda: broker_vault.auth.token.lookup(other["client_token"]))
+    finally:
+        openbao.client().auth.token.revoke_accessor(other["accessor"])

@@ -12,7 +12,21 @@
 #
 # Not here on purpose: sys/health (unauthenticated), anything under secret/ or other engines'
 # data, sys/policy beyond the one pinned policy below, sys/mounts, auth methods. The token needs
-# no "default" policy either (create it with -no-default-policy).
+# no "default" policy either (create it with -no-default-policy): the two paths of it the broker
+# uses, its own token's lookup and renewal, are the first block below.
+
+# --- The broker's own token ----------------------------------------------------------------------
+
+# The broker looks its token up at start and renews it once less than half of its TTL (or period)
+# is left, and says on /healthz when it cannot. These two paths usually come with the "default"
+# policy, which this token does not have. Both act on the calling token alone: renewing or looking
+# up any other token is another path (auth/token/renew, renew-accessor, lookup), not granted.
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
 
 # --- Vault tokens (backend "vault_token") and the database backend's per-grant tokens ----------
 
