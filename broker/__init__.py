@@ -23,7 +23,9 @@ from .review import Review
 from .store import Store
 from .vault import make_backends, make_client, vault_health
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+HERE = Path(__file__).resolve().parent
+# An installed wheel carries the templates as broker/templates; a checkout keeps them at the top.
+TEMPLATES = HERE / "templates" if (HERE / "templates").is_dir() else HERE.parent / "templates"
 
 
 @dataclass
