@@ -202,7 +202,8 @@ class Credential:
     """One credential a grant holds or once held, in the order issued. Every one is listed, not
     only the grant's current one, so nothing says `revoked` while a replaced or raced one lives.
     `handle` is "" while an extension is being issued (its claim: one at a time per grant);
-    `gone_at` is set once its removal was verified."""
+    `gone_at` is set once its removal was verified. `issuing_process` is the broker process that
+    made the claim ("": unknown, judged by the grace period), as for `Grant.issuing_process`."""
 
     id: str
     grant_id: str
@@ -210,6 +211,7 @@ class Credential:
     handle: str = field(repr=False)
     issued_at: str
     gone_at: str = ""
+    issuing_process: str = ""
 
 
 # Grant states (DESIGN.md). `approved` waits for the requester to activate it: the credential goes

@@ -602,7 +602,9 @@ def _migrate_v4(db: sqlite_utils.Database) -> None:
 
 def _add_credentials(db: sqlite_utils.Database) -> None:
     """Every credential a grant ever held (issue #10), so `revoked` can wait for all of them.
-    A grant recorded before holds one: its current handle, already gone if it was revoked."""
+    A grant recorded before holds one: its current handle, already gone if it was revoked.
+    An extension's claim is stamped with the broker process that made it, so a claim left by
+    a dead process is known at once ("": judged by the grace period)."""
     db["credentials"].create(
         {
             "id": str,
@@ -611,10 +613,11 @@ def _add_credentials(db: sqlite_utils.Database) -> None:
             "handle": str,
             "issued_at": str,
             "gone_at": str,
+            "issuing_process": str,
         },
         pk="id",
-        not_null={"grant_id", "backend", "handle", "issued_at", "gone_at"},
-        defaults={"gone_at": ""},
+        not_null={"grant_id", "backend", "handle", "issued_at", "gone_at", "issuing_process"},
+        defaults={"gone_at": "", "issuing_process": ""},
     )
     db["credentials"].create_index(["grant_id", "issued_at"])
     db.execute(

@@ -297,6 +297,7 @@ def test_a_version_3_database_lists_each_grants_credential(tmp_path):
     assert store.schema_version() == SCHEMA_VERSION == 4
     (live,) = store.credentials_of("live")
     assert (live.handle, live.backend, live.gone_at) == ("acc-live", "vault_token", "")
+    assert live.issuing_process == ""  # no process known: judged by the grace period
     (done,) = store.credentials_of("done")
     assert (done.handle, done.gone_at) == ("acc-done", "2026-01-01T00:30:00Z")
     assert store.credentials_of("never") == []

@@ -15,11 +15,13 @@ from datetime import timedelta
 import pytest
 
 from broker import audit, create_app
+from broker.errors import GrantConflict
 from broker.grants import REAP_BATCH
 from broker.models import Principal, parse_time, utcnow
 from tests.conftest import broker_settings
 from tests.services import OpenBao, free_port
 from tests.test_api import token_works, wait_for_status
+from tests.test_extend_races import STRETCHY_POLICY, live_tokens_of
 
 ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
 LATER = timedelta(minutes=3)  # past the grace an issuance in flight gets
@@ -177,7 +179,10 @@ def issue_then_die(grant_id, *args, **kwargs):
 
 backend.issue = issue_then_die
 alice = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
-grants.request(alice, "kv-read", "1h", "crash test")
+if len(sys.argv) > 2:  # extend this grant instead
+    grants.extend(alice, sys.argv[2], "5m")
+else:
+    grants.request(alice, "kv-read", "1h", "crash test")
 print("still alive", flush=True)
 """
 
@@ -190,9 +195,12 @@ def toml(sections: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def crash_config(make_app, tmp_path, openbao, oidc_provider, broker_port, client_secret):
+def crash_config(
+    make_app, tmp_path, openbao, oidc_provider, broker_port, client_secret, policy_text=""
+):
     """The config file of a broker subprocess on the data directory `make_app` uses."""
-    make_app()  # the data directory, its keys and the policy file, as the next app will see them
+    # The data directory, its keys and the policy file, as the next app will see them.
+    make_app(policy_text=policy_text)
     config = tmp_path / "jit.toml"
     config.write_text(
         toml(
@@ -346,7 +354,10 @@ def issue_slowly(grant_id, *args, **kwargs):
 
 backend.issue = issue_slowly
 alice = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
-grant, _ = grants.request(alice, "kv-read", "1h", "slow but alive")
+if len(sys.argv) > 2:  # extend this grant instead
+    grant, _ = grants.extend(alice, sys.argv[2], "5m")
+else:
+    grant, _ = grants.request(alice, "kv-read", "1h", "slow but alive")
 print(json.dumps({"status": grant.status}), flush=True)
 """
 
@@ -371,10 +382,7 @@ def test_a_starting_broker_leaves_a_live_processs_issuance_in_flight_alone(
         starting = make_app(reaper={"enabled": True})  # a second broker on the same store
         jit = starting.extensions["jit"]
         try:
-            deadline = time.monotonic() + 15
-            while jit.reaper.last_run is None:  # its first pass, reconciliation included
-                assert time.monotonic() < deadline, "the reaper never completed a pass"
-                time.sleep(0.1)
+            first_pass(jit.reaper)
         finally:
             jit.reaper.stop()
         assert jit.grants.reconcile() == []  # and once more, by hand: nothing to settle
@@ -412,23 +420,7 @@ def test_brokers_settling_a_dead_process_at_the_same_moment_settle_each_grant_on
     assert crashed.returncode == -9, crashed.stderr
     said = [json.loads(line) for line in crashed.stdout.splitlines()]
     grants = make_app().extensions["jit"].grants
-    start = threading.Barrier(8)
-    failures = []
-
-    def settle():
-        start.wait()
-        try:
-            grants.reconcile()
-        except Exception as exc:  # noqa: BLE001 (reported below)
-            failures.append(exc)
-
-    threads = [threading.Thread(target=settle) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-
-    assert failures == []
+    assert reconcile_at_once(grants) == []
     for each in said:
         assert grants.store.get_grant(each["grant_id"]).status == "issue_failed"
         assert types(grants, each["grant_id"]).count("issue_failed") == 1
@@ -438,3 +430,199 @@ def test_brokers_settling_a_dead_process_at_the_same_moment_settle_each_grant_on
             assert findings and all(e["data"]["gone"] for e in findings)
     assert audit.verify(grants.store.audit_entries()).ok
     assert grants.reconcile() == []
+
+
+def first_pass(reaper, timeout=15):
+    """Wait for a started reaper's first completed pass (reconciliation included)."""
+    deadline = time.monotonic() + timeout
+    while reaper.last_run is None:
+        assert time.monotonic() < deadline, "the reaper never completed a pass"
+        time.sleep(0.1)
+
+
+def reconcile_at_once(grants, sweeps=8) -> list[Exception]:
+    """As many reconciliations of one store as `sweeps`, started at the same moment (brokers
+    starting together); what any of them raised."""
+    start = threading.Barrier(sweeps)
+    failures = []
+
+    def settle():
+        start.wait()
+        try:
+            grants.reconcile()
+        except Exception as exc:  # noqa: BLE001 (reported to the caller)
+            failures.append(exc)
+
+    threads = [threading.Thread(target=settle) for _ in range(sweeps)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return failures
+
+
+def extension_killed_after_vault(make_app, config, openbao):
+    """An extendable grant, issued here; a broker subprocess extending it is SIGKILLed the
+    moment Vault has answered. Returns the grant, its recorded credential, and the unrecorded
+    token (its secret and accessor)."""
+    grants = make_app(policy_text=STRETCHY_POLICY).extensions["jit"].grants
+    grant, first = grants.request(ALICE, "stretchy", "10m", "crash while extending")
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASHING_BROKER, str(config), grant.id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert crashed.returncode == -9, crashed.stderr
+    said = json.loads(crashed.stdout.splitlines()[0])
+    assert said["grant_id"] == grant.id and "still alive" not in crashed.stdout
+    assert token_works(openbao, said["secret"])  # Vault issued it; nobody recorded it
+    said["accessor"] = openbao.client().auth.token.lookup(said["secret"])["data"]["accessor"]
+    (claim,) = [held for held in grants.store.credentials_of(grant.id) if not held.handle]
+    assert claim.issuing_process and not claim.gone_at  # the dead process's claim, still open
+    assert grants.store.get_grant(grant.id).handle == first.handle
+    return grant, first, said
+
+
+def test_an_extension_in_flight_when_a_broker_is_killed_is_settled_as_soon_as_one_starts(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    config = crash_config(
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, STRETCHY_POLICY
+    )
+    grant, first, stray = extension_killed_after_vault(make_app, config, openbao)
+
+    restarted = make_app(policy_text=STRETCHY_POLICY, reaper={"enabled": True})
+    jit = restarted.extensions["jit"]
+    grants = jit.grants
+    try:
+        first_pass(jit.reaper)  # no grace period for a process that is dead
+        assert not token_works(openbao, stray["secret"])
+        assert token_works(openbao, first.secret)  # the grant's own credential is untouched
+        (found,) = [e["data"] for e in grants.chain(grant.id) if e["type"] == "reconcile"]
+        assert found["handle"] == grants._fingerprint(stray["accessor"])
+        assert found["gone"] and found["grant_status"] == "active" and "died" in found["why"]
+        # The claim now lists what its Vault call made, verified gone: it blocks nothing.
+        listed = grants.store.credentials_of(grant.id)
+        assert [(held.handle, bool(held.gone_at)) for held in listed] == [
+            (first.handle, False),
+            (stray["accessor"], True),
+        ]
+
+        _, second = grants.extend(ALICE, grant.id, "5m")  # not a 409
+        assert token_works(openbao, second.secret) and not token_works(openbao, first.secret)
+        grants.release(ALICE, grant.id)
+        wait_for_status(grants, grant.id, "revoked", timeout=15)
+    finally:
+        jit.reaper.stop()
+    assert not token_works(openbao, second.secret)
+    assert live_tokens_of(openbao, grant.id) == set()
+    assert audit.verify(grants.store.audit_entries()).ok
+
+
+def test_a_dead_processs_extension_claim_does_not_block_the_next_extension(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    config = crash_config(
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, STRETCHY_POLICY
+    )
+    grant, first, stray = extension_killed_after_vault(make_app, config, openbao)
+    grants = make_app(policy_text=STRETCHY_POLICY).extensions["jit"].grants  # no reconcile yet
+
+    _, second = grants.extend(ALICE, grant.id, "5m")  # not a 409, though the claim is seconds old
+    assert token_works(openbao, second.secret) and not token_works(openbao, first.secret)
+    assert token_works(openbao, stray["secret"])  # what the dead process got is still there...
+    (found,) = grants.reconcile()  # ...until a sweep: the only open claim left is the dead one's
+    assert found["handle"] == grants._fingerprint(stray["accessor"]) and found["gone"]
+    assert not token_works(openbao, stray["secret"])
+    assert token_works(openbao, second.secret)
+    grants.release(ALICE, grant.id)
+    grants.reap_due()
+    assert grants.store.get_grant(grant.id).status == "revoked"
+    assert live_tokens_of(openbao, grant.id) == set()
+    assert audit.verify(grants.store.audit_entries()).ok
+
+
+def test_brokers_settling_a_dead_processs_extension_at_the_same_moment_settle_it_once(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    config = crash_config(
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, STRETCHY_POLICY
+    )
+    grant, first, stray = extension_killed_after_vault(make_app, config, openbao)
+    grants = make_app(policy_text=STRETCHY_POLICY).extensions["jit"].grants
+    # Every sweep judges the token a stray before any of them takes the dead claim: the worst
+    # interleaving, every time, not only when the machine happens to produce it.
+    sweeps, adopt = 8, grants._adopt
+    all_judged = threading.Barrier(sweeps, timeout=30)
+
+    def adopt_when_all_judged(*args):
+        all_judged.wait()
+        return adopt(*args)
+
+    grants._adopt = adopt_when_all_judged
+
+    assert reconcile_at_once(grants, sweeps) == []
+
+    assert not token_works(openbao, stray["secret"])
+    assert token_works(openbao, first.secret)
+    (found,) = [e["data"] for e in grants.chain(grant.id) if e["type"] == "reconcile"]
+    assert found["gone"] and found["handle"] == grants._fingerprint(stray["accessor"])
+    (adopted,) = [held for held in grants.store.credentials_of(grant.id) if held.gone_at]
+    assert adopted.handle == stray["accessor"]
+    assert grants.store.get_grant(grant.id).status == "active"
+    assert audit.verify(grants.store.audit_entries()).ok
+    assert grants.reconcile() == []
+    grants.release(ALICE, grant.id)
+    grants.reap_due()
+    assert grants.store.get_grant(grant.id).status == "revoked"
+    assert live_tokens_of(openbao, grant.id) == set()
+
+
+def test_a_starting_broker_leaves_a_live_processs_extension_in_flight_alone(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    config = crash_config(
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, STRETCHY_POLICY
+    )
+    grants = make_app(policy_text=STRETCHY_POLICY).extensions["jit"].grants
+    grant, first = grants.request(ALICE, "stretchy", "10m", "slow extension")
+    slow = subprocess.Popen(
+        [sys.executable, "-c", SLOW_BROKER, str(config), grant.id],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        said = json.loads(slow.stdout.readline() or "null")
+        assert said, slow.stderr.read() if slow.poll() is not None else "no answer"
+
+        starting = make_app(policy_text=STRETCHY_POLICY, reaper={"enabled": True})
+        jit = starting.extensions["jit"]
+        try:
+            first_pass(jit.reaper)
+            with pytest.raises(GrantConflict):  # the live process's claim still holds
+                jit.grants.extend(ALICE, grant.id, "5m")
+        finally:
+            jit.reaper.stop()
+        grants = jit.grants
+        assert grants.reconcile() == []  # and once more, by hand: nothing to settle
+        assert token_works(openbao, said["secret"]) and token_works(openbao, first.secret)
+        (claim,) = [held for held in grants.store.credentials_of(grant.id) if not held.handle]
+        assert not claim.gone_at
+
+        out, err = slow.communicate("go\n", timeout=30)  # the slow extension finishes
+        assert slow.returncode == 0, err
+        assert json.loads(out.splitlines()[-1]) == {"status": "active"}
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert types(grants, grant.id).count("extend") == 1
+    assert "reconcile" not in types(grants, grant.id)
+    assert token_works(openbao, said["secret"]) and not token_works(openbao, first.secret)
+    grants.release(ALICE, grant.id)
+    grants.reap_due()
+    assert grants.store.get_grant(grant.id).status == "revoked"
+    assert live_tokens_of(openbao, grant.id) == set()
+    assert audit.verify(grants.store.audit_entries()).ok

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 from broker import audit
-from broker.models import ISSUING, Grant, Principal, isoformat, utcnow
+from broker.models import ISSUING, Credential, Grant, Principal, isoformat, utcnow
 from broker.reaper import Reaper
 from broker.vault import VaultTokenBackend
 from tests.test_api import token_works
@@ -129,6 +129,31 @@ def test_a_credential_its_grant_does_not_record_is_a_stray_after_the_grace(grant
     assert token_works(openbao, recorded.secret)
     grants.release(ALICE, grant.id)
     grants.reap_due()
+
+
+def test_an_extension_claim_of_no_known_process_keeps_the_grace_period(grants, openbao):
+    """A claim not stamped with a process (made by a broker that knew none) may be in flight:
+    neither the reconciler nor the reaper acts on it before ISSUE_GRACE."""
+    grant, recorded = grants.request(ALICE, "kv-read", "30m", "a claim without a stamp")
+    with grants.store.transaction() as tx:
+        tx.add_credential(
+            Credential(str(uuid.uuid4()), grant.id, grant.backend, "", isoformat(utcnow()))
+        )
+    leftover = issue_unrecorded(grants, grant.id)
+
+    assert grants.reconcile() == []
+    assert token_works(openbao, leftover.secret)
+    grants.release(ALICE, grant.id)
+    grants.reap_due()
+    assert grants.store.get_grant(grant.id).status == "revoking"  # the claim may yet record
+    assert not token_works(openbao, recorded.secret)
+
+    (finding,) = grants.reconcile(now=utcnow() + LATER)
+    assert "another credential" in finding["why"] and finding["gone"]
+    assert not token_works(openbao, leftover.secret)
+    grants.clock = lambda: utcnow() + LATER
+    grants.reap_due()
+    assert grants.store.get_grant(grant.id).status == "revoked"
 
 
 def test_a_token_of_an_ended_grant_is_a_stray(grants, openbao):

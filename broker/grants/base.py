@@ -101,8 +101,30 @@ class GrantsBase:
 
     @property
     def process_id(self) -> str:
-        """What a grant taken to `issuing` is stamped with ("": no liveness known)."""
+        """What a grant taken to `issuing`, or an extension's claim, is stamped with ("": no
+        liveness known)."""
         return self.processes.id if self.processes is not None else ""
+
+    def _dead(self, process: str) -> bool:
+        """Whether the broker process stamped `process` is certainly gone ("": not known)."""
+        return bool(process) and self.processes is not None and not self.processes.is_alive(process)
+
+    def _abandoned(self, process: str, since: str, now: datetime) -> bool:
+        """Whether work that `process` began at `since` (an issuance, an extension's claim) is no
+        longer in flight: its process is dead (known at once), or the grace period is over (work
+        from before processes were stamped, or work a live process failed to finish)."""
+        return self._dead(process) or not since or now - parse_time(since) >= ISSUE_GRACE
+
+    def _in_flight(self, credential: Credential, now: datetime) -> bool:
+        """An extension's claim whose Vault call may still be under way: what it issues is not
+        on the grant's list yet, so nothing may say the grant's credentials are all gone. A claim
+        of a dead process, or one older than ISSUE_GRACE, is not: what it issued is the
+        reconciler's."""
+        return (
+            not credential.handle
+            and not credential.gone_at
+            and not self._abandoned(credential.issuing_process, credential.issued_at, now)
+        )
 
     def eligible(self, principal: Principal) -> list[Entitlement]:
         return self.policy().eligible(principal)
@@ -224,17 +246,6 @@ class GrantsBase:
 
     def _log(self, tx: Transaction, type_: str, actor: dict, grant_id: str, **data) -> None:
         tx.append(self._now(), type_, actor, grant_id, data)
-
-
-def _in_flight(credential: Credential, now: datetime) -> bool:
-    """An extension's claim whose Vault call may still be under way: what it issues is not on
-    the grant's list yet, so nothing may say the grant's credentials are all gone. A claim older
-    than ISSUE_GRACE was left by a broker that stopped; what it issued is the reconciler's."""
-    return (
-        not credential.handle
-        and not credential.gone_at
-        and now - parse_time(credential.issued_at) < ISSUE_GRACE
-    )
 
 
 def _validated(

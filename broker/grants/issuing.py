@@ -36,7 +36,6 @@ from ..policy import Entitlement, Policy
 from .base import (
     OPEN,
     GrantsBase,
-    _in_flight,
     _raise_if_refused,
     _validated,
     log,
@@ -427,7 +426,7 @@ class Issuing(GrantsBase):
         refused before anything exists. The claim also keeps the reaper from writing `revoked`
         while the new credential is on its way (a release racing an extension)."""
         now = self.clock()
-        claim = _credential_of(grant, "", isoformat(now), str(uuid.uuid4()))
+        claim = _credential_of(grant, "", isoformat(now), str(uuid.uuid4()), self.process_id)
         with self.store.transaction() as tx:
             current = tx.get_grant(grant.id)
             if current.status != ACTIVE or current.handle != grant.handle:
@@ -435,7 +434,7 @@ class Issuing(GrantsBase):
                     f"grant {grant.id} changed while the extension was checked "
                     f"(it is {current.status}): look at it again"
                 )
-            if any(_in_flight(held, now) for held in tx.credentials_of(grant.id)):
+            if any(self._in_flight(held, now) for held in tx.credentials_of(grant.id)):
                 raise GrantConflict(
                     f"grant {grant.id} is being extended by another request: look at it again"
                 )
@@ -443,12 +442,16 @@ class Issuing(GrantsBase):
         return claim
 
 
-def _credential_of(grant: Grant, handle: str, at: str, credential_id: str = "") -> Credential:
-    """A row of the grant's credential list (`handle` "" for an extension's claim)."""
+def _credential_of(
+    grant: Grant, handle: str, at: str, credential_id: str = "", process: str = ""
+) -> Credential:
+    """A row of the grant's credential list (`handle` "" for an extension's claim, stamped with
+    the `process` that makes it)."""
     return Credential(
         id=credential_id or str(uuid.uuid4()),
         grant_id=grant.id,
         backend=grant.backend,
         handle=handle,
         issued_at=at,
+        issuing_process=process,
     )

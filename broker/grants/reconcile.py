@@ -1,8 +1,9 @@
 """The reconciler: what Vault holds for this broker without a live grant to account for it
 (a crash between Vault's answer and the record, a replaced credential) is revoked, verified
-gone, and written to the chain. A grant left `issuing` by a broker process that is dead is
-settled at once (the reaper reconciles when it starts); one whose process lives, or that was
-recorded before processes were stamped, gets ISSUE_GRACE, since it may be in flight."""
+gone, and written to the chain. What a dead broker process left in flight is settled at once
+(the reaper reconciles when it starts): a grant left `issuing`, and the credential an extension's
+claim got from Vault but never recorded. Work whose process lives, or that was recorded before
+processes were stamped, gets ISSUE_GRACE, since it may be in flight."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from datetime import datetime
 from ..models import (
     ISSUE_FAILED,
     ISSUING,
+    Credential,
     Grant,
     Holding,
-    parse_time,
 )
 from .base import (
     ISSUE_GRACE,
@@ -22,6 +23,8 @@ from .base import (
     GrantsBase,
     log,
 )
+
+LEFT_BY_THE_DEAD = "an extension's new credential, left unrecorded by a broker process that died"
 
 
 class Reconciling(GrantsBase):
@@ -38,7 +41,7 @@ class Reconciling(GrantsBase):
                 seen.add(holding.grant_id)
                 grant = self.store.get_grant(holding.grant_id)
                 why = self._stray(backend, holding, grant, now)
-                if why and (grant is None or grant.status != ISSUING or self._abandon(grant, why)):
+                if why and self._ours_to_remove(grant, holding, why):
                     findings.append(self._remove_stray(backend, holding, grant, why))
         for grant in self.store.grants_in((ISSUING,)):
             if grant.id not in seen and self._left_behind(grant, now):
@@ -56,27 +59,50 @@ class Reconciling(GrantsBase):
             if self._left_behind(grant, now):
                 return "the grant was left issuing: the broker stopped before recording it"
             return ""  # an issuance in flight right now
+        listed = self.store.credentials_of(grant.id)
         if any(
             backend.is_recorded(holding, held.handle)
-            for held in self.store.credentials_of(grant.id)
+            for held in listed
             if held.handle and not held.gone_at
         ):
             return ""  # on the grant's list, not yet removed: the reaper's to remove
+        if self._left_by_the_dead(listed):
+            return LEFT_BY_THE_DEAD  # no extension of this grant is in flight: at once
         if holding.issued_at is not None and now - holding.issued_at < ISSUE_GRACE:
             return ""  # an extension's new credential, perhaps not recorded yet
         return f"the grant is {grant.status} with another credential (a replaced one left over)"
 
     def _left_behind(self, grant: Grant, now: datetime) -> bool:
-        """Whether an `issuing` grant is no longer in flight: the process that took it there is
-        dead (known at once), or the grace period is over (a grant from before processes were
-        stamped, or one a live process failed to finish)."""
-        process = grant.issuing_process
-        if process and self.processes is not None and not self.processes.is_alive(process):
-            return True
-        return self._stale(grant.updated_at, now)
+        """Whether an `issuing` grant is no longer in flight (see `_abandoned`)."""
+        return self._abandoned(grant.issuing_process, grant.updated_at, now)
 
-    def _stale(self, moment: str, now: datetime) -> bool:
-        return not moment or now - parse_time(moment) >= ISSUE_GRACE
+    def _left_by_the_dead(self, listed: list[Credential]) -> list[Credential]:
+        """The grant's open extension claims when every one was made by a dead process (so
+        nothing Vault holds for the grant unrecorded can be on its way to the record); else []."""
+        claims = [held for held in listed if not held.handle and not held.gone_at]
+        return claims if all(self._dead(claim.issuing_process) for claim in claims) else []
+
+    def _ours_to_remove(self, grant: Grant | None, holding: Holding, why: str) -> bool:
+        """Settle the grant's own record before its stray goes, conditional on what it replaces:
+        False when another sweep got there first (and removes the stray itself)."""
+        if grant is not None and grant.status == ISSUING:
+            return self._abandon(grant, why)
+        if why == LEFT_BY_THE_DEAD:
+            return self._adopt(grant, holding)
+        return True
+
+    def _adopt(self, grant: Grant, holding: Holding) -> bool:
+        """Put the credential a dead process's extension left on the grant's list, in its claim's
+        place: until its removal is verified, the grant cannot be `revoked` (the reaper retries
+        it), and once verified the claim is closed. Read again under the write lock: False when
+        another sweep took the claim, or this credential, first."""
+        with self.store.transaction() as tx:
+            listed = tx.credentials_of(grant.id)
+            claims = self._left_by_the_dead(listed)
+            if not claims or any(held.handle == holding.handle for held in listed):
+                return False
+            tx.record_handle(claims[0].id, holding.handle)
+        return True
 
     def _abandon(self, grant: Grant, why: str) -> bool:
         """Move a grant stuck in `issuing` to `issue_failed`; False if it moved on meanwhile."""
@@ -103,6 +129,8 @@ class Reconciling(GrantsBase):
         }
         with self.store.transaction() as tx:
             self._log(tx, "reconcile", REAPER, holding.grant_id, **finding)
+            if outcome.gone:  # when it is on the grant's list, it holds the grant back no more
+                tx.mark_gone(holding.grant_id, holding.handle, self._now())
         log_at = log.info if outcome.gone else log.warning
         log_at(
             "reconcile: stray %s credential of grant %s: %s", backend.kind, holding.grant_id, why

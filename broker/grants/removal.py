@@ -36,7 +36,6 @@ from .base import (
     REAPER,
     REVOCATION_LEASE,
     GrantsBase,
-    _in_flight,
     log,
 )
 
@@ -169,7 +168,7 @@ class Removing(GrantsBase):
             left = [
                 held
                 for held in tx.credentials_of(grant.id)
-                if not held.gone_at and (held.handle or _in_flight(held, self.clock()))
+                if not held.gone_at and (held.handle or self._in_flight(held, self.clock()))
             ]
             if not left:
                 tx.move_grant(
