@@ -13,7 +13,6 @@ import pytest
 from broker import audit
 from broker.errors import GrantConflict
 from broker.models import Principal, utcnow
-from broker.store import SCHEMA_VERSION, Store
 from broker.vault import VaultTokenBackend
 from tests.test_api import token_works
 from tests.test_reconcile import LATER
@@ -263,40 +262,3 @@ def test_a_replaced_token_whose_revocation_failed_keeps_the_grant_from_revoked(
     assert last_verify["gone"] is True
     assert last_verify["handle"] == grants._fingerprint(first.handle)
     assert audit.verify(grants.store.audit_entries()).ok
-
-
-def test_a_version_3_database_lists_each_grants_credential(tmp_path):
-    from broker.store import _create_v1, _migrate_v2, _migrate_v3
-
-    store = Store(tmp_path / "broker.db")
-    with store.transaction() as tx:
-        _create_v1(tx.db)
-        _migrate_v2(tx.db)
-        _migrate_v3(tx.db)
-        tx.db.execute("PRAGMA user_version = 3")
-        for grant_id, status, handle in (
-            ("live", "active", "acc-live"),
-            ("done", "revoked", "acc-done"),
-            ("never", "denied", ""),
-        ):
-            tx.db["grants"].insert(
-                {
-                    "id": grant_id,
-                    "entitlement": "kv-read",
-                    "status": status,
-                    "backend": "vault_token",
-                    "handle": handle,
-                    "window_start": "2026-01-01T00:00:00Z",
-                    "window_end": "2026-01-01T01:00:00Z",
-                    "updated_at": "2026-01-01T00:30:00Z",
-                    "duration": 3600,
-                    "attempts": 0,
-                }
-            )
-    store.migrate()
-    assert store.schema_version() == SCHEMA_VERSION == 4
-    (live,) = store.credentials_of("live")
-    assert (live.handle, live.backend, live.gone_at) == ("acc-live", "vault_token", "")
-    (done,) = store.credentials_of("done")
-    assert (done.handle, done.gone_at) == ("acc-done", "2026-01-01T00:30:00Z")
-    assert store.credentials_of("never") == []
