@@ -5,6 +5,7 @@ whose revocation failed, never lets the grant say `revoked` while one of its tok
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 
 import hvac.exceptions
@@ -127,15 +128,18 @@ class HeldAfterIssue(VaultTokenBackend):
         return credential
 
 
-def test_a_release_racing_an_extension_is_not_revoked_before_the_new_token_is_gone(grants, openbao):
-    grant, first = grants.request(ALICE, "stretchy", "10m", "race a release")
+@contextmanager
+def an_extension_held_after_issue(grants, grant_id: str):
+    """Alice extends the grant by 5m in a thread of its own, held once OpenBao has issued and
+    before the broker records; the with-body runs then, and the extension is let go and finished
+    when it ends. Yields (the held backend, outcome: {"refused": GrantConflict} if it lost)."""
     held = HeldAfterIssue(grants.backends["vault_token"])
     grants.backends = {**grants.backends, "vault_token": held}
     outcome = {}
 
     def extend():
         try:
-            grants.extend(ALICE, grant.id, "5m")
+            grants.extend(ALICE, grant_id, "5m")
         except GrantConflict as exc:
             outcome["refused"] = exc
 
@@ -143,15 +147,21 @@ def test_a_release_racing_an_extension_is_not_revoked_before_the_new_token_is_go
     extension.start()
     try:
         assert held.issued.wait(30)
+        yield held, outcome
+    finally:
+        held.resume.set()
+        extension.join(30)
+
+
+def test_a_release_racing_an_extension_is_not_revoked_before_the_new_token_is_gone(grants, openbao):
+    grant, first = grants.request(ALICE, "stretchy", "10m", "race a release")
+    with an_extension_held_after_issue(grants, grant.id) as (held, outcome):
         grants.release(ALICE, grant.id)
         grants.reap_due()
         # The extension's token exists in OpenBao and is on its way to the record: not revoked.
         (new,) = held.credentials
         assert token_works(openbao, new.secret)
         assert grants.store.get_grant(grant.id).status != "revoked"
-    finally:
-        held.resume.set()
-        extension.join(30)
 
     assert outcome["refused"].status == 409
     assert not token_works(openbao, new.secret)  # the loser removed what it made
@@ -171,25 +181,9 @@ def test_an_extension_records_only_over_the_credential_it_replaces(grants, openb
     taken over; should the first one come back after all, its record is conditional on the
     credential it saw, which the second replaced: it loses, and removes what it made."""
     grant, first = grants.request(ALICE, "stretchy", "10m", "slow extension")
-    held = HeldAfterIssue(grants.backends["vault_token"])
-    grants.backends = {**grants.backends, "vault_token": held}
-    outcome = {}
-
-    def extend():
-        try:
-            grants.extend(ALICE, grant.id, "5m")
-        except GrantConflict as exc:
-            outcome["refused"] = exc
-
-    slow = threading.Thread(target=extend)
-    slow.start()
-    try:
-        assert held.issued.wait(30)
+    with an_extension_held_after_issue(grants, grant.id) as (held, outcome):
         grants.clock = lambda: utcnow() + LATER  # the slow one's claim looks abandoned
         _, second = grants.extend(ALICE, grant.id, "5m")
-    finally:
-        held.resume.set()
-        slow.join(30)
 
     assert outcome["refused"].status == 409
     slow_one = held.credentials[0]
