@@ -16,29 +16,16 @@ from broker.errors import GrantConflict
 from broker.models import Principal, utcnow
 from broker.vault import VaultTokenBackend
 from tests.test_api import token_works
+from tests.test_approvals import APPROVAL_POLICY
 from tests.test_reconcile import LATER
 
 RACERS = 12
 ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
-STRETCHY_POLICY = """
-[entitlements.stretchy]
-description = "Extendable in steps"
-backend = "vault_token"
-vault_policies = ["jit-test-read"]
-max_duration = "10m"
-
-[entitlements.stretchy.requesters]
-groups = ["engineers"]
-
-[entitlements.stretchy.extend]
-max_step = "5m"
-max_total = "3h"
-"""
 
 
 @pytest.fixture
 def app(make_app):
-    return make_app(policy_text=STRETCHY_POLICY)
+    return make_app(policy_text=APPROVAL_POLICY)  # its `stretchy`: 10m, 5m steps, 20m in all
 
 
 @pytest.fixture
