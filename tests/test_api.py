@@ -126,7 +126,13 @@ def test_a_grant_expires_and_its_token_stops_working(broker, tokens, openbao):
 
 
 def _cli_env(settings):
-    return {"JIT_STORAGE_PATH": str(settings.database_path)}
+    """What an auditor's `jit` needs to read this broker's log: the database, and the data
+    directory with the key that checks the checkpoints the live broker's reaper signs as it
+    runs (with the database alone, a signed checkpoint cannot be checked and verify fails)."""
+    return {
+        "JIT_STORAGE_PATH": str(settings.database_path),
+        "JIT_SERVER_DATA_DIR": str(settings.data_dir),
+    }
 
 
 def test_release_revokes_at_once(broker, tokens, openbao):

@@ -12,6 +12,8 @@ from broker.models import parse_time, utcnow
 from tests.receiver import HttpReceiver
 from tests.services import client_credentials_token
 from tests.test_api import token_works
+from tests.test_login import csrf
+from tests.test_review import browser
 
 APPROVAL_POLICY = """
 [entitlements.db-admin]
@@ -503,6 +505,27 @@ def test_another_identity_with_the_requesters_verified_email_cannot_approve(api,
 
     done = api("dave", "POST", f"/requests/{pending['id']}/approve")
     assert done.status_code == 200 and done.json["status"] == "approved"
+
+
+def test_in_the_browser_too_another_identity_with_the_requesters_email_cannot_approve(api, app):
+    """The browser path: the claims a session keeps (the approvals page) and those the provider
+    confirms before an approval (the refresh) carry email_verified as bearer tokens do."""
+    pending, others = ask(api, "bob"), ask(api, "alice")
+    bob2 = browser(app, "bob2")
+    queue = bob2.get("/approvals").get_data(as_text=True)
+    assert others["id"] in queue and pending["id"] not in queue
+    token = csrf(bob2.get("/").get_data(as_text=True))
+    refused = bob2.post(f"/requests/{pending['id']}/approve", data={"csrf_token": token})
+    assert refused.status_code == 403, refused.get_data(as_text=True)
+    assert "you cannot approve your own request" in refused.get_data(as_text=True)
+    assert grants_of(app).store.get_grant(pending["id"]).status == "pending"
+    assert types(app, pending["id"]) == ["request", "decision"]
+
+    unverified = browser(app, "bob-unverified")  # claims Bob's address, unverified: not Bob
+    token = csrf(unverified.get("/").get_data(as_text=True))
+    done = unverified.post(f"/requests/{pending['id']}/approve", data={"csrf_token": token})
+    assert done.status_code == 302, done.get_data(as_text=True)
+    assert grants_of(app).store.get_grant(pending["id"]).status == "approved"
 
 
 def test_an_unverified_email_makes_nobody_the_same_person(api, app):

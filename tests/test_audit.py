@@ -1,7 +1,9 @@
+from contextlib import contextmanager
+
 import pytest
 
 from broker import audit
-from broker.store import SCHEMA_VERSION, Store
+from broker.store import SCHEMA_VERSION, Store, _create_v1, _migrate_v2, _migrate_v3
 
 
 def chain(length: int) -> list[dict]:
@@ -87,19 +89,26 @@ def test_schema_version_is_recorded_and_migrate_is_idempotent(tmp_path):
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@contextmanager
+def older_store(path, version: int):
+    """A database as a broker of schema `version` left it: (the store, the open transaction in
+    which the with-body writes that broker's rows)."""
+    store = Store(path)
+    with store.transaction() as tx:
+        for step in (_create_v1, _migrate_v2, _migrate_v3)[:version]:
+            step(tx.db)
+        tx.db.execute(f"PRAGMA user_version = {version}")
+        yield store, tx
+
+
 def test_a_version_2_database_is_read_as_it_is_and_upgraded_with_its_grants(tmp_path):
     """A database from the broker before signed checkpoints and break-glass: `jit audit` reads
     it without upgrading it; the broker's migrate() then adds the new columns and tables."""
     from click.testing import CliRunner
 
     from broker.cli import main as jit
-    from broker.store import _create_v1, _migrate_v2
 
-    store = Store(tmp_path / "broker.db")
-    with store.transaction() as tx:
-        _create_v1(tx.db)
-        _migrate_v2(tx.db)
-        tx.db.execute("PRAGMA user_version = 2")
+    with older_store(tmp_path / "broker.db", 2) as (store, tx):
         tx.db["grants"].insert(
             {
                 "id": "g1",
@@ -127,14 +136,8 @@ def test_a_version_3_database_gets_empty_verified_emails(tmp_path):
     """Schema v4 adds the requester's and approvers' verified emails; grants and approvals from
     before have none ("": matched by issuer and subject only)."""
     from broker.models import Approval
-    from broker.store import _create_v1, _migrate_v2, _migrate_v3
 
-    store = Store(tmp_path / "broker.db")
-    with store.transaction() as tx:
-        _create_v1(tx.db)
-        _migrate_v2(tx.db)
-        _migrate_v3(tx.db)
-        tx.db.execute("PRAGMA user_version = 3")
+    with older_store(tmp_path / "broker.db", 3) as (store, tx):
         grant = {"id": "g1", "entitlement": "db", "status": "pending", "window_end": ""}
         tx.db["grants"].insert(dict(grant, duration=60, attempts=0))
         tx.db["approvals"].insert(
@@ -151,3 +154,36 @@ def test_a_version_3_database_gets_empty_verified_emails(tmp_path):
     assert store.schema_version() == SCHEMA_VERSION == 4
     assert store.get_grant("g1").requester_email == ""
     assert store.approvals_of("g1") == [Approval("i", "s", "d", (), "t", email="")]
+
+
+def test_a_version_3_database_lists_each_grants_credential(tmp_path):
+    """Schema v4 lists every credential a grant held (issue 10, item 1): a grant from before
+    holds its one handle, already gone if the grant was revoked."""
+    with older_store(tmp_path / "broker.db", 3) as (store, tx):
+        for grant_id, status, handle in (
+            ("live", "active", "acc-live"),
+            ("done", "revoked", "acc-done"),
+            ("never", "denied", ""),
+        ):
+            tx.db["grants"].insert(
+                {
+                    "id": grant_id,
+                    "entitlement": "kv-read",
+                    "status": status,
+                    "backend": "vault_token",
+                    "handle": handle,
+                    "window_start": "2026-01-01T00:00:00Z",
+                    "window_end": "2026-01-01T01:00:00Z",
+                    "updated_at": "2026-01-01T00:30:00Z",
+                    "duration": 3600,
+                    "attempts": 0,
+                }
+            )
+    store.migrate()
+    assert store.schema_version() == SCHEMA_VERSION == 4
+    (live,) = store.credentials_of("live")
+    assert (live.handle, live.backend, live.gone_at) == ("acc-live", "vault_token", "")
+    assert live.issuing_process == ""  # no process known: judged by the grace period
+    (done,) = store.credentials_of("done")
+    assert (done.handle, done.gone_at) == ("acc-done", "2026-01-01T00:30:00Z")
+    assert store.credentials_of("never") == []

@@ -5,6 +5,7 @@ whose revocation failed, never lets the grant say `revoked` while one of its tok
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 
 import hvac.exceptions
@@ -13,32 +14,18 @@ import pytest
 from broker import audit
 from broker.errors import GrantConflict
 from broker.models import Principal, utcnow
-from broker.store import SCHEMA_VERSION, Store
 from broker.vault import VaultTokenBackend
 from tests.test_api import token_works
+from tests.test_approvals import APPROVAL_POLICY
 from tests.test_reconcile import LATER
 
 RACERS = 12
 ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
-STRETCHY_POLICY = """
-[entitlements.stretchy]
-description = "Extendable in steps"
-backend = "vault_token"
-vault_policies = ["jit-test-read"]
-max_duration = "10m"
-
-[entitlements.stretchy.requesters]
-groups = ["engineers"]
-
-[entitlements.stretchy.extend]
-max_step = "5m"
-max_total = "3h"
-"""
 
 
 @pytest.fixture
 def app(make_app):
-    return make_app(policy_text=STRETCHY_POLICY)
+    return make_app(policy_text=APPROVAL_POLICY)  # its `stretchy`: 10m, 5m steps, 20m in all
 
 
 @pytest.fixture
@@ -128,15 +115,18 @@ class HeldAfterIssue(VaultTokenBackend):
         return credential
 
 
-def test_a_release_racing_an_extension_is_not_revoked_before_the_new_token_is_gone(grants, openbao):
-    grant, first = grants.request(ALICE, "stretchy", "10m", "race a release")
+@contextmanager
+def an_extension_held_after_issue(grants, grant_id: str):
+    """Alice extends the grant by 5m in a thread of its own, held once OpenBao has issued and
+    before the broker records; the with-body runs then, and the extension is let go and finished
+    when it ends. Yields (the held backend, outcome: {"refused": GrantConflict} if it lost)."""
     held = HeldAfterIssue(grants.backends["vault_token"])
     grants.backends = {**grants.backends, "vault_token": held}
     outcome = {}
 
     def extend():
         try:
-            grants.extend(ALICE, grant.id, "5m")
+            grants.extend(ALICE, grant_id, "5m")
         except GrantConflict as exc:
             outcome["refused"] = exc
 
@@ -144,15 +134,21 @@ def test_a_release_racing_an_extension_is_not_revoked_before_the_new_token_is_go
     extension.start()
     try:
         assert held.issued.wait(30)
+        yield held, outcome
+    finally:
+        held.resume.set()
+        extension.join(30)
+
+
+def test_a_release_racing_an_extension_is_not_revoked_before_the_new_token_is_gone(grants, openbao):
+    grant, first = grants.request(ALICE, "stretchy", "10m", "race a release")
+    with an_extension_held_after_issue(grants, grant.id) as (held, outcome):
         grants.release(ALICE, grant.id)
         grants.reap_due()
         # The extension's token exists in OpenBao and is on its way to the record: not revoked.
         (new,) = held.credentials
         assert token_works(openbao, new.secret)
         assert grants.store.get_grant(grant.id).status != "revoked"
-    finally:
-        held.resume.set()
-        extension.join(30)
 
     assert outcome["refused"].status == 409
     assert not token_works(openbao, new.secret)  # the loser removed what it made
@@ -172,25 +168,9 @@ def test_an_extension_records_only_over_the_credential_it_replaces(grants, openb
     taken over; should the first one come back after all, its record is conditional on the
     credential it saw, which the second replaced: it loses, and removes what it made."""
     grant, first = grants.request(ALICE, "stretchy", "10m", "slow extension")
-    held = HeldAfterIssue(grants.backends["vault_token"])
-    grants.backends = {**grants.backends, "vault_token": held}
-    outcome = {}
-
-    def extend():
-        try:
-            grants.extend(ALICE, grant.id, "5m")
-        except GrantConflict as exc:
-            outcome["refused"] = exc
-
-    slow = threading.Thread(target=extend)
-    slow.start()
-    try:
-        assert held.issued.wait(30)
+    with an_extension_held_after_issue(grants, grant.id) as (held, outcome):
         grants.clock = lambda: utcnow() + LATER  # the slow one's claim looks abandoned
         _, second = grants.extend(ALICE, grant.id, "5m")
-    finally:
-        held.resume.set()
-        slow.join(30)
 
     assert outcome["refused"].status == 409
     slow_one = held.credentials[0]
@@ -263,41 +243,3 @@ def test_a_replaced_token_whose_revocation_failed_keeps_the_grant_from_revoked(
     assert last_verify["gone"] is True
     assert last_verify["handle"] == grants._fingerprint(first.handle)
     assert audit.verify(grants.store.audit_entries()).ok
-
-
-def test_a_version_3_database_lists_each_grants_credential(tmp_path):
-    from broker.store import _create_v1, _migrate_v2, _migrate_v3
-
-    store = Store(tmp_path / "broker.db")
-    with store.transaction() as tx:
-        _create_v1(tx.db)
-        _migrate_v2(tx.db)
-        _migrate_v3(tx.db)
-        tx.db.execute("PRAGMA user_version = 3")
-        for grant_id, status, handle in (
-            ("live", "active", "acc-live"),
-            ("done", "revoked", "acc-done"),
-            ("never", "denied", ""),
-        ):
-            tx.db["grants"].insert(
-                {
-                    "id": grant_id,
-                    "entitlement": "kv-read",
-                    "status": status,
-                    "backend": "vault_token",
-                    "handle": handle,
-                    "window_start": "2026-01-01T00:00:00Z",
-                    "window_end": "2026-01-01T01:00:00Z",
-                    "updated_at": "2026-01-01T00:30:00Z",
-                    "duration": 3600,
-                    "attempts": 0,
-                }
-            )
-    store.migrate()
-    assert store.schema_version() == SCHEMA_VERSION == 4
-    (live,) = store.credentials_of("live")
-    assert (live.handle, live.backend, live.gone_at) == ("acc-live", "vault_token", "")
-    assert live.issuing_process == ""  # no process known: judged by the grace period
-    (done,) = store.credentials_of("done")
-    assert (done.handle, done.gone_at) == ("acc-done", "2026-01-01T00:30:00Z")
-    assert store.credentials_of("never") == []

@@ -289,20 +289,26 @@ for i in range(answered + waiting):
 """
 
 
+def crash_with_issuances_in_flight(config, answered: int, waiting: int) -> list[dict]:
+    """Run CRASHING_BROKER_IN_FLIGHT to its SIGKILL; what it said of each issuance in flight:
+    {"grant_id", "secret"} (secret None where Vault had not answered)."""
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASHING_BROKER_IN_FLIGHT, str(config), str(answered), str(waiting)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert crashed.returncode == -9, crashed.stderr
+    return [json.loads(line) for line in crashed.stdout.splitlines()]
+
+
 def test_issuances_in_flight_when_a_broker_is_killed_are_settled_as_soon_as_one_starts(
     tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
 ):
     config = crash_config(
         make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret
     )
-    crashed = subprocess.run(
-        [sys.executable, "-c", CRASHING_BROKER_IN_FLIGHT, str(config), "4", "2"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert crashed.returncode == -9, crashed.stderr
-    said = [json.loads(line) for line in crashed.stdout.splitlines()]
+    said = crash_with_issuances_in_flight(config, answered=4, waiting=2)
     issued = [each for each in said if each["secret"]]
     unanswered = [each for each in said if not each["secret"]]
     assert (len(issued), len(unanswered)) == (4, 2)
@@ -411,14 +417,7 @@ def test_brokers_settling_a_dead_process_at_the_same_moment_settle_each_grant_on
     config = crash_config(
         make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret
     )
-    crashed = subprocess.run(
-        [sys.executable, "-c", CRASHING_BROKER_IN_FLIGHT, str(config), "3", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert crashed.returncode == -9, crashed.stderr
-    said = [json.loads(line) for line in crashed.stdout.splitlines()]
+    said = crash_with_issuances_in_flight(config, answered=3, waiting=1)
     grants = make_app().extensions["jit"].grants
     assert reconcile_at_once(grants) == []
     for each in said:

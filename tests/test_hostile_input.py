@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.test_api import _with_header
+
 FUZZ_POLICY = """
 [entitlements.kv-read]
 description = "Read the test secrets"
@@ -382,12 +384,29 @@ _bodies = _mostly(
 _header_values = st.text(
     st.characters(min_codepoint=0, max_codepoint=255, exclude_characters="\r\n"), max_size=40
 )
+# Issue 10 item 5's shapes on the user's real token (its kid, claims and signature kept): any
+# JSON value as alg, typ or kid, an ES256 alg naming the provider's RSA key, crit, key sources.
+# A dict: the test puts these fields into the real token's header.
+_header_changes = st.fixed_dictionaries(
+    {},
+    optional={
+        "alg": st.sampled_from(["RS256", "ES256", "PS256", "HS256", "none"]) | _json_values,
+        "typ": _json_values,
+        "kid": _json_values,
+        "crit": _json_values,
+        "jku": _text,
+        "b64": _scalars,
+    },
+)
 _authorizations = _mostly(
     st.none(),  # the user's real token
-    _header_values,
-    _header_values.map(lambda value: f"Bearer {value}"),
-    st.fixed_dictionaries({"alg": _text, "typ": _text, "kid": _text}).map(
-        lambda header: f"Bearer {_jwt(header)}"
+    _header_changes,  # as often as all the others below together
+    st.one_of(
+        _header_values,
+        _header_values.map(lambda value: f"Bearer {value}"),
+        st.fixed_dictionaries({"alg": _text, "typ": _text, "kid": _text}).map(
+            lambda header: f"Bearer {_jwt(header)}"
+        ),
     ),
 )
 _headers = st.dictionaries(
@@ -436,6 +455,8 @@ def test_fuzz_any_body_and_headers_on_every_post_endpoint(
     else:
         grant = getattr(api, target, "d0e5-not-a-grant")
         path = f"/api/v1/requests/{grant}/{endpoint}"
+    if isinstance(authorization, dict):
+        authorization = f"Bearer {_with_header(api.tokens(user), **authorization)}"
     if authorization is not None:
         headers = {**headers, "Authorization": authorization}
     before = api.footprint()

@@ -6,9 +6,11 @@ and once the store is usable again, health recovers and requests work."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -16,8 +18,10 @@ from werkzeug.serving import make_server
 
 from broker.errors import StoreUnavailable
 from broker.store import Store
-from tests.services import free_port
+from tests.services import follow_login, free_port
 from tests.test_api import token_works, wait_for_status
+from tests.test_login import csrf
+from tests.test_review import browser
 
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-10 store faults"}
 
@@ -66,6 +70,7 @@ def serve(tokens):
             headers = {"Authorization": f"Bearer {tokens(user)}"}
             return requests.request(method, url + path, json=body, headers=headers, timeout=30)
 
+        call.url = url
         return call
 
     yield start
@@ -247,3 +252,87 @@ def test_the_store_translates_only_what_means_unavailable(tmp_path):
     with pytest.raises(Exception) as bug:  # the broker's own bad SQL stays a plain error (500)
         store.db.execute("SELECT no_such_column FROM grants")
     assert not isinstance(bug.value, StoreUnavailable)
+
+
+# --- browser sessions are kept in the store too ---------------------------------------------------
+# Flask opens and saves a session outside the views, where an error is a bare 500: these pin
+# that a store that cannot be used is the same 503 there as anywhere else.
+
+
+def assert_store_unavailable_page(response) -> None:
+    text = response.get_data(as_text=True)
+    assert response.status_code == 503, text[-600:]
+    assert "store unavailable" in text and re.search(r"SQLITE_(FULL|NOTADB)", text), text[-600:]
+
+
+def session_subjects(jit) -> list[str]:
+    rows = jit.grants.store.db.execute("SELECT subject FROM web_sessions")
+    return [row[0] for row in rows]
+
+
+def test_logging_in_on_a_full_disk_is_503_until_space_returns(small_disk, make_app):
+    app = make_app(storage={"path": str(small_disk / "broker.db")})
+    jit = app.extensions["jit"]
+    client = app.test_client()
+    filler = fill(small_disk)
+    assert_store_unavailable_page(client.get("/auth/login"))  # the login state cannot be kept
+    filler.unlink()
+
+    start = client.get("/auth/login")
+    assert start.status_code == 302
+    callback = urlsplit(
+        follow_login(
+            requests.Session(), start.headers["Location"], "alice", stop_at_redirect_uri=True
+        )
+    )
+    filler = fill(small_disk)
+    # The provider said yes, but the signed-in session cannot be stored: nobody is signed in.
+    assert_store_unavailable_page(client.get(f"{callback.path}?{callback.query}"))
+    filler.unlink()
+    assert "alice" not in session_subjects(jit)
+    assert "alice@example.com" not in client.get("/").get_data(as_text=True)
+
+    page = browser(app, "alice").get("/").get_data(as_text=True)
+    assert "alice@example.com" in page
+
+
+def test_a_logout_the_store_cannot_record_is_503_and_the_session_goes_on(small_disk, make_app):
+    """Saying "logged out" while the session still works would be a lie: a 503, then a logout
+    that works once there is room, after which the cookie is worth nothing."""
+    app = make_app(storage={"path": str(small_disk / "broker.db")})
+    client = browser(app, "alice")
+    token = csrf(client.get("/").get_data(as_text=True))
+    filler = fill(small_disk)
+    assert_store_unavailable_page(client.post("/auth/logout", data={"csrf_token": token}))
+    filler.unlink()
+    assert "alice@example.com" in client.get("/").get_data(as_text=True)
+    assert client.post("/auth/logout", data={"csrf_token": token}).status_code == 303
+    assert "alice@example.com" not in client.get("/").get_data(as_text=True)
+    assert session_subjects(app.extensions["jit"]) == []
+
+
+def test_a_session_the_store_cannot_read_is_503_not_500_nor_a_csrf_error(make_app, serve):
+    app = make_app()
+    jit = app.extensions["jit"]
+    url = serve(app).url
+    client = browser(app, "alice")
+    cookie = client.get_cookie("session").value
+    token = csrf(client.get("/").get_data(as_text=True))
+    database = jit.settings.database_path
+    jit.grants.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    kept = database.with_name("kept.db")
+    os.link(database, kept)
+    garbage = database.with_name("garbage")
+    garbage.write_bytes(os.urandom(8192))
+    os.replace(garbage, database)  # each request of the server opens this: no database
+    try:
+        as_alice = {"cookies": {"session": cookie}, "allow_redirects": False, "timeout": 30}
+        page = requests.get(url + "/", **as_alice)
+        assert page.status_code == 503, page.text[-600:]
+        assert "SQLITE_NOTADB" in page.text
+        refused = requests.post(url + "/requests", data={"csrf_token": token}, **as_alice)
+        assert refused.status_code == 503, refused.text[-600:]
+        assert "SQLITE_NOTADB" in refused.text
+    finally:
+        os.replace(kept, database)
+    assert "alice@example.com" in requests.get(url + "/", **as_alice).text

@@ -82,6 +82,10 @@ def _csrf_error(exc: CSRFError):
 
 
 def _http_error(exc: HTTPException):
+    if isinstance(getattr(exc, "original_exception", None), BrokerError):
+        # Raised where Flask has no handler of ours (saving the session after the view): Flask
+        # makes it a 500, but the broker knows what it is (the store full: a 503).
+        return _broker_error(exc.original_exception)
     return _answer(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or "")
 
 

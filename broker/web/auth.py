@@ -61,6 +61,11 @@ def init_app(app: Flask) -> None:
         },
     )
     app.register_error_handler(SessionEnded, _session_ended)
+    # First of all hooks (before the CSRF check, which reads the session): a session the store
+    # could not open is a 503, not a missing CSRF token or an anonymous page.
+    app.before_request_funcs.setdefault(None, []).insert(
+        0, app.session_interface.raise_if_unavailable
+    )
 
 
 def _client():
@@ -81,6 +86,9 @@ def current_principal() -> Principal | None:
     if "jit_principal" in g:
         return g.jit_principal
     login = getattr(session, "login", None)
+    # Until the refresh below says otherwise, and for the error page if it raises (the store
+    # full: a 503), which must not try the refresh a second time.
+    g.jit_principal = Principal.from_claims(login.claims) if login else None
     if login is not None and time.time() - login.checked_at >= _refresh_every():
         try:
             login = _refresh(since=login.checked_at)

@@ -27,9 +27,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flask import request
+from flask import session as flask_session
 from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.datastructures import CallbackDict
 
+from ..errors import StoreUnavailable
 from ..store import Store
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
@@ -63,6 +65,9 @@ class ServerSession(CallbackDict, SessionMixin):
         self.ended: list[str] = []  # ids to delete at the end of the request
         self.issued = False  # its id was made in this request: the response sets the cookie
         self.modified = False
+        # Why the store could not be used for it: then it is neither read nor written again in
+        # this request, and the request is refused with this error (a 503).
+        self.unavailable: StoreUnavailable | None = None
 
     def end(self) -> None:
         """Forget everything and stop using this id (logout, login, a refused refresh): its row
@@ -116,6 +121,17 @@ class StoreSessionInterface(SessionInterface):
     # --- Flask's interface ---------------------------------------------------------------------
 
     def open_session(self, app, request) -> ServerSession:
+        """Flask opens the session before any view or error handler runs, where an exception is
+        only a bare 500: a store that cannot be read gives an empty session that remembers why,
+        and `raise_if_unavailable` (a before_request hook) refuses the request with it."""
+        try:
+            return self._open(app, request)
+        except StoreUnavailable as exc:
+            session = ServerSession()
+            session.unavailable = exc
+            return session
+
+    def _open(self, app, request) -> ServerSession:
         sid = request.cookies.get(self.get_cookie_name(app), "")
         if not SESSION_ID.fullmatch(sid):
             return ServerSession()  # no cookie, or one we never made: anonymous
@@ -136,6 +152,17 @@ class StoreSessionInterface(SessionInterface):
         )
 
     def save_session(self, app, session: ServerSession, response) -> None:
+        if session.unavailable is not None:
+            return  # refused already: nothing of it is written
+        try:
+            self._save(app, session, response)
+        except StoreUnavailable as exc:
+            # Raised after the view, so Flask answers it through its 500 handler, which
+            # web/__init__.py answers as this error; Flask then saves again: not this session.
+            session.unavailable = exc
+            raise
+
+    def _save(self, app, session: ServerSession, response) -> None:
         for sid in session.ended:
             self.store.delete_web_session(row_key(sid))
         name = self.get_cookie_name(app)
@@ -163,6 +190,13 @@ class StoreSessionInterface(SessionInterface):
             self._set_cookie(app, session, response)
 
     # --- for broker/web/auth.py ---------------------------------------------------------------
+
+    @staticmethod
+    def raise_if_unavailable() -> None:
+        """A before_request hook: refuse a request whose session the store could not open."""
+        unavailable = getattr(flask_session, "unavailable", None)
+        if unavailable is not None:
+            raise unavailable
 
     def start_login(self, session: ServerSession, login: Login) -> None:
         """A new id for the signed-in session (no fixation: the id used before login is dropped)
