@@ -21,7 +21,8 @@ from broker.models import Principal, parse_time, utcnow
 from tests.conftest import broker_settings
 from tests.services import OpenBao, free_port
 from tests.test_api import token_works, wait_for_status
-from tests.test_extend_races import STRETCHY_POLICY, live_tokens_of
+from tests.test_approvals import APPROVAL_POLICY
+from tests.test_extend_races import live_tokens_of
 
 ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
 LATER = timedelta(minutes=3)  # past the grace an issuance in flight gets
@@ -464,7 +465,7 @@ def extension_killed_after_vault(make_app, config, openbao):
     """An extendable grant, issued here; a broker subprocess extending it is SIGKILLed the
     moment Vault has answered. Returns the grant, its recorded credential, and the unrecorded
     token (its secret and accessor)."""
-    grants = make_app(policy_text=STRETCHY_POLICY).extensions["jit"].grants
+    grants = make_app(policy_text=APPROVAL_POLICY).extensions["jit"].grants
     grant, first = grants.request(ALICE, "stretchy", "10m", "crash while extending")
     crashed = subprocess.run(
         [sys.executable, "-c", CRASHING_BROKER, str(config), grant.id],
@@ -487,11 +488,11 @@ def test_an_extension_in_flight_when_a_broker_is_killed_is_settled_as_soon_as_on
     tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
 ):
     config = crash_config(
-        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, STRETCHY_POLICY
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, APPROVAL_POLICY
     )
     grant, first, stray = extension_killed_after_vault(make_app, config, openbao)
 
-    restarted = make_app(policy_text=STRETCHY_POLICY, reaper={"enabled": True})
+    restarted = make_app(policy_text=APPROVAL_POLICY, reaper={"enabled": True})
     jit = restarted.extensions["jit"]
     grants = jit.grants
     try:
@@ -523,10 +524,10 @@ def test_a_dead_processs_extension_claim_does_not_block_the_next_extension(
     tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
 ):
     config = crash_config(
-        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, STRETCHY_POLICY
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, APPROVAL_POLICY
     )
     grant, first, stray = extension_killed_after_vault(make_app, config, openbao)
-    grants = make_app(policy_text=STRETCHY_POLICY).extensions["jit"].grants  # no reconcile yet
+    grants = make_app(policy_text=APPROVAL_POLICY).extensions["jit"].grants  # no reconcile yet
 
     _, second = grants.extend(ALICE, grant.id, "5m")  # not a 409, though the claim is seconds old
     assert token_works(openbao, second.secret) and not token_works(openbao, first.secret)
@@ -546,10 +547,10 @@ def test_brokers_settling_a_dead_processs_extension_at_the_same_moment_settle_it
     tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
 ):
     config = crash_config(
-        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, STRETCHY_POLICY
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, APPROVAL_POLICY
     )
     grant, first, stray = extension_killed_after_vault(make_app, config, openbao)
-    grants = make_app(policy_text=STRETCHY_POLICY).extensions["jit"].grants
+    grants = make_app(policy_text=APPROVAL_POLICY).extensions["jit"].grants
     # Every sweep judges the token a stray before any of them takes the dead claim: the worst
     # interleaving, every time, not only when the machine happens to produce it.
     sweeps, adopt = 8, grants._adopt
@@ -582,9 +583,9 @@ def test_a_starting_broker_leaves_a_live_processs_extension_in_flight_alone(
     tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
 ):
     config = crash_config(
-        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, STRETCHY_POLICY
+        make_app, tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, APPROVAL_POLICY
     )
-    grants = make_app(policy_text=STRETCHY_POLICY).extensions["jit"].grants
+    grants = make_app(policy_text=APPROVAL_POLICY).extensions["jit"].grants
     grant, first = grants.request(ALICE, "stretchy", "10m", "slow extension")
     slow = subprocess.Popen(
         [sys.executable, "-c", SLOW_BROKER, str(config), grant.id],
@@ -597,7 +598,7 @@ def test_a_starting_broker_leaves_a_live_processs_extension_in_flight_alone(
         said = json.loads(slow.stdout.readline() or "null")
         assert said, slow.stderr.read() if slow.poll() is not None else "no answer"
 
-        starting = make_app(policy_text=STRETCHY_POLICY, reaper={"enabled": True})
+        starting = make_app(policy_text=APPROVAL_POLICY, reaper={"enabled": True})
         jit = starting.extensions["jit"]
         try:
             first_pass(jit.reaper)
