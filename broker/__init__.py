@@ -10,6 +10,8 @@ from flask import Flask
 
 from . import audit, web
 from .audit_log import AuditLog
+from .backends import make_backends
+from .backends.vault import make_client, vault_health
 from .config import Settings, check_service_settings, load_settings
 from .forward import Forwarder
 from .grants import Grants
@@ -21,7 +23,6 @@ from .policy_file import PolicyFile
 from .reaper import Reaper
 from .review import Review
 from .store import Store
-from .vault import make_backends, make_client, vault_health
 
 HERE = Path(__file__).resolve().parent
 # An installed wheel carries the templates as broker/templates; a checkout keeps them at the top.

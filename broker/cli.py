@@ -325,7 +325,7 @@ def policy_explain(
 @main.command("vault-policy")
 def vault_policy() -> None:
     """Print the broker's own least-privilege OpenBao policy, to install with `bao policy write`."""
-    from .vault import openbao_policy
+    from .backends.vault import openbao_policy
 
     click.echo(openbao_policy(), nl=False)
 

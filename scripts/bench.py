@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker import audit  # noqa: E402
+from broker.backends import make_backends  # noqa: E402
+from broker.backends.vault import TOKEN_ROLE  # noqa: E402
 from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
 from broker.policy_file import PolicyFile  # noqa: E402
 from broker.store import Store  # noqa: E402
-from broker.vault import TOKEN_ROLE, make_backends  # noqa: E402
 from tests.services import OpenBao  # noqa: E402
 
 POLICY = """

@@ -34,7 +34,7 @@ import hvac
 import jwt
 import requests
 
-from broker.vault import TOKEN_ROLE, openbao_policy
+from broker.backends.vault import TOKEN_ROLE, openbao_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 OIDC_DIR = ROOT / "scripts" / "oidc"
@@ -48,7 +48,7 @@ USER_SCOPES = "openid email profile groups"
 # The name of the broker's own policy in OpenBao (the text is broker/openbao/jit-broker.hcl).
 BROKER_POLICY = "jit-broker"
 # The policy of the database backend's per-grant tokens for the database/ mount's readonly role
-# (broker/vault.py names it jit-db-<mount>-<role>); the token role must admit it.
+# (broker/backends/database.py names it jit-db-<mount>-<role>); the token role must admit it.
 DATABASE_READONLY_POLICY = "jit-db-database-readonly"
 
 

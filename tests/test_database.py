@@ -8,8 +8,9 @@ import psycopg
 import pytest
 
 from broker import audit
+from broker.backends import make_backends
+from broker.backends.vault import make_client
 from broker.models import parse_time
-from broker.vault import make_backends, make_client
 from tests.services import free_port
 
 DATABASE_POLICY = """

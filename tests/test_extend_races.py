@@ -12,9 +12,9 @@ import hvac.exceptions
 import pytest
 
 from broker import audit
+from broker.backends.token import VaultTokenBackend
 from broker.errors import GrantConflict
 from broker.models import Principal, utcnow
-from broker.vault import VaultTokenBackend
 from tests.test_api import token_works
 from tests.test_approvals import APPROVAL_POLICY
 from tests.test_reconcile import LATER

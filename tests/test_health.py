@@ -7,8 +7,9 @@ from datetime import timedelta
 
 import pytest
 
+from broker.backends import make_backends
+from broker.backends.vault import make_client
 from broker.models import Principal, parse_time, utcnow
-from broker.vault import make_backends, make_client
 from tests.services import free_port
 from tests.test_api import token_works
 from tests.test_review import browser

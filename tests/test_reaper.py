@@ -6,9 +6,10 @@ from datetime import timedelta
 import pytest
 
 from broker import audit
+from broker.backends import make_backends
+from broker.backends.vault import make_client
 from broker.models import Principal, parse_time
 from broker.reaper import Reaper
-from broker.vault import make_backends, make_client
 from tests.services import free_port
 from tests.test_api import token_works, wait_for_status
 

@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 
 from broker import audit
+from broker.backends.token import VaultTokenBackend
 from broker.models import ISSUING, Credential, Grant, Principal, isoformat, utcnow
 from broker.reaper import Reaper
-from broker.vault import VaultTokenBackend
 from tests.test_api import token_works
 from tests.test_database import (  # noqa: F401 (inventory is a fixture)
     DATABASE_POLICY,

@@ -12,8 +12,8 @@ import hvac.exceptions
 import pytest
 from click.testing import CliRunner
 
+from broker.backends.vault import TOKEN_ROLE, openbao_policy
 from broker.cli import main as jit
-from broker.vault import TOKEN_ROLE, openbao_policy
 from tests.services import BROKER_POLICY, DATABASE_READONLY_POLICY
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from .. import audit
+from ..backends import Backend
 from ..durations import parse_duration
 from ..errors import (
     GrantNotFound,
@@ -68,7 +69,7 @@ class GrantsBase:
         self,
         store: Store,
         policy: Callable[[], Policy],
-        backends: dict,
+        backends: dict[str, Backend],
         fingerprint_key: bytes,
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = utcnow,
@@ -234,7 +235,7 @@ class GrantsBase:
     def _fingerprint(self, handle: str) -> str:
         return audit.fingerprint(self.fingerprint_key, handle)
 
-    def _marks(self, backend, handle: str) -> dict:
+    def _marks(self, backend: Backend, handle: str) -> dict:
         """What the log keeps of a credential's handle and of each name it goes by (accessor,
         lease id, database user, serial): HMACs, which `jit audit lookup` matches and nobody can
         read back."""

@@ -96,9 +96,7 @@ class Issuing(GrantsBase):
 
     def _check_request(self, chosen: Entitlement, public_key: object) -> None:
         """What the backend needs from the requester, checked before anything is recorded."""
-        check = getattr(self.backends[chosen.backend], "check_request", None)
-        if check is not None:
-            check(public_key)
+        self.backends[chosen.backend].check_request(public_key)
 
     def _record_request(
         self,

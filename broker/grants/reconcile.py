@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from ..backends import Backend
 from ..models import (
     ISSUE_FAILED,
     ISSUING,
@@ -48,7 +49,7 @@ class Reconciling(GrantsBase):
                 self._abandon(grant, "the broker stopped before Vault issued anything")
         return findings
 
-    def _stray(self, backend, holding: Holding, grant: Grant | None, now: datetime) -> str:
+    def _stray(self, backend: Backend, holding: Holding, grant: Grant | None, now: datetime) -> str:
         """Why `holding` is a stray ("" when it is not, or when it is not ours to judge)."""
         if grant is None:
             # A grant is recorded before Vault is asked, so an unknown id is never in flight.
@@ -114,7 +115,9 @@ class Reconciling(GrantsBase):
             self._log(tx, "issue_failed", REAPER, grant.id, backend=grant.backend, error=why)
         return True
 
-    def _remove_stray(self, backend, holding: Holding, grant: Grant | None, why: str) -> dict:
+    def _remove_stray(
+        self, backend: Backend, holding: Holding, grant: Grant | None, why: str
+    ) -> dict:
         outcome = self._remove(backend, holding.handle)
         finding = {
             "backend": backend.kind,

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from .. import notify
+from ..backends import Backend
 from ..errors import (
     BrokerError,
     GrantConflict,
@@ -41,7 +42,7 @@ from .base import (
 
 
 class Removing(GrantsBase):
-    def _remove_replaced(self, grant: Grant, backend) -> None:
+    def _remove_replaced(self, grant: Grant, backend: Backend) -> None:
         """Revoke the credential an extension replaced. Should that fail, it stays on the grant's
         list for the reaper (and still dies at the old window end, inside the new window); the
         chain records what happened either way."""
@@ -59,7 +60,7 @@ class Removing(GrantsBase):
             return
         self._remove_unused(grant, backend, grant.handle, replaced=True)
 
-    def _remove_unused(self, grant: Grant, backend, handle: str, **context) -> None:
+    def _remove_unused(self, grant: Grant, backend: Backend, handle: str, **context) -> None:
         """Revoke and verify one credential of a live grant that nobody may use any more (the
         one an extension replaced, or the one an extension that lost a race made); it leaves
         the grant's list only once verified gone."""
@@ -69,7 +70,7 @@ class Removing(GrantsBase):
             if outcome.gone:
                 tx.mark_gone(grant.id, handle, self._now())
 
-    def _remove(self, backend, handle: str) -> Removal:
+    def _remove(self, backend: Backend, handle: str) -> Removal:
         """Revoke, then verify even when the revoke call failed: Vault's own expiry may have
         removed it in the same instant, and what counts is whether the credential is gone, not
         who removed it."""
@@ -79,7 +80,13 @@ class Removing(GrantsBase):
         )
 
     def _log_removal(
-        self, tx: Transaction, grant: Grant, backend, handle: str, outcome: Removal, **context
+        self,
+        tx: Transaction,
+        grant: Grant,
+        backend: Backend,
+        handle: str,
+        outcome: Removal,
+        **context,
     ) -> None:
         revoke_error, verify_error = outcome
         marks = self._marks(backend, handle)
@@ -111,7 +118,8 @@ class Removing(GrantsBase):
         expiry: the release records the end, and the reaper looks (and verifies) only then."""
         grant = self.get(principal, grant_id, owner_only=True)
         now = self._now()
-        revocable = getattr(self.backends.get(grant.backend), "revocable", True)
+        backend = self.backends.get(grant.backend)
+        revocable = backend is None or backend.revocable
         due = now if revocable else max(now, grant.credential_expires_at or now)
         with self.store.transaction() as tx:
             if not tx.move_grant(

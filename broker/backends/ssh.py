@@ -1,0 +1,149 @@
+"""The SSH kind: an OpenSSH user certificate for the requester's own public key, signed by OpenBao's
+SSH engine and capped to the window. Nothing can revoke a certificate, so it never claims to; it
+checks the key before anything is recorded."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, cast
+
+import hvac
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization.ssh import SSHCertificate, SSHPublicKeyTypes
+
+from ..errors import InvalidDuration, InvalidRequest, VaultRejected
+from ..models import Holding, IssuedCredential, isoformat, utcnow
+from .base import Backend
+from .vault import seconds_until, translate_errors
+
+if TYPE_CHECKING:
+    from ..policy import Entitlement
+
+MAX_PUBLIC_KEY = 16_384  # far beyond an RSA 8192 key in OpenSSH form
+
+
+class SshCertificateBackend(Backend):
+    """An OpenSSH user certificate for the requester's own public key, signed by the OpenBao SSH
+    engine (a role with key_type "ca") for the entitlement's principals. Its `valid_before` is the
+    window end at the latest, and that is the only way it ends: nothing can revoke a certificate
+    (hosts check only its signature and validity), so `revocable` is False, `revoke` does nothing
+    and it is gone once `valid_before` has passed. Vault keeps nothing of it, so there is nothing
+    for the reconciler to find. The handle is JSON: serial and valid_before."""
+
+    kind = "ssh"
+    revocable = False
+    verify_method = (
+        "the certificate's validity ended (valid_before has passed); SSH certificates cannot be "
+        "revoked, so they are capped to the window"
+    )
+
+    def __init__(
+        self, client: hvac.Client, instance: str = "", clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self.client = client
+        self.instance = instance
+        self.clock = clock
+
+    def check_request(self, public_key: object) -> None:
+        """Refuse, before anything is recorded, a request without a usable OpenSSH public key."""
+        _parsed_public_key(public_key)
+
+    @translate_errors
+    def issue(
+        self,
+        grant_id: str,
+        entitlement: Entitlement,
+        window_end: datetime,
+        requester: str,
+        public_key: object = "",
+    ) -> IssuedCredential:
+        options = entitlement.ssh
+        if options is None:
+            raise VaultRejected(f"{entitlement.name} has no [ssh] table in the policy")
+        key = _parsed_public_key(public_key)
+        assert isinstance(public_key, str)  # _parsed_public_key refuses anything else
+        ttl = seconds_until(window_end)
+        if ttl <= 0:
+            raise InvalidDuration("the window closed before Vault could sign the certificate")
+        signed = self.client.secrets.ssh.sign_ssh_key(
+            name=options.role,
+            public_key=public_key.strip(),
+            ttl=f"{ttl}s",
+            valid_principals=",".join(options.principals),
+            cert_type="user",
+            key_id=f"jit-{grant_id} {requester}",
+            mount_point=options.mount,
+        )
+        text = signed["data"]["signed_key"].strip()
+        # Vault answers a certificate: sign_ssh_key signs keys into nothing else.
+        cert = cast(SSHCertificate, serialization.load_ssh_public_identity(text.encode()))
+        valid_before = datetime.fromtimestamp(cert.valid_before, UTC)
+        if valid_before > window_end or cert.public_key() != key:
+            # Never hand out what outlives the window: it could not be taken back.
+            raise VaultRejected(
+                f"the signed certificate is valid until {isoformat(valid_before)}, after the "
+                f"window end {isoformat(window_end)}, or is not for the key sent"
+            )
+        principals = [p.decode() for p in cert.valid_principals]
+        return IssuedCredential(
+            secret=text,
+            handle=json.dumps(
+                {"serial": cert.serial, "valid_before": cert.valid_before}, sort_keys=True
+            ),
+            expires_at=valid_before,
+            kind=self.kind,
+            details={
+                "serial": str(cert.serial),
+                "valid_principals": principals,
+                "valid_before": isoformat(valid_before),
+                "expires_at": isoformat(valid_before),
+                "public_key_sha256": _ssh_fingerprint(public_key),
+                "ssh_role": options.role,
+                "mount": options.mount,
+                "vault_request_id": signed["request_id"],
+            },
+        )
+
+    def identifiers(self, handle: str) -> dict[str, str]:
+        return {"serial": str(json.loads(handle)["serial"])}
+
+    def revoke(self, handle: str) -> None:
+        """Nothing can revoke an SSH certificate; it ends at its valid_before."""
+
+    def is_gone(self, handle: str) -> bool:
+        return datetime.fromtimestamp(json.loads(handle)["valid_before"], UTC) <= self.clock()
+
+    def holdings(self) -> list[Holding]:
+        """Vault keeps nothing of a signed certificate."""
+        return []
+
+    def is_recorded(self, holding: Holding, recorded_handle: str) -> bool:
+        return bool(recorded_handle) and holding.handle == recorded_handle
+
+
+def _parsed_public_key(public_key: object) -> SSHPublicKeyTypes:
+    if not isinstance(public_key, str) or not public_key.strip():
+        raise InvalidRequest(
+            "public_key is required for an SSH certificate: send your OpenSSH public key "
+            "(the one line of ~/.ssh/id_ed25519.pub)"
+        )
+    if len(public_key) > MAX_PUBLIC_KEY or "cert-v01@openssh.com" in public_key.split()[0]:
+        raise InvalidRequest("public_key must be an OpenSSH public key, not a certificate")
+    try:
+        return serialization.load_ssh_public_key(public_key.strip().encode())
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidRequest(
+            "public_key is not an OpenSSH public key: send one line like "
+            "'ssh-ed25519 AAAA... you@host'"
+        ) from None
+
+
+def _ssh_fingerprint(public_key: str) -> str:
+    """What `ssh-keygen -l` shows: SHA256 of the key's wire form, base64 without padding."""
+    blob = base64.b64decode(public_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

@@ -1,0 +1,112 @@
+"""The Vault token kind: a token holding an entitlement's Vault policies for the window. It issues,
+revokes, verifies and lists tokens only; what a grant may hold is the policy's to say."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import hvac
+import hvac.exceptions
+
+from ..errors import VaultUnavailable
+from ..models import Holding, IssuedCredential, isoformat, utcnow
+from .base import Backend
+from .vault import (
+    TOKEN_ROLE,
+    broker_tokens,
+    holding_from,
+    is_unknown_accessor,
+    revoke_accessor,
+    seconds_until,
+    tags,
+    token_facts,
+    translate_errors,
+)
+
+if TYPE_CHECKING:
+    from ..policy import Entitlement
+
+
+class VaultTokenBackend(Backend):
+    """A Vault token holding the entitlement's policies, made through the token role TOKEN_ROLE:
+    orphaned (outlives nothing of the broker's), not renewable, and `explicit_max_ttl` ends it at
+    the window end even if the broker dies. Tagged with the grant and the broker (`instance`), so
+    the reconciler can find it."""
+
+    kind = "vault_token"
+    revocable = True
+    verify_method = "Vault no longer knows the token's accessor"
+
+    def __init__(self, client: hvac.Client, instance: str = "") -> None:
+        self.client = client
+        self.instance = instance
+
+    @translate_errors
+    def issue(
+        self,
+        grant_id: str,
+        entitlement: Entitlement,
+        window_end: datetime,
+        requester: str,
+        public_key: object = "",
+    ) -> IssuedCredential:
+        ttl = seconds_until(window_end)
+        if ttl <= 0:
+            raise VaultUnavailable("the window closed before Vault could issue the token")
+        response = self.client.auth.token.create(
+            role_name=TOKEN_ROLE,
+            policies=list(entitlement.vault_policies),
+            ttl=f"{ttl}s",
+            explicit_max_ttl=f"{ttl}s",
+            renewable=False,
+            display_name=f"jit-{grant_id}",
+            meta=tags(grant_id, requester, self.kind, self.instance),
+        )
+        auth = response["auth"]
+        expires_at = utcnow().replace(microsecond=0) + timedelta(seconds=auth["lease_duration"])
+        return IssuedCredential(
+            secret=auth["client_token"],
+            handle=auth["accessor"],
+            expires_at=min(expires_at, window_end),
+            kind=self.kind,
+            details={
+                "policies": auth["policies"],
+                "ttl": auth["lease_duration"],
+                "renewable": auth["renewable"],
+                "vault_request_id": response["request_id"],
+                "expires_at": isoformat(min(expires_at, window_end)),
+            },
+        )
+
+    def identifiers(self, handle: str) -> dict[str, str]:
+        """What names the credential, for the audit log's HMACs and `jit audit lookup`."""
+        return {"accessor": handle}
+
+    @translate_errors
+    def revoke(self, handle: str) -> None:
+        """Revoke by accessor. An accessor Vault no longer knows is already gone: not an error."""
+        revoke_accessor(self.client, handle)
+
+    @translate_errors
+    def is_gone(self, handle: str) -> bool:
+        """True only when Vault itself says it no longer knows the token."""
+        try:
+            self.client.auth.token.lookup_accessor(handle)
+        except hvac.exceptions.InvalidRequest as exc:
+            if is_unknown_accessor(exc):
+                return True
+            raise
+        return False
+
+    @translate_errors
+    def holdings(self) -> list[Holding]:
+        """Every token this backend made for this broker that Vault still knows."""
+        return [
+            holding_from(data, accessor, f"Vault token: {token_facts(data)}")
+            for accessor, data in broker_tokens(self.client, self.instance, self.kind)
+        ]
+
+    def is_recorded(self, holding: Holding, recorded_handle: str) -> bool:
+        """Whether `holding` is the credential a grant records by `recorded_handle`."""
+        return bool(recorded_handle) and holding.handle == recorded_handle
