@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from broker import audit  # noqa: E402
 from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
-from broker.policy_file import PolicyFile  # noqa: E402
+from broker.policy import PolicyFile  # noqa: E402
 from broker.store import Store  # noqa: E402
 from broker.vault import TOKEN_ROLE, make_backends  # noqa: E402
 from tests.services import OpenBao  # noqa: E402
