@@ -19,7 +19,7 @@ from .identity import BearerVerifier, ProviderMetadata
 from .liveness import Liveness
 from .notify import Notifier
 from .own_token import OwnToken
-from .policy_file import PolicyFile
+from .policy import PolicyFile
 from .reaper import Reaper
 from .review import Review
 from .store import Store

@@ -18,8 +18,7 @@ from .audit_log import AuditLog
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
 from .models import Principal, isoformat, parse_time, utcnow
-from .policy import decide, explain
-from .policy_loader import PolicyError, load_policy
+from .policy import PolicyError, decide, explain, load_policy
 from .store import Store
 
 

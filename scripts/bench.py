@@ -20,7 +20,7 @@ from broker.backends import make_backends  # noqa: E402
 from broker.backends.vault import TOKEN_ROLE  # noqa: E402
 from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
-from broker.policy_file import PolicyFile  # noqa: E402
+from broker.policy import PolicyFile  # noqa: E402
 from broker.store import Store  # noqa: E402
 from tests.services import OpenBao  # noqa: E402
 

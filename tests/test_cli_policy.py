@@ -66,7 +66,7 @@ def invoke(*args):
 
 
 def test_check_a_good_policy(policy_file):
-    from broker.policy_loader import load_policy
+    from broker.policy import load_policy
 
     result = invoke("policy", "check", policy_file)
     assert result.exit_code == 0

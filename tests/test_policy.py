@@ -10,8 +10,14 @@ import pytest
 
 from broker.errors import ConfigError
 from broker.models import Approval, Principal
-from broker.policy import DatabaseOptions, SshOptions, explain
-from broker.policy_loader import PolicyError, check_policy_text, load_policy
+from broker.policy import (
+    DatabaseOptions,
+    PolicyError,
+    SshOptions,
+    check_policy_text,
+    explain,
+    load_policy,
+)
 
 POLICY = r"""
 [approver_groups]

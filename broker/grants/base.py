@@ -252,7 +252,7 @@ class GrantsBase:
 def _validated(
     entitlement: object, duration: object, reason: object, ticket: object
 ) -> tuple[str, int | None, str, str]:
-    """Shape checks only; what the policy demands (lengths, patterns, maxima) is policy.py's."""
+    """Shape checks only; what the policy demands (lengths, patterns, maxima) is broker/policy's."""
     if not isinstance(entitlement, str) or not entitlement.strip():
         raise InvalidRequest("entitlement is required")
     seconds = None

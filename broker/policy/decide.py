@@ -1,207 +1,15 @@
-"""The task-window policy: which entitlements exist, who may request them, for how long, when, with
-what reason, and who must approve. Evaluates requests, approvals and extensions against it (reading
-the file is policy_loader.py's job); never issues, stores or audits anything itself, and imports
-nothing of the broker but plain data types."""
+"""Deciding on a policy: the Policy (the entitlements of one version of the file) evaluates
+requests, break-glass, extensions, approvers and reviewers into a Decision or a Refusal, each rule a
+small named check. Never reads the file, issues, stores or audits anything."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
-from zoneinfo import ZoneInfo
+from datetime import UTC, datetime, timedelta
 
-from .durations import format_duration
-from .models import Approval, Decision, Person, Principal, Refusal, utcnow
-
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-# --- the rules ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Requesters:
-    """Who may request. Any one rule admits. People are admitted by groups, email domains and
-    claims, never by the agent list; agents only by the agent list, never by anything else."""
-
-    groups: tuple[str, ...] = ()
-    email_domains: tuple[str, ...] = ()
-    claims: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (claim, accepted values)
-    agents: tuple[str, ...] = ()
-
-    def admits(self, principal: Principal) -> str:
-        """The rule that admits the principal, in words; "" when none does."""
-        if principal.kind == "agent":
-            for name in self.agents:
-                if name in (principal.client_id, principal.subject):
-                    return f"agent {name} is listed in requesters.agents"
-            return ""
-        if principal.kind != "human":
-            return ""
-        shared = [g for g in self.groups if g in principal.groups]
-        if shared:
-            return f"member of {', '.join(shared)}"
-        domain = principal.email.rpartition("@")[2].lower() if "@" in principal.email else ""
-        if domain and domain in self.email_domains:
-            return f"email address at {domain}"
-        claims = principal.claims()
-        for claim, accepted in self.claims:
-            value = claims.get(claim)
-            held = value if isinstance(value, list | tuple) else [value]
-            matched = [v for v in accepted if v in held]
-            if matched:
-                return f"claim {claim} is {matched[0]}"
-        return ""
-
-    def describe_people(self) -> str:
-        parts = []
-        if self.groups:
-            parts.append(f"members of {', '.join(self.groups)}")
-        if self.email_domains:
-            parts.append(f"email addresses at {', '.join(self.email_domains)}")
-        for claim, accepted in self.claims:
-            parts.append(f"claim {claim} of {' or '.join(accepted)}")
-        return "; ".join(parts)
-
-
-@dataclass(frozen=True)
-class ReasonRule:
-    min_length: int = 0
-    ticket: re.Pattern | None = None  # when set, a ticket is required and must fullmatch
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """When a window may be active: slots that start on the listed days at `start` and end at
-    `end` (minutes after local midnight; an end at or before the start runs into the next day)."""
-
-    timezone: str
-    days: tuple[int, ...]  # 0 is Monday
-    start: int
-    end: int
-
-    @property
-    def zone(self) -> ZoneInfo:
-        return ZoneInfo(self.timezone)
-
-    def slot_at(self, moment: datetime) -> tuple[datetime, datetime] | None:
-        """The slot holding this moment (UTC start and end), joined with the slots that follow
-        it without a gap; None outside every slot."""
-        local = moment.astimezone(self.zone)
-        for day in (local.date() - timedelta(days=1), local.date()):
-            if day.weekday() not in self.days:
-                continue
-            start, end = self._slot(day)
-            if start <= moment < end:
-                for _ in range(len(DAYS)):
-                    following = end.astimezone(self.zone).date()
-                    if following.weekday() not in self.days:
-                        break
-                    next_start, next_end = self._slot(following)
-                    if next_start != end:
-                        break
-                    end = next_end
-                return start, end
-        return None
-
-    def _slot(self, day: date) -> tuple[datetime, datetime]:
-        end_day = day + timedelta(days=1) if self.end <= self.start or self.end == 1440 else day
-        return self._at(day, self.start), self._at(end_day, self.end % 1440)
-
-    def _at(self, day: date, minutes: int) -> datetime:
-        local = datetime.combine(day, time(minutes // 60, minutes % 60), tzinfo=self.zone)
-        return local.astimezone(UTC)
-
-    def describe(self) -> str:
-        return f"{_days_text(self.days)} {_clock(self.start)}-{_clock(self.end)} {self.timezone}"
-
-    def local_now(self, moment: datetime) -> str:
-        local = moment.astimezone(self.zone)
-        return f"{DAYS[local.weekday()]} {local:%H:%M}"
-
-
-@dataclass(frozen=True)
-class ApprovalRule:
-    required: int
-    from_groups: tuple[str, ...]
-    each_of: tuple[str, ...] = ()
-    expires_after: int | None = None  # seconds a pending request waits; None: the broker default
-    auto_approve_groups: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        noun = "approval" if self.required == 1 else "approvals"
-        text = f"{self.required} {noun} from members of {' or '.join(self.from_groups)}"
-        if self.each_of:
-            text += f", at least one from each of {', '.join(self.each_of)}"
-        return text
-
-
-@dataclass(frozen=True)
-class ExtendRule:
-    max_step: int
-    max_total: int
-
-
-@dataclass(frozen=True)
-class BreakGlassRule:
-    """The emergency path: members of `groups` get the entitlement at once, without approval,
-    ticket or schedule, for at most `max_duration`; `reviewers` must review it within
-    `review_within` seconds of its start."""
-
-    groups: tuple[str, ...]
-    reviewers: tuple[str, ...]
-    max_duration: int = 3600
-    review_within: int = 86400
-
-    MIN_REASON = 10  # an emergency still says what it is
-
-
-@dataclass(frozen=True)
-class DatabaseOptions:
-    """Where a database entitlement's users come from: the OpenBao database role (under the
-    database secrets engine mounted at `mount`) whose creation and revocation statements the
-    broker's per-grant role copies."""
-
-    role: str
-    mount: str = "database"
-
-
-@dataclass(frozen=True)
-class SshOptions:
-    """Who signs an ssh entitlement's certificates: the OpenBao SSH role (key_type "ca", under the
-    SSH secrets engine mounted at `mount`), and the principals every certificate is valid for."""
-
-    role: str
-    principals: tuple[str, ...]
-    mount: str = "ssh"
-
-
-@dataclass(frozen=True)
-class Entitlement:
-    name: str
-    description: str
-    backend: str
-    vault_policies: tuple[str, ...]  # for vault_token; () for database and ssh entitlements
-    max_duration: int  # seconds
-    default_duration: int | None = None
-    max_active: int | None = None  # open (active or pending) grants per principal; None: no limit
-    requesters: Requesters = Requesters()
-    reason: ReasonRule = ReasonRule()
-    schedule: Schedule | None = None
-    approval: ApprovalRule | None = None
-    extend: ExtendRule | None = None
-    break_glass: BreakGlassRule | None = None
-    database: DatabaseOptions | None = None  # set exactly when backend is "database"
-    ssh: SshOptions | None = None  # set exactly when backend is "ssh"
-
-    @property
-    def request_ttl(self) -> int | None:
-        """How long a request may wait for approval, in seconds (None: the broker's default)."""
-        return self.approval.expires_after if self.approval else None
-
-    def admits(self, principal: Principal) -> bool:
-        return bool(self.requesters.admits(principal))
-
+from ..durations import format_duration
+from ..models import Approval, Decision, Person, Principal, Refusal, utcnow
+from .model import BreakGlassRule, Entitlement, Requesters
 
 # --- the policy -----------------------------------------------------------------------------------
 
@@ -225,12 +33,14 @@ def _failed(code: str, text: str) -> _Finding:
 
 @dataclass(frozen=True)
 class Policy:
+    """One version of the policy file, and every decision made on it."""
+
     entitlements: dict[str, Entitlement]
     version: str  # sha256 of the file's bytes: the decision names the exact text it applied
 
     def eligible(self, principal: Principal) -> list[Entitlement]:
         """The entitlements this principal may request (requester rules only)."""
-        return [e for e in self.entitlements.values() if e.admits(principal)]
+        return [e for e in self.entitlements.values() if _admitting_rule(e.requesters, principal)]
 
     def break_glass_eligible(self, principal: Principal) -> list[Entitlement]:
         """The entitlements this principal may take through break-glass."""
@@ -452,11 +262,53 @@ class Policy:
         )
 
 
+def decide(
+    policy: Policy,
+    principal: Principal,
+    entitlement: str,
+    duration: int | None,
+    now: datetime | None = None,
+    reason: str | None = None,
+    ticket: str | None = None,
+    active: int = 0,
+    break_glass: bool = False,
+) -> Decision:
+    """The decision for a request on the normal path or, with `break_glass`, the emergency one."""
+    if break_glass:
+        return policy.evaluate_break_glass(principal, entitlement, duration, reason)
+    return policy.evaluate(principal, entitlement, duration, reason, ticket, now, active)
+
+
 # --- the rules as small named checks --------------------------------------------------------------
 
 
+def _admitting_rule(rules: Requesters, principal: Principal) -> str:
+    """Eligibility: the requester rule that admits the principal, in words; "" when none does."""
+    if principal.kind == "agent":
+        for name in rules.agents:
+            if name in (principal.client_id, principal.subject):
+                return f"agent {name} is listed in requesters.agents"
+        return ""
+    if principal.kind != "human":
+        return ""
+    shared = [g for g in rules.groups if g in principal.groups]
+    if shared:
+        return f"member of {', '.join(shared)}"
+    domain = principal.email.rpartition("@")[2].lower() if "@" in principal.email else ""
+    if domain and domain in rules.email_domains:
+        return f"email address at {domain}"
+    claims = principal.claims()
+    for claim, accepted in rules.claims:
+        value = claims.get(claim)
+        held = value if isinstance(value, list | tuple) else [value]
+        matched = [v for v in accepted if v in held]
+        if matched:
+            return f"claim {claim} is {matched[0]}"
+    return ""
+
+
 def _requester_rule(found: Entitlement, principal: Principal) -> _Finding:
-    admitted = found.requesters.admits(principal)
+    admitted = _admitting_rule(found.requesters, principal)
     if admitted:
         return _passed(admitted)
     rules = found.requesters
@@ -706,105 +558,3 @@ def _aware(moment: datetime | None) -> datetime:
     if moment is None:
         return utcnow()
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _clock(minutes: int) -> str:
-    return f"{minutes // 60:02d}:{minutes % 60:02d}"
-
-
-def _days_text(days: tuple[int, ...]) -> str:
-    """mon-fri, sat,sun, every day: runs of three or more days are written as a range."""
-    if len(days) == len(DAYS):
-        return "every day"
-    runs: list[list[int]] = []
-    for day in sorted(days):
-        if runs and runs[-1][-1] == day - 1:
-            runs[-1].append(day)
-        else:
-            runs.append([day])
-    parts = []
-    for run in runs:
-        if len(run) >= 3:
-            parts.append(f"{DAYS[run[0]]}-{DAYS[run[-1]]}")
-        else:
-            parts.extend(DAYS[d] for d in run)
-    return ",".join(parts)
-
-
-# --- explaining -----------------------------------------------------------------------------------
-
-
-def decide(
-    policy: Policy,
-    principal: Principal,
-    entitlement: str,
-    duration: int | None,
-    now: datetime | None = None,
-    reason: str | None = None,
-    ticket: str | None = None,
-    active: int = 0,
-    break_glass: bool = False,
-) -> Decision:
-    """The decision for a request on the normal path or, with `break_glass`, the emergency one."""
-    if break_glass:
-        return policy.evaluate_break_glass(principal, entitlement, duration, reason)
-    return policy.evaluate(principal, entitlement, duration, reason, ticket, now, active)
-
-
-def explain(
-    policy: Policy,
-    principal: Principal,
-    entitlement: str,
-    duration: int | None,
-    now: datetime | None = None,
-    reason: str | None = None,
-    ticket: str | None = None,
-    active: int = 0,
-    break_glass: bool = False,
-) -> str:
-    """The decision in words for people: the verdict, every reason, and who could approve (or,
-    for break-glass, who reviews it)."""
-    decision = decide(
-        policy, principal, entitlement, duration, now, reason, ticket, active, break_glass
-    )
-    who = f"{principal.display} ({principal.kind}"
-    who += f", groups: {', '.join(principal.groups)})" if principal.groups else ")"
-    if not decision.allowed:
-        verdict = f"refused ({decision.error})"
-    elif break_glass:
-        verdict = "allowed through break-glass, issued at once, reviewed afterwards"
-    elif decision.approvals_required:
-        verdict = f"allowed after {decision.approvals_required} approval" + (
-            "s" if decision.approvals_required > 1 else ""
-        )
-    elif decision.auto_approved:
-        verdict = "allowed, auto-approved, issued at once"
-    else:
-        verdict = "allowed, issued at once"
-    lines = [f"{entitlement} for {who}: {verdict}"]
-    mark = "+" if decision.allowed else "-"
-    lines += [f"  {mark} {text}" for text in decision.reasons]
-    found = policy.entitlements.get(entitlement)
-    if found is None:
-        lines.append(f"  entitlements in the policy: {', '.join(policy.entitlements) or 'none'}")
-        return "\n".join(lines)
-    if break_glass:
-        return "\n".join(lines)
-    if reason is None and found.reason.min_length:
-        lines.append(f"  ? a reason of at least {found.reason.min_length} characters is required")
-    if ticket is None and found.reason.ticket is not None:
-        lines.append(f"  ? a ticket matching {found.reason.ticket.pattern} is required")
-    lines.append(f"approval: {_approval_words(found)}")
-    return "\n".join(lines)
-
-
-def _approval_words(found: Entitlement) -> str:
-    rule = found.approval
-    if rule is None:
-        return "none needed"
-    text = rule.describe()
-    if rule.auto_approve_groups:
-        text += f"; members of {', '.join(rule.auto_approve_groups)} are auto-approved"
-    if rule.expires_after:
-        text += f"; a request expires unapproved after {format_duration(rule.expires_after)}"
-    return text

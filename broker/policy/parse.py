@@ -1,5 +1,5 @@
 """Reading a policy file: parse the TOML, check every key and value, and report every problem with
-the line it is on and a plain sentence. Builds the Policy that policy.py evaluates; evaluates
+the line it is on and a plain sentence. Builds the Policy that decide.py evaluates; evaluates
 nothing itself."""
 
 from __future__ import annotations
@@ -10,25 +10,26 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from .durations import format_duration, parse_duration
-from .errors import ConfigError
-from .policy import (
+from ..durations import format_duration, parse_duration
+from ..errors import ConfigError
+from .decide import Policy
+from .model import (
     DAYS,
     ApprovalRule,
     BreakGlassRule,
     DatabaseOptions,
     Entitlement,
     ExtendRule,
-    Policy,
     ReasonRule,
     Requesters,
     Schedule,
     SshOptions,
 )
 
-# Adding a credential backend: one name here, one class in vault.py.
+# Adding a credential backend: one name here, one class among the backends.
 BACKENDS = {"vault_token", "database", "ssh"}
 NEVER_GRANTED = {"root"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -486,9 +487,10 @@ class _Reader:
         needs: str,
         role_is: str,
         mount_like: str,
-    ) -> tuple[dict, tuple[str, ...], str, str] | None:
+    ) -> tuple[dict, tuple[str, ...], Any, Any] | None:
         """The `[entitlements.NAME.<kind>]` table a backend reads its options from, with the role
-        and mount every Vault backend table has; None when it is absent or does not belong."""
+        and mount every Vault backend table has, as written (names only when no problem was
+        noted); None when it is absent or does not belong."""
         if backend != kind:
             if kind in spec:
                 self.problem(

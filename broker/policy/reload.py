@@ -8,9 +8,9 @@ import os
 import threading
 from pathlib import Path
 
-from .errors import ConfigError
-from .policy import Policy
-from .policy_loader import load_policy
+from ..errors import ConfigError
+from .decide import Policy
+from .parse import load_policy
 
 log = logging.getLogger(__name__)
 
