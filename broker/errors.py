@@ -1,6 +1,8 @@
 """The broker's error types. Each carries the HTTP status it maps to, so `web` translates them
 in one place; nothing here knows about Flask."""
 
+from collections.abc import Sequence
+
 
 class BrokerError(Exception):
     """A failure the caller can understand: it has a short code, a readable detail and a status."""
@@ -8,7 +10,7 @@ class BrokerError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, detail: str, **context):
+    def __init__(self, detail: str, **context: Sequence[str]) -> None:
         super().__init__(detail)
         self.detail = detail
         self.context = context
@@ -112,7 +114,7 @@ class PolicyRefused(BrokerError):
         "not_break_glass": 409,
     }
 
-    def __init__(self, code: str, detail: str, **context):
+    def __init__(self, code: str, detail: str, **context: Sequence[str]) -> None:
         super().__init__(detail, **context)
         self.code = code
         self.status = self.STATUS.get(code, 422)

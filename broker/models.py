@@ -27,7 +27,7 @@ STANDARD_CLAIMS = frozenset(
 
 def extra_claims(claims: dict, exclude: frozenset) -> tuple[tuple[str, str | tuple[str, ...]], ...]:
     """The claims worth keeping beyond the standard ones: text, or lists of text."""
-    kept = []
+    kept: list[tuple[str, str | tuple[str, ...]]] = []
     for name, value in sorted(claims.items()):
         if name in exclude:
             continue

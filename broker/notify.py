@@ -143,17 +143,19 @@ class Notifier:
         if self.enabled and not self._stopping and self._thread is None:
             if self._post is None:
                 self._post = requests.Session().post
-            self._thread = threading.Thread(target=self._run, name="jit-notify", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(self._post,), name="jit-notify", daemon=True
+            )
             self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, post: Callable[..., requests.Response]) -> None:
         while True:
             with self._ready:
                 message = self._next_due()
                 if message is None:
                     return
                 self._in_flight = 1
-            failure = self._send(message)
+            failure = self._send(message, post)
             with self._ready:
                 self._in_flight = 0
                 self._settle(message, failure)
@@ -171,11 +173,11 @@ class Notifier:
             self._ready.wait(wait)
         return None
 
-    def _send(self, message: Outgoing) -> str:
+    def _send(self, message: Outgoing, post: Callable[..., requests.Response]) -> str:
         """One attempt; returns "" when delivered, or why not. Never the exception's text: requests
         puts the URL, secret path and all, into its messages."""
         try:
-            response = self._post(
+            response = post(
                 self.url, json=message.payload, timeout=self.timeout, allow_redirects=False
             )
         except Exception as exc:

@@ -121,7 +121,11 @@ class OwnToken:
         if self.expires_at is None:
             return {"ok": True, "ttl": None}
         left = self.expires_at - (now or self.clock())
-        check = {"ok": True, "ttl": max(0, int(left.total_seconds())), "renewable": self.renewable}
+        check: dict[str, object] = {
+            "ok": True,
+            "ttl": max(0, int(left.total_seconds())),
+            "renewable": self.renewable,
+        }
         problem = self._expiring(left)
         if problem:
             check.update(ok=False, error=problem)

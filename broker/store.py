@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, Self, TypedDict, TypeVar, Unpack, overload
 
 import sqlite_utils
 
@@ -74,29 +75,33 @@ def _translated() -> Iterator[None]:
 class _Cursor(sqlite3.Cursor):
     """Rows are read lazily, so a failing read can surface while iterating: translated too."""
 
-    def execute(self, *args):
+    # The arguments pass through unchanged: sqlite3.Cursor's own signature types them.
+    def execute(self, *args: Any) -> Self:
         with _translated():
             return super().execute(*args)
 
-    def executemany(self, *args):
+    def executemany(self, *args: Any) -> Self:
         with _translated():
             return super().executemany(*args)
 
-    def fetchone(self):
+    def fetchone(self) -> Any:
         with _translated():
             return super().fetchone()
 
-    def fetchmany(self, *args):
+    def fetchmany(self, *args: Any) -> list[Any]:
         with _translated():
             return super().fetchmany(*args)
 
-    def fetchall(self):
+    def fetchall(self) -> list[Any]:
         with _translated():
             return super().fetchall()
 
-    def __next__(self):
+    def __next__(self) -> Any:
         with _translated():
             return super().__next__()
+
+
+_CursorT = TypeVar("_CursorT", bound=sqlite3.Cursor)
 
 
 class _Connection(sqlite3.Connection):
@@ -105,24 +110,42 @@ class _Connection(sqlite3.Connection):
     file, an I/O error or a lock held past the timeout is a `StoreUnavailable` (503) on every
     path, reads included, instead of an unexplained 500."""
 
-    def cursor(self, factory=_Cursor):
+    @overload
+    def cursor(self, factory: None = None) -> sqlite3.Cursor: ...
+    @overload
+    def cursor(self, factory: Callable[[sqlite3.Connection], _CursorT]) -> _CursorT: ...
+    def cursor(
+        self, factory: Callable[[sqlite3.Connection], sqlite3.Cursor] | None = _Cursor
+    ) -> sqlite3.Cursor:
         return super().cursor(factory)
 
-    def execute(self, *args):
+    # The arguments pass through unchanged: sqlite3.Connection's own signature types them.
+    def execute(self, *args: Any) -> sqlite3.Cursor:
         with _translated():
             return super().execute(*args)
 
-    def executemany(self, *args):
+    def executemany(self, *args: Any) -> sqlite3.Cursor:
         with _translated():
             return super().executemany(*args)
 
-    def executescript(self, *args):
+    def executescript(self, *args: Any) -> sqlite3.Cursor:
         with _translated():
             return super().executescript(*args)
 
-    def commit(self):
+    def commit(self) -> None:
         with _translated():
             return super().commit()
+
+
+class GrantFilters(TypedDict, total=False):
+    """The filters of `Store.search_grants`, as `Store.iter_grants` passes them on."""
+
+    person: str
+    entitlement: str
+    status: str
+    break_glass: bool | None
+    since: str
+    until: str
 
 
 class Transaction:
@@ -137,14 +160,14 @@ class Transaction:
         return Grant(**dict(row)) if row else None
 
     def insert_grant(self, grant: Grant) -> None:
-        self.db["grants"].insert({name: getattr(grant, name) for name in GRANT_COLUMNS})
+        self.db.table("grants").insert({name: getattr(grant, name) for name in GRANT_COLUMNS})
 
     def move_grant(
         self,
         grant_id: str,
         from_status: tuple[str, ...] | str,
         if_handle: str | None = None,
-        **changes,
+        **changes: object,
     ) -> bool:
         """Change a grant only if it is still in one of `from_status` (and, given `if_handle`,
         still holds that credential: a change that replaces a credential must not replace one
@@ -171,7 +194,7 @@ class Transaction:
         return [Credential(**dict(row)) for row in rows]
 
     def add_credential(self, credential: Credential) -> None:
-        self.db["credentials"].insert(
+        self.db.table("credentials").insert(
             {f.name: getattr(credential, f.name) for f in fields(Credential)}
         )
 
@@ -193,7 +216,7 @@ class Transaction:
     def add_approval(self, grant_id: str, approval: Approval) -> bool:
         """Record one person's approval; False when that person had already approved."""
         try:
-            self.db["approvals"].insert(
+            self.db.table("approvals").insert(
                 {
                     "grant_id": grant_id,
                     "issuer": approval.issuer,
@@ -212,7 +235,7 @@ class Transaction:
         row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         prev = _entry(row) if row else None
         entry = audit.seal(prev, at, type_, actor, grant_id, data)
-        self.db["audit"].insert(
+        self.db.table("audit").insert(
             dict(entry, actor=json.dumps(entry["actor"]), data=json.dumps(entry["data"]))
         )
         return entry
@@ -350,11 +373,11 @@ class Store:
         )
         return [Grant(**dict(row)) for row in rows]
 
-    def iter_grants(self, batch: int = 500, **filters) -> Iterator[Grant]:
+    def iter_grants(self, batch: int = 500, **filters: Unpack[GrantFilters]) -> Iterator[Grant]:
         """Every grant `search_grants(**filters)` would find, page after page: memory stays at
         one batch, and no read transaction stays open while the caller works (a long one would
         keep the WAL from being checkpointed)."""
-        before = None
+        before: tuple[str, str] | None = None
         while True:
             page = self.search_grants(**filters, before=before, limit=batch)
             yield from page
@@ -426,7 +449,7 @@ class Store:
         return (first or 0, last or 0)
 
     def add_checkpoint(self, checkpoint: dict) -> None:
-        self.db["checkpoints"].insert(checkpoint, replace=True)
+        self.db.table("checkpoints").insert(checkpoint, replace=True)
 
     def checkpoints(self, first: int = 0, last: int | None = None) -> list[dict]:
         """Signed checkpoints whose size lies in [first, last], smallest first."""
@@ -459,10 +482,10 @@ class Store:
         row = self.db.execute("SELECT * FROM web_sessions WHERE key = ?", [key]).fetchone()
         return dict(row) if row else None
 
-    def insert_web_session(self, key: str, **columns) -> None:
-        self.db["web_sessions"].insert(dict(columns, key=key))
+    def insert_web_session(self, key: str, **columns: object) -> None:
+        self.db.table("web_sessions").insert(dict(columns, key=key))
 
-    def update_web_session(self, key: str, **changes) -> bool:
+    def update_web_session(self, key: str, **changes: object) -> bool:
         """Change the columns given; False when the session is gone (ended meanwhile)."""
         assignments = ", ".join(f"{name} = :{name}" for name in changes)
         cursor = self.db.execute(
@@ -533,13 +556,13 @@ def _entry(row: sqlite3.Row) -> dict:
 
 
 def _create_v1(db: sqlite_utils.Database) -> None:
-    columns = {name: str for name in V1_GRANT_COLUMNS}
+    columns: dict[str, type] = {name: str for name in V1_GRANT_COLUMNS}
     columns.update(duration=int, attempts=int)
-    db["grants"].create(columns, pk="id", not_null={"status", "entitlement", "window_end"})
-    db["grants"].create_index(["status", "window_end"])
-    db["grants"].create_index(["status", "next_attempt_at"])
-    db["grants"].create_index(["requester_iss", "requester_sub", "created_at"])
-    db["audit"].create(
+    db.table("grants").create(columns, pk="id", not_null={"status", "entitlement", "window_end"})
+    db.table("grants").create_index(["status", "window_end"])
+    db.table("grants").create_index(["status", "next_attempt_at"])
+    db.table("grants").create_index(["requester_iss", "requester_sub", "created_at"])
+    db.table("audit").create(
         {
             "seq": int,
             "at": str,
@@ -552,30 +575,30 @@ def _create_v1(db: sqlite_utils.Database) -> None:
         },
         pk="seq",
     )
-    db["audit"].create_index(["grant_id", "seq"])
+    db.table("audit").create_index(["grant_id", "seq"])
 
 
 def _migrate_v2(db: sqlite_utils.Database) -> None:
     """Approvals, tickets, and one `due_at` deadline per grant in place of next_attempt_at."""
     db.execute("DROP INDEX IF EXISTS idx_grants_status_next_attempt_at")
-    db["grants"].transform(rename={"next_attempt_at": "due_at"})
-    db["grants"].add_column("ticket", str, not_null_default="")
-    db["grants"].add_column("approvals_required", int, not_null_default=0)
-    db["grants"].add_column("closed_reason", str, not_null_default="")
+    db.table("grants").transform(rename={"next_attempt_at": "due_at"})
+    db.table("grants").add_column("ticket", str, not_null_default="")
+    db.table("grants").add_column("approvals_required", int, not_null_default=0)
+    db.table("grants").add_column("closed_reason", str, not_null_default="")
     db.execute("UPDATE grants SET due_at = window_end WHERE status = 'active'")
-    db["grants"].create_index(["due_at"], if_not_exists=True)
-    db["approvals"].create(
+    db.table("grants").create_index(["due_at"], if_not_exists=True)
+    db.table("approvals").create(
         {"grant_id": str, "issuer": str, "subject": str, "display": str, "groups": str, "at": str}
     )
-    db["approvals"].create_index(["grant_id", "issuer", "subject"], unique=True)
+    db.table("approvals").create_index(["grant_id", "issuer", "subject"], unique=True)
 
 
 def _migrate_v3(db: sqlite_utils.Database) -> None:
     """Break-glass and its review, signed checkpoints, consumer cursors, and the indexes behind
     the auditors' filters (each filter, newest first)."""
-    db["grants"].add_column("break_glass", int, not_null_default=0)
+    db.table("grants").add_column("break_glass", int, not_null_default=0)
     for name in ("review_due", "reviewed_at", "reviewed_by"):
-        db["grants"].add_column(name, str, not_null_default="")
+        db.table("grants").add_column(name, str, not_null_default="")
     for columns in (
         ["created_at"],
         ["requester", "created_at"],
@@ -584,12 +607,12 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
         ["status", "created_at"],
         ["break_glass", "created_at"],
     ):
-        db["grants"].create_index(columns, if_not_exists=True)
-    db["audit"].create_index(["at"], if_not_exists=True)
-    db["checkpoints"].create(
+        db.table("grants").create_index(columns, if_not_exists=True)
+    db.table("audit").create_index(["at"], if_not_exists=True)
+    db.table("checkpoints").create(
         {"size": int, "head": str, "at": str, "key_id": str, "signature": str}, pk="size"
     )
-    db["cursors"].create({"name": str, "seq": int}, pk="name")
+    db.table("cursors").create({"name": str, "seq": int}, pk="name")
 
 
 def _migrate_v4(db: sqlite_utils.Database) -> None:
@@ -605,7 +628,7 @@ def _add_credentials(db: sqlite_utils.Database) -> None:
     A grant recorded before holds one: its current handle, already gone if it was revoked.
     An extension's claim is stamped with the broker process that made it, so a claim left by
     a dead process is known at once ("": judged by the grace period)."""
-    db["credentials"].create(
+    db.table("credentials").create(
         {
             "id": str,
             "grant_id": str,
@@ -619,7 +642,7 @@ def _add_credentials(db: sqlite_utils.Database) -> None:
         not_null={"grant_id", "backend", "handle", "issued_at", "gone_at", "issuing_process"},
         defaults={"gone_at": "", "issuing_process": ""},
     )
-    db["credentials"].create_index(["grant_id", "issued_at"])
+    db.table("credentials").create_index(["grant_id", "issued_at"])
     db.execute(
         "INSERT INTO credentials (id, grant_id, backend, handle, issued_at, gone_at) "
         "SELECT 'v4-' || id, id, COALESCE(backend, ''), handle, "
@@ -635,7 +658,7 @@ def _add_web_sessions(db: sqlite_utils.Database) -> None:
     Flask session: login state, CSRF token, messages) and `login` (claims, refresh and ID token)
     are sealed by the web layer. `expires_at` (epoch seconds) is the earlier of the idle and the
     absolute deadline; `checked_at` is when the provider last confirmed the claims."""
-    db["web_sessions"].create(
+    db.table("web_sessions").create(
         {
             "key": str,
             "created_at": float,
@@ -651,21 +674,21 @@ def _add_web_sessions(db: sqlite_utils.Database) -> None:
         not_null={"created_at", "last_seen", "expires_at"},
         defaults={"issuer": "", "subject": "", "checked_at": 0},
     )
-    db["web_sessions"].create_index(["expires_at"])
-    db["web_sessions"].create_index(["issuer", "subject"])
+    db.table("web_sessions").create_index(["expires_at"])
+    db.table("web_sessions").create_index(["issuer", "subject"])
 
 
 def _add_store_faults_v4(db: sqlite_utils.Database) -> None:
     """The health check's write (one row, committed for real), and which broker process took
     a grant to `issuing`, so that a starting broker can tell an issuance left by a dead process
     from one in flight in a live one ("": recorded before v4, judged by the grace period)."""
-    db["write_check"].create({"id": int, "writes": int, "at": str}, pk="id")
-    db["write_check"].insert({"id": 1, "writes": 0, "at": ""})
-    db["grants"].add_column("issuing_process", str, not_null_default="")
+    db.table("write_check").create({"id": int, "writes": int, "at": str}, pk="id")
+    db.table("write_check").insert({"id": 1, "writes": 0, "at": ""})
+    db.table("grants").add_column("issuing_process", str, not_null_default="")
 
 
 def _add_verified_emails(db: sqlite_utils.Database) -> None:
     """The requester's and each approver's verified email (lower-cased; "" when not verified or
     recorded before v4), so that separation of duties holds per person across identities."""
-    db["grants"].add_column("requester_email", str, not_null_default="")
-    db["approvals"].add_column("email", str, not_null_default="")
+    db.table("grants").add_column("requester_email", str, not_null_default="")
+    db.table("approvals").add_column("email", str, not_null_default="")

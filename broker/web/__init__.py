@@ -4,18 +4,22 @@ statuses in this one place (JSON under /api/, a page elsewhere)."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from flask import Flask, current_app, jsonify, render_template, request
+from flask import Flask, Response, current_app, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from ..durations import format_duration
 from ..errors import BrokerError, Unauthenticated
 
+if TYPE_CHECKING:
+    from .. import Services
+
 log = logging.getLogger(__name__)
 
 
-def services():
+def services() -> Services:
     return current_app.extensions["jit"]
 
 
@@ -42,7 +46,7 @@ def _wants_json() -> bool:
     return request.path.startswith("/api/")
 
 
-def _answer(status: int, code: str, detail: str, **extra):
+def _answer(status: int, code: str, detail: str, **extra: list[str]) -> Response:
     if _wants_json():
         response = jsonify({"error": code, "detail": detail, **extra})
     else:
@@ -53,7 +57,7 @@ def _answer(status: int, code: str, detail: str, **extra):
     return response
 
 
-def _broker_error(exc: BrokerError):
+def _broker_error(exc: BrokerError) -> Response:
     if exc.status >= 500:
         log.warning("%s %s: %s", request.method, request.path, exc.detail)
     extra = {
@@ -77,19 +81,20 @@ def _challenge_text(text: str) -> str:
     return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)[:200]
 
 
-def _csrf_error(exc: CSRFError):
+def _csrf_error(exc: CSRFError) -> Response:
     return _answer(400, "csrf_failed", f"{exc.description} Reload the page and try again.")
 
 
-def _http_error(exc: HTTPException):
-    if isinstance(getattr(exc, "original_exception", None), BrokerError):
+def _http_error(exc: HTTPException) -> Response:
+    original = getattr(exc, "original_exception", None)
+    if isinstance(original, BrokerError):
         # Raised where Flask has no handler of ours (saving the session after the view): Flask
         # makes it a 500, but the broker knows what it is (the store full: a 503).
-        return _broker_error(exc.original_exception)
+        return _broker_error(original)
     return _answer(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or "")
 
 
-def _security_headers(response):
+def _security_headers(response: Response) -> Response:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
     response.headers.setdefault("Referrer-Policy", "no-referrer")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from ..errors import Unauthenticated
-from ..models import IssuedCredential
+from ..models import Grant, IssuedCredential
 from . import services
 from .json_body import json_object
 
@@ -13,7 +13,7 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
 @bp.before_request
-def authenticate():
+def authenticate() -> None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("send Authorization: Bearer <access token from the OIDC provider>")
@@ -21,7 +21,7 @@ def authenticate():
 
 
 @bp.get("/entitlements")
-def entitlements():
+def entitlements() -> dict[str, object]:
     eligible = services().grants.eligible(g.principal)
     return {
         "entitlements": [
@@ -32,7 +32,7 @@ def entitlements():
 
 
 @bp.post("/requests")
-def create_request():
+def create_request() -> Response:
     body = json_object(
         "entitlement, duration, reason (and ticket where the policy asks; public_key for an "
         "SSH certificate; break_glass: true for the emergency path)"
@@ -53,7 +53,7 @@ def create_request():
 
 
 @bp.get("/requests")
-def list_requests():
+def list_requests() -> dict[str, object]:
     """mine=1 (the default): your own; pending_approval=1: what you may approve now."""
     grants = services().grants
     if request.args.get("pending_approval") == "1":
@@ -64,27 +64,27 @@ def list_requests():
 
 
 @bp.get("/requests/<grant_id>")
-def get_request(grant_id: str):
+def get_request(grant_id: str) -> dict[str, object]:
     grants = services().grants
     return grants.describe(grants.get(g.principal, grant_id))
 
 
 @bp.post("/requests/<grant_id>/approve")
-def approve(grant_id: str):
+def approve(grant_id: str) -> dict[str, object]:
     body = json_object("an optional reason", required=False)
     grants = services().grants
     return grants.describe(grants.approve(g.principal, grant_id, body.get("reason", "")))
 
 
 @bp.post("/requests/<grant_id>/deny")
-def deny(grant_id: str):
+def deny(grant_id: str) -> dict[str, object]:
     body = json_object("reason")
     grants = services().grants
     return grants.describe(grants.deny(g.principal, grant_id, body.get("reason")))
 
 
 @bp.post("/requests/<grant_id>/review")
-def review(grant_id: str):
+def review(grant_id: str) -> dict[str, object]:
     """A break-glass grant's mandatory review: outcome justified|unjustified, and notes."""
     body = json_object("outcome (justified or unjustified) and notes")
     grants = services().grants
@@ -94,13 +94,13 @@ def review(grant_id: str):
 
 
 @bp.post("/requests/<grant_id>/cancel")
-def cancel(grant_id: str):
+def cancel(grant_id: str) -> dict[str, object]:
     grants = services().grants
     return grants.describe(grants.cancel(g.principal, grant_id))
 
 
 @bp.post("/requests/<grant_id>/activate")
-def activate(grant_id: str):
+def activate(grant_id: str) -> Response:
     """Issue an approved request: the credential is shown here, once, to the requester."""
     body = json_object("public_key for an SSH certificate", required=False)
     return _with_credential(
@@ -109,7 +109,7 @@ def activate(grant_id: str):
 
 
 @bp.post("/requests/<grant_id>/extend")
-def extend(grant_id: str):
+def extend(grant_id: str) -> Response:
     """A longer window means a new credential, shown here once; the old one is revoked."""
     body = json_object("duration: how much longer (and public_key for an SSH certificate)")
     return _with_credential(
@@ -120,12 +120,12 @@ def extend(grant_id: str):
 
 
 @bp.post("/requests/<grant_id>/release")
-def release(grant_id: str):
+def release(grant_id: str) -> dict[str, object]:
     grants = services().grants
     return grants.describe(grants.release(g.principal, grant_id))
 
 
-def _with_credential(grant, credential):
+def _with_credential(grant: Grant, credential: IssuedCredential | None) -> Response:
     view = services().grants.describe(grant)
     if credential is not None:
         view["credential"] = credential_json(credential)

@@ -11,7 +11,7 @@ bp = Blueprint("audit_key", __name__, url_prefix="/api/v1/audit")
 
 
 @bp.get("/public-key")
-def public_key():
+def public_key() -> dict[str, str]:
     audit_log = services().audit_log
     return {
         "algorithm": "Ed25519",

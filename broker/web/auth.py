@@ -19,14 +19,15 @@ from typing import NoReturn
 
 import requests
 from authlib.common.errors import AuthlibBaseError
-from authlib.integrations.flask_client import OAuth, OAuthError
+from authlib.integrations.flask_client import FlaskOAuth2App, OAuth, OAuthError
 from flask import Blueprint, Flask, current_app, flash, g, redirect, request, session, url_for
+from werkzeug.wrappers import Response
 
-from ..errors import InvalidRequest, ProviderUnavailable
+from ..errors import ConfigError, InvalidRequest, ProviderUnavailable
 from ..identity import principal_from_claims
 from ..models import Principal
 from . import services
-from .sessions import Login, StoreSessionInterface
+from .sessions import Login, ServerSession, StoreSessionInterface
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class SessionEnded(Exception):
 def init_app(app: Flask) -> None:
     jit = app.extensions["jit"]
     oidc, server = jit.settings.oidc, jit.settings.server
+    if app.secret_key is None:  # create_app always sets one
+        raise ConfigError("the app has no secret key to seal its sessions with")
     app.session_interface = StoreSessionInterface(
         jit.grants.store, app.secret_key, server["session_idle"], server["session_lifetime"]
     )
@@ -68,12 +71,22 @@ def init_app(app: Flask) -> None:
     )
 
 
-def _client():
+def _client() -> FlaskOAuth2App:
     return current_app.extensions["authlib.integrations.flask_client"].oidc
 
 
 def _sessions() -> StoreSessionInterface:
-    return current_app.session_interface
+    interface = current_app.session_interface
+    if not isinstance(interface, StoreSessionInterface):
+        raise TypeError("init_app did not install the store's sessions")
+    return interface
+
+
+def _session() -> ServerSession:
+    """This request's session: a ServerSession, as `_sessions()` always opens one."""
+    if not isinstance(session, ServerSession):
+        raise TypeError("the request's session is not the store's")
+    return session
 
 
 # --- who is signed in ----------------------------------------------------------------------------
@@ -135,16 +148,17 @@ def _lock_for(sid: str) -> threading.Lock:
 def _refresh(since: float) -> Login:
     """The session's login, confirmed by the provider after `since` (epoch seconds): by this
     request, or by another one of the same session that refreshed while this one waited."""
-    lock = _lock_for(session.sid)
+    current = _session()
+    lock = _lock_for(current.sid)
     with lock:
-        login = _sessions().load_login(session)
+        login = _sessions().load_login(current)
         if login is None:  # ended meanwhile (logout in another tab, expiry)
             _end_session()
         if login.checked_at > since:
-            session.login = login
+            current.login = login
             return login
         login = _confirmed_by_provider(login)
-        if not _sessions().save_login(session, login):
+        if not _sessions().save_login(current, login):
             _end_session()
         return login
 
@@ -197,13 +211,13 @@ def _principal_from(claims: dict) -> Principal:
 
 def _end_session() -> NoReturn:
     """End this session now and say so on the next page; raises SessionEnded."""
-    _sessions().end(session)
+    _sessions().end(_session())
     g.jit_principal = None
     flash(SESSION_ENDED)
     raise SessionEnded(SESSION_ENDED)
 
 
-def _session_ended(_exc: SessionEnded):
+def _session_ended(_exc: SessionEnded) -> Response:
     """An action on a session that has ended: back to the login page (which says why)."""
     return redirect(url_for("ui.index"), 303)
 
@@ -212,13 +226,13 @@ def _session_ended(_exc: SessionEnded):
 
 
 @bp.get("/login")
-def login():
+def login() -> Response:
     services().metadata.get()  # the provider's issuer is checked before we send anyone there
     return _client().authorize_redirect(services().settings.redirect_uri)
 
 
 @bp.get("/callback")
-def callback():
+def callback() -> Response:
     settings = services().settings
     _check_response_issuer(settings.oidc["issuer"])
     try:
@@ -238,7 +252,7 @@ def callback():
         refresh_token=token["refresh_token"],
         id_token=token["id_token"],
     )
-    _sessions().start_login(session, login)  # a new session id: nothing carried over
+    _sessions().start_login(_session(), login)  # a new session id: nothing carried over
     return redirect(url_for("ui.index"))
 
 
@@ -255,11 +269,11 @@ def _check_response_issuer(issuer: str) -> None:
 
 
 @bp.post("/logout")
-def logout():
+def logout() -> Response:
     """End the session here (a replayed cookie is anonymous from now on), then at the provider
     (RP-initiated logout) when it offers an end-session endpoint."""
     login = getattr(session, "login", None)
-    _sessions().end(session)
+    _sessions().end(_session())
     g.jit_principal = None
     metadata = services().metadata
     end_session = None
@@ -268,7 +282,7 @@ def logout():
             end_session = metadata.get().get("end_session_endpoint")
         except ProviderUnavailable:
             end_session = None  # logged out here all the same
-    if not end_session:
+    if login is None or not end_session:  # no login: end_session stayed None
         return redirect(url_for("ui.index"), 303)
     settings = services().settings
     target = _client().create_logout_url(

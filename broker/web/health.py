@@ -3,7 +3,7 @@ names grant ids and counters, never a requester, a handle or a secret."""
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 
 from . import services
 
@@ -14,7 +14,7 @@ CRITICAL = ("store", "reaper", "revoke_failed")
 
 
 @bp.get("/healthz")
-def healthz():
+def healthz() -> Response:
     jit = services()
     checks = jit.grants.health(deep=True)
     policy_error = jit.policy.last_error

@@ -18,7 +18,7 @@ class RequestHandler(WSGIRequestHandler):
     """werkzeug's handler, with http.server's error pages as JSON `{"error", "detail"}` for
     /api/ paths (what web/__init__.py answers for errors Flask sees)."""
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         if not self._asks_api():
             super().send_error(code, message, explain)
             return

@@ -20,13 +20,14 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flask import request
+from flask import Flask, Request, Response, request
 from flask import session as flask_session
 from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.datastructures import CallbackDict
@@ -53,8 +54,15 @@ class Login:
 class ServerSession(CallbackDict, SessionMixin):
     """The Flask session of one request; `login` is loaded with it but saved separately."""
 
-    def __init__(self, data=None, sid: str = "", created_at: float = 0, login=None, seen=0.0):
-        def changed(_):
+    def __init__(
+        self,
+        data: Mapping[str, object] | None = None,
+        sid: str = "",
+        created_at: float = 0,
+        login: Login | None = None,
+        seen: float = 0.0,
+    ) -> None:
+        def changed(_: object) -> None:
             self.modified = True
 
         super().__init__(data, changed)
@@ -120,7 +128,7 @@ class StoreSessionInterface(SessionInterface):
 
     # --- Flask's interface ---------------------------------------------------------------------
 
-    def open_session(self, app, request) -> ServerSession:
+    def open_session(self, app: Flask, request: Request) -> ServerSession:
         """Flask opens the session before any view or error handler runs, where an exception is
         only a bare 500: a store that cannot be read gives an empty session that remembers why,
         and `raise_if_unavailable` (a before_request hook) refuses the request with it."""
@@ -131,7 +139,7 @@ class StoreSessionInterface(SessionInterface):
             session.unavailable = exc
             return session
 
-    def _open(self, app, request) -> ServerSession:
+    def _open(self, app: Flask, request: Request) -> ServerSession:
         sid = request.cookies.get(self.get_cookie_name(app), "")
         if not SESSION_ID.fullmatch(sid):
             return ServerSession()  # no cookie, or one we never made: anonymous
@@ -151,7 +159,11 @@ class StoreSessionInterface(SessionInterface):
             seen=row["last_seen"],
         )
 
-    def save_session(self, app, session: ServerSession, response) -> None:
+    # Flask hands back the session open_session made (always a ServerSession here), but its
+    # SessionInterface is not generic in the session type, so it declares SessionMixin.
+    def save_session(  # type: ignore[override]
+        self, app: Flask, session: ServerSession, response: Response
+    ) -> None:
         if session.unavailable is not None:
             return  # refused already: nothing of it is written
         try:
@@ -162,7 +174,7 @@ class StoreSessionInterface(SessionInterface):
             session.unavailable = exc
             raise
 
-    def _save(self, app, session: ServerSession, response) -> None:
+    def _save(self, app: Flask, session: ServerSession, response: Response) -> None:
         for sid in session.ended:
             self.store.delete_web_session(row_key(sid))
         name = self.get_cookie_name(app)
@@ -246,7 +258,7 @@ class StoreSessionInterface(SessionInterface):
         )
         session.issued = True
 
-    def _set_cookie(self, app, session: ServerSession, response) -> None:
+    def _set_cookie(self, app: Flask, session: ServerSession, response: Response) -> None:
         response.set_cookie(
             self.get_cookie_name(app),
             session.sid,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import wraps
+from typing import ParamSpec
 
 from flask import (
     Blueprint,
+    Response,
     abort,
     flash,
     g,
@@ -15,17 +18,21 @@ from flask import (
     request,
     url_for,
 )
+from flask.typing import ResponseReturnValue
 
 from ..errors import BrokerError
+from ..models import Grant, IssuedCredential, Principal
 from . import services
 from .auth import current_principal, fresh_principal
 
 bp = Blueprint("ui", __name__)
 
+P = ParamSpec("P")
 
-def login_required(view):
+
+def login_required(view: Callable[P, ResponseReturnValue]) -> Callable[P, ResponseReturnValue]:
     @wraps(view)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> ResponseReturnValue:
         g.principal = current_principal()
         if g.principal is None:
             return redirect(url_for("ui.index"))
@@ -41,19 +48,21 @@ CONFIRMED_ACTIONS = {"approve", "deny", "activate", "extend", "review"}
 
 
 @bp.app_context_processor
-def inject_principal():
+def inject_principal() -> dict[str, Principal | None]:
     return {"principal": current_principal()}
 
 
 @bp.get("/")
-def index():
+def index() -> ResponseReturnValue:
     principal = current_principal()
     if principal is None:
         return render_template("login.html")
     return _home(principal)
 
 
-def _home(principal, error: BrokerError | None = None, form: dict | None = None):
+def _home(
+    principal: Principal, error: BrokerError | None = None, form: dict | None = None
+) -> tuple[str, int]:
     grants = services().grants
     eligible = grants.eligible(principal)
     break_glass = grants.break_glass_eligible(principal)
@@ -70,7 +79,7 @@ def _home(principal, error: BrokerError | None = None, form: dict | None = None)
 
 @bp.post("/requests")
 @login_required
-def create_request():
+def create_request() -> ResponseReturnValue:
     g.principal = fresh_principal()  # a request, a break-glass activation: on current claims
     form = request.form
     try:
@@ -91,7 +100,7 @@ def create_request():
     return _credential_page(grant, credential)
 
 
-def _credential_page(grant, credential):
+def _credential_page(grant: Grant, credential: IssuedCredential) -> Response:
     response = make_response(render_template("credential.html", grant=grant, credential=credential))
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -99,7 +108,7 @@ def _credential_page(grant, credential):
 
 @bp.get("/requests/<grant_id>")
 @login_required
-def show_request(grant_id: str):
+def show_request(grant_id: str) -> str:
     grants = services().grants
     grant = grants.get(g.principal, grant_id)
     return render_template(
@@ -114,7 +123,7 @@ def show_request(grant_id: str):
 
 @bp.get("/approvals")
 @login_required
-def approvals():
+def approvals() -> str:
     grants = services().grants
     queue = [grants.describe(grant) for grant in grants.approval_queue(g.principal)]
     return render_template("approvals.html", queue=queue)
@@ -122,7 +131,7 @@ def approvals():
 
 @bp.post("/requests/<grant_id>/<action>")
 @login_required
-def act(grant_id: str, action: str):
+def act(grant_id: str, action: str) -> ResponseReturnValue:
     """One form post per button: approve, deny, cancel, release, review; activate and extend
     show a new secret."""
     grants, form = services().grants, request.form
