@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 
 from .. import notify
+from ..audit.events import Entry
 from ..durations import parse_duration
 from ..errors import (
     BrokerError,
@@ -151,7 +152,7 @@ class Issuing(GrantsBase):
             tx.insert_grant(grant)
             self._log(
                 tx,
-                "request",
+                Entry.REQUEST,
                 principal.actor(),
                 grant.id,
                 principal=principal.claims(),
@@ -165,7 +166,7 @@ class Issuing(GrantsBase):
             if grant.break_glass:
                 self._log(
                     tx,
-                    "break_glass",
+                    Entry.BREAK_GLASS,
                     principal.actor(),
                     grant.id,
                     entitlement=chosen.name,
@@ -283,7 +284,7 @@ class Issuing(GrantsBase):
                 )
                 self._log(
                     tx,
-                    "issue_failed",
+                    Entry.ISSUE_FAILED,
                     principal.actor(),
                     grant.id,
                     backend=chosen.backend,
@@ -306,7 +307,7 @@ class Issuing(GrantsBase):
                 tx.add_credential(_credential_of(grant, credential.handle, self._now()))
                 self._log(
                     tx,
-                    "issue",
+                    Entry.ISSUE,
                     principal.actor(),
                     grant.id,
                     backend=chosen.backend,
@@ -389,7 +390,7 @@ class Issuing(GrantsBase):
                     self._log_decision(tx, principal, grant.id, decision, extension=seconds)
                     self._log(
                         tx,
-                        "extend",
+                        Entry.EXTEND,
                         principal.actor(),
                         grant.id,
                         window_end_was=grant.window_end,
@@ -402,7 +403,7 @@ class Issuing(GrantsBase):
                 else:
                     self._log(
                         tx,
-                        "extend_lost",
+                        Entry.EXTEND_LOST,
                         principal.actor(),
                         grant.id,
                         backend=chosen.backend,

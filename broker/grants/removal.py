@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from .. import notify
+from ..audit.events import Entry
 from ..errors import (
     BrokerError,
     GrantConflict,
@@ -49,7 +50,7 @@ class Removing(GrantsBase):
             with self.store.transaction() as tx:
                 self._log(
                     tx,
-                    "replaced",
+                    Entry.REPLACED,
                     REAPER,
                     grant.id,
                     handle=self._fingerprint(grant.handle),
@@ -85,7 +86,7 @@ class Removing(GrantsBase):
         marks = self._marks(backend, handle)
         self._log(
             tx,
-            "revoke",
+            Entry.REVOKE,
             REAPER,
             grant.id,
             **marks,
@@ -95,7 +96,7 @@ class Removing(GrantsBase):
         )
         self._log(
             tx,
-            "verify",
+            Entry.VERIFY,
             REAPER,
             grant.id,
             **marks,
@@ -121,7 +122,7 @@ class Removing(GrantsBase):
                 raise GrantConflict(f"grant {grant.id} is {current.status}, not active")
             self._log(
                 tx,
-                "release",
+                Entry.RELEASE,
                 principal.actor(),
                 grant.id,
                 window_end_was=grant.window_end,
@@ -203,7 +204,7 @@ class Removing(GrantsBase):
             )
             self._log(
                 tx,
-                "revoke_failed",
+                Entry.REVOKE_FAILED,
                 REAPER,
                 grant.id,
                 attempt=attempt,
@@ -225,7 +226,7 @@ class Removing(GrantsBase):
             if grant.status == ACTIVE:
                 if not tx.move_grant(grant.id, ACTIVE, status=EXPIRED, updated_at=self._now()):
                     return False
-                self._log(tx, "expire", REAPER, grant.id, window_end=grant.window_end)
+                self._log(tx, Entry.EXPIRE, REAPER, grant.id, window_end=grant.window_end)
             return tx.move_grant(
                 grant.id,
                 TO_REAP,
@@ -256,7 +257,7 @@ class Removing(GrantsBase):
                 return
             self._log(
                 tx,
-                "expire_unapproved",
+                Entry.EXPIRE_UNAPPROVED,
                 REAPER,
                 grant.id,
                 was=grant.status,
