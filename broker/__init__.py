@@ -9,9 +9,9 @@ from pathlib import Path
 from flask import Flask
 
 from . import audit, web
-from .audit_log import AuditLog
+from .audit.forward import Forwarder
+from .audit.log import AuditLog
 from .config import Settings, check_service_settings, load_settings
-from .forward import Forwarder
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
 from .liveness import Liveness

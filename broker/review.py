@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from . import models
-from .audit_log import AuditLog, Timeline
+from .audit.log import AuditLog, Timeline
 from .errors import ConfigError, Forbidden, GrantNotFound, InvalidRequest
 from .models import Approval, Grant, Principal, isoformat
 

@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -176,7 +176,7 @@ def write_bundle(
     return manifest
 
 
-def _row_writer(fmt: str, out: io.TextIOWrapper):
+def _row_writer(fmt: str, out: io.TextIOWrapper) -> Callable[[dict], object]:
     if fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
@@ -225,7 +225,7 @@ def _manifest(bundle: zipfile.ZipFile) -> dict:
     return manifest
 
 
-def _bundle_key(bundle: zipfile.ZipFile, pinned: Ed25519PublicKey | None):
+def _bundle_key(bundle: zipfile.ZipFile, pinned: Ed25519PublicKey | None) -> Ed25519PublicKey:
     try:
         key = load_public_key(bundle.read("public-key.pem"))
     except (KeyError, ValueError) as exc:
@@ -269,7 +269,7 @@ def _entries(bundle: zipfile.ZipFile, manifest: dict) -> Iterator[dict]:
         yield entry if mapper.event(entry) == event else _spoiled(entry)
 
 
-def _parsed(number: int, parse) -> dict:
+def _parsed(number: int, parse: Callable[..., object]) -> dict:
     try:
         value = parse()
     except (ValueError, KeyError, TypeError) as exc:
