@@ -11,6 +11,7 @@ from flask import Flask
 from . import audit, web
 from .audit.forward import Forwarder
 from .audit.log import AuditLog
+from .audit.search import AuditSearch
 from .config import Settings, check_service_settings, load_settings
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
@@ -19,7 +20,6 @@ from .notify import Notifier
 from .own_token import OwnToken
 from .policy_file import PolicyFile
 from .reaper import Reaper
-from .review import Review
 from .store import Store
 from .vault import make_backends, make_client, vault_health
 
@@ -41,7 +41,7 @@ class Services:
     notifier: Notifier
     audit_log: AuditLog
     forwarder: Forwarder
-    review: Review
+    audit_search: AuditSearch
     own_token: OwnToken
 
 
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         notifier,
         audit_log,
         forwarder,
-        Review(audit_log, settings.audit["auditor_groups"]),
+        AuditSearch(audit_log, settings.audit["auditor_groups"]),
         own_token,
     )
     web.init_app(app)

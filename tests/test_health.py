@@ -11,7 +11,7 @@ from broker.models import Principal, parse_time, utcnow
 from broker.vault import make_backends, make_client
 from tests.services import free_port
 from tests.test_api import token_works
-from tests.test_review import browser
+from tests.test_audit_pages import browser
 
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-9 health"}
 
