@@ -9,11 +9,12 @@ from pathlib import Path
 from flask import Flask
 
 from . import audit, web
-from .audit_log import AuditLog
+from .audit.forward import Forwarder
+from .audit.log import AuditLog
+from .audit.search import AuditSearch
 from .backends import make_backends
 from .backends.vault import make_client, vault_health
 from .config import Settings, check_service_settings, load_settings
-from .forward import Forwarder
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
 from .liveness import Liveness
@@ -21,7 +22,6 @@ from .notify import Notifier
 from .own_token import OwnToken
 from .policy import PolicyFile
 from .reaper import Reaper
-from .review import Review
 from .store import Store
 
 HERE = Path(__file__).resolve().parent
@@ -42,7 +42,7 @@ class Services:
     notifier: Notifier
     audit_log: AuditLog
     forwarder: Forwarder
-    review: Review
+    audit_search: AuditSearch
     own_token: OwnToken
 
 
@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         notifier,
         audit_log,
         forwarder,
-        Review(audit_log, settings.audit["auditor_groups"]),
+        AuditSearch(audit_log, settings.audit["auditor_groups"]),
         own_token,
     )
     web.init_app(app)

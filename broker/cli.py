@@ -14,7 +14,7 @@ from flask import Flask
 
 from . import audit
 from .audit.bundle import FORMATS, BundleError, verify_bundle
-from .audit_log import AuditLog
+from .audit.log import AuditLog
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
 from .models import Principal, isoformat, parse_time, utcnow

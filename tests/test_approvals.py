@@ -12,8 +12,8 @@ from broker.models import parse_time, utcnow
 from tests.receiver import HttpReceiver
 from tests.services import client_credentials_token
 from tests.test_api import token_works
+from tests.test_audit_pages import browser
 from tests.test_login import csrf
-from tests.test_review import browser
 
 APPROVAL_POLICY = """
 [entitlements.db-admin]

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import audit
-from broker.audit_log import AuditLog
+from broker.audit.log import AuditLog
 from broker.cli import main as jit
 from broker.store import Store
 

@@ -11,7 +11,7 @@ from broker.models import parse_time
 from broker.policy import check_policy_text
 from tests.services import client_credentials_token
 from tests.test_api import token_works
-from tests.test_review import browser, page
+from tests.test_audit_pages import browser, page
 
 OUT_OF_HOURS = datetime.now(UTC) + timedelta(hours=3)  # the schedule is closed now
 

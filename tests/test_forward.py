@@ -13,9 +13,9 @@ from collections.abc import Callable
 import pytest
 
 from broker import audit
+from broker.audit.forward import CURSOR, Forwarder
 from broker.config import check_service_settings, load_settings
 from broker.errors import ConfigError
-from broker.forward import CURSOR, Forwarder
 from broker.models import isoformat, utcnow
 from broker.store import Store
 from tests.receiver import HttpReceiver
@@ -164,7 +164,7 @@ def test_a_wake_delivers_new_entries_without_waiting_for_the_poll(store, receive
 def test_while_the_receiver_answers_503_the_cursor_stays_and_nothing_is_lost(
     store, receiver, forwarder, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="broker.forward")
+    caplog.set_level(logging.WARNING, logger="broker.audit.forward")
     append(store, 5)
     endpoint = receiver()
     endpoint.status = 503
@@ -197,7 +197,7 @@ def test_while_the_receiver_answers_503_the_cursor_stays_and_nothing_is_lost(
 def test_a_receiver_that_is_down_then_restarted_on_the_same_port_gets_everything(
     store, receiver, forwarder, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="broker.forward")
+    caplog.set_level(logging.WARNING, logger="broker.audit.forward")
     endpoint = receiver()
     fwd = forwarder(store, endpoint.url, token=TOKEN, batch=3)
     append(store, 4)

@@ -12,7 +12,7 @@ from broker.backends.vault import make_client
 from broker.models import Principal, parse_time, utcnow
 from tests.services import free_port
 from tests.test_api import token_works
-from tests.test_review import browser
+from tests.test_audit_pages import browser
 
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-9 health"}
 

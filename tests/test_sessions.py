@@ -20,8 +20,8 @@ from broker.errors import ConfigError
 from broker.web.sessions import Login
 from tests.services import OidcProvider, follow_login, free_port, provider_config
 from tests.test_approvals import APPROVAL_POLICY
+from tests.test_audit_pages import browser
 from tests.test_login import csrf, login
-from tests.test_review import browser
 
 OPAQUE_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 

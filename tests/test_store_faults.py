@@ -20,8 +20,8 @@ from broker.errors import StoreUnavailable
 from broker.store import Store
 from tests.services import follow_login, free_port
 from tests.test_api import token_works, wait_for_status
+from tests.test_audit_pages import browser
 from tests.test_login import csrf
-from tests.test_review import browser
 
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-10 store faults"}
 

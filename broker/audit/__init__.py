@@ -1,5 +1,6 @@
-"""The audit log: the hash chain, signed checkpoints, verification and export. Imports nothing of
-the broker; storing entries is the store's job, deciding what to log the use cases' job."""
+"""The audit log: entry types, the hash chain, signed checkpoints, verification, export, the
+auditors' search and forwarding. Imports nothing of the broker but models and errors (the store
+through a Protocol); storing entries is the store's job, deciding what to log the use cases' job."""
 
 from .chain import GENESIS, canonical, entry_hash, fingerprint, seal
 from .signing import (

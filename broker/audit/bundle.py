@@ -9,13 +9,14 @@ import csv
 import io
 import json
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .chain import GENESIS, Break, canonical
+from .events import Entry
 from .signing import key_id, load_public_key
 from .verify import Verification, verify
 
@@ -71,8 +72,8 @@ def _entry_of_csv(row: list[str]) -> dict:
 
 ASSIGN, REVOKE, OTHER = 1, 2, 99
 ACTIVITIES = {ASSIGN: "Assign Privileges", REVOKE: "Revoke Privileges", OTHER: "Other"}
-ACTIVITY_OF = {"issue": ASSIGN, "extend": ASSIGN, "break_glass": ASSIGN, "revoke": REVOKE,
-               "verify": REVOKE, "reconcile": REVOKE}  # fmt: skip
+ACTIVITY_OF = {Entry.ISSUE: ASSIGN, Entry.EXTEND: ASSIGN, Entry.BREAK_GLASS: ASSIGN,
+               Entry.REVOKE: REVOKE, Entry.VERIFY: REVOKE, Entry.RECONCILE: REVOKE}  # fmt: skip
 
 
 class OcsfMapper:
@@ -85,7 +86,7 @@ class OcsfMapper:
 
     def event(self, entry: dict) -> dict:
         data, grant_id = entry.get("data") or {}, entry.get("grant_id")
-        if entry["type"] == "request" and grant_id:
+        if entry["type"] == Entry.REQUEST and grant_id:
             self.grants[grant_id] = {
                 "principal": data.get("principal") or {},
                 "entitlement": data.get("entitlement"),
@@ -108,7 +109,7 @@ class OcsfMapper:
             "type_name": f"User Access Management: {ACTIVITIES[activity]}",
             "time": int(datetime.fromisoformat(entry["at"].replace("Z", "+00:00")).timestamp())
             * 1000,
-            "severity_id": 4 if failed else 3 if entry["type"] == "break_glass" else 1,
+            "severity_id": 4 if failed else 3 if entry["type"] == Entry.BREAK_GLASS else 1,
             "status_id": 2 if failed else 1,
             "status": "Failure" if failed else "Success",
             "message": f"{entry['type']} of grant {grant_id}" if grant_id else entry["type"],
@@ -175,7 +176,7 @@ def write_bundle(
     return manifest
 
 
-def _row_writer(fmt: str, out: io.TextIOWrapper):
+def _row_writer(fmt: str, out: io.TextIOWrapper) -> Callable[[dict], object]:
     if fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
@@ -224,7 +225,7 @@ def _manifest(bundle: zipfile.ZipFile) -> dict:
     return manifest
 
 
-def _bundle_key(bundle: zipfile.ZipFile, pinned: Ed25519PublicKey | None):
+def _bundle_key(bundle: zipfile.ZipFile, pinned: Ed25519PublicKey | None) -> Ed25519PublicKey:
     try:
         key = load_public_key(bundle.read("public-key.pem"))
     except (KeyError, ValueError) as exc:
@@ -268,7 +269,7 @@ def _entries(bundle: zipfile.ZipFile, manifest: dict) -> Iterator[dict]:
         yield entry if mapper.event(entry) == event else _spoiled(entry)
 
 
-def _parsed(number: int, parse) -> dict:
+def _parsed(number: int, parse: Callable[..., object]) -> dict:
     try:
         value = parse()
     except (ValueError, KeyError, TypeError) as exc:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from .. import audit
+from ..audit.events import Entry
 from ..backends import Backend
 from ..durations import parse_duration
 from ..errors import (
@@ -217,7 +218,7 @@ class GrantsBase:
     ) -> None:
         self._log(
             tx,
-            "decision",
+            Entry.DECISION,
             principal.actor(),
             grant_id,
             allowed=decision.allowed,
@@ -245,7 +246,7 @@ class GrantsBase:
             "identifiers": {name: self._fingerprint(value) for name, value in names.items()},
         }
 
-    def _log(self, tx: Transaction, type_: str, actor: dict, grant_id: str, **data) -> None:
+    def _log(self, tx: Transaction, type_: Entry, actor: dict, grant_id: str, **data) -> None:
         tx.append(self._now(), type_, actor, grant_id, data)
 
 

@@ -5,6 +5,7 @@ under the write lock, so racing deciders are counted in turn."""
 from __future__ import annotations
 
 from .. import notify
+from ..audit.events import Entry
 from ..errors import (
     GrantConflict,
     GrantNotFound,
@@ -58,7 +59,7 @@ class Deciding(GrantsBase):
             satisfied, missing = policy.approval_progress(grant.entitlement, [*approvals, approval])
             self._log(
                 tx,
-                "approval",
+                Entry.APPROVAL,
                 approver.actor(),
                 grant.id,
                 approver=approver.claims(),
@@ -105,7 +106,12 @@ class Deciding(GrantsBase):
                 updated_at=self._now(),
             )
             self._log(
-                tx, "denial", approver.actor(), grant.id, approver=approver.claims(), reason=reason
+                tx,
+                Entry.DENIAL,
+                approver.actor(),
+                grant.id,
+                approver=approver.claims(),
+                reason=reason,
             )
         grant = self.store.get_grant(grant.id)
         self.notify(
@@ -142,7 +148,7 @@ class Deciding(GrantsBase):
                     f"request {grant.id} is {tx.get_grant(grant.id).status}: "
                     "only a pending or approved request can be cancelled"
                 )
-            self._log(tx, "cancel", principal.actor(), grant.id)
+            self._log(tx, Entry.CANCEL, principal.actor(), grant.id)
         self.on_change()
         return self.store.get_grant(grant.id)
 
@@ -186,7 +192,7 @@ class Deciding(GrantsBase):
             )
             self._log(
                 tx,
-                "review",
+                Entry.REVIEW,
                 reviewer.actor(),
                 grant.id,
                 reviewer=reviewer.claims(),

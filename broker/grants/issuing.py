@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 
 from .. import notify
+from ..audit.events import Entry
 from ..durations import parse_duration
 from ..errors import (
     BrokerError,
@@ -149,7 +150,7 @@ class Issuing(GrantsBase):
             tx.insert_grant(grant)
             self._log(
                 tx,
-                "request",
+                Entry.REQUEST,
                 principal.actor(),
                 grant.id,
                 principal=principal.claims(),
@@ -163,7 +164,7 @@ class Issuing(GrantsBase):
             if grant.break_glass:
                 self._log(
                     tx,
-                    "break_glass",
+                    Entry.BREAK_GLASS,
                     principal.actor(),
                     grant.id,
                     entitlement=chosen.name,
@@ -281,7 +282,7 @@ class Issuing(GrantsBase):
                 )
                 self._log(
                     tx,
-                    "issue_failed",
+                    Entry.ISSUE_FAILED,
                     principal.actor(),
                     grant.id,
                     backend=chosen.backend,
@@ -304,7 +305,7 @@ class Issuing(GrantsBase):
                 tx.add_credential(_credential_of(grant, credential.handle, self._now()))
                 self._log(
                     tx,
-                    "issue",
+                    Entry.ISSUE,
                     principal.actor(),
                     grant.id,
                     backend=chosen.backend,
@@ -387,7 +388,7 @@ class Issuing(GrantsBase):
                     self._log_decision(tx, principal, grant.id, decision, extension=seconds)
                     self._log(
                         tx,
-                        "extend",
+                        Entry.EXTEND,
                         principal.actor(),
                         grant.id,
                         window_end_was=grant.window_end,
@@ -400,7 +401,7 @@ class Issuing(GrantsBase):
                 else:
                     self._log(
                         tx,
-                        "extend_lost",
+                        Entry.EXTEND_LOST,
                         principal.actor(),
                         grant.id,
                         backend=chosen.backend,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from ..audit.events import Entry
 from ..backends import Backend
 from ..models import (
     ISSUE_FAILED,
@@ -112,7 +113,7 @@ class Reconciling(GrantsBase):
                 grant.id, ISSUING, status=ISSUE_FAILED, last_error=why, updated_at=self._now()
             ):
                 return False
-            self._log(tx, "issue_failed", REAPER, grant.id, backend=grant.backend, error=why)
+            self._log(tx, Entry.ISSUE_FAILED, REAPER, grant.id, backend=grant.backend, error=why)
         return True
 
     def _remove_stray(
@@ -131,7 +132,7 @@ class Reconciling(GrantsBase):
             "error": outcome.error or None,
         }
         with self.store.transaction() as tx:
-            self._log(tx, "reconcile", REAPER, holding.grant_id, **finding)
+            self._log(tx, Entry.RECONCILE, REAPER, holding.grant_id, **finding)
             if outcome.gone:  # when it is on the grant's list, it holds the grant back no more
                 tx.mark_gone(holding.grant_id, holding.handle, self._now())
         log_at = log.info if outcome.gone else log.warning

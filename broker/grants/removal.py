@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from .. import notify
+from ..audit.events import Entry
 from ..backends import Backend
 from ..errors import (
     BrokerError,
@@ -50,7 +51,7 @@ class Removing(GrantsBase):
             with self.store.transaction() as tx:
                 self._log(
                     tx,
-                    "replaced",
+                    Entry.REPLACED,
                     REAPER,
                     grant.id,
                     handle=self._fingerprint(grant.handle),
@@ -92,7 +93,7 @@ class Removing(GrantsBase):
         marks = self._marks(backend, handle)
         self._log(
             tx,
-            "revoke",
+            Entry.REVOKE,
             REAPER,
             grant.id,
             **marks,
@@ -102,7 +103,7 @@ class Removing(GrantsBase):
         )
         self._log(
             tx,
-            "verify",
+            Entry.VERIFY,
             REAPER,
             grant.id,
             **marks,
@@ -129,7 +130,7 @@ class Removing(GrantsBase):
                 raise GrantConflict(f"grant {grant.id} is {current.status}, not active")
             self._log(
                 tx,
-                "release",
+                Entry.RELEASE,
                 principal.actor(),
                 grant.id,
                 window_end_was=grant.window_end,
@@ -211,7 +212,7 @@ class Removing(GrantsBase):
             )
             self._log(
                 tx,
-                "revoke_failed",
+                Entry.REVOKE_FAILED,
                 REAPER,
                 grant.id,
                 attempt=attempt,
@@ -233,7 +234,7 @@ class Removing(GrantsBase):
             if grant.status == ACTIVE:
                 if not tx.move_grant(grant.id, ACTIVE, status=EXPIRED, updated_at=self._now()):
                     return False
-                self._log(tx, "expire", REAPER, grant.id, window_end=grant.window_end)
+                self._log(tx, Entry.EXPIRE, REAPER, grant.id, window_end=grant.window_end)
             return tx.move_grant(
                 grant.id,
                 TO_REAP,
@@ -264,7 +265,7 @@ class Removing(GrantsBase):
                 return
             self._log(
                 tx,
-                "expire_unapproved",
+                Entry.EXPIRE_UNAPPROVED,
                 REAPER,
                 grant.id,
                 was=grant.status,

@@ -1,39 +1,39 @@
-"""The auditors' review pages: every grant, filtered, newest first; one grant with its verified
+"""The auditors' pages: every grant, filtered, newest first; one grant with its verified
 timeline; a CSV export. GET only, read only, auditors only (`[audit] auditor_groups`). Thin: the
-filters are parsed and the rows read by `broker.review`."""
+filters are parsed and the rows read by `broker.audit.search`."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, g, render_template, request
 
+from ..audit.search import PAGE_SIZE, STATUSES, GrantFilter, parse_cursor
 from ..models import isoformat, utcnow
-from ..review import PAGE_SIZE, STATUSES, GrantFilter, parse_cursor
 from . import services
 from .auth import current_principal
 from .ui import login_required
 
-bp = Blueprint("review", __name__)
+bp = Blueprint("audit_pages", __name__)
 
 
 @bp.app_context_processor
-def inject_is_auditor():
-    return {"is_auditor": services().review.is_auditor(current_principal())}
+def inject_is_auditor() -> dict[str, bool]:
+    return {"is_auditor": services().audit_search.is_auditor(current_principal())}
 
 
-def _auditor_only():
-    services().review.require_auditor(g.principal)
+def _auditor_only() -> None:
+    services().audit_search.require_auditor(g.principal)
 
 
 @bp.get("/audit")
 @login_required
-def search():
+def search() -> str:
     _auditor_only()
-    review = services().review
+    audit_search = services().audit_search
     grant_filter = GrantFilter.parse(request.args)
     before = parse_cursor(request.args.get("before_at", ""), request.args.get("before_id", ""))
-    page = review.search(grant_filter, before, PAGE_SIZE)
+    page = audit_search.search(grant_filter, before, PAGE_SIZE)
     return render_template(
-        "review.html",
+        "audit_list.html",
         page=page,
         grant_filter=grant_filter,
         filter_args=grant_filter.as_args(),
@@ -45,10 +45,10 @@ def search():
 
 @bp.get("/audit.csv")
 @login_required
-def export():
+def export() -> Response:
     _auditor_only()
     grant_filter = GrantFilter.parse(request.args)  # a bad filter is a 400 before any row is sent
-    rows = services().review.export_csv(grant_filter)
+    rows = services().audit_search.export_csv(grant_filter)
     stamp = isoformat(utcnow()).replace(":", "").replace("-", "")
     return Response(
         rows,
@@ -62,11 +62,11 @@ def export():
 
 @bp.get("/audit/grants/<grant_id>")
 @login_required
-def show_grant(grant_id: str):
+def show_grant(grant_id: str) -> str:
     _auditor_only()
-    found = services().review.grant(grant_id)
+    found = services().audit_search.grant(grant_id)
     return render_template(
-        "review_grant.html",
+        "audit_grant.html",
         grant=found.grant,
         approvals=found.approvals,
         entries=found.timeline.entries,

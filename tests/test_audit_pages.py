@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from broker.audit.search import AuditSearch
 from broker.errors import ConfigError
 from broker.models import Grant, isoformat
-from broker.review import Review
 from tests.services import follow_login
 
 GRANT_ROW = re.compile(r'<tr class="grant" data-grant-id="([^"]+)">')
@@ -340,4 +340,4 @@ def test_with_no_filter_the_newest_come_from_the_created_at_index(make_app):
 def test_auditor_groups_must_be_a_list(make_app):
     audit_log = make_app().extensions["jit"].audit_log
     with pytest.raises(ConfigError, match="must be a list"):
-        Review(audit_log, "auditors")
+        AuditSearch(audit_log, "auditors")

@@ -1,7 +1,7 @@
-"""The auditors' read-only review: who may read it, which grants match a filter (newest first,
-page by page), one grant with its approvals and its verified timeline, and a CSV export of every
-match. Reads the store and the audit log; writes nothing. No Flask here: `web/review.py` turns
-requests into these calls."""
+"""The auditors' search over the grants: who may search, which grants match a filter (newest
+first, page by page), one grant with its approvals and its verified timeline, and a CSV export of
+every match. Reads the store and the audit log; writes nothing. No Flask here:
+`web/audit_pages.py` turns requests into these calls."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from . import models
-from .audit_log import AuditLog, Timeline
-from .errors import ConfigError, Forbidden, GrantNotFound, InvalidRequest
-from .models import Approval, Grant, Principal, isoformat
+from .. import models
+from ..errors import ConfigError, Forbidden, GrantNotFound, InvalidRequest
+from ..models import Approval, Grant, Principal, isoformat
+from .log import AuditLog, Timeline
 
 PAGE_SIZE = 50
 
@@ -153,13 +153,15 @@ class Page:
 
 
 @dataclass(frozen=True)
-class GrantReview:
+class GrantHistory:
+    """One grant as an auditor reads it: the record, who approved it, its verified entries."""
+
     grant: Grant
     approvals: list[Approval]
     timeline: Timeline
 
 
-class Review:
+class AuditSearch:
     def __init__(self, audit_log: AuditLog, auditor_groups: Iterable[str]):
         self.audit_log = audit_log
         self.store = audit_log.store
@@ -195,11 +197,11 @@ class Review:
         more = len(rows) > limit
         return Page(grants, (grants[-1].created_at, grants[-1].id) if more else None)
 
-    def grant(self, grant_id: str) -> GrantReview:
+    def grant(self, grant_id: str) -> GrantHistory:
         grant = self.store.get_grant(grant_id)
         if grant is None:
             raise GrantNotFound(f"no grant {grant_id}")
-        return GrantReview(
+        return GrantHistory(
             grant, self.store.approvals_of(grant.id), self.audit_log.timeline(grant.id)
         )
 

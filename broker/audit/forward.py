@@ -14,16 +14,18 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime
+from urllib.parse import urlsplit
 
 import requests
 
-from .config import FORWARD_URL_ERROR
-from .errors import ConfigError
-from .models import isoformat, utcnow
-from .notify import loggable_target
-from .store import Store
+from ..errors import ConfigError
+from ..models import isoformat, utcnow
+from .storage import AuditStore
 
 log = logging.getLogger(__name__)
+
+# Never echoes the URL: its path or query may hold a secret. (config.py checks the setting too.)
+FORWARD_URL_ERROR = "audit.forward_url must be an http:// or https:// URL with a host"
 
 CURSOR = "forward"  # the name of the forwarder's position in the store's cursors table
 POLL_EVERY = 5.0  # seconds between looks at the log when nobody wakes the forwarder
@@ -38,7 +40,7 @@ class ForwardFailed(Exception):
 class Forwarder:
     def __init__(
         self,
-        store: Store,
+        store: AuditStore,
         url: str | None,
         token: str = "",
         timeout: float = 5,
@@ -51,10 +53,7 @@ class Forwarder:
         self.store = store
         self.url = url or ""
         # Scheme and host only: the one part of the URL that may be logged (a path can be secret).
-        try:
-            self.target = loggable_target(self.url) if self.url else ""
-        except ConfigError:
-            raise ConfigError(FORWARD_URL_ERROR) from None
+        self.target = loggable_target(self.url) if self.url else ""
         self.token = token
         self.timeout = timeout
         self.batch = max(1, int(batch))
@@ -114,7 +113,7 @@ class Forwarder:
             raise ForwardFailed(f"reading the audit log failed: {type(exc).__name__}") from None
         if not entries:
             return 0
-        failure = self._send(entries)
+        failure = self._send(self._post, entries)
         if failure:
             raise ForwardFailed(failure)
         last = entries[-1]["seq"]
@@ -198,12 +197,12 @@ class Forwarder:
             delay,
         )
 
-    def _send(self, entries: list[dict]) -> str:
+    def _send(self, post: Callable[..., requests.Response], entries: list[dict]) -> str:
         """One POST; "" when the receiver answered 2xx, else why not. Never the exception's text
         (requests puts the URL in it), never the token."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            response = self._post(
+            response = post(
                 self.url,
                 json={"entries": entries},
                 headers=headers,
@@ -215,3 +214,16 @@ class Forwarder:
         if 200 <= response.status_code < 300:
             return ""
         return f"HTTP {response.status_code}"
+
+
+def loggable_target(url: str) -> str:
+    """Scheme, host and port: the one part of the forwarding URL that may be logged. A URL that is
+    not http(s) with a host is a ConfigError that does not echo it."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(FORWARD_URL_ERROR) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(FORWARD_URL_ERROR)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")

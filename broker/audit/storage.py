@@ -1,0 +1,53 @@
+"""What the audit package reads and writes through the broker's store, as one Protocol: the store
+(`broker.store.Store`) satisfies it by its shape. Never imports the store, so that audit stays
+below it (the store imports the chain to seal entries)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from ..models import Approval, Grant
+
+
+class AuditStore(Protocol):
+    # The log, in sequence order, and the signed checkpoints over it.
+    def audit_entries(
+        self, grant_id: str | None = None, after: int = 0, limit: int = -1
+    ) -> Iterator[dict]: ...
+
+    def audit_entries_containing(self, text: str) -> Iterator[dict]: ...
+
+    def audit_entry(self, seq: int) -> dict | None: ...
+
+    def audit_head(self) -> dict | None: ...
+
+    def audit_seq_range(self, since: str = "", until: str = "") -> tuple[int, int]: ...
+
+    def add_checkpoint(self, checkpoint: dict) -> None: ...
+
+    def checkpoints(self, first: int = 0, last: int | None = None) -> list[dict]: ...
+
+    # A consumer's position in the log (the forwarder's).
+    def cursor(self, name: str) -> int: ...
+
+    def set_cursor(self, name: str, seq: int) -> None: ...
+
+    # The grants an auditor searches, and each one's approvals.
+    def get_grant(self, grant_id: str) -> Grant | None: ...
+
+    def approvals_of(self, grant_id: str) -> list[Approval]: ...
+
+    def search_grants(
+        self,
+        person: str = "",
+        entitlement: str = "",
+        status: str = "",
+        break_glass: bool | None = None,
+        since: str = "",
+        until: str = "",
+        before: tuple[str, str] | None = None,
+        limit: int = 50,
+    ) -> list[Grant]: ...
+
+    def iter_grants(self, batch: int = 500, **filters: Any) -> Iterator[Grant]: ...
