@@ -218,8 +218,7 @@ class LiveBroker:
 
     def stop(self):
         self.server.shutdown()
-        self.app.extensions["jit"].reaper.stop()
-        self.app.extensions["jit"].forwarder.stop()
+        self.app.extensions["jit"].stop()
 
 
 @pytest.fixture(scope="session")
@@ -236,15 +235,21 @@ def broker(tmp_path_factory, openbao, oidc_provider, broker_port, oidc_client_se
 def make_app(tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, vault_setup):
     """A broker of its own (fresh database, no reaper thread unless asked) with settings changed."""
 
+    built = []
+
     def build(**overrides):
         overrides["reaper"] = {"enabled": False, **overrides.get("reaper", {})}
-        return create_app(
+        app = create_app(
             broker_settings(
                 tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, **overrides
             )
         )
+        built.append(app)
+        return app
 
-    return build
+    yield build
+    for app in built:
+        app.extensions["jit"].stop()
 
 
 @pytest.fixture

@@ -352,7 +352,7 @@ def test_webhooks_tell_approvers_and_the_requester(make_app, tokens):
         assert all(m["jit"]["grant_id"] == grant_id and m["text"] for m in receiver.bodies)
     finally:
         receiver.stop()
-        app.extensions["jit"].notifier.stop()
+        app.extensions["jit"].stop()
 
 
 def test_extend_gives_a_new_credential_for_the_longer_window_and_removes_the_old(api, app, openbao):

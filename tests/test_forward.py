@@ -310,8 +310,7 @@ def forwarding_app(make_app, receiver):
         audit={"forward_url": endpoint.url, "forward_token": TOKEN, "forward_batch": 50},
     )
     yield app, endpoint
-    app.extensions["jit"].reaper.stop()
-    app.extensions["jit"].forwarder.stop()
+    app.extensions["jit"].stop()
 
 
 def healthz(app) -> tuple[int, dict]:

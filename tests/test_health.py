@@ -20,7 +20,7 @@ ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-9 health"}
 def app(make_app):
     app = make_app(reaper={"enabled": True})
     yield app
-    app.extensions["jit"].reaper.stop()
+    app.extensions["jit"].stop()
 
 
 @pytest.fixture
