@@ -21,7 +21,7 @@ from broker.models import Principal  # noqa: E402
 from broker.policy_file import PolicyFile  # noqa: E402
 from broker.store import Store  # noqa: E402
 from broker.vault import TOKEN_ROLE, make_backends  # noqa: E402
-from tests.services import OpenBao  # noqa: E402
+from scripts.launchers import OpenBao  # noqa: E402
 
 POLICY = """
 [entitlements.bench]

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 
 from broker.models import parse_time, utcnow
+from scripts.launchers import client_credentials_token
 from tests.receiver import HttpReceiver
-from tests.services import client_credentials_token
 from tests.test_api import token_works
 from tests.test_login import csrf
 from tests.test_review import browser
@@ -173,7 +173,7 @@ def test_separation_of_duties(api, app, requester, approver, status, error):
 
 
 def test_an_agent_never_approves(api, app, oidc_provider, oidc_client_secret):
-    from tests.services import agent_secret
+    from scripts.launchers import agent_secret
 
     agent = client_credentials_token(
         oidc_provider, "ci-agent", agent_secret(oidc_client_secret), oidc_provider.api_resource

@@ -8,7 +8,7 @@ from broker import audit
 from broker.audit.bundle import verify_bundle
 from broker.models import parse_time, utcnow
 from broker.vault import make_backends, make_client
-from tests.services import free_port
+from scripts.launchers import free_port
 from tests.test_api import token_works
 from tests.test_reconcile import LATER, issue_unrecorded
 

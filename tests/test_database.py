@@ -10,7 +10,7 @@ import pytest
 from broker import audit
 from broker.models import parse_time
 from broker.vault import make_backends, make_client
-from tests.services import free_port
+from scripts.launchers import free_port
 
 DATABASE_POLICY = """
 [entitlements.db-read]

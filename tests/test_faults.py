@@ -18,8 +18,8 @@ from broker import audit, create_app
 from broker.errors import GrantConflict
 from broker.grants import REAP_BATCH
 from broker.models import Principal, parse_time, utcnow
+from scripts.launchers import OpenBao, free_port
 from tests.conftest import broker_settings
-from tests.services import OpenBao, free_port
 from tests.test_api import token_works, wait_for_status
 from tests.test_approvals import APPROVAL_POLICY
 from tests.test_extend_races import live_tokens_of

@@ -18,8 +18,8 @@ from broker.errors import ConfigError
 from broker.forward import CURSOR, Forwarder
 from broker.models import isoformat, utcnow
 from broker.store import Store
+from scripts.launchers import free_port
 from tests.receiver import HttpReceiver
-from tests.services import free_port
 from tests.test_notify import wait_until
 
 SECRET_PATH = "/ingest/s3cr3tP4th"

@@ -9,7 +9,7 @@ import pytest
 
 from broker.models import Principal, parse_time, utcnow
 from broker.vault import make_backends, make_client
-from tests.services import free_port
+from scripts.launchers import free_port
 from tests.test_api import token_works
 from tests.test_review import browser
 

@@ -11,7 +11,7 @@ import pytest
 
 from broker.models import utcnow
 from broker.own_token import OwnToken
-from tests.services import BROKER_POLICY
+from scripts.launchers import BROKER_POLICY
 
 LOG = "broker.own_token"
 

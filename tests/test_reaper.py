@@ -9,7 +9,7 @@ from broker import audit
 from broker.models import Principal, parse_time
 from broker.reaper import Reaper
 from broker.vault import make_backends, make_client
-from tests.services import free_port
+from scripts.launchers import free_port
 from tests.test_api import token_works, wait_for_status
 
 ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")

@@ -18,7 +18,7 @@ from werkzeug.serving import make_server
 
 from broker.errors import StoreUnavailable
 from broker.store import Store
-from tests.services import follow_login, free_port
+from scripts.launchers import follow_login, free_port
 from tests.test_api import token_works, wait_for_status
 from tests.test_login import csrf
 from tests.test_review import browser
