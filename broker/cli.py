@@ -35,15 +35,15 @@ class _NoQueryStrings(logging.Filter):
 
 
 def run_server(app: Flask) -> None:
-    """Serve the app (threaded) until Ctrl-C or SIGTERM, then stop its reaper and forwarder."""
+    """Serve the app (threaded) until Ctrl-C or SIGTERM, then stop its services' threads."""
     from werkzeug.serving import run_simple
 
     from .web.serving import RequestHandler
 
     logging.getLogger("werkzeug").addFilter(_NoQueryStrings())
     server = app.extensions["jit"].settings.server
-    # SIGTERM (a service manager's stop) ends the server like Ctrl-C, so the reaper stops and
-    # signs the last checkpoint.
+    # SIGTERM (a service manager's stop) ends the server like Ctrl-C, so the services stop and
+    # the reaper signs the last checkpoint.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         run_simple(
@@ -55,8 +55,7 @@ def run_server(app: Flask) -> None:
             request_handler=RequestHandler,  # the API's JSON errors for what http.server refuses
         )
     finally:
-        app.extensions["jit"].reaper.stop()
-        app.extensions["jit"].forwarder.stop()
+        app.extensions["jit"].stop()
 
 
 def _store(settings: Settings) -> Store:

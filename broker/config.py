@@ -1,11 +1,13 @@
-"""Settings from a TOML file, overridden by `JIT_<SECTION>_<KEY>` environment variables. Only
-reads and validates; builds no clients."""
+"""Settings from a TOML file, overridden by `JIT_<SECTION>_<KEY>` environment variables, every
+value checked when they are loaded (one ConfigError naming the key). Only reads and validates:
+it never builds a client nor starts anything."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
@@ -118,32 +120,35 @@ class Settings:
 
 
 def load_settings(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike[str] | None = None,
     overrides: dict | None = None,
-    environ: dict | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Defaults, then the TOML file, then `overrides` (for tests), then JIT_* variables."""
-    environ = os.environ if environ is None else environ
-    path = path or environ.get("JIT_CONFIG")
+    """Defaults, then the TOML file, then `overrides` (for tests), then JIT_* variables; then
+    every value is checked (`check_settings`)."""
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    path = path or env.get("JIT_CONFIG")
     merged = {section: dict(values) for section, values in DEFAULTS.items()}
     root = Path.cwd()
     if path:
-        path = Path(path)
+        file = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(file.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            raise ConfigError(f"config file {file} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        _merge(merged, data, str(path))
-        root = path.resolve().parent
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+        _merge(merged, data, str(file))
+        root = file.resolve().parent
     _merge(merged, overrides or {}, "overrides")
-    for key, value in environ.items():
+    for key, value in env.items():
         if key.startswith("JIT_") and key != "JIT_CONFIG":
             section, _, name = key[4:].lower().partition("_")
             if section in merged and name in merged[section]:
                 merged[section][name] = _coerce(value, DEFAULTS[section][name], key)
-    return Settings(**merged, root=root)
+    settings = Settings(**merged, root=root)
+    check_settings(settings)
+    return settings
 
 
 def _merge(target: dict, data: dict, source: str) -> None:
@@ -171,8 +176,9 @@ def _coerce(text: str, default: object, key: str) -> object:
     return text
 
 
-# Never echoes the URL: its path or query may hold a secret.
+# Never echo the URL: its path or query may hold a secret.
 FORWARD_URL_ERROR = "audit.forward_url must be an http:// or https:// URL with a host"
+WEBHOOK_URL_ERROR = "notify.webhook_url must be an http:// or https:// URL with a host"
 
 ASYMMETRIC_ALGORITHMS = {
     "RS256",
@@ -188,23 +194,35 @@ ASYMMETRIC_ALGORITHMS = {
 }
 
 
-def check_service_settings(settings: Settings) -> None:
-    """What running the broker needs (reading the audit log needs none of it)."""
+def check_settings(settings: Settings) -> None:
+    """Every value that has a shape to keep, whatever the command: load_settings calls it, so a
+    wrong value stops the broker (and `jit audit`) at once, with one error naming the key."""
     oidc = settings.oidc
-    for name in ("issuer", "client_id", "api_audience"):
-        if not oidc[name]:
-            raise ConfigError(f"oidc.{name} is required")
     unsafe = set(oidc["algorithms"]) - ASYMMETRIC_ALGORITHMS
     if unsafe or not oidc["algorithms"]:
         raise ConfigError(
             f"oidc.algorithms may only name asymmetric algorithms, not {sorted(unsafe)}"
         )
-    if not settings.vault["token"]:
-        raise ConfigError("vault.token is required (or JIT_VAULT_TOKEN)")
-    _check_https("oidc.issuer", oidc["issuer"])
+    if oidc["issuer"]:  # required only to serve: check_service_settings
+        _check_https("oidc.issuer", oidc["issuer"])
     _check_https("server.base_url", settings.server["base_url"])
     _check_sessions(settings.server)
+    _check_webhook(settings.notify)
     _check_forwarding(settings.audit)
+    _check_auditor_groups(settings.audit)
+
+
+def check_service_settings(settings: Settings) -> None:
+    """What running the broker needs besides sound values (reading the audit log needs none of
+    it); called once, by the services' builder. The values are checked again: a Settings' sections
+    are plain dicts, which a caller may have changed since loading."""
+    oidc = settings.oidc
+    for name in ("issuer", "client_id", "api_audience"):
+        if not oidc[name]:
+            raise ConfigError(f"oidc.{name} is required")
+    if not settings.vault["token"]:
+        raise ConfigError("vault.token is required (or JIT_VAULT_TOKEN)")
+    check_settings(settings)
 
 
 def _check_https(name: str, url: str) -> None:
@@ -238,6 +256,28 @@ def _check_sessions(server: dict) -> None:
         value = server[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"server.{name} must be a whole number of seconds, not {value!r}")
+
+
+def _check_webhook(notify: dict) -> None:
+    """Never echoes the URL: Slack's secret is its path."""
+    url = notify["webhook_url"]
+    if url:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ConfigError(WEBHOOK_URL_ERROR) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(WEBHOOK_URL_ERROR)
+
+
+def _check_auditor_groups(audit: dict) -> None:
+    groups = audit["auditor_groups"]
+    if not isinstance(groups, list | tuple | set | frozenset) or not all(
+        isinstance(group, str) for group in groups
+    ):
+        # A bare string would become a set of its letters: groups "a", "u", ... as auditors.
+        raise ConfigError(f"audit.auditor_groups must be a list of group names, not {groups!r}")
 
 
 def _check_forwarding(audit: dict) -> None:

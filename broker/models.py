@@ -161,15 +161,6 @@ class Refusal:
 
 
 @dataclass(frozen=True)
-class Window:
-    start: datetime
-    end: datetime
-
-    def as_json(self) -> dict:
-        return {"start": isoformat(self.start), "end": isoformat(self.end)}
-
-
-@dataclass(frozen=True)
 class IssuedCredential:
     """What a backend issued. `secret` is handed to the requester once and never stored."""
 
@@ -225,7 +216,6 @@ REVOKED, REVOKE_FAILED = "revoked", "revoke_failed"
 # Every state, in the order of a grant's life.
 STATES = (PENDING, APPROVED, DENIED, EXPIRED_UNAPPROVED, CANCELLED, ISSUING, ISSUE_FAILED, ACTIVE,
           RELEASED, EXPIRED, REVOKING, REVOKED, REVOKE_FAILED)  # fmt: skip
-ENDED = (RELEASED, EXPIRED)  # the window is over; the credential still has to go
 TO_REAP = (RELEASED, EXPIRED, REVOKING, REVOKE_FAILED)
 
 

@@ -22,7 +22,7 @@ from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
 from broker.policy import PolicyFile  # noqa: E402
 from broker.store import Store  # noqa: E402
-from tests.services import OpenBao  # noqa: E402
+from scripts.launchers import OpenBao  # noqa: E402
 
 POLICY = """
 [entitlements.bench]

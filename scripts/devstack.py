@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from tests.services import (  # noqa: E402
+from scripts.launchers import (  # noqa: E402
     DATABASE_READONLY_POLICY,
     LoginFailed,
     OidcProvider,

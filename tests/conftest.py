@@ -1,5 +1,5 @@
 """Session-wide real processes: an OpenBao dev server, the OIDC provider and PostgreSQL
-(tests/services.py).
+(started by scripts/launchers.py).
 Each starts once per test session in its own temporary directory and is stopped at the end."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from werkzeug.serving import make_server
 from broker import create_app
 from broker.config import load_settings
 from broker.web.serving import RequestHandler
-from tests.services import (
+from scripts.launchers import (
     DATABASE_READONLY_POLICY,
     OidcProvider,
     OpenBao,
@@ -82,7 +82,7 @@ def broker_port() -> int:
 
 @pytest.fixture(scope="session")
 def oidc_client_secret() -> str:
-    """The broker web client's secret (the ci-agent's is services.agent_secret of it)."""
+    """The broker web client's secret (the ci-agent's is launchers.agent_secret of it)."""
     return secrets.token_urlsafe(24)
 
 
@@ -218,8 +218,7 @@ class LiveBroker:
 
     def stop(self):
         self.server.shutdown()
-        self.app.extensions["jit"].reaper.stop()
-        self.app.extensions["jit"].forwarder.stop()
+        self.app.extensions["jit"].stop()
 
 
 @pytest.fixture(scope="session")
@@ -236,15 +235,21 @@ def broker(tmp_path_factory, openbao, oidc_provider, broker_port, oidc_client_se
 def make_app(tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, vault_setup):
     """A broker of its own (fresh database, no reaper thread unless asked) with settings changed."""
 
+    built = []
+
     def build(**overrides):
         overrides["reaper"] = {"enabled": False, **overrides.get("reaper", {})}
-        return create_app(
+        app = create_app(
             broker_settings(
                 tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, **overrides
             )
         )
+        built.append(app)
+        return app
 
-    return build
+    yield build
+    for app in built:
+        app.extensions["jit"].stop()
 
 
 @pytest.fixture

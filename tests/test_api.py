@@ -16,9 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.cli import main as jit
 from broker.models import parse_time
-from tests.conftest import EXPIRING_AGENT
-from tests.jwks_server import JwksServer
-from tests.services import (
+from scripts.launchers import (
     OidcProvider,
     agent_secret,
     client_credentials_token,
@@ -27,6 +25,8 @@ from tests.services import (
     user_access_token,
     user_tokens,
 )
+from tests.conftest import EXPIRING_AGENT
+from tests.jwks_server import JwksServer
 
 
 def call(broker, token, method, path, body=None, raw=None):

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 
 from broker.models import parse_time, utcnow
+from scripts.launchers import client_credentials_token
 from tests.receiver import HttpReceiver
-from tests.services import client_credentials_token
 from tests.test_api import token_works
 from tests.test_audit_pages import browser
 from tests.test_login import csrf
@@ -173,7 +173,7 @@ def test_separation_of_duties(api, app, requester, approver, status, error):
 
 
 def test_an_agent_never_approves(api, app, oidc_provider, oidc_client_secret):
-    from tests.services import agent_secret
+    from scripts.launchers import agent_secret
 
     agent = client_credentials_token(
         oidc_provider, "ci-agent", agent_secret(oidc_client_secret), oidc_provider.api_resource
@@ -352,7 +352,7 @@ def test_webhooks_tell_approvers_and_the_requester(make_app, tokens):
         assert all(m["jit"]["grant_id"] == grant_id and m["text"] for m in receiver.bodies)
     finally:
         receiver.stop()
-        app.extensions["jit"].notifier.stop()
+        app.extensions["jit"].stop()
 
 
 def test_extend_gives_a_new_credential_for_the_longer_window_and_removes_the_old(api, app, openbao):

@@ -9,7 +9,7 @@ from broker.audit.bundle import verify_bundle
 from broker.backends import make_backends
 from broker.backends.vault import make_client
 from broker.models import parse_time, utcnow
-from tests.services import free_port
+from scripts.launchers import free_port
 from tests.test_api import token_works
 from tests.test_reconcile import LATER, issue_unrecorded
 

@@ -16,7 +16,7 @@ import requests
 from broker.audit.search import AuditSearch
 from broker.errors import ConfigError
 from broker.models import Grant, isoformat
-from tests.services import follow_login
+from scripts.launchers import follow_login
 
 GRANT_ROW = re.compile(r'<tr class="grant" data-grant-id="([^"]+)">')
 NEXT_PAGE = re.compile(r'<a id="next-page" href="([^"]+)">')

@@ -9,7 +9,7 @@ import pytest
 
 from broker.models import parse_time
 from broker.policy import check_policy_text
-from tests.services import client_credentials_token
+from scripts.launchers import client_credentials_token
 from tests.test_api import token_works
 from tests.test_audit_pages import browser, page
 

@@ -11,7 +11,7 @@ from broker import audit
 from broker.backends import make_backends
 from broker.backends.vault import make_client
 from broker.models import parse_time
-from tests.services import free_port
+from scripts.launchers import free_port
 
 DATABASE_POLICY = """
 [entitlements.db-read]

@@ -18,8 +18,8 @@ from broker import audit, create_app
 from broker.errors import GrantConflict
 from broker.grants import REAP_BATCH
 from broker.models import Principal, parse_time, utcnow
+from scripts.launchers import OpenBao, free_port
 from tests.conftest import broker_settings
-from tests.services import OpenBao, free_port
 from tests.test_api import token_works, wait_for_status
 from tests.test_approvals import APPROVAL_POLICY
 from tests.test_extend_races import live_tokens_of
@@ -147,7 +147,6 @@ def test_windows_that_closed_while_the_broker_was_down_are_reaped_at_start(make_
     wait_until(end)
 
     restarted = make_app(reaper={"enabled": True})  # broker B: the same data directory
-    reaper = restarted.extensions["jit"].reaper
     grants = restarted.extensions["jit"].grants
     try:
         for grant, credential in issued:
@@ -157,7 +156,7 @@ def test_windows_that_closed_while_the_broker_was_down_are_reaped_at_start(make_
             assert not token_works(openbao, credential.secret)
         assert audit.verify(grants.store.audit_entries()).ok
     finally:
-        reaper.stop()
+        restarted.extensions["jit"].stop()
 
 
 # The crash: a real broker process runs its own request path (policy, the recorded intent, the
@@ -338,7 +337,7 @@ def test_issuances_in_flight_when_a_broker_is_killed_are_settled_as_soon_as_one_
             assert "before Vault issued" in grants.store.get_grant(each["grant_id"]).last_error
         assert audit.verify(grants.store.audit_entries()).ok
     finally:
-        restarted.extensions["jit"].reaper.stop()
+        restarted.extensions["jit"].stop()
 
 
 # A live broker process with an issuance in flight: Vault has answered, and the process waits
@@ -514,7 +513,7 @@ def test_an_extension_in_flight_when_a_broker_is_killed_is_settled_as_soon_as_on
         grants.release(ALICE, grant.id)
         wait_for_status(grants, grant.id, "revoked", timeout=15)
     finally:
-        jit.reaper.stop()
+        jit.stop()
     assert not token_works(openbao, second.secret)
     assert live_tokens_of(openbao, grant.id) == set()
     assert audit.verify(grants.store.audit_entries()).ok

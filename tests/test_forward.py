@@ -18,8 +18,8 @@ from broker.config import check_service_settings, load_settings
 from broker.errors import ConfigError
 from broker.models import isoformat, utcnow
 from broker.store import Store
+from scripts.launchers import free_port
 from tests.receiver import HttpReceiver
-from tests.services import free_port
 from tests.test_notify import wait_until
 
 SECRET_PATH = "/ingest/s3cr3tP4th"
@@ -310,8 +310,7 @@ def forwarding_app(make_app, receiver):
         audit={"forward_url": endpoint.url, "forward_token": TOKEN, "forward_batch": 50},
     )
     yield app, endpoint
-    app.extensions["jit"].reaper.stop()
-    app.extensions["jit"].forwarder.stop()
+    app.extensions["jit"].stop()
 
 
 def healthz(app) -> tuple[int, dict]:

@@ -10,7 +10,7 @@ import pytest
 from broker.backends import make_backends
 from broker.backends.vault import make_client
 from broker.models import Principal, parse_time, utcnow
-from tests.services import free_port
+from scripts.launchers import free_port
 from tests.test_api import token_works
 from tests.test_audit_pages import browser
 
@@ -21,7 +21,7 @@ ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-9 health"}
 def app(make_app):
     app = make_app(reaper={"enabled": True})
     yield app
-    app.extensions["jit"].reaper.stop()
+    app.extensions["jit"].stop()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from tests.services import follow_login
+from scripts.launchers import follow_login
 from tests.test_api import token_works, wait_for_status
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -23,8 +23,8 @@ from broker.notify import (
     grant_fields,
     new_request_text,
 )
+from scripts.launchers import free_port
 from tests.receiver import HttpReceiver
-from tests.services import free_port
 
 SECRET_PATH = "/services/T0001/B0002/s3cr3tW3bh00kPath"
 FAST = (0.05, 0.1, 0.2)

@@ -11,7 +11,7 @@ import pytest
 
 from broker.models import utcnow
 from broker.own_token import OwnToken
-from tests.services import BROKER_POLICY
+from scripts.launchers import BROKER_POLICY
 
 LOG = "broker.own_token"
 
@@ -61,7 +61,7 @@ def test_the_reaper_thread_renews_it_without_being_asked(make_app, openbao):
             assert time.monotonic() < deadline, "the reaper never renewed the broker's token"
             time.sleep(0.2)
     finally:
-        app.extensions["jit"].reaper.stop()
+        app.extensions["jit"].stop()
     assert looked_up(openbao, token)["ttl"] >= 4
 
 

@@ -10,7 +10,7 @@ from broker.backends import make_backends
 from broker.backends.vault import make_client
 from broker.models import Principal, parse_time
 from broker.reaper import Reaper
-from tests.services import free_port
+from scripts.launchers import free_port
 from tests.test_api import token_works, wait_for_status
 
 ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")

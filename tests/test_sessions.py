@@ -18,7 +18,7 @@ import requests
 from broker.config import check_service_settings, load_settings
 from broker.errors import ConfigError
 from broker.web.sessions import Login
-from tests.services import OidcProvider, follow_login, free_port, provider_config
+from scripts.launchers import OidcProvider, follow_login, free_port, provider_config
 from tests.test_approvals import APPROVAL_POLICY
 from tests.test_audit_pages import browser
 from tests.test_login import csrf, login

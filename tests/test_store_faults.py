@@ -18,7 +18,7 @@ from werkzeug.serving import make_server
 
 from broker.errors import StoreUnavailable
 from broker.store import Store
-from tests.services import follow_login, free_port
+from scripts.launchers import follow_login, free_port
 from tests.test_api import token_works, wait_for_status
 from tests.test_audit_pages import browser
 from tests.test_login import csrf
@@ -142,7 +142,7 @@ def test_a_full_disk_gives_503_fails_health_and_recovers_when_space_returns(
         wait_for_status(jit.grants, held_id, "revoked")  # the reaper, woken by the release
         assert not token_works(openbao, held_token)
     finally:
-        jit.reaper.stop()
+        jit.stop()
 
 
 def test_a_disk_filling_while_vault_answers_revokes_what_it_issued(
@@ -208,7 +208,7 @@ def test_a_database_file_made_unwritable_gives_503_and_fails_health(make_app, se
     issued = call("POST", "/api/v1/requests", ASK)
     assert issued.status_code == 201
     assert token_works(openbao, issued.json()["credential"]["token"])
-    jit.reaper.stop()
+    jit.stop()
 
 
 def test_a_store_that_cannot_be_read_gives_503_on_reads_and_health(make_app, serve):

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from broker.backends.vault import TOKEN_ROLE, openbao_policy
 from broker.cli import main as jit
-from tests.services import BROKER_POLICY, DATABASE_READONLY_POLICY
+from scripts.launchers import BROKER_POLICY, DATABASE_READONLY_POLICY
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED_CREDS_RULE = 'path "database/creds/jit-readonly-*" { capabilities = ["read"] }'

@@ -81,12 +81,11 @@ def _sealed_as(entry: dict | None, seq: int) -> bool:
 
 @dataclass
 class Walk:
-    """The result of walking a run of entries: how far it got, the hashes at the sizes that
-    signed checkpoints name, and the first break (None: intact)."""
+    """The result of walking a run of entries: how far it got, and the first break (None:
+    intact)."""
 
     checked: int = 0
     last_seq: int = 0
-    heads: dict | None = None
     broken: Break | None = None
 
 
@@ -100,7 +99,7 @@ def walk(
     entries at signed sizes have the signed hashes. `first_prev` None accepts whatever the first
     entry links to (an exported range starts mid-log)."""
     signed = signed or {}
-    result = Walk(last_seq=first_seq - 1, heads={})
+    result = Walk(last_seq=first_seq - 1)
     prev_hash, prev2_hash = first_prev, None
     entries = _Peekable(entries)
     for entry in entries:

@@ -1,6 +1,8 @@
-"""Real processes for the tests and the dev stack: an OpenBao dev server and the OIDC provider
-(scripts/oidc/provider.mjs), plus browser-less logins that walk the provider's own login form over
-HTTP. Used by tests/conftest.py and scripts/devstack.py; no pytest here.
+"""The service launchers for the tests and the dev stack, never the product (broker/ must never
+import this): an OpenBao dev server, the OIDC provider (scripts/oidc/provider.mjs) and a throwaway
+PostgreSQL, the engines the example entitlements use, and browser-less logins that walk the
+provider's own login form over HTTP. Used by tests/, scripts/devstack.py and scripts/bench.py;
+no pytest here.
 
 The login form steps (scripts/oidc/provider.mjs):
 1. GET {issuer}/auth?... answers 303 to {issuer}/interaction/{uid} and sets the interaction cookie.

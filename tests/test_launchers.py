@@ -9,7 +9,7 @@ import jwt
 import pytest
 import requests
 
-from tests.services import (
+from scripts.launchers import (
     AGENT_CLIENT_ID,
     API_RESOURCE,
     CLI_CLIENT_ID,

@@ -1,0 +1,146 @@
+"""The broker's parts, built from the settings in one place, and the lifetime of its background
+threads (reaper, audit forwarder, notifier), started and stopped together. Knows nothing of HTTP:
+it must never import Flask, and nothing here runs at import time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import audit
+from .audit.forward import Forwarder
+from .audit.log import AuditLog
+from .audit.search import AuditSearch
+from .backends import make_backends
+from .backends.vault import make_client, vault_health
+from .config import Settings, check_service_settings
+from .grants import Grants
+from .identity import BearerVerifier, ProviderMetadata
+from .liveness import Liveness
+from .notify import Notifier
+from .own_token import OwnToken
+from .policy import PolicyFile
+from .reaper import Reaper
+from .store import Store
+
+
+@dataclass
+class Services:
+    """What one broker instance owns; the web app keeps it on `app.extensions["jit"]`, so every
+    test gets its own. `start()` and `stop()` run its threads; both may be called again."""
+
+    settings: Settings
+    grants: Grants
+    metadata: ProviderMetadata
+    verifier: BearerVerifier
+    reaper: Reaper
+    policy: PolicyFile
+    notifier: Notifier
+    audit_log: AuditLog
+    forwarder: Forwarder
+    audit_search: AuditSearch
+    own_token: OwnToken
+    _state: str = field(default="built", init=False, repr=False)  # -> running -> stopped
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        """Check what serving needs, then build every part; starts no thread."""
+        check_service_settings(settings)
+        store = Store(settings.database_path)
+        store.migrate()
+        policy = PolicyFile(settings.policy_path)
+        notifier = Notifier(settings.notify["webhook_url"], timeout=settings.notify["timeout"])
+        vault = make_client(
+            settings.vault["addr"], settings.vault["token"], settings.vault["timeout"]
+        )
+        own_token = OwnToken(vault)
+        own_token.look_up()  # /healthz knows from the start whether it will lapse
+        fingerprint_key = settings.secret_file("audit-hmac.key")
+        # Tags what this broker issues (replicas sharing the data directory share it), so that its
+        # reconciler never revokes what another broker sharing the Vault issued.
+        instance = audit.fingerprint(fingerprint_key, "jit-broker instance")[-16:]
+        reaper_settings = settings.reaper
+        grants = Grants(
+            store,
+            policy.current,
+            make_backends(vault, settings.postgres["dsn"], settings.vault["timeout"], instance),
+            fingerprint_key=fingerprint_key,
+            retry_min=reaper_settings["retry_min"],
+            retry_max=reaper_settings["retry_max"],
+            notify=notifier.notify,
+            heartbeat_every=reaper_settings["heartbeat"],
+            vault_health=lambda: vault_health(vault, token=own_token.health),
+            auditor_groups=tuple(settings.audit["auditor_groups"]),
+            # Held for the broker's life: other processes on the same store see this one as alive.
+            processes=Liveness.beside(settings.database_path),
+        )
+        audit_log = AuditLog(
+            store,
+            fingerprint_key,
+            audit.load_or_create_key(settings.signing_key_path),
+            checkpoint_copy=settings.checkpoint_copy_path,
+        )
+        reaper = Reaper(
+            grants,
+            reaper_settings["heartbeat"],
+            reaper_settings["reconcile_every"],
+            checkpoint=audit_log.checkpoint,
+            checkpoint_every=settings.audit["checkpoint_every"],
+            renew_token=own_token.renew_if_due,
+        )
+        audit_settings = settings.audit
+        forwarder = Forwarder(
+            store,
+            audit_settings["forward_url"],
+            token=audit_settings["forward_token"],
+            timeout=audit_settings["forward_timeout"],
+            batch=audit_settings["forward_batch"],
+        )
+
+        def on_change() -> None:  # the reaper's deadlines, and new audit entries to forward
+            reaper.wake()
+            forwarder.wake()
+
+        grants.on_change = on_change
+        if reaper_settings["enabled"]:
+            grants.heartbeat = reaper.heartbeat  # no reaper, no issuing; unless it is switched off
+        oidc = settings.oidc
+        metadata = ProviderMetadata(oidc["issuer"])
+        verifier = BearerVerifier(
+            metadata, oidc["api_audience"], oidc["algorithms"], oidc["groups_claim"], oidc["leeway"]
+        )
+        return cls(
+            settings,
+            grants,
+            metadata,
+            verifier,
+            reaper,
+            policy,
+            notifier,
+            audit_log,
+            forwarder,
+            AuditSearch(audit_log, settings.audit["auditor_groups"]),
+            own_token,
+        )
+
+    def start(self) -> None:
+        """The reaper (unless switched off), then the forwarder and the notifier (each only when
+        its URL is set). Once: a second call, or one after stop(), does nothing."""
+        if self._state != "built":
+            return
+        self._state = "running"
+        if self.settings.reaper["enabled"]:
+            self.reaper.start()
+        self.forwarder.start()
+        self.notifier.start()
+
+    def stop(self) -> None:
+        """Stop every thread, in order: the reaper first, which signs a last checkpoint over
+        everything written until now; then the forwarder (what it has not delivered goes at the
+        next start, from its cursor); then the notifier (messages still queued are not sent).
+        Call it after the server stopped taking requests. A second call does nothing."""
+        if self._state == "stopped":
+            return
+        self._state = "stopped"
+        self.reaper.stop()
+        self.forwarder.stop()
+        self.notifier.stop()
