@@ -14,7 +14,7 @@ from ..durations import format_duration
 from ..errors import BrokerError, Unauthenticated
 
 if TYPE_CHECKING:
-    from .. import Services
+    from ..services import Services
 
 log = logging.getLogger(__name__)
 
