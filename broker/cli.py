@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flask import Flask
 
 from . import audit
@@ -18,7 +19,7 @@ from .audit.log import AuditLog
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
 from .models import Principal, isoformat, parse_time, utcnow
-from .policy import PolicyError, decide, explain, load_policy
+from .policy import Policy, PolicyError, decide, explain, load_policy
 from .store import Store
 
 
@@ -110,7 +111,7 @@ def _audit_log(settings: Settings) -> AuditLog:
     )
 
 
-def _pinned_key(path: str | None):
+def _pinned_key(path: str | None) -> Ed25519PublicKey | None:
     if path is None:
         return None
     try:
@@ -243,7 +244,7 @@ def policy_group() -> None:
     """Check a policy file and explain its decisions (needs only the file, no config)."""
 
 
-def _policy_or_exit(path: str):
+def _policy_or_exit(path: str) -> Policy:
     """The policy, or every problem as FILE:LINE: message and exit 1 (a missing file: exit 2)."""
     try:
         return load_policy(Path(path))

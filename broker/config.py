@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .urls import loggable_target
 
 DEFAULTS: dict[str, dict] = {
     "server": {
@@ -176,10 +177,6 @@ def _coerce(text: str, default: object, key: str) -> object:
     return text
 
 
-# Never echo the URL: its path or query may hold a secret.
-FORWARD_URL_ERROR = "audit.forward_url must be an http:// or https:// URL with a host"
-WEBHOOK_URL_ERROR = "notify.webhook_url must be an http:// or https:// URL with a host"
-
 ASYMMETRIC_ALGORITHMS = {
     "RS256",
     "RS384",
@@ -259,16 +256,8 @@ def _check_sessions(server: dict) -> None:
 
 
 def _check_webhook(notify: dict) -> None:
-    """Never echoes the URL: Slack's secret is its path."""
-    url = notify["webhook_url"]
-    if url:
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 (raises on a port that is not a number)
-        except ValueError:
-            raise ConfigError(WEBHOOK_URL_ERROR) from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(WEBHOOK_URL_ERROR)
+    if notify["webhook_url"]:
+        loggable_target(notify["webhook_url"], "notify.webhook_url")
 
 
 def _check_auditor_groups(audit: dict) -> None:
@@ -281,15 +270,8 @@ def _check_auditor_groups(audit: dict) -> None:
 
 
 def _check_forwarding(audit: dict) -> None:
-    url = audit["forward_url"]
-    if url:
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 (raises on a port that is not a number)
-        except ValueError:
-            raise ConfigError(FORWARD_URL_ERROR) from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(FORWARD_URL_ERROR)
+    if audit["forward_url"]:
+        loggable_target(audit["forward_url"], "audit.forward_url")
     batch = audit["forward_batch"]
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"audit.forward_batch must be a whole number >= 1, not {batch!r}")

@@ -11,18 +11,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import requests
 
 from .durations import format_duration
 from .errors import ConfigError
 from .models import Grant
+from .urls import loggable_target
 
 log = logging.getLogger(__name__)
 
-# Event names for `jit.event`, the field receivers that are not Slack route on. grants.py also
-# sends "expired_unapproved".
+# Event names for `jit.event`, the field receivers that are not Slack route on. The reaper's
+# removals (broker/grants/removal.py) also send "expired_unapproved" and "revoke_failed".
 NEW_REQUEST = "new_request"
 APPROVED = "approved"
 DENIED = "denied"
@@ -64,7 +64,7 @@ class Notifier:
         self.retry_delays = tuple(retry_delays)
         if any(delay < 0 for delay in self.retry_delays):
             raise ConfigError("notification retry delays must not be negative")
-        self.target = loggable_target(self.url) if self.url else ""
+        self.target = loggable_target(self.url, "notify.webhook_url") if self.url else ""
         # Called as post(url, json=..., timeout=..., allow_redirects=False): a Session's post.
         self._post = post
         self.delivered = 0
@@ -296,18 +296,6 @@ def grant_fields(grant: Grant) -> dict[str, str]:
     if grant.ticket:
         fields["ticket"] = grant.ticket
     return fields
-
-
-def loggable_target(url: str) -> str:
-    """Scheme and host, the only part of the URL that may be logged: Slack's secret is the path."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ConfigError("the notification webhook URL is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("the notification webhook URL must start with http:// or https://")
-    return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
 
 
 def _clip(text: str, limit: int) -> str:

@@ -10,11 +10,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Self, TypedDict, TypeVar, Unpack, overload
+from typing import Any, Self, TypeVar, Unpack, overload
 
 import sqlite_utils
 
 from . import audit
+from .audit.storage import GrantFilters
 from .errors import StoreUnavailable
 from .models import Approval, Credential, Grant
 
@@ -135,17 +136,6 @@ class _Connection(sqlite3.Connection):
     def commit(self) -> None:
         with _translated():
             return super().commit()
-
-
-class GrantFilters(TypedDict, total=False):
-    """The filters of `Store.search_grants`, as `Store.iter_grants` passes them on."""
-
-    person: str
-    entitlement: str
-    status: str
-    break_glass: bool | None
-    since: str
-    until: str
 
 
 class Transaction:

@@ -1,6 +1,7 @@
 """The audit log: entry types, the hash chain, signed checkpoints, verification, export, the
-auditors' search and forwarding. Imports nothing of the broker but models and errors (the store
-through a Protocol); storing entries is the store's job, deciding what to log the use cases' job."""
+auditors' search and forwarding. Imports nothing of the broker but models, errors and urls (the
+store through a Protocol); storing entries is the store's job, deciding what to log the use
+cases' job."""
 
 from .chain import GENESIS, canonical, entry_hash, fingerprint, seal
 from .signing import (

@@ -14,18 +14,14 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from urllib.parse import urlsplit
 
 import requests
 
-from ..errors import ConfigError
 from ..models import isoformat, utcnow
+from ..urls import loggable_target
 from .storage import AuditStore
 
 log = logging.getLogger(__name__)
-
-# Never echoes the URL: its path or query may hold a secret. (config.py checks the setting too.)
-FORWARD_URL_ERROR = "audit.forward_url must be an http:// or https:// URL with a host"
 
 CURSOR = "forward"  # the name of the forwarder's position in the store's cursors table
 POLL_EVERY = 5.0  # seconds between looks at the log when nobody wakes the forwarder
@@ -53,7 +49,7 @@ class Forwarder:
         self.store = store
         self.url = url or ""
         # Scheme and host only: the one part of the URL that may be logged (a path can be secret).
-        self.target = loggable_target(self.url) if self.url else ""
+        self.target = loggable_target(self.url, "audit.forward_url") if self.url else ""
         self.token = token
         self.timeout = timeout
         self.batch = max(1, int(batch))
@@ -214,16 +210,3 @@ class Forwarder:
         if 200 <= response.status_code < 300:
             return ""
         return f"HTTP {response.status_code}"
-
-
-def loggable_target(url: str) -> str:
-    """Scheme, host and port: the one part of the forwarding URL that may be logged. A URL that is
-    not http(s) with a host is a ConfigError that does not echo it."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ConfigError(FORWARD_URL_ERROR) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(FORWARD_URL_ERROR)
-    return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")

@@ -15,6 +15,7 @@ from .. import models
 from ..errors import ConfigError, Forbidden, GrantNotFound, InvalidRequest
 from ..models import Approval, Grant, Principal, isoformat
 from .log import AuditLog, Timeline
+from .storage import GrantFilters
 
 PAGE_SIZE = 50
 
@@ -102,7 +103,7 @@ class GrantFilter:
         }
         return {name: value for name, value in args.items() if value}
 
-    def store_args(self) -> dict:
+    def store_args(self) -> GrantFilters:
         return {
             "person": self.person,
             "entitlement": self.entitlement,

@@ -5,9 +5,20 @@ below it (the store imports the chain to seal entries)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Protocol, TypedDict, Unpack
 
 from ..models import Approval, Grant
+
+
+class GrantFilters(TypedDict, total=False):
+    """The filters of `search_grants`, as `iter_grants` passes them on."""
+
+    person: str
+    entitlement: str
+    status: str
+    break_glass: bool | None
+    since: str
+    until: str
 
 
 class AuditStore(Protocol):
@@ -50,4 +61,4 @@ class AuditStore(Protocol):
         limit: int = 50,
     ) -> list[Grant]: ...
 
-    def iter_grants(self, batch: int = 500, **filters: Any) -> Iterator[Grant]: ...
+    def iter_grants(self, batch: int = 500, **filters: Unpack[GrantFilters]) -> Iterator[Grant]: ...

@@ -9,7 +9,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import hvac
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -80,8 +80,10 @@ class SshCertificateBackend(Backend):
             mount_point=options.mount,
         )
         text = signed["data"]["signed_key"].strip()
-        # Vault answers a certificate: sign_ssh_key signs keys into nothing else.
-        cert = cast(SSHCertificate, serialization.load_ssh_public_identity(text.encode()))
+        cert = serialization.load_ssh_public_identity(text.encode())
+        if not isinstance(cert, SSHCertificate):
+            # Not what sign_ssh_key answers, and without valid_before nothing bounds it.
+            raise VaultRejected("Vault's SSH engine answered a public key, not a certificate")
         valid_before = datetime.fromtimestamp(cert.valid_before, UTC)
         if valid_before > window_end or cert.public_key() != key:
             # Never hand out what outlives the window: it could not be taken back.

@@ -11,7 +11,7 @@ from .reconcile import Reconciling
 from .removal import Removal, Removing
 
 
-class Grants(Issuing, Deciding, Removing, Reconciling, Health, GrantsBase):
+class Grants(Issuing, Deciding, Reconciling, Removing, Health, GrantsBase):
     """Every use case over one store, policy and set of backends."""
 
 

@@ -31,6 +31,7 @@ from ..models import (
     Decision,
     Grant,
     Principal,
+    Refusal,
     isoformat,
     parse_time,
     utcnow,
@@ -58,7 +59,7 @@ MAY_HOLD = (ISSUING, ACTIVE, RELEASED, EXPIRED, REVOKING, REVOKE_FAILED)
 ISSUE_GRACE = timedelta(minutes=2)
 
 
-def _no_notification(event: str, text: str, **details) -> None:
+def _no_notification(event: str, text: str, **details: object) -> None:
     """The default when no webhook is configured."""
 
 
@@ -148,6 +149,14 @@ class GrantsBase:
             return grant
         raise GrantNotFound(f"no grant {grant_id} of yours")
 
+    def _current(self, grant_id: str, tx: Transaction | None = None) -> Grant:
+        """A grant read again after it was seen (inside `tx` when given). Grants are never
+        deleted, so a missing one means the store changed underneath: GrantNotFound, not a 500."""
+        grant = (self.store if tx is None else tx).get_grant(grant_id)
+        if grant is None:
+            raise GrantNotFound(f"no grant {grant_id}")
+        return grant
+
     def may_review(self, principal: Principal, grant: Grant) -> bool:
         """Whether this person may review this break-glass grant (reviewed or not)."""
         if not grant.break_glass:
@@ -214,7 +223,12 @@ class GrantsBase:
         return timedelta(seconds=seconds) if seconds else DEFAULT_REQUEST_TTL
 
     def _log_decision(
-        self, tx: Transaction, principal: Principal, grant_id: str, decision: Decision, **extra
+        self,
+        tx: Transaction,
+        principal: Principal,
+        grant_id: str,
+        decision: Decision,
+        **extra: object,
     ) -> None:
         self._log(
             tx,
@@ -246,7 +260,9 @@ class GrantsBase:
             "identifiers": {name: self._fingerprint(value) for name, value in names.items()},
         }
 
-    def _log(self, tx: Transaction, type_: Entry, actor: dict, grant_id: str, **data) -> None:
+    def _log(
+        self, tx: Transaction, type_: Entry, actor: dict, grant_id: str, **data: object
+    ) -> None:
         tx.append(self._now(), type_, actor, grant_id, data)
 
 
@@ -289,6 +305,6 @@ def _raise_if_refused(decision: Decision) -> None:
         )
 
 
-def _raise_refusal(refusal) -> None:
+def _raise_refusal(refusal: Refusal | None) -> None:
     if refusal is not None:
         raise PolicyRefused(refusal.code, refusal.message)

@@ -77,7 +77,7 @@ class Deciding(GrantsBase):
                         self.clock() + self._request_ttl(policy.entitlements[grant.entitlement])
                     ),
                 )
-        grant = self.store.get_grant(grant.id)
+        grant = self._current(grant.id)
         if satisfied:
             self.notify(
                 notify.APPROVED,
@@ -113,7 +113,7 @@ class Deciding(GrantsBase):
                 approver=approver.claims(),
                 reason=reason,
             )
-        grant = self.store.get_grant(grant.id)
+        grant = self._current(grant.id)
         self.notify(
             notify.DENIED,
             notify.denied_text(grant, approver.display, reason),
@@ -145,12 +145,12 @@ class Deciding(GrantsBase):
                 updated_at=self._now(),
             ):
                 raise GrantConflict(
-                    f"request {grant.id} is {tx.get_grant(grant.id).status}: "
+                    f"request {grant.id} is {self._current(grant.id, tx).status}: "
                     "only a pending or approved request can be cancelled"
                 )
             self._log(tx, Entry.CANCEL, principal.actor(), grant.id)
         self.on_change()
-        return self.store.get_grant(grant.id)
+        return self._current(grant.id)
 
     def review(self, reviewer: Principal, grant_id: str, outcome: object, notes: object) -> Grant:
         """Close a break-glass grant's mandatory review, once, by someone other than its
@@ -201,4 +201,4 @@ class Deciding(GrantsBase):
                 review_due=grant.review_due,
                 late=now > grant.review_due or None,
             )
-        return self.store.get_grant(grant.id)
+        return self._current(grant.id)

@@ -63,7 +63,7 @@ class Health(GrantsBase):
         if beat is None:
             return {"ok": False, "alive": False, "error": "the reaper is not running"}
         age = (self.clock() - beat).total_seconds()
-        check = {"ok": True, "alive": True, "heartbeat_age": round(age, 1)}
+        check: dict[str, object] = {"ok": True, "alive": True, "heartbeat_age": round(age, 1)}
         if age > 3 * self.heartbeat_every:
             check.update(ok=False, error=f"the reaper's heartbeat is {age:.0f}s old")
         return check

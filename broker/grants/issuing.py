@@ -16,6 +16,7 @@ from ..errors import (
     GrantConflict,
     InvalidDuration,
     InvalidRequest,
+    PolicyRefused,
     StoreUnavailable,
 )
 from ..models import (
@@ -33,18 +34,21 @@ from ..models import (
     isoformat,
     parse_time,
 )
-from ..policy import Entitlement, Policy
+from ..policy import BreakGlassRule, Entitlement, Policy
 from .base import (
     OPEN,
-    GrantsBase,
     _raise_if_refused,
     _validated,
     log,
 )
-from .removal import _first_look
+from .health import Health
+from .removal import Removing, _first_look
 
 
-class Issuing(GrantsBase):
+class Issuing(Removing, Health):
+    """Needs Removing (an extension's old or losing credential is removed and verified) and
+    Health (nothing is issued while the broker is unhealthy)."""
+
     def request(
         self,
         principal: Principal,
@@ -108,16 +112,17 @@ class Issuing(GrantsBase):
         reason: str,
         ticket: str,
         status: str,
-        review_within: int | None = None,
+        glass: BreakGlassRule | None = None,
     ) -> Grant:
-        """Record the request and the decision, in one transaction. `review_within` (seconds)
-        marks a break-glass grant: its window ignores the schedule, and its review falls due."""
+        """Record the request and the decision, in one transaction. `glass` (the entitlement's
+        break-glass rule) marks a break-glass grant: its window ignores the schedule, and its
+        review falls due."""
         now = self.clock().replace(microsecond=0)
         start, end, due, review_due = "", "", "", ""
-        if review_within is not None:
+        if glass is not None:
             start = isoformat(now)
             end = isoformat(now + timedelta(seconds=decision.duration))
-            review_due = isoformat(now + timedelta(seconds=review_within))
+            review_due = isoformat(now + timedelta(seconds=glass.review_within))
         elif status == ISSUING:
             start = isoformat(now)
             end = isoformat(policy.window_end(chosen.name, now, decision.duration))
@@ -142,7 +147,7 @@ class Issuing(GrantsBase):
             updated_at=isoformat(now),
             ticket=ticket,
             approvals_required=decision.approvals_required,
-            break_glass=int(review_within is not None),
+            break_glass=int(glass is not None),
             review_due=review_due,
             issuing_process=self.process_id if status == ISSUING else "",
         )
@@ -161,7 +166,7 @@ class Issuing(GrantsBase):
                 break_glass=grant.break_glass == 1 or None,
             )
             self._log_decision(tx, principal, grant.id, decision)
-            if grant.break_glass:
+            if glass is not None:
                 self._log(
                     tx,
                     Entry.BREAK_GLASS,
@@ -172,7 +177,7 @@ class Issuing(GrantsBase):
                     duration=decision.duration,
                     window_end=end,
                     review_due=review_due,
-                    reviewers=list(chosen.break_glass.reviewers),
+                    reviewers=list(glass.reviewers),
                 )
         return grant
 
@@ -190,6 +195,9 @@ class Issuing(GrantsBase):
         decision = policy.evaluate_break_glass(principal, entitlement, seconds, reason)
         _raise_if_refused(decision)
         chosen = policy.entitlements[entitlement]
+        glass = chosen.break_glass
+        if glass is None:  # allowed above only when the entitlement has a break-glass rule
+            raise PolicyRefused("no_break_glass", f"{entitlement} has no break-glass path")
         self._check_request(chosen, public_key)
         grant = self._record_request(
             policy,
@@ -199,14 +207,14 @@ class Issuing(GrantsBase):
             reason,
             "",
             ISSUING,
-            chosen.break_glass.review_within,
+            glass,
         )
         self.notify(
             notify.BREAK_GLASS,
             notify.break_glass_text(grant),
             grant_id=grant.id,
             audience="security",
-            fields={"reviewers": ", ".join(chosen.break_glass.reviewers)},
+            fields={"reviewers": ", ".join(glass.reviewers)},
         )
         return self._issue(principal, grant, chosen, public_key)
 
@@ -234,7 +242,7 @@ class Issuing(GrantsBase):
         )
         now = self.clock().replace(microsecond=0)
         with self.store.transaction() as tx:
-            current = tx.get_grant(grant.id)
+            current = self._current(grant.id, tx)
             if current.status != APPROVED:
                 raise GrantConflict(f"request {grant.id} is {current.status}, not approved")
             if not decision.allowed:
@@ -260,7 +268,7 @@ class Issuing(GrantsBase):
                 )
             self._log_decision(tx, principal, grant.id, decision, at_activation=True)
         _raise_if_refused(decision)
-        grant = self.store.get_grant(grant.id)
+        grant = self._current(grant.id)
         return self._issue(principal, grant, policy.entitlements[grant.entitlement], public_key)
 
     def _issue(
@@ -330,7 +338,7 @@ class Issuing(GrantsBase):
                 "so it was revoked at once; nothing was issued"
             ) from exc
         self.on_change()
-        return self.store.get_grant(grant.id), credential
+        return self._current(grant.id), credential
 
     def extend(
         self, principal: Principal, grant_id: str, extra: object, public_key: object = ""
@@ -417,7 +425,7 @@ class Issuing(GrantsBase):
             raise GrantConflict(f"grant {grant.id} ended while it was being extended")
         self._remove_replaced(grant, backend)
         self.on_change()
-        return self.store.get_grant(grant.id), credential
+        return self._current(grant.id), credential
 
     def _claim_extension(self, grant: Grant) -> Credential:
         """Claim the right to replace the grant's credential before Vault is asked, conditional
@@ -427,7 +435,7 @@ class Issuing(GrantsBase):
         now = self.clock()
         claim = _credential_of(grant, "", isoformat(now), str(uuid.uuid4()), self.process_id)
         with self.store.transaction() as tx:
-            current = tx.get_grant(grant.id)
+            current = self._current(grant.id, tx)
             if current.status != ACTIVE or current.handle != grant.handle:
                 raise GrantConflict(
                     f"grant {grant.id} changed while the extension was checked "

@@ -22,14 +22,16 @@ from .base import (
     ISSUE_GRACE,
     MAY_HOLD,
     REAPER,
-    GrantsBase,
     log,
 )
+from .removal import Removing
 
 LEFT_BY_THE_DEAD = "an extension's new credential, left unrecorded by a broker process that died"
 
 
-class Reconciling(GrantsBase):
+class Reconciling(Removing):
+    """Needs Removing: a stray is removed and verified as any credential is."""
+
     def reconcile(self, now: datetime | None = None) -> list[dict]:
         """Ask every backend what Vault holds for this broker; revoke and verify each stray (a
         credential of no grant, of a grant that may hold none, or not the one its grant records),
@@ -87,7 +89,9 @@ class Reconciling(GrantsBase):
     def _ours_to_remove(self, grant: Grant | None, holding: Holding, why: str) -> bool:
         """Settle the grant's own record before its stray goes, conditional on what it replaces:
         False when another sweep got there first (and removes the stray itself)."""
-        if grant is not None and grant.status == ISSUING:
+        if grant is None:
+            return True
+        if grant.status == ISSUING:
             return self._abandon(grant, why)
         if why == LEFT_BY_THE_DEAD:
             return self._adopt(grant, holding)

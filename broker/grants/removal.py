@@ -61,7 +61,9 @@ class Removing(GrantsBase):
             return
         self._remove_unused(grant, backend, grant.handle, replaced=True)
 
-    def _remove_unused(self, grant: Grant, backend: Backend, handle: str, **context) -> None:
+    def _remove_unused(
+        self, grant: Grant, backend: Backend, handle: str, **context: object
+    ) -> None:
         """Revoke and verify one credential of a live grant that nobody may use any more (the
         one an extension replaced, or the one an extension that lost a race made); it leaves
         the grant's list only once verified gone."""
@@ -87,7 +89,7 @@ class Removing(GrantsBase):
         backend: Backend,
         handle: str,
         outcome: Removal,
-        **context,
+        **context: object,
     ) -> None:
         revoke_error, verify_error = outcome
         marks = self._marks(backend, handle)
@@ -126,7 +128,7 @@ class Removing(GrantsBase):
             if not tx.move_grant(
                 grant.id, ACTIVE, status=RELEASED, window_end=now, due_at=due, updated_at=now
             ):
-                current = tx.get_grant(grant.id)
+                current = self._current(grant.id, tx)
                 raise GrantConflict(f"grant {grant.id} is {current.status}, not active")
             self._log(
                 tx,
@@ -138,7 +140,7 @@ class Removing(GrantsBase):
                 credential_valid_until=None if revocable else due,
             )
         self.on_change()
-        return self.store.get_grant(grant.id)
+        return self._current(grant.id)
 
     def reap_due(self, now: datetime | None = None) -> datetime | None:
         """Remove every credential whose window has closed; return when the next one closes."""

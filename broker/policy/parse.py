@@ -10,7 +10,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from ..durations import format_duration, parse_duration
@@ -133,6 +133,15 @@ def _check(raw: bytes) -> tuple[Policy | None, list[Problem]]:
     if problems:
         return None, problems
     return Policy(entitlements, hashlib.sha256(raw).hexdigest()), []
+
+
+class _BackendTable(NamedTuple):
+    """A backend's options table as written, with its role and mount (None: a problem noted)."""
+
+    table: dict
+    at: tuple[str, ...]
+    role: str | None
+    mount: str | None
 
 
 class _Reader:
@@ -437,10 +446,11 @@ class _Reader:
             "the OpenBao role",
             "database or db/prod",
         )
-        if found is None or len(self.problems) > found_before:
+        if found is None or found.role is None or found.mount is None:
             return None
-        _, _, role, mount = found
-        return DatabaseOptions(role, mount)
+        if len(self.problems) > found_before:
+            return None
+        return DatabaseOptions(found.role, found.mount)
 
     def ssh(self, name: str, spec: dict, backend: object) -> SshOptions | None:
         found_before = len(self.problems)
@@ -473,7 +483,7 @@ class _Reader:
                     (*at, "principals"),
                     f"{name}: ssh principal {principal!r} may hold no spaces or commas",
                 )
-        if len(self.problems) > found_before:
+        if role is None or mount is None or len(self.problems) > found_before:
             return None
         return SshOptions(role, principals, mount)
 
@@ -487,10 +497,10 @@ class _Reader:
         needs: str,
         role_is: str,
         mount_like: str,
-    ) -> tuple[dict, tuple[str, ...], Any, Any] | None:
+    ) -> _BackendTable | None:
         """The `[entitlements.NAME.<kind>]` table a backend reads its options from, with the role
-        and mount every Vault backend table has, as written (names only when no problem was
-        noted); None when it is absent or does not belong."""
+        and mount every Vault backend table has (each None when a problem with it was noted);
+        None when the table is absent or does not belong."""
         if backend != kind:
             if kind in spec:
                 self.problem(
@@ -515,12 +525,14 @@ class _Reader:
                 (*at, "role"),
                 f"{name}: {kind}.role {role!r} must be a role name (letters, digits, _ -)",
             )
+            role = None
         if not isinstance(mount, str) or not MOUNT.fullmatch(mount):
             self.problem(
                 (*at, "mount"),
                 f"{name}: {kind}.mount {mount!r} must be a mount path like {mount_like}",
             )
-        return table, at, role, mount
+            mount = None
+        return _BackendTable(table, at, role, mount)
 
     def extend(self, name: str, spec: dict, max_duration: int | None) -> ExtendRule | None:
         table, at = self.section(name, spec, "extend")

@@ -1,0 +1,23 @@
+"""The URLs the broker sends to (the notification webhook, the audit forwarder), checked without
+ever being echoed: a path or query may hold a secret (Slack's is its path). Plain functions that
+config, notify and audit all use; imports nothing of the broker but its errors."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+
+def loggable_target(url: str, setting: str) -> str:
+    """Scheme, host and port: the one part of `url` that may be logged. A URL that is not http(s)
+    with a host is a ConfigError naming the `setting` it came from, never the URL."""
+    error = f"{setting} must be an http:// or https:// URL with a host"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(error) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(error)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
