@@ -10,8 +10,7 @@ from broker.backends import make_backends
 from broker.backends.vault import make_client
 from broker.models import parse_time, utcnow
 from scripts.launchers import free_port
-from tests.test_api import token_works
-from tests.test_reconcile import LATER, issue_unrecorded
+from tests.helpers import LATER, issue_unrecorded, token_works
 
 CHAIN_POLICY = """
 [entitlements.guarded]
