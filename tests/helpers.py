@@ -1,16 +1,19 @@
 """The plain helpers the tests share: who asks, the policies they ask under, the settings of a
 broker under test, what OpenBao and PostgreSQL really hold, a grant's chain, and a browser logged
-in through the real provider. Functions and constants only: fixtures live in conftest.py, and no
-test module imports another."""
+in through the real provider; local HTTP endpoints playing a webhook receiver and a provider's
+JWKS. Functions, constants and those endpoints only: fixtures live in conftest.py, and no test
+module imports another."""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,6 +22,7 @@ import hvac.exceptions
 import jwt
 import psycopg
 import requests
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.config import load_settings
 from broker.models import Principal, utcnow
@@ -338,3 +342,156 @@ def login(broker, username):
 
 def csrf(page_text):
     return CSRF.search(page_text).group(1)
+
+
+# --- an endpoint the broker POSTs to (webhooks, audit forwarding) ---------------------------------
+
+
+class HttpReceiver:
+    """A real local HTTP endpoint for the tests of what the broker POSTs (webhooks, audit
+    forwarding): it records every request and answers as `answer` says; subclasses decide how it
+    misbehaves."""
+
+    def __init__(self, port: int = 0, path: str = "/"):
+        self.port, self.path = port, path
+        self.bodies: list[dict] = []  # every POST in arrival order, answered 2xx or not
+        self.headers: list[dict] = []
+        self.accepted: list[dict] = []  # the bodies answered 2xx, in order
+        self.arrived = threading.Event()
+        self.release = threading.Event()  # ends a held-back answer early: teardown never waits
+        self.server: ThreadingHTTPServer | None = None
+        self.start()
+
+    def answer(self, body: dict) -> tuple[int, float]:
+        """The status for one request and how many seconds to hold it back first."""
+        return 200, 0.0
+
+    def start(self) -> None:
+        """Listen (again, on the same port after a stop)."""
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}{self.path}"
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.release.set()
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.bodies.append(body)
+                receiver.headers.append(dict(self.headers))
+                receiver.arrived.set()
+                status, delay = receiver.answer(body)
+                if delay:
+                    receiver.release.wait(delay)
+                if 200 <= status < 300:
+                    receiver.accepted.append(body)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the sender gave up waiting and hung up
+
+            def log_message(self, *args) -> None:
+                pass
+
+        return Handler
+
+
+# --- a provider's keys, served by the test --------------------------------------------------------
+
+AUDIENCE = "urn:jit-broker:api"  # what the JwksServer's tokens are for
+
+
+class SigningKey:
+    """An RSA key of our own, named `kid`: its public JWK and tokens it signs."""
+
+    def __init__(self, kid: str):
+        self.kid = kid
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def jwk(self) -> dict:
+        public = jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        return dict(public, kid=self.kid, use="sig", alg="RS256")
+
+    def token(self, issuer: str, kid: str | None = None, **claims) -> str:
+        now = int(time.time())
+        body = {
+            "iss": issuer,
+            "aud": AUDIENCE,
+            "sub": "alice",
+            "client_id": "jit-cli",
+            "iat": now,
+            "exp": now + 300,
+            **claims,
+        }
+        headers = {"typ": "at+jwt", "kid": kid or self.kid}
+        return jwt.encode(body, self.private, algorithm="RS256", headers=headers)
+
+
+class JwksServer:
+    """A real local HTTP server playing an OIDC provider's discovery document and JWKS, for the
+    tests of how the broker fetches keys: it counts the JWKS fetches, and can fail them or hold
+    them back until the test lets go. Tokens are signed with keys the test makes (`SigningKey`)."""
+
+    def __init__(self, keys: list[SigningKey]):
+        self.keys = keys  # what the JWKS lists now; the test may change it
+        self.status = 200
+        self.cache_control = ""  # the JWKS answer's Cache-Control header ("": none)
+        self.hang = False  # hold each JWKS fetch until `release` is set
+        self.fetches = 0  # JWKS requests received
+        self.arrived = threading.Event()  # a JWKS request is being held back
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        jwks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/.well-known/openid-configuration":
+                    self._send(200, {"issuer": jwks.issuer, "jwks_uri": f"{jwks.issuer}/jwks"})
+                    return
+                with jwks._lock:
+                    jwks.fetches += 1
+                if jwks.hang:
+                    jwks.arrived.set()
+                    jwks.release.wait(60)
+                body = {"keys": [key.jwk() for key in jwks.keys]}
+                headers = {"Cache-Control": jwks.cache_control} if jwks.cache_control else {}
+                self._send(jwks.status, body if jwks.status == 200 else {}, headers)
+
+            def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
+                data = json.dumps(body).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up waiting
+
+            def log_message(self, *args) -> None:
+                pass
+
+        return Handler

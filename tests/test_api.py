@@ -23,13 +23,13 @@ from scripts.launchers import (
 )
 from tests.helpers import (
     EXPIRING_AGENT,
+    JwksServer,
     token_works,
     types,
     vault_as,
     wait_for_status,
     with_header,
 )
-from tests.jwks_server import JwksServer
 
 
 def call(broker, token, method, path, body=None, raw=None):

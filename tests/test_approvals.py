@@ -10,8 +10,15 @@ import pytest
 
 from broker.models import parse_time, utcnow
 from scripts.launchers import client_credentials_token
-from tests.helpers import APPROVAL_POLICY, browser, csrf, grants_of, token_works, types
-from tests.receiver import HttpReceiver
+from tests.helpers import (
+    APPROVAL_POLICY,
+    HttpReceiver,
+    browser,
+    csrf,
+    grants_of,
+    token_works,
+    types,
+)
 
 
 @pytest.fixture

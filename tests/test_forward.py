@@ -19,8 +19,7 @@ from broker.errors import ConfigError
 from broker.models import isoformat, utcnow
 from broker.store import Store
 from scripts.launchers import free_port
-from tests.helpers import health, wait_until
-from tests.receiver import HttpReceiver
+from tests.helpers import HttpReceiver, health, wait_until
 
 SECRET_PATH = "/ingest/s3cr3tP4th"
 TOKEN = "fwd-t0ken-n3ver-logged"

@@ -24,8 +24,7 @@ from broker.notify import (
     new_request_text,
 )
 from scripts.launchers import free_port
-from tests.helpers import wait_until
-from tests.receiver import HttpReceiver
+from tests.helpers import HttpReceiver, wait_until
 
 SECRET_PATH = "/services/T0001/B0002/s3cr3tW3bh00kPath"
 FAST = (0.05, 0.1, 0.2)
