@@ -7,13 +7,12 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
+import psycopg
 import pytest
 from werkzeug.serving import make_server
 
 from broker import create_app
-from broker.config import load_settings
 from broker.web.serving import RequestHandler
 from scripts.launchers import (
     DATABASE_READONLY_POLICY,
@@ -27,8 +26,9 @@ from scripts.launchers import (
     user_access_token,
 )
 
-EXPIRING_AGENT = "expiring-agent"
+pytest.register_assert_rewrite("tests.helpers")
 
+from tests.helpers import EXPIRING_AGENT, broker_settings  # noqa: E402 (after the rewrite hook)
 
 # What the tests' entitlements grant: the token role admits these and nothing else.
 BROKER_TOKEN_POLICIES = ["jit-test-read", "jit-test-admin", DATABASE_READONLY_POLICY]
@@ -64,6 +64,15 @@ def database_engine(openbao, postgres):
     client = openbao.client()
     configure_database_engine(client, postgres)
     return client
+
+
+@pytest.fixture(scope="module")
+def inventory(postgres):
+    """A table the readonly role's creation statements grant SELECT on (made before any user)."""
+    with psycopg.connect(postgres.dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS inventory (item text)")
+        admin.execute("DELETE FROM inventory")
+        admin.execute("INSERT INTO inventory VALUES ('spanner')")
 
 
 @pytest.fixture(scope="session")
@@ -134,29 +143,6 @@ def oidc_provider(
 
 # --- the broker itself, against the real OpenBao and OIDC provider above -------------------------
 
-TEST_POLICY = """
-[entitlements.kv-read]
-description = "Read the test secrets"
-backend = "vault_token"
-vault_policies = ["jit-test-read"]
-max_duration = "1h"
-
-[entitlements.kv-read.requesters]
-groups = ["engineers"]
-
-[entitlements.kv-read.reason]
-min_length = 1
-
-[entitlements.kv-admin]
-description = "Change the test secrets"
-backend = "vault_token"
-vault_policies = ["jit-test-admin"]
-max_duration = "15m"
-
-[entitlements.kv-admin.requesters]
-groups = ["security"]
-"""
-
 
 @pytest.fixture(scope="session")
 def vault_setup(openbao):
@@ -170,34 +156,6 @@ def vault_setup(openbao):
     )
     client.secrets.kv.v2.create_or_update_secret("test/app", {"password": "s3cret"})
     return client
-
-
-def broker_settings(
-    workdir: Path,
-    openbao,
-    oidc_provider,
-    broker_port: int,
-    client_secret: str,
-    policy_text: str = "",
-    **overrides,
-):
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "policy.toml").write_text(policy_text or TEST_POLICY)
-    sections = {
-        "server": {"base_url": f"http://127.0.0.1:{broker_port}", "data_dir": str(workdir)},
-        "oidc": {
-            "issuer": oidc_provider.issuer,
-            "client_id": "jit-broker",
-            "client_secret": client_secret,
-            "api_audience": "urn:jit-broker:api",
-        },
-        "vault": {"addr": openbao.addr, "token": openbao.broker_token},
-        "policy": {"path": str(workdir / "policy.toml")},
-        "reaper": {"retry_min": 1, "retry_max": 2},
-    }
-    for section, values in overrides.items():
-        sections[section] = {**sections.get(section, {}), **values}
-    return load_settings(overrides=sections, environ={})
 
 
 class LiveBroker:

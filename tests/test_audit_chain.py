@@ -1,206 +1,63 @@
-"""One grant's chain from a real run against OpenBao and the OIDC provider: every step an auditor
-asks about is there, with what it must say; then the log verifies, signed, online and offline."""
-
-import hashlib
-from datetime import timedelta
+"""The hash chain (broker/audit/chain.py) and its verification (broker/audit/verify.py) on entries
+sealed here: an untouched chain verifies; an edit, a deletion or a swap is named by its seq."""
 
 from broker import audit
-from broker.audit.bundle import verify_bundle
-from broker.backends import make_backends
-from broker.backends.vault import make_client
-from broker.models import parse_time, utcnow
-from scripts.launchers import free_port
-from tests.test_api import token_works
-from tests.test_reconcile import LATER, issue_unrecorded
-
-CHAIN_POLICY = """
-[entitlements.guarded]
-description = "Approved, extendable"
-backend = "vault_token"
-vault_policies = ["jit-test-admin"]
-max_duration = "1h"
-
-[entitlements.guarded.requesters]
-groups = ["engineers"]
-
-[entitlements.guarded.reason]
-min_length = 5
-ticket = "^INC-\\\\d+$"
-
-[entitlements.guarded.approval]
-required = 1
-from_groups = ["security"]
-
-[entitlements.guarded.extend]
-max_step = "10m"
-max_total = "2h"
-
-[entitlements.guarded.break_glass]
-groups = ["engineers"]
-reviewers = ["security"]
-"""
 
 
-def data_of(chain, type_):
-    return [entry["data"] for entry in chain if entry["type"] == type_]
+def chain(length: int) -> list[dict]:
+    entries, prev = [], None
+    for n in range(length):
+        prev = audit.seal(
+            prev, f"2026-01-01T00:00:0{n}Z", "step", {"iss": "i", "sub": "s"}, "g1", {"n": n}
+        )
+        entries.append(prev)
+    return entries
 
 
-def test_a_grants_chain_holds_every_step_and_verifies(make_app, api_for, openbao, tmp_path):
-    app = make_app(policy_text=CHAIN_POLICY)
-    services = app.extensions["jit"]
-    grants, audit_log = services.grants, services.audit_log
-    api = api_for(app)
-    body = {
-        "entitlement": "guarded",
-        "duration": "20m",
-        "reason": "INC-7 rotate",
-        "ticket": "INC-7",
-    }
+def test_an_untouched_chain_verifies():
+    result = audit.verify(chain(5))
+    assert result.ok and result.checked == 5
 
-    denied = api("POST", "/api/v1/requests", body).json
+
+def test_canonical_json_is_sorted_and_compact():
+    assert audit.canonical({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'.encode()
+
+
+def test_an_edited_entry_is_named():
+    entries = chain(5)
+    entries[2]["data"]["n"] = 99
+    result = audit.verify(entries)
+    assert (result.ok, result.bad_seq) == (False, 3)
+    assert "edited" in result.problem
+
+
+def test_an_edited_entry_with_its_hash_recomputed_is_named_by_the_next_link():
+    entries = chain(5)
+    entries[2]["data"]["n"] = 99
+    entries[2]["hash"] = audit.entry_hash(entries[2])
+    result = audit.verify(entries)
+    assert (result.ok, result.bad_seq) == (False, 3)
+    assert "rewritten" in result.problem
+
+
+def test_a_deleted_entry_is_named():
+    entries = chain(5)
+    del entries[1]
+    assert audit.verify(entries).bad_seq == 2
+
+
+def test_swapped_entries_are_named():
+    entries = chain(5)
+    entries[1], entries[2] = entries[2], entries[1]
+    assert audit.verify(entries).bad_seq == 2
+
+
+def test_fingerprint_hides_the_value_but_matches_it():
+    key = b"k" * 32
+    mark = audit.fingerprint(key, "accessor-123")
+    assert "accessor-123" not in mark
     assert (
-        api(
-            "POST", f"/api/v1/requests/{denied['id']}/deny", {"reason": "not now"}, "bob"
-        ).status_code
-        == 200
+        mark
+        == audit.fingerprint(key, "accessor-123")
+        != audit.fingerprint(b"x" * 32, "accessor-123")
     )
-    grant_id = api("POST", "/api/v1/requests", body).json["id"]
-    assert (
-        api("POST", f"/api/v1/requests/{grant_id}/approve", {"reason": "ok"}, "dave").status_code
-        == 200
-    )
-    active = api("POST", f"/api/v1/requests/{grant_id}/activate").json
-    assert api("POST", f"/api/v1/requests/{grant_id}/extend", {"duration": "5m"}).status_code == 200
-    assert api("POST", f"/api/v1/requests/{grant_id}/release").status_code == 200
-
-    # Vault out of reach when the window closes: the attempt and its error are chained.
-    working = grants.backends
-    grants.backends = make_backends(make_client(f"http://127.0.0.1:{free_port()}", "x", 2))
-    grants.reap_due()
-    grants.backends = working
-    grants.reap_due(utcnow() + timedelta(minutes=1))
-    assert grants.store.get_grant(grant_id).status == "revoked"
-    # Something a crash left in Vault under this grant: the reconciler's finding is chained too.
-    stray = issue_unrecorded(grants, grant_id, "guarded")
-    grants.reconcile(now=utcnow() + LATER)
-    assert not token_works(openbao, stray.secret)
-
-    chain = grants.chain(grant_id)
-    steps = [entry["type"] for entry in chain]
-    assert steps[:5] == ["request", "decision", "approval", "decision", "issue"], steps
-    for step in ("extend", "release", "revoke", "verify", "revoke_failed", "reconcile"):
-        assert step in steps, (step, steps)
-
-    for entry in chain:  # who, when, which grant, linked
-        assert entry["grant_id"] == grant_id and entry["at"].endswith("Z")
-        assert set(entry["actor"]) == {"iss", "sub"}
-    (request,) = data_of(chain, "request")
-    assert request["principal"]["sub"] == "alice" and "engineers" in request["principal"]["groups"]
-    assert request["principal"]["email"] == "alice@example.com"
-    assert (request["reason"], request["ticket"]) == ("INC-7 rotate", "INC-7")
-    policy_hash = hashlib.sha256(services.settings.policy_path.read_bytes()).hexdigest()
-    decision = data_of(chain, "decision")[0]
-    assert decision["allowed"] is True and decision["policy_hash"] == policy_hash
-    assert decision["reasons"] and decision["approvals_required"] == 1
-    (approval,) = [e for e in chain if e["type"] == "approval"]
-    assert approval["actor"]["sub"] == "dave"
-    (issue,) = data_of(chain, "issue")
-    assert issue["backend"] == "vault_token" and issue["vault_request_id"]
-    window_end = parse_time(active["window"]["end"])
-    assert window_end - timedelta(seconds=5) <= parse_time(issue["expires_at"]) <= window_end
-    assert issue["identifiers"]["accessor"].startswith("hmac-sha256:")
-    (extend,) = data_of(chain, "extend")
-    assert parse_time(extend["window_end"]) - parse_time(extend["window_end_was"]) == timedelta(
-        minutes=5
-    )
-    replaced, failed_attempt, *_, last_attempt = data_of(chain, "revoke")
-    assert replaced["replaced"] is True and replaced["accepted"] is True  # the extension's
-    assert failed_attempt["accepted"] is False and "unavailable" in failed_attempt["error"]
-    verifications = data_of(chain, "verify")
-    assert any(v["gone"] is False and v["error"] for v in verifications)
-    assert last_attempt["accepted"] is True and verifications[-1]["gone"] is True
-    assert verifications[-1]["method"]
-    (finding,) = data_of(chain, "reconcile")
-    assert finding["gone"] is True and finding["identifiers"]["accessor"].startswith("hmac")
-    denial = [e for e in grants.chain(denied["id"]) if e["type"] == "denial"]
-    assert denial and denial[0]["actor"]["sub"] == "bob"
-    assert denial[0]["data"]["reason"] == "not now"
-
-    # The emergency path and its review are in the chain as well.
-    emergency = {"entitlement": "guarded", "reason": "outage, all hands", "break_glass": True}
-    glass_id = api("POST", "/api/v1/requests", {**emergency, "duration": "10m"}).json["id"]
-    review = {"outcome": "justified", "notes": "INC-8 confirmed"}
-    assert api("POST", f"/api/v1/requests/{glass_id}/review", review, "dave").status_code == 200
-    glass_chain = grants.chain(glass_id)
-    assert [e["type"] for e in glass_chain] == [
-        "request", "decision", "break_glass", "issue", "review"
-    ]  # fmt: skip
-    assert data_of(glass_chain, "review")[0]["outcome"] == "justified"
-
-    # Nothing secret anywhere; the accessor only as its HMAC, which lookup finds.
-    everything = str(list(grants.store.audit_entries()))
-    assert active["credential"]["token"] not in everything and stray.secret not in everything
-    assert stray.handle not in everything
-    assert {e["seq"] for e in audit_log.lookup(stray.handle)} == {
-        e["seq"] for e in chain if e["type"] == "reconcile"
-    }
-
-    # Signed, verified online, in the timeline, and offline from an export.
-    checkpoint = audit_log.checkpoint()
-    assert checkpoint["size"] == grants.store.audit_head()["seq"]
-    result = audit_log.verify()
-    assert result.ok and result.signed_size == checkpoint["size"], str(result)
-    timeline = audit_log.timeline(grant_id)
-    assert timeline.verification.ok and [e["seq"] for e in timeline.entries] == [
-        e["seq"] for e in chain
-    ]
-    bundle = tmp_path / "bundle.zip"
-    audit_log.export(bundle, "ocsf")
-    assert verify_bundle(bundle, audit_log.public_key).ok
-
-
-def test_the_public_key_is_published_without_a_login_and_signs_the_checkpoints(make_app):
-    app = make_app()
-    audit_log = app.extensions["jit"].audit_log
-    response = app.test_client().get("/api/v1/audit/public-key")
-    assert response.status_code == 200
-    published = audit.load_public_key(response.json["public_key_pem"])
-    assert response.json["key_id"] == audit.key_id(published) == audit_log.key_id
-    with audit_log.store.transaction() as tx:
-        tx.append("2026-11-23T00:00:00Z", "test", {"iss": "i", "sub": "s"}, None, {})
-    checkpoint = audit_log.checkpoint()
-    assert audit.checkpoint_problem(published, checkpoint) == ""
-    assert audit_log.checkpoint() is None  # nothing new to sign
-
-
-def test_the_key_is_made_once_outside_the_database_and_kept_across_restarts(make_app):
-    first = make_app().extensions["jit"]
-    key_file = first.settings.signing_key_path
-    assert key_file.exists() and key_file.parent == first.settings.data_dir
-    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-    assert make_app().extensions["jit"].audit_log.key_id == first.audit_log.key_id
-
-
-def test_stopping_the_reaper_signs_a_last_checkpoint(make_app, api_for):
-    app = make_app(reaper={"enabled": True})
-    services = app.extensions["jit"]
-    body = {"entitlement": "kv-read", "reason": "x", "duration": "5m"}
-    assert api_for(app)("POST", "/api/v1/requests", body).status_code == 201
-    services.reaper.stop()
-    head = services.grants.store.audit_head()
-    assert services.grants.store.checkpoints(first=head["seq"])[0]["head"] == head["hash"]
-
-
-def test_a_timeline_names_an_entry_edited_after_the_log_was_verified(make_app, api_for):
-    app = make_app()
-    services = app.extensions["jit"]
-    grant_id = api_for(app)(
-        "POST", "/api/v1/requests", {"entitlement": "kv-read", "reason": "x", "duration": "5m"}
-    ).json["id"]
-    assert services.audit_log.timeline(grant_id).verification.ok
-    seq = services.grants.chain(grant_id)[1]["seq"]
-    services.grants.store.db.execute(
-        "UPDATE audit SET data = json_set(data, '$.reasons', json('[]')) WHERE seq = ?", [seq]
-    )
-    verification = services.audit_log.timeline(grant_id).verification
-    assert not verification.ok and verification.bad_seq == seq and "edited" in verification.problem

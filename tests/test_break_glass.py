@@ -10,8 +10,7 @@ import pytest
 from broker.models import parse_time
 from broker.policy import check_policy_text
 from scripts.launchers import client_credentials_token
-from tests.test_api import token_works
-from tests.test_audit_pages import browser, page
+from tests.helpers import browser, grants_of, page, token_works, types
 
 OUT_OF_HOURS = datetime.now(UTC) + timedelta(hours=3)  # the schedule is closed now
 
@@ -75,10 +74,6 @@ def alerts(app):
     return sent
 
 
-def types(app, grant_id):
-    return [entry["type"] for entry in app.extensions["jit"].grants.chain(grant_id)]
-
-
 def test_break_glass_issues_at_once_past_approval_ticket_and_schedule(
     app, api_for, alerts, openbao
 ):
@@ -96,7 +91,7 @@ def test_break_glass_issues_at_once_past_approval_ticket_and_schedule(
     assert end - start == timedelta(minutes=20)  # no schedule cut
     assert parse_time(body["review"]["due"]) - start == timedelta(days=1)
     assert body["review"]["at"] is None
-    assert types(app, body["id"]) == ["request", "decision", "break_glass", "issue"]
+    assert types(grants_of(app), body["id"]) == ["request", "decision", "break_glass", "issue"]
     chain = app.extensions["jit"].grants.chain(body["id"])
     assert chain[0]["data"]["break_glass"] is True
     assert any("bypassed" in reason for reason in chain[1]["data"]["reasons"])
@@ -179,7 +174,7 @@ def test_another_identity_of_the_requester_cannot_review(app, api_for, alerts):
     grant_id = api("POST", "/api/v1/requests", EMERGENCY, "bob").json["id"]
     refused = review(api, grant_id, "bob2")
     assert (refused.status_code, refused.json["error"]) == (403, "self_review")
-    assert "review" not in types(app, grant_id)
+    assert "review" not in types(grants_of(app), grant_id)
     assert review(api, grant_id, "bob-unverified").status_code == 200
 
 

@@ -14,13 +14,10 @@ import pytest
 from broker import audit
 from broker.backends.token import VaultTokenBackend
 from broker.errors import GrantConflict
-from broker.models import Principal, utcnow
-from tests.test_api import token_works
-from tests.test_approvals import APPROVAL_POLICY
-from tests.test_reconcile import LATER
+from broker.models import utcnow
+from tests.helpers import ALICE, APPROVAL_POLICY, LATER, live_tokens_of, token_works
 
 RACERS = 12
-ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
 
 
 @pytest.fixture
@@ -31,21 +28,6 @@ def app(make_app):
 @pytest.fixture
 def grants(app):
     return app.extensions["jit"].grants
-
-
-def live_tokens_of(openbao, grant_id) -> set[str]:
-    """The accessors of every token OpenBao still holds for the grant: whatever the broker
-    recorded or forgot, OpenBao's own list (tokens are tagged with `jit_grant_id`)."""
-    vault = openbao.client()
-    found = set()
-    for accessor in vault.list("auth/token/accessors")["data"]["keys"]:
-        try:
-            meta = vault.auth.token.lookup_accessor(accessor)["data"].get("meta") or {}
-        except hvac.exceptions.InvalidRequest:
-            continue  # revoked or expired between the listing and the lookup
-        if meta.get("jit_grant_id") == grant_id:
-            found.add(accessor)
-    return found
 
 
 def test_parallel_extends_give_one_new_token_and_release_leaves_none(app, api_for, tokens, openbao):

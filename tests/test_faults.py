@@ -17,23 +17,20 @@ import pytest
 from broker import audit, create_app
 from broker.errors import GrantConflict
 from broker.grants import REAP_BATCH
-from broker.models import Principal, parse_time, utcnow
+from broker.models import parse_time, utcnow
 from scripts.launchers import OpenBao, free_port
-from tests.conftest import broker_settings
-from tests.test_api import token_works, wait_for_status
-from tests.test_approvals import APPROVAL_POLICY
-from tests.test_extend_races import live_tokens_of
-
-ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
-LATER = timedelta(minutes=3)  # past the grace an issuance in flight gets
-
-
-def types(grants, grant_id):
-    return [entry["type"] for entry in grants.chain(grant_id)]
-
-
-def verified_gone(grants, grant_id) -> bool:
-    return any(e["type"] == "verify" and e["data"]["gone"] for e in grants.chain(grant_id))
+from tests.helpers import (
+    ALICE,
+    APPROVAL_POLICY,
+    LATER,
+    broker_sections,
+    broker_settings,
+    live_tokens_of,
+    token_works,
+    types,
+    verified_gone,
+    wait_for_status,
+)
 
 
 def wait_until(moment, timeout=20):
@@ -202,25 +199,8 @@ def crash_config(
     # The data directory, its keys and the policy file, as the next app will see them.
     make_app(policy_text=policy_text)
     config = tmp_path / "jit.toml"
-    config.write_text(
-        toml(
-            {
-                "server": {
-                    "base_url": f"http://127.0.0.1:{broker_port}",
-                    "data_dir": str(tmp_path),
-                },
-                "oidc": {
-                    "issuer": oidc_provider.issuer,
-                    "client_id": "jit-broker",
-                    "client_secret": client_secret,
-                    "api_audience": "urn:jit-broker:api",
-                },
-                "vault": {"addr": openbao.addr, "token": openbao.broker_token},
-                "policy": {"path": str(tmp_path / "policy.toml")},
-                "reaper": {"enabled": False},
-            }
-        )
-    )
+    sections = broker_sections(tmp_path, openbao, oidc_provider, broker_port, client_secret)
+    config.write_text(toml({**sections, "reaper": {"enabled": False}}))
     return config
 
 

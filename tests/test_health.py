@@ -11,8 +11,7 @@ from broker.backends import make_backends
 from broker.backends.vault import make_client
 from broker.models import Principal, parse_time, utcnow
 from scripts.launchers import free_port
-from tests.test_api import token_works
-from tests.test_audit_pages import browser
+from tests.helpers import browser, health, token_works
 
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-9 health"}
 
@@ -32,11 +31,6 @@ def jit(app):
 @pytest.fixture
 def api(app, api_for):
     return api_for(app)
-
-
-def health(app):
-    response = app.test_client().get("/healthz")
-    return response.status_code, response.get_json()
 
 
 def test_a_fresh_broker_is_healthy_and_failing_once_its_reaper_stops(app, jit):

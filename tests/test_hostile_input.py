@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.test_api import _with_header
+from tests.helpers import with_header
 
 FUZZ_POLICY = """
 [entitlements.kv-read]
@@ -456,7 +456,7 @@ def test_fuzz_any_body_and_headers_on_every_post_endpoint(
         grant = getattr(api, target, "d0e5-not-a-grant")
         path = f"/api/v1/requests/{grant}/{endpoint}"
     if isinstance(authorization, dict):
-        authorization = f"Bearer {_with_header(api.tokens(user), **authorization)}"
+        authorization = f"Bearer {with_header(api.tokens(user), **authorization)}"
     if authorization is not None:
         headers = {**headers, "Authorization": authorization}
     before = api.footprint()

@@ -1,6 +1,7 @@
 """The bearer-token checks of RFC 8725 / RFC 9068, one rule each. Tokens the real provider will not
 mint (expired, foreign issuer, alg none, HMAC with the public key) are signed here with a test key
-whose JWKS `responses` serves; the real provider's tokens are tested end to end in test_api.py."""
+whose JWKS `responses` serves; the real provider's tokens are tested end to end in
+test_web_api.py."""
 
 import time
 

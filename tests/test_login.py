@@ -6,24 +6,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from scripts.launchers import follow_login
-from tests.test_api import token_works, wait_for_status
+from tests.helpers import csrf, login, token_works, wait_for_status
 
-CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 GRANT_ID = re.compile(r'action="/requests/([^/"]+)/release"')
 SECRET = re.compile(r'<p class="secret" id="credential">([^<]+)</p>')
-
-
-def login(broker, username):
-    session = requests.Session()
-    start = session.get(broker.url + "/auth/login", allow_redirects=False, timeout=10)
-    assert start.status_code == 302
-    page = follow_login(session, start.headers["Location"], username)
-    return session, page
-
-
-def csrf(page_text):
-    return CSRF.search(page_text).group(1)
 
 
 def test_login_redirect_carries_pkce_state_nonce_and_the_exact_redirect_uri(broker, oidc_provider):

@@ -24,7 +24,7 @@ from broker.notify import (
     new_request_text,
 )
 from scripts.launchers import free_port
-from tests.receiver import HttpReceiver
+from tests.helpers import HttpReceiver, wait_until
 
 SECRET_PATH = "/services/T0001/B0002/s3cr3tW3bh00kPath"
 FAST = (0.05, 0.1, 0.2)
@@ -74,15 +74,6 @@ def notifier() -> Callable[..., Notifier]:
     yield make
     for each in made:
         each.stop(timeout=1)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 2) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def notifier_threads() -> list[threading.Thread]:

@@ -8,21 +8,15 @@ import pytest
 from broker import audit
 from broker.backends import make_backends
 from broker.backends.vault import make_client
-from broker.models import Principal, parse_time
+from broker.models import parse_time
 from broker.reaper import Reaper
 from scripts.launchers import free_port
-from tests.test_api import token_works, wait_for_status
-
-ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
+from tests.helpers import ALICE, token_works, types, wait_for_status
 
 
 @pytest.fixture
 def grants(make_app):
     return make_app(reaper={"retry_min": 5, "retry_max": 60}).extensions["jit"].grants
-
-
-def types(grants, grant_id):
-    return [entry["type"] for entry in grants.chain(grant_id)]
 
 
 def test_reap_due_removes_only_what_has_closed_and_returns_the_next_deadline(grants, openbao):

@@ -19,9 +19,7 @@ from werkzeug.serving import make_server
 from broker.errors import StoreUnavailable
 from broker.store import Store
 from scripts.launchers import follow_login, free_port
-from tests.test_api import token_works, wait_for_status
-from tests.test_audit_pages import browser
-from tests.test_login import csrf
+from tests.helpers import browser, csrf, token_works, wait_for_status
 
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-10 store faults"}
 

@@ -8,40 +8,17 @@ import json
 import re
 import sqlite3
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import pytest
-import requests
 
 from broker.audit.search import AuditSearch
 from broker.errors import ConfigError
 from broker.models import Grant, isoformat
-from scripts.launchers import follow_login
+from tests.helpers import browser, page
 
 GRANT_ROW = re.compile(r'<tr class="grant" data-grant-id="([^"]+)">')
 NEXT_PAGE = re.compile(r'<a id="next-page" href="([^"]+)">')
 BASE = datetime(2036, 11, 23, 10, 0, tzinfo=UTC)  # after anything the API makes in a test
-
-
-def browser(app, username):
-    """A Flask test client logged in as `username` through the real provider's login form: the
-    broker's redirect, the provider's form, then the callback with the code, back on the app."""
-    client = app.test_client()
-    start = client.get("/auth/login")
-    assert start.status_code == 302
-    callback = follow_login(
-        requests.Session(), start.headers["Location"], username, stop_at_redirect_uri=True
-    )
-    parts = urlsplit(callback)
-    done = client.get(f"{parts.path}?{parts.query}")
-    assert done.status_code == 302, done.get_data(as_text=True)
-    return client
-
-
-def page(client, path, status=200):
-    response = client.get(path)
-    assert response.status_code == status, response.get_data(as_text=True)
-    return response.get_data(as_text=True)
 
 
 def listed(text):

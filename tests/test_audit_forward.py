@@ -19,8 +19,7 @@ from broker.errors import ConfigError
 from broker.models import isoformat, utcnow
 from broker.store import Store
 from scripts.launchers import free_port
-from tests.receiver import HttpReceiver
-from tests.test_notify import wait_until
+from tests.helpers import HttpReceiver, health, wait_until
 
 SECRET_PATH = "/ingest/s3cr3tP4th"
 TOKEN = "fwd-t0ken-n3ver-logged"
@@ -313,11 +312,6 @@ def forwarding_app(make_app, receiver):
     app.extensions["jit"].stop()
 
 
-def healthz(app) -> tuple[int, dict]:
-    response = app.test_client().get("/healthz")
-    return response.status_code, response.get_json()
-
-
 def test_the_broker_forwards_what_it_writes_and_keeps_issuing_during_an_outage(
     forwarding_app, api_for
 ):
@@ -335,7 +329,7 @@ def test_the_broker_forwards_what_it_writes_and_keeps_issuing_during_an_outage(
         e["type"] for e in store.audit_entries(grant_id)
     ]
     assert endpoint.headers[-1]["Authorization"] == f"Bearer {TOKEN}"
-    status, body = healthz(app)
+    status, body = health(app)
     assert (status, body["status"]) == (200, "ok")
     assert body["checks"]["forward"]["ok"] and body["checks"]["forward"]["lag"] == 0
 
@@ -343,7 +337,7 @@ def test_the_broker_forwards_what_it_writes_and_keeps_issuing_during_an_outage(
     during = api("POST", "/api/v1/requests", ASK)
     assert during.status_code == 201  # the log in the store is the record; issuing goes on
     assert wait_until(lambda: jit.forwarder.failures >= 1, timeout=10)
-    status, body = healthz(app)
+    status, body = health(app)
     forward = body["checks"]["forward"]
     assert (status, body["status"]) == (200, "degraded")
     assert forward["ok"] is False and forward["last_error"] == "HTTP 503"
@@ -353,13 +347,13 @@ def test_the_broker_forwards_what_it_writes_and_keeps_issuing_during_an_outage(
     endpoint.status = 200
     assert wait_until(caught_up(store), timeout=15)  # the next retry, after at most a few s
     assert_complete_and_ordered(endpoint, store)
-    assert healthz(app)[1]["checks"]["forward"]["lag"] == 0
+    assert health(app)[1]["checks"]["forward"]["lag"] == 0
 
 
 def test_without_a_forward_url_healthz_says_forwarding_is_off(make_app):
     app = make_app()
     assert not app.extensions["jit"].forwarder.running
-    assert healthz(app)[1]["checks"]["forward"] == {"ok": True, "enabled": False}
+    assert health(app)[1]["checks"]["forward"] == {"ok": True, "enabled": False}
 
 
 # --- configuration --------------------------------------------------------------------------------

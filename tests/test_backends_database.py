@@ -12,32 +12,7 @@ from broker.backends import make_backends
 from broker.backends.vault import make_client
 from broker.models import parse_time
 from scripts.launchers import free_port
-
-DATABASE_POLICY = """
-[entitlements.db-read]
-description = "Read the test database"
-backend = "database"
-max_duration = "1h"
-
-[entitlements.db-read.requesters]
-groups = ["engineers"]
-
-[entitlements.db-read.database]
-role = "readonly"
-
-[entitlements.db-read.extend]
-max_step = "30m"
-max_total = "2h"
-"""
-
-
-@pytest.fixture(scope="module")
-def inventory(postgres):
-    """A table the readonly role's creation statements grant SELECT on (made before any user)."""
-    with psycopg.connect(postgres.dsn, autocommit=True) as admin:
-        admin.execute("CREATE TABLE IF NOT EXISTS inventory (item text)")
-        admin.execute("DELETE FROM inventory")
-        admin.execute("INSERT INTO inventory VALUES ('spanner')")
+from tests.helpers import DATABASE_POLICY, connect_as, login_refused, role_exists
 
 
 @pytest.fixture
@@ -62,32 +37,6 @@ def ask(api, duration="10m"):
     return response.get_json()
 
 
-def login(postgres, credential):
-    return psycopg.connect(
-        host=postgres.host,
-        port=postgres.port,
-        dbname=postgres.dbname,
-        user=credential["username"],
-        password=credential["password"],
-        connect_timeout=5,
-    )
-
-
-def login_refused(postgres, credential) -> bool:
-    try:
-        login(postgres, credential).close()
-    except psycopg.OperationalError:
-        return True
-    return False
-
-
-def role_exists(postgres, username) -> bool:
-    with psycopg.connect(postgres.dsn) as admin:
-        return bool(
-            admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (username,)).fetchone()
-        )
-
-
 def test_a_request_gives_a_postgres_user_that_ends_by_the_window_end(api, grants, postgres):
     body = ask(api)
     credential = body["credential"]
@@ -96,7 +45,7 @@ def test_a_request_gives_a_postgres_user_that_ends_by_the_window_end(api, grants
     end = parse_time(body["window"]["end"])
     assert parse_time(credential["expires_at"]) <= end
 
-    with login(postgres, credential) as session:
+    with connect_as(postgres, credential) as session:
         assert session.execute("SELECT item FROM inventory").fetchall() == [("spanner",)]
     with psycopg.connect(postgres.dsn) as admin:
         (valid_until,) = admin.execute(
@@ -117,7 +66,7 @@ def test_a_request_gives_a_postgres_user_that_ends_by_the_window_end(api, grants
 def test_release_drops_the_user_and_ends_its_open_sessions(api, grants, postgres):
     body = ask(api)
     credential = body["credential"]
-    session = login(postgres, credential)  # opened before the release, kept open
+    session = connect_as(postgres, credential)  # opened before the release, kept open
     assert session.execute("SELECT 1").fetchone() == (1,)
 
     assert api("POST", f"/api/v1/requests/{body['id']}/release").status_code == 200
@@ -163,7 +112,7 @@ def test_an_extension_gives_a_new_user_and_removes_the_old_one(api, grants, post
     new = extended.get_json()["credential"]
     assert new["username"] != old["username"]
     assert login_refused(postgres, old)
-    session = login(postgres, new)
+    session = connect_as(postgres, new)
     assert session.execute("SELECT count(*) FROM inventory").fetchone() == (1,)
     assert next(e for e in reversed(grants.chain(body["id"])) if e["type"] == "verify")["data"][
         "gone"

@@ -1,5 +1,5 @@
 """How the broker keeps the provider's signing keys (issue 10, item 6), against a real little HTTP
-server playing the provider (tests/jwks_server.py) and against the real provider: at most one
+server playing the provider (helpers.JwksServer) and against the real provider: at most one
 fetch per cooldown even when fetches fail, no stall for tokens whose key is cached while a fetch
 hangs, a lifetime taken from Cache-Control within bounds, a withdrawn key refused once the keys
 are fetched again. Time is an injected clock, never a sleep."""
@@ -13,7 +13,7 @@ import requests
 
 from broker.errors import ProviderUnavailable, Unauthenticated
 from broker.identity import BearerVerifier, ProviderKeys, ProviderMetadata
-from tests.jwks_server import AUDIENCE, JwksServer, SigningKey
+from tests.helpers import AUDIENCE, JwksServer, SigningKey
 
 KEY = SigningKey("k1")
 NEXT_KEY = SigningKey("k2")

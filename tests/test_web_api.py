@@ -1,13 +1,9 @@
 """The JSON API end to end: real access tokens from the OIDC provider, real tokens from OpenBao,
 the real reaper thread."""
 
-import base64
-import json
 import time
 from datetime import timedelta
 
-import hvac
-import hvac.exceptions
 import jwt
 import pytest
 import requests
@@ -25,8 +21,15 @@ from scripts.launchers import (
     user_access_token,
     user_tokens,
 )
-from tests.conftest import EXPIRING_AGENT
-from tests.jwks_server import JwksServer
+from tests.helpers import (
+    EXPIRING_AGENT,
+    JwksServer,
+    token_works,
+    types,
+    vault_as,
+    wait_for_status,
+    with_header,
+)
 
 
 def call(broker, token, method, path, body=None, raw=None):
@@ -36,38 +39,9 @@ def call(broker, token, method, path, body=None, raw=None):
     )
 
 
-def wait_for_status(grants, grant_id, status, timeout=20):
-    """Poll the store until the reaper thread has moved the grant (bounded, not a timing test)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        grant = grants.store.get_grant(grant_id)
-        if grant.status == status:
-            return grant
-        time.sleep(0.1)
-    raise AssertionError(f"grant {grant_id} is {grant.status}, never became {status}")
-
-
-def vault_as(openbao, token):
-    return hvac.Client(url=openbao.addr, token=token)
-
-
-def token_works(openbao, token) -> bool:
-    try:
-        vault_as(openbao, token).secrets.kv.v2.read_secret_version(
-            "test/app", raise_on_deleted_version=True
-        )
-    except hvac.exceptions.Forbidden:
-        return False
-    return True
-
-
 def ask(broker, token, duration, reason, entitlement="kv-read"):
     body = {"entitlement": entitlement, "duration": duration, "reason": reason}
     return call(broker, token, "POST", "/api/v1/requests", body)
-
-
-def chain_types(grants, grant_id):
-    return [entry["type"] for entry in grants.chain(grant_id)]
 
 
 def test_request_issues_a_token_that_ends_exactly_at_the_window_end(broker, tokens, openbao):
@@ -110,7 +84,7 @@ def test_a_grant_expires_and_its_token_stops_working(broker, tokens, openbao):
     assert not token_works(openbao, secret)
     assert grant.window_end == response.json()["window"]["end"]
     steps = ["request", "decision", "issue", "expire", "revoke", "verify"]
-    assert chain_types(broker.grants, grant_id) == steps, broker.grants.chain(grant_id)
+    assert types(broker.grants, grant_id) == steps, broker.grants.chain(grant_id)
     verify = broker.grants.chain(grant_id)[-1]["data"]
     assert verify["gone"] is True
 
@@ -144,7 +118,7 @@ def test_release_revokes_at_once(broker, tokens, openbao):
 
     wait_for_status(broker.grants, grant_id, "revoked", timeout=10)
     assert not token_works(openbao, secret)
-    assert chain_types(broker.grants, grant_id)[-3:] == ["release", "revoke", "verify"]
+    assert types(broker.grants, grant_id)[-3:] == ["release", "revoke", "verify"]
 
     again = call(broker, tokens("alice"), "POST", f"/api/v1/requests/{grant_id}/release")
     assert again.status_code == 409
@@ -291,21 +265,6 @@ def test_bad_bearer_tokens_are_401_with_a_challenge(broker, tokens, make, has_er
     assert ('error="invalid_token"' in challenge) == has_error_code
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _with_header(token: str, header: object = None, raw: bytes = b"", **fields) -> str:
-    """The token's claims and signature under another header: any JSON value, raw bytes, or the
-    original header with `fields` changed."""
-    if not raw:
-        if header is None:
-            header = {**jwt.get_unverified_header(token), **fields}
-        raw = json.dumps(header).encode()
-    _, payload, signature = token.split(".")
-    return f"{_b64(raw)}.{payload}.{signature}"
-
-
 def _signed_by_us(token: str, key=None, alg: str = "RS256", **header) -> str:
     """The token's claims signed with a key of the test's, under the original header plus
     `header` (None: left out): a forger who also controls what the header says."""
@@ -323,31 +282,31 @@ FORGER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 FORGER_JWK = jwt.algorithms.RSAAlgorithm.to_jwk(FORGER_KEY.public_key(), as_dict=True)
 
 MALFORMED = {
-    "kid-number": lambda t, _: _with_header(t, kid=5),
-    "kid-list": lambda t, _: _with_header(t, kid=["a"]),
-    "kid-object": lambda t, _: _with_header(t, kid={"k": 1}),
-    "kid-null": lambda t, _: _with_header(t, kid=None),
-    "kid-empty": lambda t, _: _with_header(t, kid=""),
-    "crit-unknown": lambda t, _: _with_header(t, crit=["urn:example:ext"]),
-    "crit-not-a-list": lambda t, _: _with_header(t, crit="exp"),
-    "crit-empty": lambda t, _: _with_header(t, crit=[]),
-    "crit-b64-false": lambda t, _: _with_header(t, crit=["b64"], b64=False),
+    "kid-number": lambda t, _: with_header(t, kid=5),
+    "kid-list": lambda t, _: with_header(t, kid=["a"]),
+    "kid-object": lambda t, _: with_header(t, kid={"k": 1}),
+    "kid-null": lambda t, _: with_header(t, kid=None),
+    "kid-empty": lambda t, _: with_header(t, kid=""),
+    "crit-unknown": lambda t, _: with_header(t, crit=["urn:example:ext"]),
+    "crit-not-a-list": lambda t, _: with_header(t, crit="exp"),
+    "crit-empty": lambda t, _: with_header(t, crit=[]),
+    "crit-b64-false": lambda t, _: with_header(t, crit=["b64"], b64=False),
     "es256-header-with-the-rsa-kid": lambda t, _: _signed_by_us(t, EC_KEY, "ES256"),
-    "header-array": lambda t, _: _with_header(t, ["RS256", "at+jwt"]),
-    "header-number": lambda t, _: _with_header(t, 42),
-    "header-string": lambda t, _: _with_header(t, "RS256"),
-    "header-null": lambda t, _: _with_header(t, raw=b"null"),
-    "header-not-json": lambda t, _: _with_header(t, raw=b"{alg: RS256"),
-    "header-deeply-nested": lambda t, _: _with_header(
+    "header-array": lambda t, _: with_header(t, ["RS256", "at+jwt"]),
+    "header-number": lambda t, _: with_header(t, 42),
+    "header-string": lambda t, _: with_header(t, "RS256"),
+    "header-null": lambda t, _: with_header(t, raw=b"null"),
+    "header-not-json": lambda t, _: with_header(t, raw=b"{alg: RS256"),
+    "header-deeply-nested": lambda t, _: with_header(
         t, raw=b'{"alg":"RS256","x":' + b"[" * 3000 + b"]" * 3000 + b"}"
     ),
     "header-not-base64": lambda t, _: "!!!." + t.split(".", 1)[1],
-    "typ-list": lambda t, _: _with_header(t, typ=["at+jwt"]),
-    "typ-number": lambda t, _: _with_header(t, typ=1),
-    "alg-list": lambda t, _: _with_header(t, alg=["RS256"]),
-    "alg-object": lambda t, _: _with_header(t, alg={"RS256": 1}),
-    "alg-with-a-newline": lambda t, _: _with_header(t, alg="RS256\r\nX-Evil: 1"),
-    "alg-non-ascii": lambda t, _: _with_header(t, alg='RS256\u2028\u00e9"\\'),
+    "typ-list": lambda t, _: with_header(t, typ=["at+jwt"]),
+    "typ-number": lambda t, _: with_header(t, typ=1),
+    "alg-list": lambda t, _: with_header(t, alg=["RS256"]),
+    "alg-object": lambda t, _: with_header(t, alg={"RS256": 1}),
+    "alg-with-a-newline": lambda t, _: with_header(t, alg="RS256\r\nX-Evil: 1"),
+    "alg-non-ascii": lambda t, _: with_header(t, alg='RS256\u2028\u00e9"\\'),
     "huge": lambda t, _: t + "A" * 60_000,
     "non-ascii-latin-1": lambda t, _: t + "\u00e9",
     "non-ascii-utf-8-bytes": lambda t, _: (t + "\u00e9\u2603").encode(),
@@ -454,4 +413,4 @@ def test_vault_down_is_503_and_nothing_is_recorded_as_issued(make_app, tokens):
     grants = app.extensions["jit"].grants
     rows = grants.store.db.execute("SELECT id, status, handle FROM grants").fetchall()
     assert [(row["status"], row["handle"]) for row in rows] == [("issue_failed", "")]
-    assert chain_types(grants, rows[0]["id"]) == ["request", "decision", "issue_failed"]
+    assert types(grants, rows[0]["id"]) == ["request", "decision", "issue_failed"]

@@ -19,9 +19,7 @@ from broker.config import check_service_settings, load_settings
 from broker.errors import ConfigError
 from broker.web.sessions import Login
 from scripts.launchers import OidcProvider, follow_login, free_port, provider_config
-from tests.test_approvals import APPROVAL_POLICY
-from tests.test_audit_pages import browser
-from tests.test_login import csrf, login
+from tests.helpers import APPROVAL_POLICY, browser, csrf, login
 
 OPAQUE_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 

@@ -10,30 +10,23 @@ import pytest
 
 from broker import audit
 from broker.backends.token import VaultTokenBackend
-from broker.models import ISSUING, Credential, Grant, Principal, isoformat, utcnow
+from broker.models import ISSUING, Credential, Grant, isoformat, utcnow
 from broker.reaper import Reaper
-from tests.test_api import token_works
-from tests.test_database import (  # noqa: F401 (inventory is a fixture)
+from tests.helpers import (
+    ALICE,
     DATABASE_POLICY,
-    inventory,
-    login,
+    LATER,
+    connect_as,
+    issue_unrecorded,
     login_refused,
     role_exists,
+    token_works,
 )
-
-ALICE = Principal("https://idp", "alice", groups=("engineers",), email="alice@example.com")
-LATER = timedelta(minutes=3)  # past the grace an issuance in flight gets
 
 
 @pytest.fixture
 def grants(make_app):
     return make_app().extensions["jit"].grants
-
-
-def issue_unrecorded(grants, grant_id, entitlement="kv-read", backend="vault_token"):
-    """What a broker killed between Vault's answer and its commit leaves behind."""
-    chosen = grants.policy().entitlements[entitlement]
-    return grants.backends[backend].issue(grant_id, chosen, utcnow() + timedelta(hours=1), "alice")
 
 
 def record_issuing(grants, entitlement="kv-read", updated_at=None) -> Grant:
@@ -215,7 +208,7 @@ def test_the_reaper_thread_reconciles_when_it_starts(grants, openbao):
 
 
 @pytest.fixture
-def db_grants(make_app, postgres, database_engine, inventory):  # noqa: F811
+def db_grants(make_app, postgres, database_engine, inventory):
     app = make_app(policy_text=DATABASE_POLICY, postgres={"dsn": postgres.dsn})
     return app.extensions["jit"].grants
 
@@ -224,7 +217,7 @@ def test_a_database_user_issued_but_never_recorded_is_removed(db_grants, postgre
     grant_id = str(uuid.uuid4())
     credential = issue_unrecorded(db_grants, grant_id, "db-read", "database")
     user = {"username": credential.private["username"], "password": credential.secret}
-    login(postgres, user).close()
+    connect_as(postgres, user).close()
 
     (finding,) = db_grants.reconcile()
 
@@ -246,7 +239,7 @@ def test_a_live_database_user_is_not_touched(db_grants, postgres):
     grant, credential = db_grants.request(ALICE, "db-read", "10m", "live user")
     user = {"username": credential.private["username"], "password": credential.secret}
     assert db_grants.reconcile(now=utcnow() + LATER) == []
-    login(postgres, user).close()
+    connect_as(postgres, user).close()
     db_grants.release(ALICE, grant.id)
     db_grants.reap_due()
     assert login_refused(postgres, user)
