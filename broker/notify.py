@@ -283,21 +283,6 @@ def expiring_text(grant: Grant, minutes_left: int) -> str:
     )
 
 
-def grant_fields(grant: Grant) -> dict[str, str]:
-    """The facts a receiver may want to act on; never the handle, never a credential."""
-    fields = {
-        "grant_id": grant.id,
-        "entitlement": grant.entitlement,
-        "requester": grant.requester,
-        "status": grant.status,
-        "window_start": grant.window_start,
-        "window_end": grant.window_end,
-    }
-    if grant.ticket:
-        fields["ticket"] = grant.ticket
-    return fields
-
-
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

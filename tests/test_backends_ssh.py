@@ -3,7 +3,7 @@ engine for the requester's own key. A certificate ends by the window end and can
 so a release records the end and the reaper verifies once the certificate's validity is over."""
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import render_template
 
 from broker import audit
-from broker.models import IssuedCredential, parse_time
+from broker.backends.ssh import SshCertificateBackend
+from broker.errors import VaultRejected
+from broker.models import IssuedCredential, parse_time, utcnow
+from broker.policy import Entitlement, SshOptions
 
 SSH_POLICY = """
 [entitlements.ssh-deploy]
@@ -204,3 +207,30 @@ def test_an_extension_signs_a_new_certificate_and_records_the_old_one_honestly(
     assert last["data"]["revocable"] is False
     assert last["data"]["valid_until"] == first["window"]["end"]
     assert grants.store.get_grant(first["id"]).status == "active"
+
+
+def test_an_ssh_signing_answer_that_is_no_certificate_is_vault_rejected_not_a_crash():
+    """load_ssh_public_identity may return a bare public key; it was cast to a certificate, and
+    its missing valid_before was an AttributeError (a 500, the grant left `issuing`) instead of a
+    refusal that marks the grant issue_failed at once."""
+    bare_key = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+    answer = {"data": {"signed_key": bare_key}}
+    client = SimpleNamespace(
+        secrets=SimpleNamespace(ssh=SimpleNamespace(sign_ssh_key=lambda **_: answer))
+    )
+    entitlement = Entitlement(
+        name="ssh-deploy",
+        description="",
+        backend="ssh",
+        vault_policies=(),
+        max_duration=3600,
+        ssh=SshOptions("jit-users", ("deploy",)),
+    )
+    backend = SshCertificateBackend(client)
+    with pytest.raises(VaultRejected, match="not a certificate"):
+        backend.issue("g-1", entitlement, utcnow() + timedelta(minutes=10), "alice", bare_key)
