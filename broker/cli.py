@@ -16,6 +16,7 @@ from flask import Flask
 from . import audit
 from .audit.bundle import FORMATS, BundleError, verify_bundle
 from .audit.log import AuditLog
+from .backends import POLICY_KINDS
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
 from .models import Principal, isoformat, parse_time, utcnow
@@ -247,7 +248,7 @@ def policy_group() -> None:
 def _policy_or_exit(path: str) -> Policy:
     """The policy, or every problem as FILE:LINE: message and exit 1 (a missing file: exit 2)."""
     try:
-        return load_policy(Path(path))
+        return load_policy(Path(path), POLICY_KINDS)
     except PolicyError as exc:
         if not Path(path).is_file():
             click.echo(f"jit: {exc}", err=True)

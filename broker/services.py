@@ -10,7 +10,7 @@ from . import audit
 from .audit.forward import Forwarder
 from .audit.log import AuditLog
 from .audit.search import AuditSearch
-from .backends import make_backends
+from .backends import POLICY_KINDS, make_backends
 from .backends.vault import make_client, vault_health
 from .config import Settings, check_service_settings
 from .grants import Grants
@@ -47,7 +47,7 @@ class Services:
         check_service_settings(settings)
         store = Store(settings.database_path)
         store.migrate()
-        policy = PolicyFile(settings.policy_path)
+        policy = PolicyFile(settings.policy_path, POLICY_KINDS)
         notifier = Notifier(settings.notify["webhook_url"], timeout=settings.notify["timeout"])
         vault = make_client(
             settings.vault["addr"], settings.vault["token"], settings.vault["timeout"]

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker import audit  # noqa: E402
-from broker.backends import make_backends  # noqa: E402
+from broker.backends import POLICY_KINDS, make_backends  # noqa: E402
 from broker.backends.vault import TOKEN_ROLE  # noqa: E402
 from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
@@ -64,7 +64,7 @@ def main(count: int) -> None:
         (workdir / "policy.toml").write_text(POLICY)
         grants = Grants(
             Store(workdir / "broker.db"),
-            PolicyFile(workdir / "policy.toml").current,
+            PolicyFile(workdir / "policy.toml", POLICY_KINDS).current,
             make_backends(client),
             fingerprint_key=b"k" * 32,
         )

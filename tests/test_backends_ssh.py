@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import render_template
 
 from broker import audit
-from broker.backends.ssh import SshCertificateBackend
+from broker.backends.ssh import SshCertificateBackend, SshOptions
 from broker.errors import VaultRejected
 from broker.models import IssuedCredential, parse_time, utcnow
-from broker.policy import Entitlement, SshOptions
+from broker.policy import Entitlement
 
 SSH_POLICY = """
 [entitlements.ssh-deploy]
@@ -229,7 +229,7 @@ def test_an_ssh_signing_answer_that_is_no_certificate_is_vault_rejected_not_a_cr
         backend="ssh",
         vault_policies=(),
         max_duration=3600,
-        ssh=SshOptions("jit-users", ("deploy",)),
+        options=SshOptions("jit-users", ("deploy",)),
     )
     backend = SshCertificateBackend(client)
     with pytest.raises(VaultRejected, match="not a certificate"):

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from broker.backends import POLICY_KINDS
 from broker.models import parse_time
 from broker.policy import check_policy_text
 from scripts.launchers import client_credentials_token
@@ -218,7 +219,7 @@ requesters = {{ groups = ["sre"] }}
 [entitlements.fix.break_glass]
 {table}
 """
-    policy, problems = check_policy_text(text)
+    policy, problems = check_policy_text(text, POLICY_KINDS)
     assert policy is None
     assert any(problem in p.message and p.line for p in problems), problems
 
@@ -231,7 +232,7 @@ max_duration = "15m"
 requesters = { groups = ["sre"] }
 break_glass = { groups = ["sre"], reviewers = ["security"] }
 """
-    policy, problems = check_policy_text(text)
+    policy, problems = check_policy_text(text, POLICY_KINDS)
     assert problems == [] and policy.entitlements["fix"].break_glass.max_duration == 15 * 60
 
 

@@ -8,16 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from broker.backends import POLICY_KINDS
+from broker.backends.database import DatabaseOptions, database_options
+from broker.backends.ssh import SshOptions, ssh_options
 from broker.errors import ConfigError
 from broker.models import Approval, Principal
-from broker.policy import (
-    DatabaseOptions,
-    PolicyError,
-    SshOptions,
-    check_policy_text,
-    explain,
-    load_policy,
-)
+from broker.policy import PolicyError, check_policy_text, explain, load_policy
 
 POLICY = r"""
 [approver_groups]
@@ -134,7 +130,7 @@ GOOD = {"reason": "INC-7 fix the index", "ticket": "INC-7", "now": MON_NOON}
 
 @pytest.fixture(scope="module")
 def policy():
-    found, problems = check_policy_text(POLICY)
+    found, problems = check_policy_text(POLICY, POLICY_KINDS)
     assert problems == []
     return found
 
@@ -400,7 +396,7 @@ def test_approvals_required_by_the_decision(
 
 def test_the_auto_approve_group_must_match_the_agent_too():
     text = POLICY.replace('auto_approve_groups = ["oncall"]', 'auto_approve_groups = ["sre"]')
-    found, _ = check_policy_text(text)
+    found, _ = check_policy_text(text, POLICY_KINDS)
     agent_in_sre = Principal(ISS, "ci-agent", kind="agent", client_id="ci-agent", groups=("sre",))
     assert found.evaluate(agent_in_sre, "db", 600, **GOOD).approvals_required == 2
     assert found.evaluate(SAM, "db", 600, **GOOD).approvals_required == 0
@@ -805,30 +801,31 @@ def ssh(body: str) -> str:
     ],
 )
 def test_check_names_each_problem_with_its_line(text, line, message):
-    found, problems = check_policy_text(text)
+    found, problems = check_policy_text(text, POLICY_KINDS)
     assert found is None
     assert any(p.line == line and message in p.message for p in problems), problems
 
 
 def test_a_database_entitlement_names_its_role_and_needs_no_vault_policies():
-    found, problems = check_policy_text(db("role = 'readonly'") + DB_ON_ITS_OWN_MOUNT)
+    found, problems = check_policy_text(db("role = 'readonly'") + DB_ON_ITS_OWN_MOUNT, POLICY_KINDS)
     assert problems == []
     plain, mounted = found.entitlements["x"], found.entitlements["y"]
     assert (plain.backend, plain.vault_policies) == ("database", ())
-    assert plain.database == DatabaseOptions("readonly", "database")
-    assert mounted.database == DatabaseOptions("ro", "db/prod")
-    assert check_policy_text(BASE)[0].entitlements["x"].database is None
+    assert database_options(plain) == DatabaseOptions("readonly", "database")
+    assert database_options(mounted) == DatabaseOptions("ro", "db/prod")
+    assert database_options(check_policy_text(BASE, POLICY_KINDS)[0].entitlements["x"]) is None
 
 
 def test_an_ssh_entitlement_names_its_role_and_principals():
     found, problems = check_policy_text(
-        ssh("role = 'jit-users'\nprincipals = ['deploy', 'alice']\nmount = 'ssh/prod'")
+        ssh("role = 'jit-users'\nprincipals = ['deploy', 'alice']\nmount = 'ssh/prod'"),
+        POLICY_KINDS,
     )
     assert problems == []
     chosen = found.entitlements["x"]
-    assert (chosen.backend, chosen.vault_policies, chosen.database) == ("ssh", (), None)
-    assert chosen.ssh == SshOptions("jit-users", ("deploy", "alice"), "ssh/prod")
-    assert check_policy_text(BASE)[0].entitlements["x"].ssh is None
+    assert (chosen.backend, chosen.vault_policies, database_options(chosen)) == ("ssh", (), None)
+    assert ssh_options(chosen) == SshOptions("jit-users", ("deploy", "alice"), "ssh/prod")
+    assert ssh_options(check_policy_text(BASE, POLICY_KINDS)[0].entitlements["x"]) is None
 
 
 DB_ON_ITS_OWN_MOUNT = """
@@ -851,13 +848,13 @@ def test_check_reports_every_problem_in_line_order(tmp_path):
         "timezone = 'Nowhere/Land'\n"  # 7
         "days = ['mon', 'funday']\n"  # 8
     )
-    found, problems = check_policy_text(text)
+    found, problems = check_policy_text(text, POLICY_KINDS)
     assert found is None
     assert [p.line for p in problems] == [2, 3, 4, 5, 7, 8]
     path = tmp_path / "policy.toml"
     path.write_text(text)
     with pytest.raises(PolicyError) as caught:
-        load_policy(path)
+        load_policy(path, POLICY_KINDS)
     assert isinstance(caught.value, ConfigError)
     assert caught.value.problems == problems
     lines = str(caught.value).splitlines()
@@ -868,24 +865,24 @@ def test_check_reports_every_problem_in_line_order(tmp_path):
 
 def test_a_missing_file_is_one_problem_without_a_line(tmp_path):
     with pytest.raises(PolicyError) as caught:
-        load_policy(tmp_path / "none.toml")
+        load_policy(tmp_path / "none.toml", POLICY_KINDS)
     assert str(caught.value) == f"{tmp_path / 'none.toml'}: cannot read: No such file or directory"
 
 
 def test_version_is_the_sha256_of_the_file_and_changes_with_it(tmp_path, policy):
     path = tmp_path / "policy.toml"
     path.write_text(POLICY)
-    loaded = load_policy(path)
+    loaded = load_policy(path, POLICY_KINDS)
     assert loaded.version == hashlib.sha256(path.read_bytes()).hexdigest() == policy.version
     path.write_text(POLICY + "\n# reviewed\n")
-    assert load_policy(path).version != policy.version
+    assert load_policy(path, POLICY_KINDS).version != policy.version
 
 
 def test_the_example_policy_and_the_readme_policy_are_valid():
     from pathlib import Path
 
     root = Path(__file__).parent.parent
-    example = load_policy(root / "scripts" / "example" / "policy.toml")
+    example = load_policy(root / "scripts" / "example" / "policy.toml", POLICY_KINDS)
     assert set(example.entitlements) == {
         "app-secrets-read",
         "app-secrets-admin",
@@ -896,14 +893,15 @@ def test_the_example_policy_and_the_readme_policy_are_valid():
     assert example.entitlements["app-secrets-admin"].break_glass.reviewers == ("security",)
     readme = (root / "README.md").read_text()
     start = readme.index("[approver_groups]")
-    found, problems = check_policy_text(readme[start : readme.index("```", start)])
+    found, problems = check_policy_text(readme[start : readme.index("```", start)], POLICY_KINDS)
     assert problems == [] and list(found.entitlements) == ["prod-db-admin"]
 
 
 def test_a_claims_rule_matches_any_claim_the_provider_vouched_for():
     policy, problems = check_policy_text(
         "[entitlements.x]\nvault_policies = ['p']\nmax_duration = '1h'\n"
-        "[entitlements.x.requesters]\nclaims = { department = 'eng', teams = 'db' }\n"
+        "[entitlements.x.requesters]\nclaims = { department = 'eng', teams = 'db' }\n",
+        POLICY_KINDS,
     )
     assert problems == []
     engineer = Principal("i", "s", extra=(("department", "eng"),))

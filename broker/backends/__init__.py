@@ -1,18 +1,28 @@
 """The credential backends, one module per kind behind the Backend protocol, over one shared Vault
 client: the only package that talks to Vault for credentials (and, to verify that a database user
-is gone, to PostgreSQL). Adding a kind is one module here, its name in `make_backends` and in the
-policy's list of backends; nothing here decides what a grant may hold."""
+is gone, to PostgreSQL). Each kind's module also says how a policy names it and reads its options
+table (its KindReader). Adding a kind is one module here and its two entries below, in
+`make_backends` and `POLICY_KINDS`; nothing here decides what a grant may hold."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import hvac
 
 from .base import Backend
-from .database import DatabaseBackend
-from .ssh import SshCertificateBackend
-from .token import VaultTokenBackend
+from .database import DatabaseBackend, DatabaseKind
+from .ssh import SshCertificateBackend, SshKind
+from .token import VaultTokenBackend, VaultTokenKind
 
-__all__ = ["Backend", "make_backends"]
+if TYPE_CHECKING:
+    from ..policy import KindReader
+
+__all__ = ["POLICY_KINDS", "Backend", "make_backends"]
+
+# What the policy loaders take (load_policy, check_policy_text, PolicyFile): every kind's name and
+# options-table reader, in the order a policy's unknown-key hints list their tables.
+POLICY_KINDS: tuple[KindReader, ...] = (VaultTokenKind(), DatabaseKind(), SshKind())
 
 
 def make_backends(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ import psycopg
 from ..errors import DatabaseUnavailable, InvalidDuration, VaultRejected
 from ..models import Holding, IssuedCredential, isoformat, utcnow
 from .base import Backend
+from .options import RoleTableText, role_table
 from .vault import (
     CALL_LATENCY,
     TOKEN_ROLE,
@@ -30,7 +32,7 @@ from .vault import (
 )
 
 if TYPE_CHECKING:
-    from ..policy import Entitlement
+    from ..policy import Entitlement, OptionsReader
 
 # The database engine renders {{expiration}} (PostgreSQL's VALID UNTIL) as the lease end plus
 # five seconds, so the lease is made this much shorter than the window.
@@ -41,6 +43,50 @@ ROLE_STATEMENTS = (
     "rollback_statements",
     "renew_statements",
 )
+
+
+@dataclass(frozen=True)
+class DatabaseOptions:
+    """Where a database entitlement's users come from: the OpenBao database role (under the
+    database secrets engine mounted at `mount`) whose creation and revocation statements the
+    broker's per-grant role copies."""
+
+    role: str
+    mount: str = "database"
+
+
+def database_options(entitlement: Entitlement) -> DatabaseOptions | None:
+    """The entitlement's database options; None when it is not a database entitlement."""
+    options = entitlement.options
+    return options if isinstance(options, DatabaseOptions) else None
+
+
+class DatabaseKind:
+    """The database kind as the policy reads it: `[entitlements.NAME.database]` with role and
+    mount, and no vault_policies."""
+
+    name = "database"
+    options_table = "database"
+    grants_instead = (
+        "a database entitlement: what the user may do is the database role's creation statements"
+    )
+    text = RoleTableText(
+        "a",
+        "with role, the OpenBao database role to issue users from",
+        "the OpenBao role",
+        "database or db/prod",
+    )
+
+    def read_options(
+        self, reader: OptionsReader, name: str, spec: dict, backend: object
+    ) -> DatabaseOptions | None:
+        found_before = reader.problem_count
+        found = role_table(reader, name, spec, backend, self.name, ("role", "mount"), self.text)
+        if found is None or found.role is None or found.mount is None:
+            return None
+        if reader.problem_count > found_before:
+            return None
+        return DatabaseOptions(found.role, found.mount)
 
 
 class DatabaseBackend(Backend):
@@ -59,7 +105,7 @@ class DatabaseBackend(Backend):
     handle built from a child token alone has no lease id or username (Vault's token lookup knows
     neither): its leases are found by listing the per-credential role's prefix."""
 
-    kind = "database"
+    kind = DatabaseKind.name
     revocable = True
     verify_method = (
         "Vault no longer knows the lease, and the user no longer exists in PostgreSQL (pg_roles, "
@@ -83,7 +129,7 @@ class DatabaseBackend(Backend):
         requester: str,
         public_key: object = "",
     ) -> IssuedCredential:
-        options = entitlement.database
+        options = database_options(entitlement)
         if options is None:
             raise VaultRejected(f"{entitlement.name} has no [database] table in the policy")
         ttl = seconds_until(window_end - VALID_UNTIL_MARGIN)

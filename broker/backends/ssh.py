@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -19,12 +21,77 @@ from cryptography.hazmat.primitives.serialization.ssh import SSHCertificate, SSH
 from ..errors import InvalidDuration, InvalidRequest, VaultRejected
 from ..models import Holding, IssuedCredential, isoformat, utcnow
 from .base import Backend
+from .options import RoleTableText, role_table
 from .vault import seconds_until, translate_errors
 
 if TYPE_CHECKING:
-    from ..policy import Entitlement
+    from ..policy import Entitlement, OptionsReader
 
 MAX_PUBLIC_KEY = 16_384  # far beyond an RSA 8192 key in OpenSSH form
+PRINCIPAL = re.compile(r"[^\s,]+")  # Vault takes valid_principals comma-separated
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    """Who signs an ssh entitlement's certificates: the OpenBao SSH role (key_type "ca", under the
+    SSH secrets engine mounted at `mount`), and the principals every certificate is valid for."""
+
+    role: str
+    principals: tuple[str, ...]
+    mount: str = "ssh"
+
+
+def ssh_options(entitlement: Entitlement) -> SshOptions | None:
+    """The entitlement's ssh options; None when it is not an ssh entitlement."""
+    options = entitlement.options
+    return options if isinstance(options, SshOptions) else None
+
+
+class SshKind:
+    """The ssh kind as the policy reads it: `[entitlements.NAME.ssh]` with role, mount and
+    principals, and no vault_policies."""
+
+    name = "ssh"
+    options_table = "ssh"
+    grants_instead = (
+        "an ssh entitlement: what the certificate allows is its principals on the hosts that "
+        "trust the CA"
+    )
+    text = RoleTableText(
+        "an",
+        "with role, the OpenBao SSH role that signs, and principals, the users the certificate "
+        "is for",
+        "the OpenBao SSH role",
+        "ssh or ssh/prod",
+    )
+
+    def read_options(
+        self, reader: OptionsReader, name: str, spec: dict, backend: object
+    ) -> SshOptions | None:
+        found_before = reader.problem_count
+        keys = ("role", "mount", "principals")
+        found = role_table(reader, name, spec, backend, self.name, keys, self.text)
+        if found is None:
+            return None
+        table, at, role, mount = found
+        principals = reader.names(
+            table.get("principals"), (*at, "principals"), f"{name}: ssh.principals"
+        )
+        if "principals" not in table:
+            reader.problem(
+                at, f'{name}: ssh.principals is missing: the users to sign for, like ["deploy"]'
+            )
+        elif table["principals"] == []:
+            reader.problem((*at, "principals"), f"{name}: ssh.principals must name at least one")
+        for principal in principals:
+            if not PRINCIPAL.fullmatch(principal):
+                reader.problem(
+                    (*at, "principals"),
+                    f"{name}: ssh principal {principal!r} may hold no spaces or commas",
+                )
+        if role is None or mount is None or reader.problem_count > found_before:
+            return None
+        return SshOptions(role, principals, mount)
 
 
 class SshCertificateBackend(Backend):
@@ -35,7 +102,7 @@ class SshCertificateBackend(Backend):
     and it is gone once `valid_before` has passed. Vault keeps nothing of it, so there is nothing
     for the reconciler to find. The handle is JSON: serial and valid_before."""
 
-    kind = "ssh"
+    kind = SshKind.name
     revocable = False
     verify_method = (
         "the certificate's validity ended (valid_before has passed); SSH certificates cannot be "
@@ -62,7 +129,7 @@ class SshCertificateBackend(Backend):
         requester: str,
         public_key: object = "",
     ) -> IssuedCredential:
-        options = entitlement.ssh
+        options = ssh_options(entitlement)
         if options is None:
             raise VaultRejected(f"{entitlement.name} has no [ssh] table in the policy")
         key = _parsed_public_key(public_key)

@@ -25,7 +25,19 @@ from .vault import (
 )
 
 if TYPE_CHECKING:
-    from ..policy import Entitlement
+    from ..policy import Entitlement, OptionsReader
+
+
+class VaultTokenKind:
+    """The Vault token kind as the policy reads it: the entitlement's vault_policies are what the
+    token holds, and it has no options table."""
+
+    name = "vault_token"
+    options_table = None
+    grants_instead = None
+
+    def read_options(self, reader: OptionsReader, name: str, spec: dict, backend: object) -> None:
+        return None
 
 
 class VaultTokenBackend(Backend):
@@ -34,7 +46,7 @@ class VaultTokenBackend(Backend):
     the window end even if the broker dies. Tagged with the grant and the broker (`instance`), so
     the reconciler can find it."""
 
-    kind = "vault_token"
+    kind = VaultTokenKind.name
     revocable = True
     verify_method = "Vault no longer knows the token's accessor"
 

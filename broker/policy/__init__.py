@@ -3,20 +3,20 @@ what reason, and who must approve. Loads, checks, decides and explains; never is
 audits anything, and imports nothing of the broker but plain data types.
 
 The entry points: load_policy (a file), check_policy_text (text), decide and explain (a request),
-PolicyFile (the file the broker serves from, reloaded when it changes)."""
+PolicyFile (the file the broker serves from, reloaded when it changes). The credential kinds are
+not the policy's: the loaders take them from the caller (KindReader, with its options table)."""
 
 from .decide import Policy, decide
 from .explain import explain
+from .kinds import KindReader, OptionsReader
 from .model import (
     ApprovalRule,
     BreakGlassRule,
-    DatabaseOptions,
     Entitlement,
     ExtendRule,
     ReasonRule,
     Requesters,
     Schedule,
-    SshOptions,
 )
 from .parse import PolicyError, Problem, check_policy_text, load_policy
 from .reload import PolicyFile
@@ -24,9 +24,10 @@ from .reload import PolicyFile
 __all__ = [
     "ApprovalRule",
     "BreakGlassRule",
-    "DatabaseOptions",
     "Entitlement",
     "ExtendRule",
+    "KindReader",
+    "OptionsReader",
     "Policy",
     "PolicyError",
     "PolicyFile",
@@ -34,7 +35,6 @@ __all__ = [
     "ReasonRule",
     "Requesters",
     "Schedule",
-    "SshOptions",
     "check_policy_text",
     "decide",
     "explain",

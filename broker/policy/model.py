@@ -1,6 +1,6 @@
 """The policy's data: which entitlements exist and the rules each carries (requesters, reason,
-schedule, approval, extension, break-glass, backend options), as plain frozen dataclasses that can
-describe themselves in words. Decides nothing and reads no file; imports nothing of the broker."""
+schedule, approval, extension, break-glass, its kind's options), as plain frozen dataclasses that
+can describe themselves in words. Decides nothing, reads no file, imports nothing of the broker."""
 
 from __future__ import annotations
 
@@ -129,31 +129,11 @@ class BreakGlassRule:
 
 
 @dataclass(frozen=True)
-class DatabaseOptions:
-    """Where a database entitlement's users come from: the OpenBao database role (under the
-    database secrets engine mounted at `mount`) whose creation and revocation statements the
-    broker's per-grant role copies."""
-
-    role: str
-    mount: str = "database"
-
-
-@dataclass(frozen=True)
-class SshOptions:
-    """Who signs an ssh entitlement's certificates: the OpenBao SSH role (key_type "ca", under the
-    SSH secrets engine mounted at `mount`), and the principals every certificate is valid for."""
-
-    role: str
-    principals: tuple[str, ...]
-    mount: str = "ssh"
-
-
-@dataclass(frozen=True)
 class Entitlement:
     name: str
     description: str
     backend: str
-    vault_policies: tuple[str, ...]  # for vault_token; () for database and ssh entitlements
+    vault_policies: tuple[str, ...]  # () for a kind that grants something else instead
     max_duration: int  # seconds
     default_duration: int | None = None
     max_active: int | None = None  # open (active or pending) grants per principal; None: no limit
@@ -163,8 +143,9 @@ class Entitlement:
     approval: ApprovalRule | None = None
     extend: ExtendRule | None = None
     break_glass: BreakGlassRule | None = None
-    database: DatabaseOptions | None = None  # set exactly when backend is "database"
-    ssh: SshOptions | None = None  # set exactly when backend is "ssh"
+    # The kind's options, read from its table by its KindReader (broker/backends owns their type);
+    # None for a kind without one.
+    options: object | None = None
 
     @property
     def request_ttl(self) -> int | None:

@@ -8,34 +8,30 @@ import difflib
 import hashlib
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from ..durations import format_duration, parse_duration
 from ..errors import ConfigError
 from .decide import Policy
+from .kinds import KindReader
 from .model import (
     DAYS,
     ApprovalRule,
     BreakGlassRule,
-    DatabaseOptions,
     Entitlement,
     ExtendRule,
     ReasonRule,
     Requesters,
     Schedule,
-    SshOptions,
 )
 
-# Adding a credential backend: one name here, one class among the backends.
-BACKENDS = {"vault_token", "database", "ssh"}
+# The kinds (each entitlement's `backend`) are not the policy's: broker/backends passes them in.
+DEFAULT_BACKEND = "vault_token"
 NEVER_GRANTED = {"root"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-VAULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # one segment of a Vault path
-PRINCIPAL = re.compile(r"[^\s,]+")  # Vault takes valid_principals comma-separated
-MOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(/[A-Za-z0-9][A-Za-z0-9_-]*)*")
 
 # --- problems -------------------------------------------------------------------------------------
 
@@ -74,9 +70,7 @@ ENTITLEMENT_KEYS = (
     "approval",
     "extend",
     "break_glass",
-    "database",
-    "ssh",
-)
+)  # and each kind's options table
 SECTION_KEYS = {
     "approver_groups": ("known",),
     "requesters": ("groups", "email_domains", "claims", "agents"),
@@ -85,40 +79,34 @@ SECTION_KEYS = {
     "approval": ("required", "from_groups", "each_of", "expires_after", "auto_approve_groups"),
     "extend": ("max_step", "max_total"),
     "break_glass": ("groups", "reviewers", "max_duration", "review_within"),
-    "database": ("role", "mount"),
-    "ssh": ("role", "mount", "principals"),
-}
-# What an entitlement of a backend without vault_policies lets its holder do instead.
-GRANTS_INSTEAD = {
-    "database": "a database entitlement: what the user may do is the database role's creation "
-    "statements",
-    "ssh": "an ssh entitlement: what the certificate allows is its principals on the hosts that "
-    "trust the CA",
 }
 
 
 # --- loading and checking -------------------------------------------------------------------------
 
 
-def load_policy(path: Path) -> Policy:
-    """Read and check a policy file; raise PolicyError naming every problem, with its line."""
+def load_policy(path: Path, kinds: Iterable[KindReader]) -> Policy:
+    """Read and check a policy file whose entitlements are of `kinds` (the broker passes
+    broker.backends.POLICY_KINDS); raise PolicyError naming every problem, with its line."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise PolicyError(str(path), [Problem(None, f"cannot read: {exc.strerror}")]) from None
-    policy, problems = _check(raw)
+    policy, problems = _check(raw, kinds)
     if policy is None:
         raise PolicyError(str(path), problems)
     return policy
 
 
-def check_policy_text(text: str) -> tuple[Policy | None, list[Problem]]:
+def check_policy_text(
+    text: str, kinds: Iterable[KindReader]
+) -> tuple[Policy | None, list[Problem]]:
     """What load_policy does, on text: the policy (None when it has problems) and every problem."""
-    return _check(text.encode())
+    return _check(text.encode(), kinds)
 
 
-def _check(raw: bytes) -> tuple[Policy | None, list[Problem]]:
+def _check(raw: bytes, kinds: Iterable[KindReader]) -> tuple[Policy | None, list[Problem]]:
     try:
         text = raw.decode()
         data = tomllib.loads(text)
@@ -127,7 +115,7 @@ def _check(raw: bytes) -> tuple[Policy | None, list[Problem]]:
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"at line (\d+)", str(exc))
         return None, [Problem(int(found[1]) if found else None, f"not valid TOML: {exc}")]
-    reader = _Reader(text)
+    reader = _Reader(text, kinds)
     entitlements = reader.policy(data)
     problems = sorted(reader.problems, key=lambda p: (p.line is None, p.line or 0))
     if problems:
@@ -135,21 +123,20 @@ def _check(raw: bytes) -> tuple[Policy | None, list[Problem]]:
     return Policy(entitlements, hashlib.sha256(raw).hexdigest()), []
 
 
-class _BackendTable(NamedTuple):
-    """A backend's options table as written, with its role and mount (None: a problem noted)."""
-
-    table: dict
-    at: tuple[str, ...]
-    role: str | None
-    mount: str | None
-
-
 class _Reader:
     """Turns parsed TOML into entitlements, noting every problem with the line it is on."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, kinds: Iterable[KindReader]):
         self.lines = _Lines(text)
         self.problems: list[Problem] = []
+        self.kinds = {kind.name: kind for kind in kinds}
+        self.entitlement_keys = ENTITLEMENT_KEYS + tuple(
+            kind.options_table for kind in self.kinds.values() if kind.options_table
+        )
+
+    @property
+    def problem_count(self) -> int:
+        return len(self.problems)
 
     def problem(self, path: tuple[str, ...], message: str) -> None:
         self.problems.append(Problem(self.lines.find(path), message))
@@ -187,16 +174,17 @@ class _Reader:
         if not isinstance(spec, dict):
             self.problem(at, f"{name} must be a table: [entitlements.{name}]")
             return None
-        self.unknown_keys(spec, ENTITLEMENT_KEYS, at, name)
+        self.unknown_keys(spec, self.entitlement_keys, at, name)
         description = spec.get("description", "")
         if not isinstance(description, str):
             self.problem((*at, "description"), f"{name}: description must be text")
             description = ""
-        backend = spec.get("backend", "vault_token")
-        if not isinstance(backend, str) or backend not in BACKENDS:
+        backend = spec.get("backend", DEFAULT_BACKEND)
+        kind = self.kinds.get(backend) if isinstance(backend, str) else None
+        if kind is None:
             self.problem(
                 (*at, "backend"),
-                f"{name}: unknown backend {backend!r} (known: {', '.join(sorted(BACKENDS))})",
+                f"{name}: unknown backend {backend!r} (known: {', '.join(sorted(self.kinds))})",
             )
         policies = self.names(
             spec.get("vault_policies"), (*at, "vault_policies"), f"{name}: vault_policies"
@@ -204,11 +192,11 @@ class _Reader:
         # Vault lower-cases policy names, so "Root" would be root.
         for never in sorted(NEVER_GRANTED & {p.strip().lower() for p in policies}):
             self.problem((*at, "vault_policies"), f"{name}: the {never} policy is never granted")
-        if backend in GRANTS_INSTEAD:
+        if kind is not None and kind.grants_instead is not None:
             if "vault_policies" in spec:
                 self.problem(
                     (*at, "vault_policies"),
-                    f"{name}: vault_policies has no effect on {GRANTS_INSTEAD[backend]}",
+                    f"{name}: vault_policies has no effect on {kind.grants_instead}",
                 )
         elif spec.get("vault_policies") in (None, []):
             self.problem(
@@ -243,18 +231,30 @@ class _Reader:
             approval=approval,
             extend=self.extend(name, spec, max_duration),
             break_glass=self.break_glass(name, spec, max_duration),
-            database=self.database(name, spec, backend),
-            ssh=self.ssh(name, spec, backend),
+            options=self.options(name, spec, backend),
         )
 
-    def section(self, name: str, spec: dict, key: str) -> tuple[dict | None, tuple[str, ...]]:
+    def options(self, name: str, spec: dict, backend: object) -> object | None:
+        """Every kind checks what is its in the entitlement (its options table, present or
+        misplaced); the options of the entitlement's own kind are kept."""
+        options = None
+        for kind in self.kinds.values():
+            found = kind.read_options(self, name, spec, backend)
+            if kind.name == backend:
+                options = found
+        return options
+
+    def section(
+        self, name: str, spec: dict, key: str, keys: tuple[str, ...] | None = None
+    ) -> tuple[dict | None, tuple[str, ...]]:
         at = ("entitlements", name, key)
         if key not in spec:
             return None, at
         if not isinstance(spec[key], dict):
             self.problem(at, f"{name}: {key} must be a table: [entitlements.{name}.{key}]")
             return None, at
-        self.unknown_keys(spec[key], SECTION_KEYS[key], at, f"{name}: {key}")
+        known = SECTION_KEYS[key] if keys is None else keys
+        self.unknown_keys(spec[key], known, at, f"{name}: {key}")
         return spec[key], at
 
     def requesters(self, name: str, spec: dict) -> Requesters:
@@ -433,106 +433,6 @@ class _Reader:
         if len(self.problems) > found_before:
             return None
         return BreakGlassRule(lists["groups"], lists["reviewers"], longest, review_within)
-
-    def database(self, name: str, spec: dict, backend: object) -> DatabaseOptions | None:
-        found_before = len(self.problems)
-        found = self.backend_table(
-            name,
-            spec,
-            backend,
-            "database",
-            "a",
-            "with role, the OpenBao database role to issue users from",
-            "the OpenBao role",
-            "database or db/prod",
-        )
-        if found is None or found.role is None or found.mount is None:
-            return None
-        if len(self.problems) > found_before:
-            return None
-        return DatabaseOptions(found.role, found.mount)
-
-    def ssh(self, name: str, spec: dict, backend: object) -> SshOptions | None:
-        found_before = len(self.problems)
-        found = self.backend_table(
-            name,
-            spec,
-            backend,
-            "ssh",
-            "an",
-            "with role, the OpenBao SSH role that signs, and principals, the users the "
-            "certificate is for",
-            "the OpenBao SSH role",
-            "ssh or ssh/prod",
-        )
-        if found is None:
-            return None
-        table, at, role, mount = found
-        principals = self.names(
-            table.get("principals"), (*at, "principals"), f"{name}: ssh.principals"
-        )
-        if "principals" not in table:
-            self.problem(
-                at, f'{name}: ssh.principals is missing: the users to sign for, like ["deploy"]'
-            )
-        elif table["principals"] == []:
-            self.problem((*at, "principals"), f"{name}: ssh.principals must name at least one")
-        for principal in principals:
-            if not PRINCIPAL.fullmatch(principal):
-                self.problem(
-                    (*at, "principals"),
-                    f"{name}: ssh principal {principal!r} may hold no spaces or commas",
-                )
-        if role is None or mount is None or len(self.problems) > found_before:
-            return None
-        return SshOptions(role, principals, mount)
-
-    def backend_table(
-        self,
-        name: str,
-        spec: dict,
-        backend: object,
-        kind: str,
-        article: str,
-        needs: str,
-        role_is: str,
-        mount_like: str,
-    ) -> _BackendTable | None:
-        """The `[entitlements.NAME.<kind>]` table a backend reads its options from, with the role
-        and mount every Vault backend table has (each None when a problem with it was noted);
-        None when the table is absent or does not belong."""
-        if backend != kind:
-            if kind in spec:
-                self.problem(
-                    ("entitlements", name, kind),
-                    f'{name}: {article} [{kind}] table needs backend = "{kind}", not {backend!r}',
-                )
-            return None
-        if kind not in spec:
-            self.problem(
-                ("entitlements", name),
-                f"{name}: {article} {kind} entitlement needs [entitlements.{name}.{kind}] {needs}",
-            )
-            return None
-        table, at = self.section(name, spec, kind)
-        if table is None:
-            return None
-        role, mount = table.get("role"), table.get("mount", kind)
-        if role is None:
-            self.problem(at, f"{name}: {kind}.role is missing: name {role_is}")
-        elif not isinstance(role, str) or not VAULT_NAME.fullmatch(role):
-            self.problem(
-                (*at, "role"),
-                f"{name}: {kind}.role {role!r} must be a role name (letters, digits, _ -)",
-            )
-            role = None
-        if not isinstance(mount, str) or not MOUNT.fullmatch(mount):
-            self.problem(
-                (*at, "mount"),
-                f"{name}: {kind}.mount {mount!r} must be a mount path like {mount_like}",
-            )
-            mount = None
-        return _BackendTable(table, at, role, mount)
 
     def extend(self, name: str, spec: dict, max_duration: int | None) -> ExtendRule | None:
         table, at = self.section(name, spec, "extend")

@@ -6,21 +6,24 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import ConfigError
 from .decide import Policy
+from .kinds import KindReader
 from .parse import load_policy
 
 log = logging.getLogger(__name__)
 
 
 class PolicyFile:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, kinds: Iterable[KindReader]):
         self.path = Path(path)
+        self.kinds = tuple(kinds)
         self._lock = threading.Lock()
         self._seen = self._stamp()
-        self._policy = load_policy(self.path)  # at start, a broken file is fatal
+        self._policy = load_policy(self.path, self.kinds)  # at start, a broken file is fatal
         self.last_error = ""
 
     def current(self) -> Policy:
@@ -35,7 +38,7 @@ class PolicyFile:
     def _reload(self, stamp: tuple) -> None:
         self._seen = stamp
         try:
-            policy = load_policy(self.path)
+            policy = load_policy(self.path, self.kinds)
         except ConfigError as exc:
             self.last_error = str(exc)
             log.error(
