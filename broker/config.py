@@ -57,6 +57,13 @@ DEFAULTS: dict[str, dict] = {
         "forward_timeout": 5,
         "forward_batch": 100,
     },
+    # The broker as the authorization server for tools: its access tokens are signed by this
+    # OpenBao transit key (ecdsa-p256, ES256), which never leaves OpenBao.
+    "oauth": {
+        "transit_mount": "transit",
+        "signing_key": "jit-broker-tokens",
+        "issuer": "",  # default: server.base_url
+    },
     # Only to verify that a database user is gone: read pg_roles. Never used to create users.
     "postgres": {"dsn": ""},
 }
@@ -73,6 +80,7 @@ class Settings:
     notify: dict
     audit: dict
     postgres: dict
+    oauth: dict
     root: Path = field(default=Path("."))
 
     @property
@@ -95,6 +103,11 @@ class Settings:
     @property
     def policy_path(self) -> Path:
         return self._path(self.policy["path"])
+
+    @property
+    def oauth_issuer(self) -> str:
+        """The `iss` of the broker's access tokens and of its RFC 8414 metadata."""
+        return self.oauth["issuer"] or self.server["base_url"].rstrip("/")
 
     @property
     def redirect_uri(self) -> str:
@@ -203,6 +216,7 @@ def check_settings(settings: Settings) -> None:
     if oidc["issuer"]:  # required only to serve: check_service_settings
         _check_https("oidc.issuer", oidc["issuer"])
     _check_https("server.base_url", settings.server["base_url"])
+    _check_oauth(settings.oauth)
     _check_sessions(settings.server)
     _check_webhook(settings.notify)
     _check_forwarding(settings.audit)
@@ -237,6 +251,24 @@ def _check_https(name: str, url: str) -> None:
             f"{name} must use https:// (http:// is accepted only for a loopback host such as "
             "127.0.0.1 or localhost, for development)"
         )
+
+
+def _check_oauth(oauth: dict) -> None:
+    if oauth["issuer"]:
+        _check_https("oauth.issuer", oauth["issuer"])
+        parts = urlsplit(oauth["issuer"])
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            # RFC 8414 §3: the metadata of an issuer with a path lives elsewhere than the broker
+            # serves it; RFC 8414 §2: no query or fragment.
+            raise ConfigError("oauth.issuer must be a URL without a path, query or fragment")
+    for name in ("transit_mount", "signing_key"):
+        value = oauth[name]
+        if (
+            not isinstance(value, str)
+            or not value
+            or not value.replace("-", "").replace("_", "").isalnum()
+        ):
+            raise ConfigError(f"oauth.{name} must be a name of letters, digits, - and _")
 
 
 def _is_loopback(host: str) -> bool:

@@ -118,3 +118,11 @@ class PolicyRefused(BrokerError):
         super().__init__(detail, **context)
         self.code = code
         self.status = self.STATUS.get(code, 422)
+
+
+class SigningKeyUnavailable(BrokerError):
+    """The access-token signing key in OpenBao's transit engine is missing or not an ES256 key:
+    the broker can sign no access token, and publishes no key, until an operator makes it."""
+
+    status = 503
+    code = "signing_key_unavailable"

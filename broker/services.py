@@ -17,6 +17,7 @@ from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
 from .liveness import Liveness
 from .notify import Notifier
+from .oauth import TokenSigner
 from .own_token import OwnToken
 from .policy import PolicyFile
 from .reaper import Reaper
@@ -39,6 +40,7 @@ class Services:
     forwarder: Forwarder
     audit_search: AuditSearch
     own_token: OwnToken
+    signer: TokenSigner
     _state: str = field(default="built", init=False, repr=False)  # -> running -> stopped
 
     @classmethod
@@ -120,6 +122,13 @@ class Services:
             forwarder,
             AuditSearch(audit_log, settings.audit["auditor_groups"]),
             own_token,
+            # Reads the transit key only when asked: a missing key degrades /healthz, no crash.
+            TokenSigner(
+                vault,
+                settings.oauth_issuer,
+                mount=settings.oauth["transit_mount"],
+                key_name=settings.oauth["signing_key"],
+            ),
         )
 
     def start(self) -> None:

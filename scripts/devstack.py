@@ -24,6 +24,7 @@ from scripts.launchers import (  # noqa: E402
     Postgres,
     configure_database_engine,
     configure_ssh_engine,
+    configure_transit_engine,
     demo_accounts,
     provider_config,
     user_access_token,
@@ -37,8 +38,9 @@ EXAMPLE = ROOT / "scripts" / "example"
 
 def configure_vault(bao: OpenBao, postgres: Postgres) -> None:
     """The Vault policies the example entitlements grant, a secret worth reading, the database
-    engine over `postgres` (with a table worth reading) and the SSH CA; then the broker's own
-    token, with only its least-privilege policy (its token role admits the example's policies)."""
+    engine over `postgres` (with a table worth reading), the SSH CA and the transit key that signs
+    access tokens for tools; then the broker's own token, with only its least-privilege policy
+    (its token role admits the example's policies)."""
     client = bao.client()
     example_policies = []
     for hcl in sorted((EXAMPLE / "vault").glob("*.hcl")):
@@ -53,6 +55,7 @@ def configure_vault(bao: OpenBao, postgres: Postgres) -> None:
             db.execute("INSERT INTO orders (item) VALUES ('keyboard'), ('monitor')")
     configure_database_engine(client, postgres)
     configure_ssh_engine(client)
+    configure_transit_engine(client)
     bao.make_broker_token([*example_policies, DATABASE_READONLY_POLICY])
 
 

@@ -821,3 +821,10 @@ def configure_ssh_engine(client) -> None:
         default_extensions={"permit-pty": ""},
         max_ttl="24h",
     )
+
+
+def configure_transit_engine(client, key: str = "jit-broker-tokens") -> None:
+    """OpenBao's transit engine at transit/ with the broker's access-token signing key: ecdsa-p256
+    (ES256), not exportable. The broker may sign with it and read its public keys, nothing more."""
+    client.sys.enable_secrets_engine("transit", path="transit")
+    client.secrets.transit.create_key(key, key_type="ecdsa-p256", exportable=False)

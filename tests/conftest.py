@@ -21,6 +21,7 @@ from scripts.launchers import (
     Postgres,
     configure_database_engine,
     configure_ssh_engine,
+    configure_transit_engine,
     free_port,
     provider_config,
     user_access_token,
@@ -155,6 +156,7 @@ def vault_setup(openbao):
         'path "secret/data/test/*" { capabilities = ["create", "read", "update"] }',
     )
     client.secrets.kv.v2.create_or_update_secret("test/app", {"password": "s3cret"})
+    configure_transit_engine(client)  # every broker signs access tokens with its key
     return client
 
 

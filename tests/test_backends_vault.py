@@ -168,3 +168,21 @@ def test_the_broker_token_renews_and_looks_up_itself_only(broker_vault, openbao)
         assert forbidden(lambda: broker_vault.auth.token.lookup(other["client_token"]))
     finally:
         openbao.client().auth.token.revoke_accessor(other["accessor"])
+
+
+def test_the_broker_token_signs_with_its_transit_key_only_and_never_holds_it(broker_vault, openbao):
+    """transit/sign and read of the one signing key: no export (the private key stays in
+    OpenBao), no rotation or retiring of versions (the operator's), no other key."""
+    transit = broker_vault.secrets.transit
+    key = "jit-broker-tokens"
+    assert transit.read_key(key)["data"]["type"] == "ecdsa-p256"
+    assert transit.sign_data(key, hash_input="aGVsbG8=", marshaling_algorithm="jws")["data"]
+    assert forbidden(lambda: transit.export_key(key, key_type="signing-key"))
+    assert forbidden(lambda: transit.backup_key(key))
+    assert forbidden(lambda: transit.rotate_key(key))
+    assert forbidden(lambda: transit.update_key_configuration(key, min_decryption_version=1))
+    assert forbidden(lambda: transit.delete_key(key))
+    assert forbidden(lambda: transit.create_key("jit-broker-tokens-2", key_type="ecdsa-p256"))
+    openbao.client().secrets.transit.create_key("someone-elses", key_type="ecdsa-p256")
+    assert forbidden(lambda: transit.sign_data("someone-elses", hash_input="aGVsbG8="))
+    assert forbidden(lambda: transit.read_key("someone-elses"))

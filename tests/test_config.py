@@ -23,6 +23,11 @@ def test_settings_without_what_serving_needs_load_and_serving_names_what_is_miss
         ("server", {"base_url": "http://broker.example"}, "server.base_url"),
         ("oidc", {"issuer": "http://idp.example"}, "oidc.issuer"),
         ("oidc", {"algorithms": ["HS256"]}, "oidc.algorithms"),
+        ("oauth", {"issuer": "http://broker.example"}, "oauth.issuer"),
+        ("oauth", {"issuer": "https://broker.example/jit"}, "oauth.issuer"),  # RFC 8414 §3
+        ("oauth", {"issuer": "https://broker.example?x=1"}, "oauth.issuer"),
+        ("oauth", {"signing_key": "../sys/policy"}, "oauth.signing_key"),
+        ("oauth", {"transit_mount": ""}, "oauth.transit_mount"),
     ],
 )
 def test_a_wrong_value_is_refused_when_loaded_naming_its_key(section, values, key):
@@ -42,3 +47,12 @@ def test_a_webhook_url_that_is_not_http_is_refused_when_loaded_without_echoing_i
 def test_a_wrong_value_from_the_environment_is_refused_too():
     with pytest.raises(ConfigError, match=r"audit\.forward_batch"):
         load_settings(environ={"JIT_AUDIT_FORWARD_BATCH": "0"})
+
+
+def test_the_access_token_issuer_defaults_to_the_base_url():
+    settings = load_settings(overrides={"server": {"base_url": "https://jit.example/"}}, environ={})
+    assert settings.oauth_issuer == "https://jit.example"
+    assert (settings.oauth["transit_mount"], settings.oauth["signing_key"]) == (
+        "transit",
+        "jit-broker-tokens",
+    )

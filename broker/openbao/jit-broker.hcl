@@ -109,3 +109,20 @@ path "sys/leases/lookup/database/creds/jit-*" {
 path "ssh/sign/jit-users" {
   capabilities = ["update"]
 }
+
+# --- Access tokens for tools (OAuth; transit mount transit/, key jit-broker-tokens) -----------
+
+# The broker signs its JWT access tokens (ES256) with an ecdsa-p256 transit key: it sends the
+# signing input and gets the signature back; the private key never leaves OpenBao. Other keys of
+# the mount are not signable with this token. With another [oauth] transit_mount or signing_key,
+# the same two paths with those names.
+path "transit/sign/jit-broker-tokens" {
+  capabilities = ["update"]
+}
+
+# Read the key's public versions, for the JWK Set at /.well-known/jwks.json and for the version
+# to sign with. Not here on purpose: transit/export (the private key), transit/keys/*/rotate and
+# */config (rotating and retiring versions is the operator's, with a token of their own).
+path "transit/keys/jit-broker-tokens" {
+  capabilities = ["read"]
+}

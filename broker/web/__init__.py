@@ -24,7 +24,7 @@ def services() -> Services:
 
 
 def init_app(app: Flask) -> None:
-    from . import api, audit_key, audit_pages, auth, health, ui
+    from . import api, audit_key, audit_pages, auth, health, oauth, ui
 
     csrf = CSRFProtect(app)
     csrf.exempt(api.bp)  # bearer tokens, no cookies: nothing for a forged form to ride on
@@ -35,6 +35,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(health.bp)
     app.register_blueprint(audit_key.bp)
     app.register_blueprint(audit_pages.bp)
+    app.register_blueprint(oauth.bp)
     app.register_error_handler(BrokerError, _broker_error)
     app.register_error_handler(CSRFError, _csrf_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -43,7 +44,7 @@ def init_app(app: Flask) -> None:
 
 
 def _wants_json() -> bool:
-    return request.path.startswith("/api/")
+    return request.path.startswith(("/api/", "/.well-known/"))
 
 
 def _answer(status: int, code: str, detail: str, **extra: list[str]) -> Response:

@@ -31,6 +31,9 @@ def healthz() -> Response:
     # Informational: a forwarding outage degrades health but never stops issuing (the log in
     # the store is the record); `lag` and `last_error` tell the operator how far behind it is.
     checks["forward"] = jit.forwarder.health()
+    # Degrades, never fails: without its signing key the broker signs no access token for tools,
+    # but it still removes access as promised and issues every other credential.
+    checks["signing"] = jit.signer.health()
     if any(not checks[name]["ok"] for name in CRITICAL):
         status = "failing"
     elif all(check["ok"] for check in checks.values()) and checks["reaper"].get("enabled", True):
