@@ -1,16 +1,17 @@
 """jit-broker: just-in-time elevation with verified removal. `create_app` builds the services,
 makes the Flask app around them and starts their threads; it does nothing else, and nothing here
-runs at import time."""
+runs at import time. The app's modules are imported when it is built, so that a tool can import
+broker.toolauth alone, without Flask or the broker's services."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flask import Flask
+if TYPE_CHECKING:
+    from flask import Flask
 
-from . import web
-from .config import Settings, load_settings
-from .services import Services
+    from .config import Settings
 
 HERE = Path(__file__).resolve().parent
 # An installed wheel carries the templates as broker/templates; a checkout keeps them at the top.
@@ -20,6 +21,12 @@ TEMPLATES = HERE / "templates" if (HERE / "templates").is_dir() else HERE.parent
 def create_app(settings: Settings | None = None) -> Flask:
     """The broker's web app, its services on `app.extensions["jit"]`, their threads running:
     whoever serves it calls `app.extensions["jit"].stop()` once it stops taking requests."""
+    from flask import Flask
+
+    from . import web
+    from .config import load_settings
+    from .services import Services
+
     settings = settings or load_settings()
     services = Services.build(settings)
     app = Flask(__name__, template_folder=str(TEMPLATES))

@@ -35,6 +35,24 @@ class Forbidden(BrokerError):
     code = "forbidden"
 
 
+class InvalidToken(Unauthenticated):
+    """A tool was sent an access token it must refuse (RFC 6750 §3.1 `invalid_token`): malformed,
+    expired, badly signed, made for another tool, or no longer active."""
+
+    code = "invalid_token"
+
+
+class InsufficientScope(Forbidden):
+    """A valid access token that lacks the scope an action needs (RFC 6750 §3.1); `scope` is
+    what the tool tells the client to ask for."""
+
+    code = "insufficient_scope"
+
+    def __init__(self, detail: str, scope: str) -> None:
+        super().__init__(detail)
+        self.scope = scope
+
+
 class GrantNotFound(BrokerError):
     status = 404
     code = "not_found"

@@ -92,11 +92,14 @@ class ProviderKeys:
     that need keys the cache does not have. A request whose key is cached but past its lifetime
     fetches again itself (at most once per cooldown); meanwhile everyone else keeps using the
     cache, and if the fetch fails the cached keys stay: the provider being down is no reason to
-    refuse the tokens it signed, while a key it stops listing is dropped."""
+    refuse the tokens it signed, while a key it stops listing is dropped.
+
+    `metadata` is the provider's discovery document, or the JWKS URL itself: a tool checking the
+    broker's tokens (broker/toolauth.py) is configured with it and reads no discovery document."""
 
     def __init__(
         self,
-        metadata: ProviderMetadata,
+        metadata: ProviderMetadata | str,
         cooldown: float = 30,
         timeout: float = 5,
         lifetime: tuple[float, float, float] = JWKS_LIFETIME,
@@ -168,7 +171,7 @@ class ProviderKeys:
 
     def _download(self) -> tuple[dict[str, jwt.PyJWK], float]:
         try:
-            response = requests.get(self.metadata.get()["jwks_uri"], timeout=self.timeout)
+            response = requests.get(self._jwks_uri(), timeout=self.timeout)
             response.raise_for_status()
             document = response.json()
             if not isinstance(document, dict):
@@ -178,6 +181,11 @@ class ProviderKeys:
             raise ProviderUnavailable(f"cannot fetch the provider's signing keys: {exc}") from exc
         lifetime = self._lifetime(response.headers.get("Cache-Control", ""))
         return {key.key_id: key for key in keys.keys if key.key_id}, lifetime
+
+    def _jwks_uri(self) -> str:
+        if isinstance(self.metadata, str):
+            return self.metadata
+        return str(self.metadata.get()["jwks_uri"])
 
     def _lifetime(self, cache_control: str) -> float:
         """max-age clamped to [min, max]; the default when none is named; the minimum when the
@@ -216,7 +224,7 @@ class BearerVerifier:
 
     def verify(self, token: str) -> Principal:
         """Return the Principal the token vouches for, or raise Unauthenticated saying why."""
-        header = self._checked_header(token)
+        header = checked_header(token, self.algorithms)
         key = self.keys.get(header["kid"])
         if key is None:
             raise Unauthenticated("the token was not signed by a key of the provider")
@@ -244,27 +252,30 @@ class BearerVerifier:
         kind = "agent" if claims["sub"] == client_id else "human"
         return principal_from_claims(claims, self.groups_claim, kind)
 
-    def _checked_header(self, token: str) -> dict:
-        """The JOSE header, if every field the broker reads has the shape it must have."""
-        if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
-            raise Unauthenticated("the bearer token is not a JWT")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:  # not three base64url parts, not a JSON object, bad kid or crit
-            raise Unauthenticated("the bearer token is not a JWT") from None
-        alg, typ, kid = header.get("alg"), header.get("typ"), header.get("kid")
-        if not isinstance(alg, str) or alg not in self.algorithms:
-            raise Unauthenticated(f"token algorithm {_shown(alg)} is not accepted")
-        if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
-            raise Unauthenticated("the bearer token is not an access token (typ must be at+jwt)")
-        if not isinstance(kid, str) or not kid:
-            raise Unauthenticated("the token names no key of the provider (kid)")
-        if "crit" in header:  # RFC 7515 §4.1.11: we understand no extension, so none is critical
-            raise Unauthenticated("the token has critical header extensions the broker refuses")
-        named = sorted(KEY_SOURCE_HEADERS & header.keys())
-        if named:  # RFC 8725 §3.10: keys come from the provider's JWKS, never from the token
-            raise Unauthenticated(f"the token names its own key ({', '.join(named)}): refused")
-        return header
+
+def checked_header(token: str, algorithms: list[str]) -> dict:
+    """The JOSE header of an access token, if every field a verifier reads has the shape it must
+    have (RFC 8725): an accepted `alg`, `typ` at+jwt, a `kid`, no `crit`, no key of its own.
+    Shared with broker/toolauth.py, which checks the broker's tokens the same way."""
+    if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+        raise Unauthenticated("the bearer token is not a JWT")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:  # not three base64url parts, not a JSON object, bad kid or crit
+        raise Unauthenticated("the bearer token is not a JWT") from None
+    alg, typ, kid = header.get("alg"), header.get("typ"), header.get("kid")
+    if not isinstance(alg, str) or alg not in algorithms:
+        raise Unauthenticated(f"token algorithm {_shown(alg)} is not accepted")
+    if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
+        raise Unauthenticated("the bearer token is not an access token (typ must be at+jwt)")
+    if not isinstance(kid, str) or not kid:
+        raise Unauthenticated("the token names no key of the provider (kid)")
+    if "crit" in header:  # RFC 7515 §4.1.11: we understand no extension, so none is critical
+        raise Unauthenticated("the token has critical header extensions the broker refuses")
+    named = sorted(KEY_SOURCE_HEADERS & header.keys())
+    if named:  # RFC 8725 §3.10: keys come from the provider's JWKS, never from the token
+        raise Unauthenticated(f"the token names its own key ({', '.join(named)}): refused")
+    return header
 
 
 def _client_id(claims: dict) -> str:

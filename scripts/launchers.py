@@ -161,6 +161,37 @@ def _executable(name: str, hint: str) -> str:
     return found
 
 
+# ---- the example MCP tool (scripts/example/mcp_tool.py) -----------------------------------------
+
+
+class McpTool:
+    """The example MCP server as a process, accepting the broker's tokens for `resource`."""
+
+    def __init__(self, process: ManagedProcess, resource: str, metadata_url: str) -> None:
+        self.process, self.resource, self.metadata_url = process, resource, metadata_url
+
+    @classmethod
+    def start(
+        cls, issuer: str, jwks_uri: str, workdir: Path, port: int = 0, timeout: float = 30
+    ) -> McpTool:
+        port = port or free_port()
+        resource = f"http://127.0.0.1:{port}/mcp"
+        argv = [sys.executable, str(ROOT / "scripts" / "example" / "mcp_tool.py")]
+        argv += ["--issuer", issuer, "--jwks-uri", jwks_uri, "--resource", resource]
+        argv += ["--port", str(port)]
+        process = ManagedProcess("mcp-tool", argv, workdir / "mcp-tool.log", _clean_env(), ROOT)
+        metadata_url = f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp"
+        try:
+            wait_for_http(metadata_url, timeout, process)
+        except ServiceError:
+            process.stop()
+            raise
+        return cls(process, resource, metadata_url)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
 # ---- OpenBao ------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ import hvac.exceptions
 import jwt
 import psycopg
 import requests
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.config import load_settings
 from broker.models import Principal, utcnow
@@ -413,15 +413,23 @@ AUDIENCE = "urn:jit-broker:api"  # what the JwksServer's tokens are for
 
 
 class SigningKey:
-    """An RSA key of our own, named `kid`: its public JWK and tokens it signs."""
+    """A key of our own, named `kid`: its public JWK and tokens it signs. RS256 plays an OIDC
+    provider; ES256 plays the broker's transit key (the tokens tools verify)."""
 
-    def __init__(self, kid: str):
+    def __init__(self, kid: str, algorithm: str = "RS256"):
         self.kid = kid
-        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.algorithm = algorithm
+        if algorithm == "ES256":
+            self.private = ec.generate_private_key(ec.SECP256R1())
+        else:
+            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     def jwk(self) -> dict:
-        public = jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        return dict(public, kid=self.kid, use="sig", alg="RS256")
+        if self.algorithm == "ES256":
+            public = jwt.algorithms.ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        else:
+            public = jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        return dict(public, kid=self.kid, use="sig", alg=self.algorithm)
 
     def token(self, issuer: str, kid: str | None = None, **claims) -> str:
         now = int(time.time())
@@ -435,7 +443,7 @@ class SigningKey:
             **claims,
         }
         headers = {"typ": "at+jwt", "kid": kid or self.kid}
-        return jwt.encode(body, self.private, algorithm="RS256", headers=headers)
+        return jwt.encode(body, self.private, algorithm=self.algorithm, headers=headers)
 
 
 class JwksServer:
