@@ -19,7 +19,7 @@ from .audit.log import AuditLog
 from .backends import POLICY_KINDS
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
-from .models import Principal, isoformat, parse_time, utcnow
+from .models import Principal, Task, isoformat, parse_time, utcnow
 from .policy import Policy, PolicyError, decide, explain, load_policy
 from .store import Store
 
@@ -264,7 +264,10 @@ def policy_check(file: str) -> None:
     policy = _policy_or_exit(file)
     count = len(policy.entitlements)
     noun = "entitlement" if count == 1 else "entitlements"
-    click.echo(f"{file}: ok ({count} {noun}, version {policy.version[:12]})")
+    tools = f", {len(policy.tools)} tool{'' if len(policy.tools) == 1 else 's'}"
+    click.echo(
+        f"{file}: ok ({count} {noun}{tools if policy.tools else ''}, version {policy.version[:12]})"
+    )
 
 
 @policy_group.command("explain")
@@ -280,6 +283,13 @@ def policy_check(file: str) -> None:
 @click.option("--at", "at", default=None, help="When, ISO 8601 (default: now), for schedules.")
 @click.option("--active", default=0, type=int, help="Open grants the requester already holds.")
 @click.option("--break-glass", is_flag=True, help="Ask for the emergency path instead.")
+@click.option("--agent-for", default=None, help="A task: the agent (client id) it is for.")
+@click.option(
+    "--tool",
+    "tools",
+    multiple=True,
+    help="A task's tool and scopes, e.g. github=issues:read,issues:write (repeatable).",
+)
 def policy_explain(
     file: str,
     user: str,
@@ -293,6 +303,8 @@ def policy_explain(
     at: str | None,
     active: int,
     break_glass: bool,
+    agent_for: str | None,
+    tools: tuple[str, ...],
 ) -> None:
     """Explain what the policy in FILE decides for one request; exit 0 if allowed, 1 if not.
 
@@ -317,9 +329,27 @@ def policy_explain(
         groups=tuple(g.strip() for g in groups.split(",") if g.strip()),
         client_id=user if agent else "",
     )
-    request = (policy, principal, entitlement, seconds, now, reason, ticket, active, break_glass)
+    task = _task_option(agent_for, tools)
+    request = (
+        policy, principal, entitlement, seconds, now, reason, ticket, active, break_glass, task,
+    )  # fmt: skip
     click.echo(explain(*request))
     sys.exit(0 if decide(*request).allowed else 1)
+
+
+def _task_option(agent: str | None, tools: tuple[str, ...]) -> Task | None:
+    """--agent-for and --tool as the task they describe (None: not a task request)."""
+    if agent is None and not tools:
+        return None
+    if not agent:
+        raise click.BadParameter("a task names its agent", param_hint="--agent-for")
+    asked: dict[str, list[str]] = {}
+    for text in tools:
+        tool, _, scopes = text.partition("=")
+        if not tool.strip() or not scopes.strip():
+            raise click.BadParameter(f"{text!r} is not TOOL=SCOPE,SCOPE", param_hint="--tool")
+        asked.setdefault(tool.strip(), []).extend(s.strip() for s in scopes.split(",") if s.strip())
+    return Task.of(agent, asked)
 
 
 @main.command("vault-policy")

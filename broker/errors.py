@@ -58,6 +58,24 @@ class GrantNotFound(BrokerError):
     code = "not_found"
 
 
+class UnknownTask(GrantNotFound):
+    """No task grant holds this subject token (never issued, or replaced by an extension)."""
+
+    code = "unknown_task"
+
+
+class TaskNotActive(BrokerError):
+    """The task exists but is not active now: pending, approved but not started, or closed.
+    `status_of_task` says which state it is in, for the caller's error message."""
+
+    status = 400
+    code = "task_not_active"
+
+    def __init__(self, detail: str, status_of_task: str) -> None:
+        super().__init__(detail)
+        self.status_of_task = status_of_task
+
+
 class GrantConflict(BrokerError):
     """The grant is not in a state that allows the action (already released, already revoked...)."""
 
@@ -130,6 +148,14 @@ class PolicyRefused(BrokerError):
         "not_a_reviewer": 403,
         "already_reviewed": 409,
         "not_break_glass": 409,
+        "task_required": 400,
+        "not_a_task": 400,
+        "unknown_tool": 404,
+        "tool_not_allowed": 403,
+        "scope_not_allowed": 403,
+        "agent_not_allowed": 403,
+        "agent_may_not_start": 403,
+        "not_own_task": 403,
     }
 
     def __init__(self, code: str, detail: str, **context: Sequence[str]) -> None:

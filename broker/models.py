@@ -3,6 +3,7 @@ dataclasses with no behaviour that touches the outside world."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -205,6 +206,31 @@ class Credential:
     issuing_process: str = ""
 
 
+@dataclass(frozen=True)
+class Task:
+    """What a task grant lets one agent do: which tools, with which scopes. The policy checks it
+    against the entitlement's task rule, the grant records it, and the token endpoint hands out
+    no more than it."""
+
+    agent: str  # the agent's OIDC client id
+    tools: tuple[tuple[str, tuple[str, ...]], ...]  # (tool, scopes), both sorted
+
+    @classmethod
+    def of(cls, agent: str, tools: dict[str, list[str]] | dict[str, tuple[str, ...]]) -> Task:
+        return cls(agent, tuple(sorted((t, tuple(sorted(set(s)))) for t, s in tools.items())))
+
+    def scopes_for(self, tool: str) -> tuple[str, ...]:
+        """The scopes granted for `tool`; () when the task does not name it."""
+        return dict(self.tools).get(tool, ())
+
+    def tools_json(self) -> dict[str, list[str]]:
+        return {tool: list(scopes) for tool, scopes in self.tools}
+
+    def describe(self) -> str:
+        used = "; ".join(f"{tool} ({', '.join(scopes)})" for tool, scopes in self.tools)
+        return f"agent {self.agent} with {used}"
+
+
 # Grant states (DESIGN.md). `approved` waits for the requester to activate it: the credential goes
 # to them alone, and their eligibility is checked again with fresh claims when it is issued.
 # `issuing` is the broker's recorded intent before it calls Vault.
@@ -251,6 +277,18 @@ class Grant:
     # issuance may be in flight; once it is dead, whatever it left is settled at once.
     issuing_process: str = ""
     requester_email: str = ""  # verified, lower-cased, at request time ("" if none; schema v4)
+    # A task grant (schema v5): the agent it is for, its tools and scopes as canonical JSON
+    # ({tool: [scopes]}), and who started it: "person" (on their behalf) or "agent" (its own).
+    task_agent: str = ""
+    task_tools: str = ""
+    task_started_by: str = ""
+
+    @property
+    def task(self) -> Task | None:
+        """The task this grant is, or None for a grant of a credential."""
+        if not self.task_agent:
+            return None
+        return Task.of(self.task_agent, json.loads(self.task_tools or "{}"))
 
     @property
     def requester_person(self) -> Person:
@@ -275,6 +313,20 @@ class Grant:
             "ticket": self.ticket or None,
             "closed_reason": self.closed_reason or None,
             "break_glass": bool(self.break_glass),
+            **(
+                {
+                    "task": {
+                        "agent": self.task_agent,
+                        "tools": json.loads(self.task_tools or "{}"),
+                        "started_by": self.task_started_by,
+                        "on_behalf_of": self.requester
+                        if self.task_started_by == "person"
+                        else None,
+                    }
+                }
+                if self.task_agent
+                else {}
+            ),
             **(
                 {
                     "review": {

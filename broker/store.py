@@ -19,7 +19,7 @@ from .audit.storage import GrantFilters
 from .errors import StoreUnavailable
 from .models import Approval, Credential, Grant
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 GRANT_COLUMNS = [f.name for f in fields(Grant)]
 V1_GRANT_COLUMNS = [
     "id",
@@ -268,6 +268,8 @@ class Store:
                 _migrate_v3(tx.db)
             if version < 4:
                 _migrate_v4(tx.db)
+            if version < 5:
+                _add_tasks(tx.db)
             tx.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -296,6 +298,15 @@ class Store:
 
     def credentials_of(self, grant_id: str) -> list[Credential]:
         return Transaction(self.db).credentials_of(grant_id)
+
+    def grant_holding(self, backend: str, handle: str) -> Grant | None:
+        """The grant whose current credential of `backend` is `handle` (a task's subject token
+        hash), whatever its state."""
+        row = self.db.execute(
+            "SELECT * FROM grants WHERE handle = ? AND backend = ? AND handle != ''",
+            [handle, backend],
+        ).fetchone()
+        return Grant(**dict(row)) if row else None
 
     def grants_of(self, issuer: str, subject: str, limit: int = 100) -> list[Grant]:
         rows = self.db.execute(
@@ -682,3 +693,13 @@ def _add_verified_emails(db: sqlite_utils.Database) -> None:
     recorded before v4), so that separation of duties holds per person across identities."""
     db.table("grants").add_column("requester_email", str, not_null_default="")
     db.table("approvals").add_column("email", str, not_null_default="")
+
+
+def _add_tasks(db: sqlite_utils.Database) -> None:
+    """Schema 5, task grants for agents (issue 12): the agent a grant is for, its tools and
+    scopes (canonical JSON) and who started it ("" for every grant before). A subject token is
+    found by its hash, the grant's handle, so the handle is indexed."""
+    db.table("grants").add_column("task_agent", str, not_null_default="")
+    db.table("grants").add_column("task_tools", str, not_null_default="")
+    db.table("grants").add_column("task_started_by", str, not_null_default="")
+    db.table("grants").create_index(["handle"], if_not_exists=True)

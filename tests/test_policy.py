@@ -698,7 +698,7 @@ def ssh(body: str) -> str:
         (
             sub('["p"]', '["p"]\nbackend = "ftp"'),
             3,
-            "unknown backend 'ftp' (known: database, ssh, vault_token)",
+            "unknown backend 'ftp' (known: database, ssh, tool_task, vault_token)",
         ),
         (sub('groups = ["a"]', "groups = []"), 5, "x has no requesters"),
         (sub('[entitlements.x.requesters]\ngroups = ["a"]', ""), 1, "x has no requesters"),
@@ -889,7 +889,9 @@ def test_the_example_policy_and_the_readme_policy_are_valid():
         "ci-deploy-read",
         "app-db-readonly",
         "deploy-ssh",
+        "triage-task",
     }
+    assert example.tools["github"].scopes == ("issues:read", "issues:write")
     assert example.entitlements["app-secrets-admin"].break_glass.reviewers == ("security",)
     readme = (root / "README.md").read_text()
     start = readme.index("[approver_groups]")

@@ -14,6 +14,7 @@ from .base import Backend
 from .database import DatabaseBackend, DatabaseKind
 from .ssh import SshCertificateBackend, SshKind
 from .token import VaultTokenBackend, VaultTokenKind
+from .tool_task import ToolTaskBackend, ToolTaskKind
 
 if TYPE_CHECKING:
     from ..policy import KindReader
@@ -22,7 +23,12 @@ __all__ = ["POLICY_KINDS", "Backend", "make_backends"]
 
 # What the policy loaders take (load_policy, check_policy_text, PolicyFile): every kind's name and
 # options-table reader, in the order a policy's unknown-key hints list their tables.
-POLICY_KINDS: tuple[KindReader, ...] = (VaultTokenKind(), DatabaseKind(), SshKind())
+POLICY_KINDS: tuple[KindReader, ...] = (
+    VaultTokenKind(),
+    DatabaseKind(),
+    SshKind(),
+    ToolTaskKind(),
+)
 
 
 def make_backends(
@@ -37,5 +43,6 @@ def make_backends(
             VaultTokenBackend(client, instance),
             DatabaseBackend(client, postgres_dsn, timeout, instance),
             SshCertificateBackend(client, instance),
+            ToolTaskBackend(),
         )
     }

@@ -9,10 +9,11 @@ from .health import Health
 from .issuing import Issuing
 from .reconcile import Reconciling
 from .removal import Removal, Removing
+from .tasks import Tasks, TaskScope, task_asked
 
 
-class Grants(Issuing, Deciding, Reconciling, Removing, Health, GrantsBase):
+class Grants(Issuing, Deciding, Reconciling, Removing, Health, Tasks, GrantsBase):
     """Every use case over one store, policy and set of backends."""
 
 
-__all__ = ["MAY_HOLD", "REAPER", "REAP_BATCH", "Grants", "Removal"]
+__all__ = ["MAY_HOLD", "REAPER", "REAP_BATCH", "Grants", "Removal", "TaskScope", "task_asked"]

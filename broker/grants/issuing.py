@@ -4,6 +4,7 @@ the same path past approvals, with a loud alert and a review to follow."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import timedelta
 
@@ -31,6 +32,7 @@ from ..models import (
     Grant,
     IssuedCredential,
     Principal,
+    Task,
     isoformat,
     parse_time,
 )
@@ -43,6 +45,7 @@ from .base import (
 )
 from .health import Health
 from .removal import Removing, _first_look
+from .tasks import task_asked
 
 
 class Issuing(Removing, Health):
@@ -58,14 +61,21 @@ class Issuing(Removing, Health):
         ticket: object = "",
         public_key: object = "",
         break_glass: object = False,
+        agent: object = None,
+        tools: object = None,
     ) -> tuple[Grant, IssuedCredential | None]:
         """Check the policy; then either issue at once, or record a pending request that waits
         for approvals. Bad input and refusals leave no trace; a Vault failure leaves a grant
         marked issue_failed, never one that claims a credential. `public_key` is what an SSH
         certificate is signed for; it is needed when issuing (now, or at activation).
-        `break_glass` takes the emergency path: issued at once, reviewed afterwards."""
+        `break_glass` takes the emergency path: issued at once, reviewed afterwards. `agent` and
+        `tools` ask for a task grant: that agent may get tokens for those tools and scopes in the
+        window, started by the principal (a person on their own behalf, or the agent itself)."""
         if not isinstance(break_glass, bool):
             raise InvalidRequest("break_glass must be true or false")
+        task = task_asked(agent, tools)
+        if task is not None and break_glass:
+            raise InvalidRequest("a task has no break-glass path")
         entitlement, seconds, reason, ticket = _validated(entitlement, duration, reason, ticket)
         self._refuse_if_unhealthy()
         policy = self.policy()
@@ -80,13 +90,16 @@ class Issuing(Removing, Health):
             ticket=ticket,
             now=self.clock(),
             active=open_now,
+            task=task,
         )
         _raise_if_refused(decision)
         chosen = policy.entitlements[entitlement]
         status = PENDING if decision.approvals_required else ISSUING
         if status == ISSUING:
             self._check_request(chosen, public_key)
-        grant = self._record_request(policy, principal, chosen, decision, reason, ticket, status)
+        grant = self._record_request(
+            policy, principal, chosen, decision, reason, ticket, status, task=task
+        )
         if status == PENDING:
             self.notify(
                 notify.NEW_REQUEST,
@@ -113,10 +126,12 @@ class Issuing(Removing, Health):
         ticket: str,
         status: str,
         glass: BreakGlassRule | None = None,
+        task: Task | None = None,
     ) -> Grant:
         """Record the request and the decision, in one transaction. `glass` (the entitlement's
         break-glass rule) marks a break-glass grant: its window ignores the schedule, and its
-        review falls due."""
+        review falls due. `task` marks a task grant, started by the principal: the agent itself,
+        or a person on whose behalf the agent will act."""
         now = self.clock().replace(microsecond=0)
         start, end, due, review_due = "", "", "", ""
         if glass is not None:
@@ -150,7 +165,11 @@ class Issuing(Removing, Health):
             break_glass=int(glass is not None),
             review_due=review_due,
             issuing_process=self.process_id if status == ISSUING else "",
+            task_agent=task.agent if task else "",
+            task_tools=json.dumps(task.tools_json(), sort_keys=True) if task else "",
+            task_started_by=("agent" if principal.kind == "agent" else "person") if task else "",
         )
+        task_record = _task_record(grant, principal)
         with self.store.transaction() as tx:
             tx.insert_grant(grant)
             self._log(
@@ -164,8 +183,9 @@ class Issuing(Removing, Health):
                 reason=reason,
                 ticket=ticket or None,
                 break_glass=grant.break_glass == 1 or None,
+                task=task_record,
             )
-            self._log_decision(tx, principal, grant.id, decision)
+            self._log_decision(tx, principal, grant.id, decision, task=task_record)
             if glass is not None:
                 self._log(
                     tx,
@@ -239,6 +259,7 @@ class Issuing(Removing, Health):
             ticket=grant.ticket,
             now=self.clock(),
             active=open_now,
+            task=grant.task,
         )
         now = self.clock().replace(microsecond=0)
         with self.store.transaction() as tx:
@@ -447,6 +468,20 @@ class Issuing(Removing, Health):
                 )
             tx.add_credential(claim)
         return claim
+
+
+def _task_record(grant: Grant, principal: Principal) -> dict | None:
+    """What the chain records of a task: for which agent, which tools and scopes, who started it
+    and on whose behalf (None when the agent started its own); None for any other grant."""
+    task = grant.task
+    if task is None:
+        return None
+    return {
+        "agent": task.agent,
+        "tools": task.tools_json(),
+        "started_by": grant.task_started_by,
+        "on_behalf_of": principal.actor() if grant.task_started_by == "person" else None,
+    }
 
 
 def _credential_of(

@@ -17,6 +17,8 @@ from .model import (
     ReasonRule,
     Requesters,
     Schedule,
+    TaskRule,
+    Tool,
 )
 from .parse import PolicyError, Problem, check_policy_text, load_policy
 from .reload import PolicyFile
@@ -35,6 +37,8 @@ __all__ = [
     "ReasonRule",
     "Requesters",
     "Schedule",
+    "TaskRule",
+    "Tool",
     "check_policy_text",
     "decide",
     "explain",

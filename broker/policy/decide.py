@@ -4,12 +4,12 @@ small named check. Never reads the file, issues, stores or audits anything."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from ..durations import format_duration
-from ..models import Approval, Decision, Person, Principal, Refusal, utcnow
-from .model import BreakGlassRule, Entitlement, Requesters
+from ..models import Approval, Decision, Person, Principal, Refusal, Task, utcnow
+from .model import BreakGlassRule, Entitlement, Requesters, Tool
 
 # --- the policy -----------------------------------------------------------------------------------
 
@@ -37,10 +37,12 @@ class Policy:
 
     entitlements: dict[str, Entitlement]
     version: str  # sha256 of the file's bytes: the decision names the exact text it applied
+    tools: dict[str, Tool] = field(default_factory=dict)  # the [tools] the broker issues for
 
     def eligible(self, principal: Principal) -> list[Entitlement]:
-        """The entitlements this principal may request (requester rules only)."""
-        return [e for e in self.entitlements.values() if _admitting_rule(e.requesters, principal)]
+        """The entitlements this principal may request (requester rules only; an agent sees the
+        tasks it may start itself)."""
+        return [e for e in self.entitlements.values() if _requester_rule(e, principal).ok]
 
     def break_glass_eligible(self, principal: Principal) -> list[Entitlement]:
         """The entitlements this principal may take through break-glass."""
@@ -59,10 +61,12 @@ class Policy:
         ticket: str | None = "",
         now: datetime | None = None,
         active: int = 0,
+        task: Task | None = None,
     ) -> Decision:
         """Apply every rule and say why; the first failing rule's code becomes the error.
         `duration` None takes the entitlement's default. `reason` or `ticket` None: not checked
-        (a dry run that has none yet). `active`: the principal's open grants of it."""
+        (a dry run that has none yet). `active`: the principal's open grants of it. `task`: the
+        agent and tools asked for, required by a task entitlement and refused by any other."""
         found = self.entitlements.get(entitlement)
         if found is None:
             return self._unknown(entitlement, duration)
@@ -70,6 +74,7 @@ class Policy:
         seconds = duration if duration is not None else found.default_duration
         findings = [
             _requester_rule(found, principal),
+            *_task_rules(found, principal, task, self.tools),
             _duration_rule(found, duration),
             *_reason_rule(found, reason),
             *_ticket_rule(found, ticket),
@@ -272,11 +277,12 @@ def decide(
     ticket: str | None = None,
     active: int = 0,
     break_glass: bool = False,
+    task: Task | None = None,
 ) -> Decision:
     """The decision for a request on the normal path or, with `break_glass`, the emergency one."""
     if break_glass:
         return policy.evaluate_break_glass(principal, entitlement, duration, reason)
-    return policy.evaluate(principal, entitlement, duration, reason, ticket, now, active)
+    return policy.evaluate(principal, entitlement, duration, reason, ticket, now, active, task)
 
 
 # --- the rules as small named checks --------------------------------------------------------------
@@ -308,6 +314,8 @@ def _admitting_rule(rules: Requesters, principal: Principal) -> str:
 
 
 def _requester_rule(found: Entitlement, principal: Principal) -> _Finding:
+    if found.task is not None and principal.kind == "agent":
+        return _agent_start_rule(found, principal)
     admitted = _admitting_rule(found.requesters, principal)
     if admitted:
         return _passed(admitted)
@@ -327,6 +335,74 @@ def _requester_rule(found: Entitlement, principal: Principal) -> _Finding:
             f"{', '.join(principal.groups) or 'no groups'}"
         )
     return _failed("not_eligible", text)
+
+
+def _agent_start_rule(found: Entitlement, principal: Principal) -> _Finding:
+    """An agent starts a task only where the policy lets it (CI), and only for itself."""
+    rule, who = found.task, principal.client_id or principal.subject
+    if rule is None or not rule.agent_may_start:
+        return _failed(
+            "agent_may_not_start",
+            f"a person starts tasks of {found.name} for an agent; {who} may not start its own",
+        )
+    if who not in rule.agents:
+        return _failed(
+            "not_eligible", f"{found.name} is a task for {', '.join(rule.agents)}; not {who}"
+        )
+    return _passed(f"agent {who} may start its own task (task.agent_may_start)")
+
+
+def _task_rules(
+    found: Entitlement, principal: Principal, task: Task | None, tools: dict[str, Tool]
+) -> list[_Finding]:
+    """A task names an agent of the rule and tools of the rule, each with scopes it allows; an
+    agent asks only for itself. Other entitlements take no task."""
+    rule = found.task
+    if rule is None:
+        if task is None:
+            return []
+        return [_failed("not_a_task", f"{found.name} grants a credential, not a task for an agent")]
+    if task is None:
+        return [
+            _failed(
+                "task_required",
+                f"{found.name} is a task: name the agent ({', '.join(rule.agents)}) and the tools",
+            )
+        ]
+    findings = []
+    if principal.kind == "agent" and task.agent != (principal.client_id or principal.subject):
+        findings.append(_failed("not_own_task", "an agent starts a task only for itself"))
+    if task.agent not in rule.agents:
+        findings.append(
+            _failed(
+                "agent_not_allowed",
+                f"{found.name} is a task for {', '.join(rule.agents)}; not for {task.agent}",
+            )
+        )
+    for tool, scopes in task.tools:
+        allowed = rule.allowed_scopes(tool)
+        if tool not in tools:
+            findings.append(_failed("unknown_tool", f"no tool named {tool!r} in the policy"))
+        elif allowed is None:
+            findings.append(
+                _failed(
+                    "tool_not_allowed",
+                    f"{found.name} allows the tools {', '.join(t for t, _ in rule.tools)}; "
+                    f"not {tool}",
+                )
+            )
+        elif not scopes or set(scopes) - set(allowed):
+            beyond = sorted(set(scopes) - set(allowed)) or ["(none asked)"]
+            findings.append(
+                _failed(
+                    "scope_not_allowed",
+                    f"{found.name} allows {tool} the scopes {', '.join(allowed)}; "
+                    f"not {', '.join(beyond)}",
+                )
+            )
+    if not task.tools:
+        findings.append(_failed("task_required", "name at least one tool and its scopes"))
+    return findings or [_passed(f"the task fits {found.name}: {task.describe()}")]
 
 
 def _duration_rule(found: Entitlement, duration: int | None) -> _Finding:

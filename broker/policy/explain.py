@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from ..durations import format_duration
-from ..models import Principal
+from ..models import Principal, Task
 from .decide import Policy, decide
 from .model import Entitlement
 
@@ -21,11 +21,12 @@ def explain(
     ticket: str | None = None,
     active: int = 0,
     break_glass: bool = False,
+    task: Task | None = None,
 ) -> str:
     """The decision in words for people: the verdict, every reason, and who could approve (or,
-    for break-glass, who reviews it)."""
+    for break-glass, who reviews it); for a task, what it is and each tool's token lifetime."""
     decision = decide(
-        policy, principal, entitlement, duration, now, reason, ticket, active, break_glass
+        policy, principal, entitlement, duration, now, reason, ticket, active, break_glass, task
     )
     who = f"{principal.display} ({principal.kind}"
     who += f", groups: {', '.join(principal.groups)})" if principal.groups else ")"
@@ -55,6 +56,14 @@ def explain(
     if ticket is None and found.reason.ticket is not None:
         lines.append(f"  ? a ticket matching {found.reason.ticket.pattern} is required")
     lines.append(f"approval: {_approval_words(found)}")
+    if found.task is not None:
+        lines.append(f"task: {found.task.describe()}")
+        for tool, _ in found.task.tools:
+            declared = policy.tools[tool]
+            lines.append(
+                f"  tool {tool}: {declared.resource}, tokens live at most "
+                f"{format_duration(declared.max_token_lifetime)} and never past the window end"
+            )
     return "\n".join(lines)
 
 

@@ -129,6 +129,38 @@ class BreakGlassRule:
 
 
 @dataclass(frozen=True)
+class Tool:
+    """A tool the broker is the authorization server for (an OAuth protected resource): its
+    resource URI (RFC 8707, the `aud` of its tokens), the scopes it understands, and how long
+    one of its tokens may live at most (seconds)."""
+
+    name: str
+    resource: str
+    scopes: tuple[str, ...]
+    max_token_lifetime: int = 300
+
+
+@dataclass(frozen=True)
+class TaskRule:
+    """An entitlement whose grants are tasks: which agents (client ids) a task may be for, which
+    tools with which scopes, and whether a listed agent may start its own task (CI) or a person
+    admitted by the requesters must start it on their behalf."""
+
+    agents: tuple[str, ...]
+    tools: tuple[tuple[str, tuple[str, ...]], ...]  # (tool, the scopes a task may get)
+    agent_may_start: bool = False
+
+    def allowed_scopes(self, tool: str) -> tuple[str, ...] | None:
+        """The scopes a task may get for `tool`; None when the rule does not name the tool."""
+        return dict(self.tools).get(tool)
+
+    def describe(self) -> str:
+        used = "; ".join(f"{tool} ({', '.join(scopes)})" for tool, scopes in self.tools)
+        starts = "the agent or a person starts it" if self.agent_may_start else "a person starts it"
+        return f"a task for {', '.join(self.agents)} with {used}; {starts}"
+
+
+@dataclass(frozen=True)
 class Entitlement:
     name: str
     description: str
@@ -143,6 +175,7 @@ class Entitlement:
     approval: ApprovalRule | None = None
     extend: ExtendRule | None = None
     break_glass: BreakGlassRule | None = None
+    task: TaskRule | None = None  # set for a task entitlement (backend "tool_task")
     # The kind's options, read from its table by its KindReader (broker/backends owns their type);
     # None for a kind without one.
     options: object | None = None

@@ -10,7 +10,9 @@ import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from ..durations import format_duration, parse_duration
@@ -26,12 +28,21 @@ from .model import (
     ReasonRule,
     Requesters,
     Schedule,
+    TaskRule,
+    Tool,
 )
 
 # The kinds (each entitlement's `backend`) are not the policy's: broker/backends passes them in.
 DEFAULT_BACKEND = "vault_token"
 NEVER_GRANTED = {"root"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The kind whose grants are tasks for agents: the policy reads its [task] table itself, since
+# what a task may hold (tools, scopes, agents) is a rule, not a credential's option.
+TASK_BACKEND = "tool_task"
+SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 3.3 scope-token
+DEFAULT_TOKEN_LIFETIME = 300
+MAX_TOKEN_LIFETIME = 3600  # a tool's token is short-lived: the agent exchanges again
+LOOPBACK_HOSTS = ("localhost",)
 
 # --- problems -------------------------------------------------------------------------------------
 
@@ -56,7 +67,8 @@ class PolicyError(ConfigError):
         super().__init__("\n".join(problem.located(source) for problem in problems))
 
 
-TOP_KEYS = ("entitlements", "approver_groups")
+TOP_KEYS = ("entitlements", "approver_groups", "tools")
+TOOL_KEYS = ("resource", "scopes", "max_token_lifetime")
 ENTITLEMENT_KEYS = (
     "description",
     "backend",
@@ -70,6 +82,7 @@ ENTITLEMENT_KEYS = (
     "approval",
     "extend",
     "break_glass",
+    "task",
 )  # and each kind's options table
 SECTION_KEYS = {
     "approver_groups": ("known",),
@@ -79,6 +92,7 @@ SECTION_KEYS = {
     "approval": ("required", "from_groups", "each_of", "expires_after", "auto_approve_groups"),
     "extend": ("max_step", "max_total"),
     "break_glass": ("groups", "reviewers", "max_duration", "review_within"),
+    "task": ("agents", "tools", "agent_may_start"),
 }
 
 
@@ -120,7 +134,7 @@ def _check(raw: bytes, kinds: Iterable[KindReader]) -> tuple[Policy | None, list
     problems = sorted(reader.problems, key=lambda p: (p.line is None, p.line or 0))
     if problems:
         return None, problems
-    return Policy(entitlements, hashlib.sha256(raw).hexdigest()), []
+    return Policy(entitlements, hashlib.sha256(raw).hexdigest(), reader.tools), []
 
 
 class _Reader:
@@ -129,6 +143,7 @@ class _Reader:
     def __init__(self, text: str, kinds: Iterable[KindReader]):
         self.lines = _Lines(text)
         self.problems: list[Problem] = []
+        self.tools: dict[str, Tool] = {}
         self.kinds = {kind.name: kind for kind in kinds}
         self.entitlement_keys = ENTITLEMENT_KEYS + tuple(
             kind.options_table for kind in self.kinds.values() if kind.options_table
@@ -154,6 +169,7 @@ class _Reader:
                     table.get("known"), ("approver_groups", "known"), "approver_groups.known"
                 )
             )
+        self.tools = self.read_tools(data.get("tools"))
         specs = self.table(data.get("entitlements"), ("entitlements",), "[entitlements]")
         if not specs:
             self.problem(
@@ -217,6 +233,7 @@ class _Reader:
             )
             max_active = None
         approval = self.approval(name, spec, known)
+        task = self.task(name, spec, backend)
         return Entitlement(
             name=name,
             description=description,
@@ -225,12 +242,13 @@ class _Reader:
             max_duration=max_duration or 0,
             default_duration=default,
             max_active=max_active,
-            requesters=self.requesters(name, spec),
+            requesters=self.requesters(name, spec, task),
             reason=self.reason(name, spec),
             schedule=self.schedule(name, spec),
             approval=approval,
             extend=self.extend(name, spec, max_duration),
             break_glass=self.break_glass(name, spec, max_duration),
+            task=task,
             options=self.options(name, spec, backend),
         )
 
@@ -257,7 +275,149 @@ class _Reader:
         self.unknown_keys(spec[key], known, at, f"{name}: {key}")
         return spec[key], at
 
-    def requesters(self, name: str, spec: dict) -> Requesters:
+    def read_tools(self, value: object) -> dict[str, Tool]:
+        """The `[tools.NAME]` tables: each tool's resource URI, scopes and token lifetime."""
+        if value is None:
+            return {}
+        tools: dict[str, Tool] = {}
+        for name, spec in self.table(value, ("tools",), "[tools]").items():
+            at = ("tools", name)
+            if not NAME.fullmatch(name):
+                self.problem(at, f"tool name {name!r} may hold only letters, digits, . _ -")
+            if not isinstance(spec, dict):
+                self.problem(at, f"tool {name} must be a table: [tools.{name}]")
+                continue
+            self.unknown_keys(spec, TOOL_KEYS, at, f"tool {name}")
+            resource = self.resource(name, spec.get("resource"), (*at, "resource"))
+            scopes = self.names(spec.get("scopes"), (*at, "scopes"), f"tool {name}: scopes")
+            for scope in scopes:
+                if not SCOPE.fullmatch(scope):
+                    self.problem(
+                        (*at, "scopes"),
+                        f"tool {name}: scope {scope!r} may not hold spaces, quotes or backslashes",
+                    )
+            if "scopes" not in spec:
+                self.problem(at, f'tool {name}: scopes is missing, like ["issues:read"]')
+            elif spec["scopes"] == []:
+                self.problem((*at, "scopes"), f"tool {name}: scopes must name at least one")
+            lifetime = self.duration(spec, "max_token_lifetime", at, f"tool {name}")
+            if lifetime is not None and lifetime > MAX_TOKEN_LIFETIME:
+                self.problem(
+                    (*at, "max_token_lifetime"),
+                    f"tool {name}: max_token_lifetime {format_duration(lifetime)} is longer than "
+                    f"{format_duration(MAX_TOKEN_LIFETIME)}: a tool token is short-lived",
+                )
+            if resource and resource in {tool.resource for tool in tools.values()}:
+                self.problem(
+                    (*at, "resource"), f"tool {name}: another tool already has resource {resource}"
+                )
+            # Kept even when its resource is wrong (the policy fails anyway), so an entitlement
+            # naming it hears about its scopes, not that it does not exist.
+            if isinstance(spec, dict):
+                tools[name] = Tool(
+                    name, resource, tuple(scopes), lifetime or DEFAULT_TOKEN_LIFETIME
+                )
+        return tools
+
+    def resource(self, name: str, value: object, at: tuple[str, ...]) -> str:
+        """An absolute https URI without a fragment (RFC 8707 2), or http on loopback for dev."""
+        if value is None:
+            self.problem(at[:-1], f"tool {name}: resource is missing, like https://tools.example/x")
+            return ""
+        parts = urlsplit(value) if isinstance(value, str) else None
+        host = (parts.hostname or "") if parts else ""
+        if (
+            parts is None
+            or not host
+            or parts.fragment
+            or "#" in str(value)
+            or parts.username is not None
+            or (parts.scheme != "https" and not (parts.scheme == "http" and _loopback(host)))
+        ):
+            self.problem(
+                at,
+                f"tool {name}: resource {value!r} must be an absolute https:// URI without a "
+                "fragment (http:// only on loopback, for development)",
+            )
+            return ""
+        return str(value)
+
+    def task(self, name: str, spec: dict, backend: object) -> TaskRule | None:
+        """The `[entitlements.NAME.task]` table of a tool_task entitlement: its agents, tools
+        and scopes (each declared under [tools]), and whether an agent may start its own task."""
+        if backend != TASK_BACKEND:
+            if "task" in spec:
+                self.problem(
+                    ("entitlements", name, "task"),
+                    f'{name}: a [task] table needs backend = "{TASK_BACKEND}", not {backend!r}',
+                )
+            return None
+        if "task" not in spec:
+            self.problem(
+                ("entitlements", name),
+                f"{name}: a {TASK_BACKEND} entitlement needs [entitlements.{name}.task] with "
+                "agents and tools",
+            )
+            return None
+        if "break_glass" in spec:
+            self.problem(
+                ("entitlements", name, "break_glass"),
+                f"{name}: a task has no break-glass path: its agent and tools are asked for",
+            )
+        table, at = self.section(name, spec, "task")
+        if table is None:
+            return None
+        agents = self.names(table.get("agents"), (*at, "agents"), f"{name}: task.agents")
+        if not agents and "agents" not in table:
+            self.problem(
+                at, f'{name}: task.agents is missing: the agents\' client ids, like ["ci"]'
+            )
+        may_start = table.get("agent_may_start", False)
+        if not isinstance(may_start, bool):
+            self.problem(
+                (*at, "agent_may_start"), f"{name}: task.agent_may_start must be true or false"
+            )
+            may_start = False
+        tools = self.task_tools(name, table.get("tools"), (*at, "tools"))
+        if not agents or not tools:
+            return None
+        return TaskRule(agents, tools, may_start)
+
+    def task_tools(
+        self, name: str, value: object, at: tuple[str, ...]
+    ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        if not isinstance(value, dict) or not value:
+            self.problem(
+                at,
+                f'{name}: task.tools must name tools and their scopes, like {{ github = ["x"] }}',
+            )
+            return ()
+        found = []
+        for tool, scopes in value.items():
+            declared = self.tools.get(tool)
+            listed = self.names(scopes, (*at, tool), f"{name}: task.tools.{tool}")
+            if declared is None:
+                known = ", ".join(sorted(self.tools)) or "none: declare it under [tools.NAME]"
+                self.problem((*at, tool), f"{name}: unknown tool {tool!r} (known: {known})")
+                continue
+            if not listed:
+                if scopes == []:
+                    self.problem((*at, tool), f"{name}: task.tools.{tool} names no scope")
+                continue
+            undeclared = [s for s in listed if s not in declared.scopes]
+            if undeclared:
+                self.problem(
+                    (*at, tool),
+                    f"{name}: tool {tool} does not declare scope {', '.join(undeclared)} "
+                    f"(it has: {', '.join(declared.scopes)})",
+                )
+                continue
+            found.append((tool, tuple(sorted(set(listed)))))
+        if len(found) != len(value):
+            return ()
+        return tuple(sorted(found))
+
+    def requesters(self, name: str, spec: dict, task: TaskRule | None = None) -> Requesters:
         table, at = self.section(name, spec, "requesters")
         table = table or {}
         groups = self.names(table.get("groups"), (*at, "groups"), f"{name}: requesters.groups")
@@ -272,6 +432,14 @@ class _Reader:
                 )
         agents = self.names(table.get("agents"), (*at, "agents"), f"{name}: requesters.agents")
         claims = self.claims(name, table.get("claims"), (*at, "claims"))
+        if agents and spec.get("backend") == TASK_BACKEND:
+            self.problem(
+                (*at, "agents"),
+                f"{name}: a task's agents are listed in task.agents (with agent_may_start for an "
+                "agent that starts its own task), not requesters.agents",
+            )
+        if task is not None and task.agent_may_start and "requesters" not in spec:
+            return Requesters()
         if not (groups or domains or agents or claims):
             self.problem(
                 at if "requesters" in spec else ("entitlements", name),
@@ -489,6 +657,15 @@ class _Reader:
             hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
             place = f"{where}: " if where else ""
             self.problem((*at, key), f"{place}unknown key {key!r}{hint}")
+
+
+def _loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _whole(value: object, minimum: int) -> bool:

@@ -35,7 +35,8 @@ def entitlements() -> dict[str, object]:
 def create_request() -> Response:
     body = json_object(
         "entitlement, duration, reason (and ticket where the policy asks; public_key for an "
-        "SSH certificate; break_glass: true for the emergency path)"
+        "SSH certificate; break_glass: true for the emergency path; agent and tools "
+        "{name: [scopes]} for a task grant for an agent)"
     )
     grant, credential = services().grants.request(
         g.principal,
@@ -45,6 +46,8 @@ def create_request() -> Response:
         body.get("ticket", ""),
         body.get("public_key", ""),
         body.get("break_glass", False),
+        body.get("agent"),
+        body.get("tools"),
     )
     response = _with_credential(grant, credential)
     response.status_code = 201
@@ -140,6 +143,13 @@ def credential_json(credential: IssuedCredential) -> dict:
             "type": credential.kind,
             "username": credential.private.get("username"),
             "password": credential.secret,
+            "expires_at": credential.details.get("expires_at"),
+        }
+    if credential.kind == "tool_task":
+        return {
+            "type": credential.kind,
+            "subject_token": credential.secret,
+            "subject_token_type": credential.details.get("token_type"),
             "expires_at": credential.details.get("expires_at"),
         }
     if credential.kind == "ssh":
