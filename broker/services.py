@@ -64,7 +64,13 @@ class Services:
         grants = Grants(
             store,
             policy.current,
-            make_backends(vault, settings.postgres["dsn"], settings.vault["timeout"], instance),
+            make_backends(
+                vault,
+                settings.postgres["dsn"],
+                settings.vault["timeout"],
+                instance,
+                task_honoured=lambda handle: store.task_honoured(handle),
+            ),
             fingerprint_key=fingerprint_key,
             retry_min=reaper_settings["retry_min"],
             retry_max=reaper_settings["retry_max"],

@@ -308,6 +308,15 @@ class Store:
         ).fetchone()
         return Grant(**dict(row)) if row else None
 
+    def task_honoured(self, handle: str) -> bool:
+        """Whether a task's subject token (by its hash) still names an `active` grant: the one
+        fact that proves it dead once false (broker/backends/tool_task.py)."""
+        row = self.db.execute(
+            "SELECT 1 FROM grants WHERE handle = ? AND backend = 'tool_task' AND status = 'active'",
+            [handle],
+        ).fetchone()
+        return row is not None
+
     def grants_of(self, issuer: str, subject: str, limit: int = 100) -> list[Grant]:
         rows = self.db.execute(
             "SELECT * FROM grants WHERE requester_iss = ? AND requester_sub = ? "

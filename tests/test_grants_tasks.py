@@ -4,11 +4,14 @@ token), the subject token the token endpoint will take, and the window closing f
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from broker.backends import POLICY_KINDS
+from broker.backends.tool_task import ToolTaskBackend
 from broker.errors import TaskNotActive, UnknownTask
-from broker.models import parse_time
+from broker.models import parse_time, utcnow
 from broker.policy import check_policy_text
 from scripts.launchers import agent_secret, client_credentials_token
 from tests.helpers import grants_of, types
@@ -279,3 +282,25 @@ def test_a_task_entitlement_asked_without_a_task_is_refused(api, app):
     body = {"entitlement": "triage", "duration": "10m", "reason": "triage the new issues"}
     response = api("POST", "/api/v1/requests", body)
     assert (response.status_code, response.json["error"]) == (400, "task_required")
+
+
+def test_a_subject_token_is_proven_gone_by_the_store_not_assumed(api, app):
+    """The tool task kind's `is_gone` asks the store whether the broker would still honour the
+    token: false while its grant is active, true once it has moved on; a backend that cannot ask
+    proves nothing, so the grant stays revoke_failed rather than claim an unchecked removal."""
+    body = start(api).json
+    grants = grants_of(app)
+    backend = grants.backends["tool_task"]
+    handle = grants.store.get_grant(body["id"]).handle
+    assert backend.is_gone(handle) is False  # active: still honoured
+
+    blind = ToolTaskBackend()  # built without a way to ask the store
+    grants.backends = {**grants.backends, "tool_task": blind}
+    assert api("POST", f"/api/v1/requests/{body['id']}/release").status_code == 200
+    grants.reap_due()
+    assert grants.store.get_grant(body["id"]).status == "revoke_failed"
+
+    grants.backends = {**grants.backends, "tool_task": backend}
+    assert backend.is_gone(handle) is True
+    grants.reap_due(utcnow() + timedelta(minutes=10))
+    assert grants.store.get_grant(body["id"]).status == "revoked"

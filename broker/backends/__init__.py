@@ -6,6 +6,7 @@ table (its KindReader). Adding a kind is one module here and its two entries bel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import hvac
@@ -32,7 +33,11 @@ POLICY_KINDS: tuple[KindReader, ...] = (
 
 
 def make_backends(
-    client: hvac.Client, postgres_dsn: str = "", timeout: int = 10, instance: str = ""
+    client: hvac.Client,
+    postgres_dsn: str = "",
+    timeout: int = 10,
+    instance: str = "",
+    task_honoured: Callable[[str], bool] | None = None,
 ) -> dict[str, Backend]:
     """Backends by the name a policy uses for them; a new backend is one class added here.
     `postgres_dsn` is only for verifying that database users are gone; `instance` tags what this
@@ -43,6 +48,6 @@ def make_backends(
             VaultTokenBackend(client, instance),
             DatabaseBackend(client, postgres_dsn, timeout, instance),
             SshCertificateBackend(client, instance),
-            ToolTaskBackend(),
+            ToolTaskBackend(task_honoured),
         )
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -43,15 +44,20 @@ class ToolTaskKind:
 class ToolTaskBackend(Backend):
     """Issues a task's subject token. Nothing outside the broker holds it: it is honoured only by
     grants.task_for_subject_token, and only while its grant is `active`, holds this handle and its
-    window is open. So revoking needs no call, and it is proven gone once its grant has left
-    `active` or holds another handle, which the reaper and an extension record before they ask
-    (`is_gone`). Vault holds nothing of it, so the reconciler finds nothing."""
+    window is open. So revoking needs no call, and it is proven gone when the store says the broker
+    would no longer honour it (`honoured`, given by whoever builds the backends: the backends never
+    read the store themselves). Vault holds nothing of it, so the reconciler finds nothing."""
 
     kind = ToolTaskKind.name
     revocable = True
     verify_method = (
         "the broker honours a subject token only for its grant while that grant is active with it"
     )
+
+    def __init__(self, honoured: Callable[[str], bool] | None = None):
+        # Without a way to ask, nothing is ever proven gone: a task grant would stay revoke_failed
+        # rather than claim a removal nobody checked.
+        self.honoured = honoured or (lambda handle: True)
 
     def issue(
         self,
@@ -81,9 +87,9 @@ class ToolTaskBackend(Backend):
         return None
 
     def is_gone(self, handle: str) -> bool:
-        """Proven by the store: the caller has moved the grant out of `active` (or onto another
-        handle) in a committed transaction before asking, and nothing else honours it."""
-        return True
+        """Proven by the store: no grant is `active` with this handle any more (the reaper and an
+        extension move it on in a committed transaction before they ask)."""
+        return not self.honoured(handle)
 
     def holdings(self) -> list[Holding]:
         """Vault holds nothing of a task."""
