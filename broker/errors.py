@@ -170,3 +170,14 @@ class SigningKeyUnavailable(BrokerError):
 
     status = 503
     code = "signing_key_unavailable"
+
+
+class TokenRefused(BrokerError):
+    """The token endpoint refuses an exchange; `code` is the OAuth error (RFC 6749 §5.2, RFC 8693
+    §2.2.2, RFC 8707): invalid_grant, invalid_target, invalid_scope, unauthorized_client."""
+
+    status = 400
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code

@@ -19,7 +19,7 @@ from .audit.storage import GrantFilters
 from .errors import StoreUnavailable
 from .models import Approval, Credential, Grant
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 GRANT_COLUMNS = [f.name for f in fields(Grant)]
 V1_GRANT_COLUMNS = [
     "id",
@@ -221,6 +221,24 @@ class Transaction:
             return False
         return True
 
+    def add_access_token(self, **row: object) -> None:
+        self.db.table("access_tokens").insert(row)
+
+    def revoke_access_token(self, jti_hash: str, client_id: str, at: str) -> str | None:
+        """Mark the agent's token revoked; its grant id, or None when there was nothing to revoke
+        (unknown, another agent's, or revoked already)."""
+        row = self.db.execute(
+            "SELECT grant_id FROM access_tokens "
+            "WHERE jti_hash = ? AND agent = ? AND revoked_at = ''",
+            [jti_hash, client_id],
+        ).fetchone()
+        if row is None:
+            return None
+        self.db.execute(
+            "UPDATE access_tokens SET revoked_at = ? WHERE jti_hash = ?", [at, jti_hash]
+        )
+        return str(row["grant_id"])
+
     def append(self, at: str, type_: str, actor: dict, grant_id: str | None, data: dict) -> dict:
         row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         prev = _entry(row) if row else None
@@ -270,6 +288,8 @@ class Store:
                 _migrate_v4(tx.db)
             if version < 5:
                 _add_tasks(tx.db)
+            if version < 6:
+                _add_access_tokens(tx.db)
             tx.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -298,6 +318,13 @@ class Store:
 
     def credentials_of(self, grant_id: str) -> list[Credential]:
         return Transaction(self.db).credentials_of(grant_id)
+
+    def access_token(self, jti_hash: str) -> dict | None:
+        """The record of an access token the broker issued, by the SHA-256 of its jti."""
+        row = self.db.execute(
+            "SELECT * FROM access_tokens WHERE jti_hash = ?", [jti_hash]
+        ).fetchone()
+        return dict(row) if row else None
 
     def grant_holding(self, backend: str, handle: str) -> Grant | None:
         """The grant whose current credential of `backend` is `handle` (a task's subject token
@@ -712,3 +739,24 @@ def _add_tasks(db: sqlite_utils.Database) -> None:
     db.table("grants").add_column("task_tools", str, not_null_default="")
     db.table("grants").add_column("task_started_by", str, not_null_default="")
     db.table("grants").create_index(["handle"], if_not_exists=True)
+
+
+def _add_access_tokens(db: sqlite_utils.Database) -> None:
+    """Schema 6, the access tokens handed to agents for tools (issue 12): found by the SHA-256 of
+    their jti (the jti alone is no credential, but the table need not hold it), with their grant,
+    tool, agent, `exp` (epoch seconds) and when the agent revoked it ("" while it did not)."""
+    db.table("access_tokens").create(
+        {
+            "jti_hash": str,
+            "grant_id": str,
+            "tool": str,
+            "agent": str,
+            "issued_at": str,
+            "exp": int,
+            "revoked_at": str,
+        },
+        pk="jti_hash",
+        not_null={"grant_id", "tool", "agent", "issued_at", "exp", "revoked_at"},
+        defaults={"revoked_at": ""},
+    )
+    db.table("access_tokens").create_index(["grant_id"])

@@ -9,6 +9,7 @@ WRITTEN = {
     "request", "decision", "approval", "denial", "cancel", "expire_unapproved", "break_glass",
     "review", "issue", "issue_failed", "extend", "extend_lost", "replaced", "release", "expire",
     "revoke", "verify", "revoke_failed", "reconcile",
+    "token_issued", "token_revoked",
 }  # fmt: skip
 
 

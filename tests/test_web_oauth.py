@@ -27,17 +27,18 @@ def test_the_jwks_publishes_es256_signing_keys_with_their_kids(make_app):
     assert jwt.PyJWKSet.from_dict({"keys": keys})[keys[0]["kid"]].algorithm_name == "ES256"
 
 
-def test_no_metadata_is_served_before_the_broker_has_a_token_endpoint(make_app):
-    response = make_app().test_client().get("/.well-known/oauth-authorization-server")
+def test_the_metadata_names_the_auth_methods_the_endpoints_accept(make_app):
+    metadata = make_app().test_client().get("/.well-known/oauth-authorization-server").get_json()
 
-    assert response.status_code == 404
-    assert "no token endpoint" in response.get_json()["detail"]
+    # actor_token (token, revocation) and a tool's bearer (introspection): no RFC 6749 method.
+    assert metadata["token_endpoint_auth_methods_supported"] == ["none"]
+    assert metadata["introspection_endpoint_auth_methods_supported"] == ["none"]
+    assert metadata["revocation_endpoint_auth_methods_supported"] == ["none"]
 
 
 def test_the_metadata_validates_and_names_only_the_endpoints_the_broker_serves(make_app):
     app = make_app()
     base = app.extensions["jit"].settings.server["base_url"]
-    app.add_url_rule("/oauth/token", "token", lambda: "", methods=["POST"])  # as it will be
 
     response = app.test_client().get("/.well-known/oauth-authorization-server")
 
@@ -49,12 +50,12 @@ def test_the_metadata_validates_and_names_only_the_endpoints_the_broker_serves(m
     assert metadata["token_endpoint"] == f"{base}/oauth/token"
     assert metadata["jwks_uri"] == f"{base}/.well-known/jwks.json"
     assert metadata["grant_types_supported"] == ["urn:ietf:params:oauth:grant-type:token-exchange"]
-    assert "introspection_endpoint" not in metadata and "revocation_endpoint" not in metadata
+    assert metadata["introspection_endpoint"] == f"{base}/oauth/introspect"
+    assert metadata["revocation_endpoint"] == f"{base}/oauth/revoke"
 
 
 def test_the_issuer_may_be_set_apart_from_the_base_url(make_app):
     app = make_app(oauth={"issuer": "https://jit.example.com"})
-    app.add_url_rule("/oauth/token", "token", lambda: "", methods=["POST"])
 
     metadata = app.test_client().get("/.well-known/oauth-authorization-server").get_json()
 

@@ -33,3 +33,6 @@ class Entry(StrEnum):
     VERIFY = "verify"  # whether the credential is proven gone
     REVOKE_FAILED = "revoke_failed"  # removal not verified: retrying, alerting
     RECONCILE = "reconcile"  # a credential Vault held that the broker did not expect
+    # Tool tokens for agents (issue 12)
+    TOKEN_ISSUED = "token_issued"  # noqa: S105 - an access token for a tool was handed to a task's agent
+    TOKEN_REVOKED = "token_revoked"  # noqa: S105 - the agent revoked one of its access tokens (RFC 7009)

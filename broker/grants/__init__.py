@@ -5,6 +5,7 @@ racing callers cannot both win. One module per concern; `Grants` is all of them 
 
 from .base import MAY_HOLD, REAP_BATCH, REAPER, GrantsBase
 from .deciding import Deciding
+from .exchange import ExchangedToken, Exchanging
 from .health import Health
 from .issuing import Issuing
 from .reconcile import Reconciling
@@ -12,8 +13,17 @@ from .removal import Removal, Removing
 from .tasks import Tasks, TaskScope, task_asked
 
 
-class Grants(Issuing, Deciding, Reconciling, Removing, Health, Tasks, GrantsBase):
+class Grants(Issuing, Deciding, Reconciling, Removing, Health, Exchanging, Tasks, GrantsBase):
     """Every use case over one store, policy and set of backends."""
 
 
-__all__ = ["MAY_HOLD", "REAPER", "REAP_BATCH", "Grants", "Removal", "TaskScope", "task_asked"]
+__all__ = [
+    "ExchangedToken",
+    "MAY_HOLD",
+    "REAPER",
+    "REAP_BATCH",
+    "Grants",
+    "Removal",
+    "TaskScope",
+    "task_asked",
+]

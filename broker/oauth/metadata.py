@@ -16,17 +16,19 @@ ENDPOINTS: dict[str, tuple[str, dict[str, list[str]]]] = {
         "/oauth/token",
         {
             "grant_types_supported": [TOKEN_EXCHANGE],  # no refresh tokens, no other grant
-            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-            "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256"],
+            # The agent authenticates with its provider token as actor_token (RFC 8693 §2.1),
+            # no client authentication of RFC 6749's: "none" is the honest registered value.
+            "token_endpoint_auth_methods_supported": ["none"],
         },
     ),
     "introspection_endpoint": (
         "/oauth/introspect",
-        {"introspection_endpoint_auth_methods_supported": ["private_key_jwt"]},
+        # A tool sends its own provider token as Authorization: Bearer (RFC 7662 §2.1 allows it).
+        {"introspection_endpoint_auth_methods_supported": ["none"]},
     ),
     "revocation_endpoint": (
         "/oauth/revoke",
-        {"revocation_endpoint_auth_methods_supported": ["private_key_jwt"]},
+        {"revocation_endpoint_auth_methods_supported": ["none"]},  # actor_token, as above
     ),
 }
 

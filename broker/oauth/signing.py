@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import hvac
 import hvac.exceptions
+import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm
@@ -105,6 +106,27 @@ class TokenSigner:
             if fresh.latest == versions.latest:
                 raise
             return self._sign(payload, fresh.latest)
+
+    def verify(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token this signer issued, when its signature (by a published version)
+        and `exp` are good; None for anything else. For introspection and revocation."""
+        try:
+            header = jwt.get_unverified_header(token)
+            kid = header.get("kid")
+            versions = self.versions()
+            key = next((k for v, k in versions.public.items() if self.kid(v) == kid), None)
+            if key is None or header.get("typ") != TOKEN_TYPE:
+                return None
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key,
+                algorithms=[ALGORITHM],
+                issuer=self.issuer,
+                options={"verify_aud": False, "require": [*REQUIRED_CLAIMS, "iss"]},
+            )
+        except (jwt.PyJWTError, ValueError, TypeError):
+            return None
+        return claims
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         """The JWK Set (RFC 7517) of every published version, newest first."""

@@ -138,6 +138,9 @@ class Tool:
     resource: str
     scopes: tuple[str, ...]
     max_token_lifetime: int = 300
+    # The OIDC provider's client (a client-credentials identity) that may introspect this tool's
+    # tokens at /oauth/introspect; "" when none may.
+    introspection_client: str = ""
 
 
 @dataclass(frozen=True)

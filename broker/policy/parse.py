@@ -68,7 +68,7 @@ class PolicyError(ConfigError):
 
 
 TOP_KEYS = ("entitlements", "approver_groups", "tools")
-TOOL_KEYS = ("resource", "scopes", "max_token_lifetime")
+TOOL_KEYS = ("resource", "scopes", "max_token_lifetime", "introspection_client")
 ENTITLEMENT_KEYS = (
     "description",
     "backend",
@@ -315,9 +315,25 @@ class _Reader:
             # naming it hears about its scopes, not that it does not exist.
             if isinstance(spec, dict):
                 tools[name] = Tool(
-                    name, resource, tuple(scopes), lifetime or DEFAULT_TOKEN_LIFETIME
+                    name,
+                    resource,
+                    tuple(scopes),
+                    lifetime or DEFAULT_TOKEN_LIFETIME,
+                    self.introspection_client(name, spec.get("introspection_client"), at),
                 )
         return tools
+
+    def introspection_client(self, name: str, value: object, at: tuple[str, ...]) -> str:
+        """The provider client that may introspect the tool's tokens ("" when none)."""
+        if value is None:
+            return ""
+        if not isinstance(value, str) or not value.strip() or len(value) > 200:
+            self.problem(
+                (*at, "introspection_client"),
+                f"tool {name}: introspection_client must be a client id of the OIDC provider",
+            )
+            return ""
+        return value.strip()
 
     def resource(self, name: str, value: object, at: tuple[str, ...]) -> str:
         """An absolute https URI without a fragment (RFC 8707 2), or http on loopback for dev."""

@@ -24,7 +24,7 @@ def services() -> Services:
 
 
 def init_app(app: Flask) -> None:
-    from . import api, audit_key, audit_pages, auth, health, oauth, ui
+    from . import api, audit_key, audit_pages, auth, health, oauth, token_endpoint, ui
 
     csrf = CSRFProtect(app)
     csrf.exempt(api.bp)  # bearer tokens, no cookies: nothing for a forged form to ride on
@@ -36,6 +36,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(audit_key.bp)
     app.register_blueprint(audit_pages.bp)
     app.register_blueprint(oauth.bp)
+    csrf.exempt(token_endpoint.init_app(app))  # OAuth clients post forms without cookies
     app.register_error_handler(BrokerError, _broker_error)
     app.register_error_handler(CSRFError, _csrf_error)
     app.register_error_handler(HTTPException, _http_error)

@@ -1,0 +1,244 @@
+"""The broker as the OAuth authorization server for tools, on authlib's Flask AuthorizationServer:
+the token endpoint (RFC 8693 token exchange only), introspection (RFC 7662) and revocation (RFC
+7009). authlib parses the requests, authenticates the callers through the methods registered here
+and writes every answer and error (JSON, Cache-Control: no-store). The broker keeps no client
+registry: an agent authenticates with its client-credentials token from the OIDC provider (the
+`actor_token`, RFC 8693 §2.1), a tool with its own as `Authorization: Bearer`, so both methods
+return a client object made from the verified token rather than one looked up by id. The use
+cases (what a token may carry, recording it) are `grants`'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from authlib.integrations.flask_oauth2 import AuthorizationServer
+from authlib.oauth2.rfc6749 import (
+    BaseGrant,
+    InvalidClientError,
+    InvalidRequestError,
+    OAuth2Error,
+    TokenEndpointMixin,
+)
+from authlib.oauth2.rfc7009 import RevocationEndpoint
+from authlib.oauth2.rfc7662 import IntrospectionEndpoint
+from flask import Blueprint, Flask, Response, current_app
+
+from ..backends.tool_task import SUBJECT_TOKEN_TYPE
+from ..errors import BrokerError, TokenRefused
+from ..grants.exchange import ACCESS_TOKEN_TYPE
+from ..models import Principal
+from ..oauth.metadata import TOKEN_EXCHANGE
+from . import services
+
+bp = Blueprint("oauth_server", __name__)
+ACTOR_TOKEN = "actor_token"  # noqa: S105 - the name of an auth method
+TOOL_BEARER = "tool_bearer"
+# Form parameters that may appear once only (RFC 6749 §3.2, RFC 8693 §2.1).
+SINGLE = ("grant_type", "subject_token", "subject_token_type", "actor_token", "actor_token_type")
+
+
+class Caller:
+    """An authenticated agent or tool, as authlib's client: its identity from the provider."""
+
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+        self.client_id = principal.client_id
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        return True
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return grant_type == TOKEN_EXCHANGE
+
+
+def _agent_from_actor_token(query_client: Any, request: Any) -> Caller:
+    """RFC 8693 §2.1: the agent's client-credentials JWT from the OIDC provider."""
+    form = request.form
+    token = form.get("actor_token")
+    if not token:
+        raise InvalidClientError(status_code=401, description="send actor_token: your access token")
+    if form.get("actor_token_type") != ACCESS_TOKEN_TYPE:
+        raise InvalidRequestError(description=f"actor_token_type must be {ACCESS_TOKEN_TYPE}")
+    try:
+        principal = services().verifier.verify(token)
+    except BrokerError as exc:
+        raise InvalidClientError(status_code=401, description=exc.detail) from None
+    if principal.kind != "agent":
+        raise InvalidClientError(
+            status_code=401, description="the actor token is not an agent's (client credentials)"
+        )
+    return Caller(principal)
+
+
+def _tool_from_bearer(query_client: Any, request: Any) -> Caller:
+    """A tool's own client-credentials JWT from the OIDC provider, as Authorization: Bearer."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidClientError(status_code=401, description="send Authorization: Bearer")
+    try:
+        principal = services().verifier.verify(token.strip())
+    except BrokerError as exc:
+        raise InvalidClientError(status_code=401, description=exc.detail) from None
+    if principal.kind != "agent":
+        raise InvalidClientError(status_code=401, description="not a client-credentials token")
+    return Caller(principal)
+
+
+class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
+    GRANT_TYPE = TOKEN_EXCHANGE
+    TOKEN_ENDPOINT_AUTH_METHODS = [ACTOR_TOKEN]
+
+    def validate_token_request(self) -> None:
+        for name in SINGLE:
+            if len(self.request.payload.datalist.get(name, [])) > 1:
+                raise InvalidRequestError(description=f"{name} appears more than once")
+        form = self.request.form
+        if not form.get("subject_token"):
+            raise InvalidRequestError(description="subject_token is required")
+        if form.get("subject_token_type") != SUBJECT_TOKEN_TYPE:
+            raise InvalidRequestError(
+                description=f"subject_token_type must be {SUBJECT_TOKEN_TYPE}"
+            )
+        resources = self.request.payload.datalist.get("resource", [])
+        if len(resources) != 1:
+            raise OAuthError("invalid_target", "name exactly one resource: the tool's URI")
+        requested = form.get("requested_token_type")
+        if requested not in (None, ACCESS_TOKEN_TYPE):
+            raise InvalidRequestError(description=f"only {ACCESS_TOKEN_TYPE} is issued")
+        self.request.client = self.authenticate_token_endpoint_client()
+
+    def create_token_response(self) -> tuple[int, dict, list]:
+        form = self.request.form
+        try:
+            issued = services().grants.exchange(
+                self.request.client.principal,
+                form.get("subject_token"),
+                form.get("resource"),
+                form.get("scope"),
+                services().signer.issue,
+            )
+        except TokenRefused as exc:
+            raise OAuthError(exc.code, exc.detail) from None
+        return (
+            200,
+            {
+                "access_token": issued.access_token,
+                "issued_token_type": ACCESS_TOKEN_TYPE,
+                "token_type": "Bearer",
+                "expires_in": issued.expires_in,
+                "scope": issued.scope,
+            },
+            self.TOKEN_RESPONSE_HEADER,
+        )
+
+
+class OAuthError(OAuth2Error):
+    """An OAuth error with any code (authlib has no class for RFC 8707's invalid_target)."""
+
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(description=description)
+        self.error = error
+
+
+class IssuedToken(dict):
+    """A token's verified claims as authlib's introspection reads them: revoked unless the
+    broker says it is active (recorded, not revoked, its task active and inside its window)."""
+
+    def is_expired(self) -> bool:
+        return False  # the signer checked exp
+
+    def is_revoked(self) -> bool:
+        return not services().grants.token_active(self["jti"], int(self["exp"]))
+
+    def check_client(self, client: Caller) -> bool:
+        """RFC 7009 §2.1: an agent revokes only its own tokens (another's: nothing revoked)."""
+        return bool(self.get("client_id") == client.client_id)
+
+
+class Introspection(IntrospectionEndpoint):
+    CLIENT_AUTH_METHODS = [TOOL_BEARER]
+
+    def query_token(self, token: str, token_type_hint: str | None) -> IssuedToken | None:
+        claims = services().signer.verify(token)
+        return IssuedToken(claims) if claims is not None else None
+
+    def check_permission(self, token: dict, client: Caller, request: Any) -> bool:
+        tool = _tool_of(token)
+        return (
+            tool is not None
+            and bool(tool.introspection_client)
+            and (tool.introspection_client == client.client_id)
+        )
+
+    def introspect_token(self, token: dict) -> dict:
+        names = ("scope", "client_id", "sub", "aud", "exp", "iat", "iss", "jti", "act")
+        return {"active": True, "token_type": "Bearer", **{n: token[n] for n in names}}
+
+    def create_endpoint_response(self, request: Any) -> tuple[int, dict, list]:
+        # A token this broker did not sign (or that another tool may not see) is inactive, not
+        # an error (RFC 7662 §2.2).
+        try:
+            return super().create_endpoint_response(request)
+        except OAuth2Error as exc:
+            if exc.error in ("invalid_client", "invalid_request"):
+                raise
+            return 200, {"active": False}, list(self.INTROSPECTION_HEADERS)
+
+    INTROSPECTION_HEADERS = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+
+
+class Revocation(RevocationEndpoint):
+    CLIENT_AUTH_METHODS = [ACTOR_TOKEN]
+
+    def query_token(self, token: str, token_type_hint: str | None) -> IssuedToken | None:
+        claims = services().signer.verify(token)
+        return IssuedToken(claims) if claims is not None else None
+
+    def check_permission(self, token: dict, client: Caller, request: Any) -> bool:
+        return bool(token.get("client_id") == client.client_id)
+
+    def revoke_token(self, token: dict, request: Any) -> None:
+        services().grants.revoke_token(request.client.principal, token["jti"])
+
+
+def _tool_of(claims: dict) -> Any:
+    for tool in services().policy.current().tools.values():
+        if tool.resource == claims.get("aud"):
+            return tool
+    return None
+
+
+def init_app(app: Flask) -> Blueprint:
+    """One authlib server per app (tests build many); returns the blueprint to exempt from CSRF."""
+    server = AuthorizationServer()
+    app.extensions["jit_oauth_server"] = server
+    server.init_app(app, query_client=lambda client_id: None, save_token=lambda t, r: None)
+    server.register_client_auth_method(ACTOR_TOKEN, _agent_from_actor_token)
+    server.register_client_auth_method(TOOL_BEARER, _tool_from_bearer)
+    server.register_grant(TokenExchangeGrant)
+    server.register_endpoint(Introspection)
+    server.register_endpoint(Revocation)
+    app.register_blueprint(bp)
+    return bp
+
+
+def _server() -> AuthorizationServer:
+    return current_app.extensions["jit_oauth_server"]
+
+
+@bp.post("/oauth/token")
+def token() -> Response:
+    return _server().create_token_response()
+
+
+@bp.post("/oauth/introspect")
+def introspect() -> Response:
+    return _server().create_endpoint_response(Introspection.ENDPOINT_NAME)
+
+
+@bp.post("/oauth/revoke")
+def revoke() -> Response:
+    return _server().create_endpoint_response(Revocation.ENDPOINT_NAME)
