@@ -1,14 +1,18 @@
 """Start the whole stack on localhost for scripts/dev: OpenBao (with a database engine over a
-throwaway PostgreSQL and an SSH CA), the OIDC provider with demo users, an example config and
-policy, then the broker. Ctrl-C (or SIGTERM) stops all of it.
+throwaway PostgreSQL, an SSH CA and the transit key that signs tools' tokens), the OIDC provider
+with demo users, agent and tool clients, an example config and policy, the example MCP tool at the
+resource URI the policy's [tools.github] names, then the broker. Ctrl-C (or SIGTERM) stops all of
+it.
 
-`scripts/dev token USER`, while the stack runs, prints an API access token for a demo user."""
+`scripts/dev token USER`, while the stack runs, prints an API access token for a demo user;
+`scripts/dev secret CLIENT` the client secret of ci-agent or github-tool."""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,16 +21,21 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from scripts.launchers import (  # noqa: E402
+    AGENT_CLIENT_ID,
     DATABASE_READONLY_POLICY,
+    TOOL_CLIENT_ID,
     LoginFailed,
+    McpTool,
     OidcProvider,
     OpenBao,
     Postgres,
+    agent_secret,
     configure_database_engine,
     configure_ssh_engine,
     configure_transit_engine,
     demo_accounts,
     provider_config,
+    tool_secret,
     user_access_token,
 )
 
@@ -34,6 +43,14 @@ BROKER_URL = "http://localhost:5000"
 VAULT_PORT, OIDC_PORT = 8200, 9000
 STATE = ROOT / "var" / "dev"
 EXAMPLE = ROOT / "scripts" / "example"
+EXAMPLE_TOOL = "github"  # the policy's [tools.github]: scripts/dev serves it with the example
+
+
+def example_tool_resource(policy: Path = EXAMPLE / "policy.toml") -> str:
+    """The resource URI the example policy gives its tool: where scripts/dev serves the example
+    MCP server, so the two cannot disagree."""
+    with policy.open("rb") as file:
+        return tomllib.load(file)["tools"][EXAMPLE_TOOL]["resource"]
 
 
 def configure_vault(bao: OpenBao, postgres: Postgres) -> None:
@@ -104,7 +121,7 @@ def main() -> None:
         (STATE / name).unlink(missing_ok=True)
     client_secret = secrets.token_urlsafe(24)
     bao = OpenBao.start(root_token=secrets.token_urlsafe(16), port=VAULT_PORT, workdir=STATE)
-    provider = postgres = None
+    provider = postgres = tool = None
     try:
         # The database entitlement's target: a throwaway cluster, or JIT_TEST_POSTGRES_DSN's server.
         postgres = Postgres.from_env_or_start()
@@ -125,6 +142,16 @@ def main() -> None:
         from broker.config import load_settings
 
         app = create_app(load_settings(config))
+        # The example tool: the broker's tokens for [tools.github] only; asks the broker's
+        # introspection as the github-tool client, so a released task is refused at once.
+        tool = McpTool.start(
+            BROKER_URL,
+            f"{BROKER_URL}/.well-known/jwks.json",
+            STATE,
+            resource=example_tool_resource(),
+            introspect=f"{BROKER_URL}/oauth/introspect",
+            client_secret=tool_secret(client_secret),
+        )
         users = ", ".join(
             f"{name} ({', '.join(a['groups'])})" for name, a in demo_accounts().items()
         )
@@ -135,6 +162,11 @@ def main() -> None:
                   (the broker's own token holds only the jit-broker policy: jit vault-policy)
   OIDC provider   {provider.issuer}
   PostgreSQL      {postgres.host}:{postgres.port}   (the app-db-readonly entitlement's users)
+  example tool    {tool.resource}   (MCP, streamable HTTP; [tools.{EXAMPLE_TOOL}]; metadata:
+                  {tool.metadata_url})
+  agents          ci-agent (client credentials); the tool introspects as github-tool;
+                  their secrets: scripts/dev secret ci-agent | github-tool
+  demo agent      .venv/bin/python scripts/example/demo_agent.py   (the agent path, end to end)
   demo users      {users}; any password
   API token       TOKEN=$(scripts/dev token alice)   (in another terminal)
   config          {config}   (jit -c {config.relative_to(ROOT)} audit verify)
@@ -146,6 +178,8 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        if tool:
+            tool.stop()
         if provider:
             provider.stop()
         if postgres:
@@ -166,10 +200,41 @@ def print_token(username: str) -> None:
         sys.exit(f"scripts/dev token: {username!r} cannot log in; the demo users are {users}")
 
 
+class NotRunning(Exception):
+    """The dev stack has not written its config: it is not running (or never ran)."""
+
+
+def client_secret_of(client_id: str) -> str:
+    """The secret of a client the running dev stack registered at its provider (ci-agent,
+    github-tool): derived from the web client's, which this run wrote to var/dev/config.toml."""
+    derive = {AGENT_CLIENT_ID: agent_secret, TOOL_CLIENT_ID: tool_secret}
+    if client_id not in derive:
+        raise KeyError(client_id)
+    try:
+        with (STATE / "config.toml").open("rb") as file:
+            web_secret = tomllib.load(file)["oidc"]["client_secret"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise NotRunning(f"no {STATE / 'config.toml'}; start the dev stack: scripts/dev") from exc
+    return derive[client_id](web_secret)
+
+
+def print_secret(client_id: str) -> None:
+    try:
+        print(client_secret_of(client_id))
+    except KeyError:
+        sys.exit(
+            f"scripts/dev secret: the clients with a secret are {AGENT_CLIENT_ID}, {TOOL_CLIENT_ID}"
+        )
+    except NotRunning as exc:
+        sys.exit(f"scripts/dev secret: {exc}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["token"] and len(sys.argv) == 3:
         print_token(sys.argv[2])
+    elif sys.argv[1:2] == ["secret"] and len(sys.argv) == 3:
+        print_secret(sys.argv[2])
     elif len(sys.argv) > 1:
-        sys.exit("usage: scripts/dev [token USER]")
+        sys.exit("usage: scripts/dev [token USER | secret CLIENT]")
     else:
         main()

@@ -46,6 +46,7 @@ WEB_CLIENT_ID = "jit-broker"
 CLI_CLIENT_ID = "jit-cli"
 CLI_REDIRECT_URI = "http://127.0.0.1:8765/callback"
 AGENT_CLIENT_ID = "ci-agent"
+TOOL_CLIENT_ID = "github-tool"  # the example MCP tool, asking the broker's introspection
 USER_SCOPES = "openid email profile groups"
 # The name of the broker's own policy in OpenBao (the text is broker/openbao/jit-broker.hcl).
 BROKER_POLICY = "jit-broker"
@@ -172,15 +173,37 @@ class McpTool:
 
     @classmethod
     def start(
-        cls, issuer: str, jwks_uri: str, workdir: Path, port: int = 0, timeout: float = 30
+        cls,
+        issuer: str,
+        jwks_uri: str,
+        workdir: Path,
+        port: int = 0,
+        timeout: float = 30,
+        *,
+        resource: str | None = None,
+        introspect: str | None = None,
+        client_id: str = TOOL_CLIENT_ID,
+        client_secret: str = "",
     ) -> McpTool:
-        port = port or free_port()
-        resource = f"http://127.0.0.1:{port}/mcp"
+        """At `resource` (its port and path) or at /mcp on `port` (a free one by default). With
+        `introspect` (the broker's endpoint), it asks the broker about every token as `client_id`
+        (the secret goes through the environment, never the command line)."""
+        if resource is None:
+            port = port or free_port()
+            resource = f"http://127.0.0.1:{port}/mcp"
+        parts = urlsplit(resource)
+        port = parts.port or 80
         argv = [sys.executable, str(ROOT / "scripts" / "example" / "mcp_tool.py")]
         argv += ["--issuer", issuer, "--jwks-uri", jwks_uri, "--resource", resource]
         argv += ["--port", str(port)]
-        process = ManagedProcess("mcp-tool", argv, workdir / "mcp-tool.log", _clean_env(), ROOT)
-        metadata_url = f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp"
+        env = _clean_env()
+        if introspect:
+            argv += ["--introspect", introspect, "--client-id", client_id]
+            env["JIT_TOOL_CLIENT_SECRET"] = client_secret
+        process = ManagedProcess("mcp-tool", argv, workdir / "mcp-tool.log", env, ROOT)
+        metadata_url = (
+            f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{parts.path}"
+        )
         try:
             wait_for_http(metadata_url, timeout, process)
         except ServiceError:
@@ -408,6 +431,11 @@ def agent_secret(client_secret: str) -> str:
     return f"{client_secret}-agent"
 
 
+def tool_secret(client_secret: str) -> str:
+    """The github-tool client's secret (the example tool's own identity), derived likewise."""
+    return f"{client_secret}-tool"
+
+
 def provider_config(
     port: int,
     broker_redirect_uri: str,
@@ -415,7 +443,8 @@ def provider_config(
     api_resource: str = API_RESOURCE,
     post_logout_redirect_uri: str | None = None,
 ) -> dict:
-    """The standard provider config: the broker's web client, the CLI, one CI agent. The web
+    """The standard provider config: the broker's web client, the CLI, one CI agent, the example
+    tool (client credentials, for the broker's introspection). The web
     client may refresh (the broker confirms a session's claims with it) and log out back to the
     broker's home page (by default the redirect URI's origin + "/", as the broker sends it)."""
     if post_logout_redirect_uri is None:
@@ -444,6 +473,12 @@ def provider_config(
             {
                 "client_id": AGENT_CLIENT_ID,
                 "client_secret": agent_secret(client_secret),
+                "grant_types": ["client_credentials"],
+                "redirect_uris": [],
+            },
+            {
+                "client_id": TOOL_CLIENT_ID,
+                "client_secret": tool_secret(client_secret),
                 "grant_types": ["client_credentials"],
                 "redirect_uris": [],
             },

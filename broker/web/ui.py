@@ -22,7 +22,7 @@ from flask.typing import ResponseReturnValue
 
 from ..errors import BrokerError
 from ..models import Grant, IssuedCredential, Principal
-from . import services
+from . import services, task_form
 from .auth import current_principal, fresh_principal
 
 bp = Blueprint("ui", __name__)
@@ -66,6 +66,7 @@ def _home(
     grants = services().grants
     eligible = grants.eligible(principal)
     break_glass = grants.break_glass_eligible(principal)
+    agents, scopes = task_form.offers(eligible)
     page = render_template(
         "index.html",
         entitlements=eligible + [e for e in break_glass if e not in eligible],
@@ -73,6 +74,10 @@ def _home(
         grants=grants.mine(principal),
         error=error,
         form=form or {},
+        task_entitlements=[e.name for e in eligible if e.task is not None],
+        agents=agents,
+        scopes=scopes,
+        checked=task_form.checked(form or {}),
     )
     return page, error.status if error else 200
 
@@ -82,8 +87,11 @@ def _home(
 def create_request() -> ResponseReturnValue:
     g.principal = fresh_principal()  # a request, a break-glass activation: on current claims
     form = request.form
+    grants = services().grants
+    chosen = grants.policy().entitlements.get(form.get("entitlement") or "")
+    agent, tools = task_form.asked(form, chosen)
     try:
-        grant, credential = services().grants.request(
+        grant, credential = grants.request(
             g.principal,
             form.get("entitlement"),
             form.get("duration"),
@@ -91,6 +99,8 @@ def create_request() -> ResponseReturnValue:
             form.get("ticket", ""),
             form.get("public_key", ""),
             form.get("break_glass") == "1",
+            agent,
+            tools,
         )
     except BrokerError as exc:
         return _home(g.principal, exc, form)
@@ -101,7 +111,17 @@ def create_request() -> ResponseReturnValue:
 
 
 def _credential_page(grant: Grant, credential: IssuedCredential) -> Response:
-    response = make_response(render_template("credential.html", grant=grant, credential=credential))
+    exchanges = task_form.exchanges(grant, services().grants.policy().tools)
+    response = make_response(
+        render_template(
+            "credential.html",
+            grant=grant,
+            credential=credential,
+            exchanges=exchanges,
+            exchange_fields=task_form.exchange_fields,
+            token_endpoint=services().settings.server["base_url"].rstrip("/") + "/oauth/token",
+        )
+    )
     response.headers["Cache-Control"] = "no-store"
     return response
 
