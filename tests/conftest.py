@@ -113,15 +113,6 @@ def oidc_provider(
         }
     )
     config["access_token_ttls"] = {EXPIRING_AGENT: 2}
-    # A tool that introspects the broker's tokens with its own client-credentials token.
-    config["clients"].append(
-        {
-            "client_id": "github-tool",
-            "client_secret": oidc_client_secret,
-            "grant_types": ["client_credentials"],
-            "redirect_uris": [],
-        }
-    )
     # More approvers than the demo has, for separation-of-duties and race tests.
     config["accounts"]["dave"] = {
         "email": "dave@example.com",

@@ -10,7 +10,7 @@ import pytest
 from broker.backends.tool_task import SUBJECT_TOKEN_TYPE
 from broker.errors import InvalidToken
 from broker.toolauth import ToolTokenVerifier
-from scripts.launchers import agent_secret, client_credentials_token
+from scripts.launchers import TOOL_CLIENT_ID, agent_secret, client_credentials_token, tool_secret
 from tests.helpers import grants_of
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -51,7 +51,7 @@ def agent_token(oidc_provider, oidc_client_secret):
 
 @pytest.fixture
 def tool_token(oidc_provider, oidc_client_secret):
-    return client_credentials_token(oidc_provider, "github-tool", oidc_client_secret)
+    return client_credentials_token(oidc_provider, TOOL_CLIENT_ID, tool_secret(oidc_client_secret))
 
 
 @pytest.fixture
