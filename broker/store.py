@@ -234,10 +234,12 @@ class Transaction:
         ).fetchone()
         if row is None:
             return None
-        self.db.execute(
-            "UPDATE access_tokens SET revoked_at = ? WHERE jti_hash = ?", [at, jti_hash]
-        )
-        return str(row["grant_id"])
+        moved = self.db.execute(
+            "UPDATE access_tokens SET revoked_at = ? "
+            "WHERE jti_hash = ? AND agent = ? AND revoked_at = ''",
+            [at, jti_hash, client_id],
+        ).rowcount
+        return str(row["grant_id"]) if moved == 1 else None
 
     def append(self, at: str, type_: str, actor: dict, grant_id: str | None, data: dict) -> dict:
         row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()

@@ -1,10 +1,15 @@
 """The broker's cost over the raw Vault call, measured in one run against one OpenBao: issuing
 (policy, two transactions, audit hashing, then the token create) against a bare token create, and
-removal (release, revoke, verify, audit) against a bare revoke and lookup. Prints ratios; asserts
-nothing, because a timing is a measurement, not a test."""
+removal (release, revoke, verify, audit) against a bare revoke and lookup, and an agent's token
+exchange (issue 12: task lookup, claims, transit signing, one transaction with the token's record
+and chain entry) against a bare transit sign of a token's signing input. The bench runs no OIDC
+provider: the exchange is `grants.exchange` with the agent's Principal as the token endpoint
+would pass it after verifying the actor token (that local JWT check and authlib's form parsing
+are left out). Prints ratios; asserts nothing, because a timing is a measurement, not a test."""
 
 from __future__ import annotations
 
+import base64
 import statistics
 import sys
 import tempfile
@@ -20,9 +25,10 @@ from broker.backends import POLICY_KINDS, make_backends  # noqa: E402
 from broker.backends.vault import TOKEN_ROLE  # noqa: E402
 from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
+from broker.oauth.signing import TokenSigner  # noqa: E402
 from broker.policy import PolicyFile  # noqa: E402
 from broker.store import Store  # noqa: E402
-from scripts.launchers import OpenBao  # noqa: E402
+from scripts.launchers import OpenBao, configure_transit_engine  # noqa: E402
 
 POLICY = """
 [entitlements.bench]
@@ -31,8 +37,23 @@ max_duration = "1h"
 
 [entitlements.bench.requesters]
 groups = ["bench"]
+
+[tools.bench]
+resource = "https://tools.bench/api"
+scopes = ["read"]
+
+[entitlements.bench-task]
+backend = "tool_task"
+max_duration = "1h"
+[entitlements.bench-task.requesters]
+groups = ["bench"]
+[entitlements.bench-task.task]
+agents = ["bench-agent"]
+tools = { bench = ["read"] }
 """
 BENCHER = Principal("https://bench", "bencher", groups=("bench",), email="bench@example.com")
+AGENT = Principal("https://bench", "bench-agent", kind="agent", client_id="bench-agent")
+TOOL = "https://tools.bench/api"
 
 
 def timed(step, count: int) -> tuple[float, list]:
@@ -59,8 +80,10 @@ def main(count: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="jit-bench-"))
     bao = OpenBao.start(workdir=workdir)
     try:
+        configure_transit_engine(bao.client())
         # The broker's own least-privilege token, as in production; the raw calls use it too.
         client = bao.client(bao.make_broker_token(["default"]))
+        signer = TokenSigner(client, "https://bench")
         (workdir / "policy.toml").write_text(POLICY)
         grants = Grants(
             Store(workdir / "broker.db"),
@@ -102,6 +125,29 @@ def main(count: int) -> None:
             return grant
 
         broker_remove_s, _ = timed(broker_remove, count)
+        task, credential = grants.request(
+            BENCHER, "bench-task", "1h", "benchmark", agent="bench-agent", tools={"bench": ["read"]}
+        )
+        assert credential is not None, task.status
+        subject_token = credential.secret
+        # A token's signing input, as the signer makes it: a bare sign of the same size.
+        sample = grants.exchange(AGENT, subject_token, TOOL, "read", signer.issue).access_token
+        signing_input = base64.b64encode(sample.rsplit(".", 1)[0].encode()).decode()
+
+        def raw_sign():
+            return client.secrets.transit.sign_data(
+                signer.key_name,
+                hash_input=signing_input,
+                hash_algorithm="sha2-256",
+                marshaling_algorithm="jws",
+                mount_point=signer.mount,
+            )["data"]["signature"]
+
+        def broker_exchange():
+            return grants.exchange(AGENT, subject_token, TOOL, "read", signer.issue).access_token
+
+        raw_sign_s, _ = timed(raw_sign, count)
+        broker_exchange_s, _ = timed(broker_exchange, count)
         raw_peak = peak_bytes(raw_issue, count // 4 or 1)
         broker_peak = peak_bytes(broker_issue, count // 4 or 1)
         chain_ok = audit.verify(grants.store.audit_entries())
@@ -109,6 +155,7 @@ def main(count: int) -> None:
         rows = [
             ("issue (request -> token)", raw_issue_s, broker_issue_s),
             ("remove (release -> verified)", raw_remove_s, broker_remove_s),
+            ("token exchange (-> signed)", raw_sign_s, broker_exchange_s),
         ]
         print(f"jit-broker bench: {count} grants against OpenBao at {bao.addr}\n")
         print(f"{'':32}{'raw Vault':>12}{'broker':>12}{'ratio':>9}")

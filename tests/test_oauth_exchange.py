@@ -4,14 +4,18 @@ broker.toolauth against the served JWKS, introspection and revocation."""
 
 from __future__ import annotations
 
+import threading
+from datetime import timedelta
+
 import jwt
 import pytest
 
 from broker.backends.tool_task import SUBJECT_TOKEN_TYPE
 from broker.errors import InvalidToken
+from broker.models import parse_time
 from broker.toolauth import ToolTokenVerifier
 from scripts.launchers import TOOL_CLIENT_ID, agent_secret, client_credentials_token, tool_secret
-from tests.helpers import grants_of
+from tests.helpers import EXPIRING_AGENT, grants_of
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -183,3 +187,139 @@ def test_the_agent_revokes_its_token(app, agent_token, tool_token, task):
     before = len(grants_of(app).chain(task["id"]))
     assert client.post("/oauth/revoke", data=form).status_code == 200
     assert len(grants_of(app).chain(task["id"])) == before
+
+
+def other_agent_token(oidc_provider, oidc_client_secret):
+    """expiring-agent: a second real agent client of the provider (its tokens live two seconds,
+    so take one right before use)."""
+    return client_credentials_token(oidc_provider, EXPIRING_AGENT, oidc_client_secret)
+
+
+def introspect(app, tool_token, token):
+    headers = {"Authorization": f"Bearer {tool_token}"}
+    return app.test_client().post("/oauth/introspect", data={"token": token}, headers=headers)
+
+
+def recorded_tokens(app, grant_id):
+    store = grants_of(app).store
+    rows = store.db.execute("SELECT * FROM access_tokens WHERE grant_id = ?", [grant_id])
+    return [dict(row) for row in rows.fetchall()]
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["theirs", "not-a-jwt", "", jwt.encode({"jti": "x"}, "k" * 32, algorithm="HS256")],
+)
+def test_revoking_a_token_not_the_agents_answers_200_and_revokes_nothing(
+    app, agent_token, tool_token, task, oidc_provider, oidc_client_secret, token
+):
+    """RFC 7009 §2.2: another agent's, an unknown or a malformed token: 200, nothing revoked,
+    nothing recorded."""
+    issued = exchange(app, agent_token, task).json["access_token"]
+    token = issued if token == "theirs" else token
+    before = len(grants_of(app).chain(task["id"]))
+    other = other_agent_token(oidc_provider, oidc_client_secret)
+    form = {"token": token, "actor_token": other, "actor_token_type": ACCESS}
+    response = app.test_client().post("/oauth/revoke", data=form)
+    assert response.status_code == 200, response.json
+    assert response.headers["Cache-Control"] == "no-store"
+    assert len(grants_of(app).chain(task["id"])) == before
+    assert introspect(app, tool_token, issued).json["active"] is True
+    assert [row["revoked_at"] for row in recorded_tokens(app, task["id"])] == [""]
+
+
+def test_revocation_still_needs_the_token_parameter(app, agent_token):
+    form = {"actor_token": agent_token, "actor_token_type": ACCESS}
+    response = app.test_client().post("/oauth/revoke", data=form)
+    assert (response.status_code, response.json["error"]) == (400, "invalid_request")
+
+
+def test_another_agent_cannot_exchange_the_task(app, task, oidc_provider, oidc_client_secret):
+    """RFC 8693 §2.2.2: a subject token naming another agent's task is invalid_grant; no token,
+    no record, no chain entry."""
+    before = len(grants_of(app).chain(task["id"]))
+    response = exchange(app, other_agent_token(oidc_provider, oidc_client_secret), task)
+    assert (response.status_code, response.json["error"]) == (400, "invalid_grant"), response.json
+    assert "access_token" not in response.json
+    assert response.headers["Cache-Control"] == "no-store"
+    assert len(grants_of(app).chain(task["id"])) == before
+    assert recorded_tokens(app, task["id"]) == []
+
+
+def test_exp_is_the_window_end_when_the_window_ends_first(app, api_for, agent_token):
+    """github's tokens live 5 minutes; a 2 minute task: exp is its window end, to the second."""
+    body = {
+        "entitlement": "triage",
+        "duration": "2m",
+        "reason": "a short triage",
+        "agent": "ci-agent",
+        "tools": {"github": ["issues:read"]},
+    }
+    task = api_for(app)("POST", "/api/v1/requests", body).json
+    window_end = parse_time(grants_of(app).store.get_grant(task["id"]).window_end)
+    response = exchange(app, agent_token, task)
+    assert response.status_code == 200, response.json
+    claims = jwt.decode(response.json["access_token"], options={"verify_signature": False})
+    assert claims["exp"] == int(window_end.timestamp())
+    assert claims["exp"] - claims["iat"] == response.json["expires_in"] < 300
+    assert recorded_tokens(app, task["id"])[0]["exp"] == claims["exp"]
+    assert grants_of(app).chain(task["id"])[-1]["data"]["exp"] == claims["exp"]
+    # Later still, with the window end nearer: never past it.
+    later = grants_of(app).clock() + timedelta(seconds=90)
+    grants_of(app).clock = lambda: later
+    again = exchange(app, agent_token, task).json["access_token"]
+    assert jwt.decode(again, options={"verify_signature": False})["exp"] == claims["exp"]
+
+
+def test_exchanges_racing_the_release(app, api_for, agent_token, tool_token, task):
+    """Many agents' requests while the person releases: each gets a token that introspection calls
+    inactive after the release, or a clean invalid_grant; none is recorded after the release."""
+    threads_n = 16
+    barrier = threading.Barrier(threads_n + 1)
+    answers: list = []
+    released: list = []
+    some_issued, release_done = threading.Event(), threading.Event()
+
+    def exchanger():
+        barrier.wait()
+        for _ in range(4):
+            response = exchange(app, agent_token, task)
+            answers.append((response.status_code, response.json))
+            if sum(status == 200 for status, _ in answers) >= threads_n // 2:
+                some_issued.set()
+        release_done.wait(timeout=60)  # and once more when it is surely released
+        response = exchange(app, agent_token, task)
+        answers.append((response.status_code, response.json))
+
+    def releaser():
+        barrier.wait()
+        some_issued.wait(timeout=60)  # release while exchanges are in flight, not before them
+        released.append(api_for(app)("POST", f"/api/v1/requests/{task['id']}/release"))
+        release_done.set()
+
+    workers = [threading.Thread(target=exchanger) for _ in range(threads_n)]
+    workers.append(threading.Thread(target=releaser))
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert released[0].status_code == 200, released[0].json
+    tokens = []
+    for status, body in answers:
+        assert status in (200, 400), body
+        if status == 400:
+            assert body["error"] == "invalid_grant", body
+        else:
+            tokens.append(body["access_token"])
+    assert len(answers) == 5 * threads_n
+    assert 0 < len(tokens) < len(answers)  # both sides of the race were seen
+    for token in tokens:
+        assert introspect(app, tool_token, token).json == {"active": False}
+    chain = grants_of(app).chain(task["id"])
+    types = [entry["type"] for entry in chain]
+    release_at = types.index("release")
+    assert "token_issued" not in types[release_at:]
+    assert types.count("token_issued") == len(tokens) == len(recorded_tokens(app, task["id"]))
+    # No token recorded after the release: every issue's entry precedes it in the chain.
+    issued = [entry["seq"] for entry in chain if entry["type"] == "token_issued"]
+    assert all(seq < chain[release_at]["seq"] for seq in issued)

@@ -191,7 +191,19 @@ class Introspection(IntrospectionEndpoint):
 
 
 class Revocation(RevocationEndpoint):
+    """RFC 7009 §2.2: the answer is 200 whether or not anything was revoked. A token that is
+    malformed, not this broker's, unknown or another agent's is left alone and nothing is
+    recorded (authlib answers invalid_grant for another client's token: overridden here, as that
+    would tell an agent which tokens exist and whose they are)."""
+
     CLIENT_AUTH_METHODS = [ACTOR_TOKEN]
+
+    def authenticate_token(self, request: Any, client: Caller) -> IssuedToken | None:
+        self.check_params(request, client)
+        token = self.query_token(request.form["token"], request.form.get("token_type_hint"))
+        if token is None or not token.check_client(client):
+            return None
+        return token
 
     def query_token(self, token: str, token_type_hint: str | None) -> IssuedToken | None:
         claims = services().signer.verify(token)
