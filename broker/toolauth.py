@@ -6,6 +6,8 @@ optionally introspection (RFC 7662). It imports Flask never, and of the broker o
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,29 +39,127 @@ class ToolToken:
     claims: dict = field(repr=False, compare=False)
 
 
-class Introspection:
-    """The client side of RFC 7662: asks the broker whether a token is still active (a task
-    window closed, released or revoked makes it inactive before its `exp`). The tool
-    authenticates with its own client credentials (client_secret_basic). Any answer other than
-    a JSON object with `"active": true` counts as inactive; no answer at all raises
-    ProviderUnavailable, so the caller fails closed."""
+class ClientCredentials:
+    """The tool's own access token from the OIDC provider (client credentials, RFC 6749 §4.4,
+    client_secret_basic), for `resource` (the broker's API audience): fetched from the token
+    endpoint the provider's discovery document names, and reused until `margin` seconds before
+    it expires. Call it for the token. The provider not answering, or refusing, raises
+    ProviderUnavailable (a tool asking introspection then fails closed)."""
 
-    def __init__(self, endpoint: str, client_id: str, client_secret: str, timeout: float = 5):
-        self.endpoint = endpoint
+    def __init__(
+        self,
+        issuer: str,
+        client_id: str,
+        client_secret: str,
+        resource: str,
+        margin: float = 30,
+        timeout: float = 5,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.issuer = issuer.rstrip("/")
         self.auth = (client_id, client_secret)
+        self.resource = resource
+        self.margin = margin
         self.timeout = timeout
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._token_endpoint: str | None = None
+        self._cached: tuple[str, float] | None = None  # the token and when it expires
 
-    def __call__(self, token: str) -> bool:
-        try:
-            response = requests.post(
-                self.endpoint,
-                data={"token": token, "token_type_hint": "access_token"},
+    def __call__(self) -> str:
+        with self._lock:
+            if self._cached is None or self.clock() >= self._cached[1] - self.margin:
+                self._cached = self._fetch()
+            return self._cached[0]
+
+    def forget(self) -> None:
+        """Drop the cached token: the next call fetches a new one."""
+        with self._lock:
+            self._cached = None
+
+    def _fetch(self) -> tuple[str, float]:
+        now = self.clock()
+        answer = self._json(
+            "token endpoint",
+            lambda: requests.post(
+                self._endpoint(),
+                data={"grant_type": "client_credentials", "resource": self.resource},
                 auth=self.auth,
                 headers={"Accept": "application/json"},
                 timeout=self.timeout,
+            ),
+        )
+        token = answer.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise ProviderUnavailable("the provider's token endpoint answered no access_token")
+        return token, _expiry(token, answer.get("expires_in"), now)
+
+    def _endpoint(self) -> str:
+        if self._token_endpoint is None:
+            url = f"{self.issuer}/.well-known/openid-configuration"
+            document = self._json(
+                "discovery document", lambda: requests.get(url, timeout=self.timeout)
             )
+            endpoint = document.get("token_endpoint")
+            if not isinstance(endpoint, str) or not endpoint:
+                raise ProviderUnavailable(
+                    f"the provider's discovery ({url}) names no token_endpoint"
+                )
+            self._token_endpoint = endpoint
+        return self._token_endpoint
+
+    def _json(self, what: str, call: Callable[[], requests.Response]) -> dict:
+        try:
+            response = call()
         except requests.RequestException as exc:
-            raise ProviderUnavailable(f"cannot reach the broker's introspection: {exc}") from exc
+            raise ProviderUnavailable(f"cannot reach the provider's {what}: {exc}") from exc
+        if response.status_code != 200:
+            raise ProviderUnavailable(
+                f"the provider's {what} answered {response.status_code}: {response.text[:200]}"
+            )
+        try:
+            answer = response.json()
+        except ValueError:
+            raise ProviderUnavailable(f"the provider's {what} answered no JSON") from None
+        if not isinstance(answer, dict):
+            raise ProviderUnavailable(f"the provider's {what} answered no JSON object")
+        return answer
+
+
+def _expiry(token: str, expires_in: object, now: float) -> float:
+    """When a provider token expires: its `exp` when it is a JWT, else now + `expires_in`, else
+    now (used once)."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        exp = None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        return float(exp)
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+        return now + float(expires_in)
+    return now
+
+
+class Introspection:
+    """The client side of RFC 7662: asks the broker whether a token is still active (a task
+    window closed, released or revoked makes it inactive before its `exp`). The tool
+    authenticates with its own access token from the OIDC provider as `Authorization: Bearer`
+    (`bearer` returns it, e.g. a ClientCredentials; its client id must be the tool's
+    `introspection_client` in the broker's policy). Any answer other than a JSON object with
+    `"active": true` counts as inactive; no answer at all, or a refusal of the tool's own
+    token, raises ProviderUnavailable, so the caller fails closed."""
+
+    def __init__(self, endpoint: str, bearer: Callable[[], str], timeout: float = 5):
+        self.endpoint = endpoint
+        self.bearer = bearer
+        self.timeout = timeout
+
+    def __call__(self, token: str) -> bool:
+        response = self._ask(token)
+        if response.status_code == 401 and hasattr(self.bearer, "forget"):
+            # The tool's own token was refused (expired early, revoked): once with a new one.
+            self.bearer.forget()
+            response = self._ask(token)
         if response.status_code != 200:
             raise ProviderUnavailable(f"the broker's introspection answered {response.status_code}")
         try:
@@ -67,6 +167,20 @@ class Introspection:
         except ValueError:
             raise ProviderUnavailable("the broker's introspection answered no JSON") from None
         return isinstance(answer, dict) and answer.get("active") is True
+
+    def _ask(self, token: str) -> requests.Response:
+        try:
+            return requests.post(
+                self.endpoint,
+                data={"token": token, "token_type_hint": "access_token"},
+                headers={
+                    "Accept": "application/json",
+                    "Authorization": f"Bearer {self.bearer()}",
+                },
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise ProviderUnavailable(f"cannot reach the broker's introspection: {exc}") from exc
 
 
 class ToolTokenVerifier:

@@ -150,6 +150,8 @@ def main() -> None:
             STATE,
             resource=example_tool_resource(),
             introspect=f"{BROKER_URL}/oauth/introspect",
+            provider=provider.issuer,
+            audience=provider.api_resource,
             client_secret=tool_secret(client_secret),
         )
         users = ", ".join(

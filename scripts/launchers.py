@@ -182,12 +182,16 @@ class McpTool:
         *,
         resource: str | None = None,
         introspect: str | None = None,
+        provider: str = "",
         client_id: str = TOOL_CLIENT_ID,
         client_secret: str = "",
+        audience: str = API_RESOURCE,
     ) -> McpTool:
         """At `resource` (its port and path) or at /mcp on `port` (a free one by default). With
-        `introspect` (the broker's endpoint), it asks the broker about every token as `client_id`
-        (the secret goes through the environment, never the command line)."""
+        `introspect` (the broker's endpoint), it asks the broker about every token with its own
+        client-credentials token from `provider` (the OIDC issuer) as `client_id`, for the
+        broker's API `audience` (the secret goes through the environment, never the command
+        line)."""
         if resource is None:
             port = port or free_port()
             resource = f"http://127.0.0.1:{port}/mcp"
@@ -199,6 +203,7 @@ class McpTool:
         env = _clean_env()
         if introspect:
             argv += ["--introspect", introspect, "--client-id", client_id]
+            argv += ["--provider", provider, "--audience", audience]
             env["JIT_TOOL_CLIENT_SECRET"] = client_secret
         process = ManagedProcess("mcp-tool", argv, workdir / "mcp-tool.log", env, ROOT)
         metadata_url = (

@@ -1,8 +1,7 @@
 """The dev stack's example tool and the demo agent (issue 12, item 6): the tool at the resource
 URI the example policy names, the provider clients the demo needs, and scripts/example/
-demo_agent.py as a process against a live broker and the real provider, up to the token exchange
-(which the broker does not serve yet: a clear one-line failure, and the task released), with its
-MCP call and its refusal check against the example tool as a process."""
+demo_agent.py as a process against a live broker, the real provider and the example tool as a
+process asking the broker's introspection: the whole path, and one line for a failing step."""
 
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ from broker.policy import load_policy
 from scripts import devstack
 from scripts.example import demo_agent
 from scripts.launchers import (
+    TOOL_CLIENT_ID,
     McpTool,
     agent_secret,
     client_credentials_token,
@@ -82,17 +82,30 @@ def test_the_tool_has_a_client_at_the_provider_for_introspection(oidc_provider, 
 # --- the demo agent against a live broker --------------------------------------------------------
 
 
-@pytest.fixture
-def live(make_app):
-    """A broker with a task policy over real HTTP on a port of its own (the person logs in with
-    the CLI client at the provider, so the broker's port does not matter)."""
-    app = make_app(policy_text=POLICY)
+SERVED: list = []
+
+
+def serve(app):
+    """The app over real HTTP on a port of its own (the person logs in with the CLI client at
+    the provider, so the broker's port does not matter); stopped after the test."""
     port = free_port()
     server = make_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield app, f"http://127.0.0.1:{port}"
-    server.shutdown()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    SERVED.append(server)
+    return app, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(autouse=True)
+def _stop_served():
+    yield
+    while SERVED:
+        SERVED.pop().shutdown()
+
+
+@pytest.fixture
+def live(make_app):
+    """A broker with a task policy over real HTTP."""
+    return serve(make_app(policy_text=POLICY))
 
 
 def run_demo(*args):
@@ -106,7 +119,67 @@ def run_demo(*args):
     )
 
 
-def test_the_demo_agent_goes_up_to_the_exchange_and_says_why_it_stops(
+def test_the_demo_agent_walks_the_whole_path(make_app, oidc_provider, oidc_client_secret, tmp_path):
+    """The person's task, the agent's own token, the exchange at the real /oauth/token (signed by
+    OpenBao transit), list_issues over MCP at the example tool as a process, the release, and the
+    tool refusing the same token at once because introspection says it is inactive."""
+    resource = f"http://127.0.0.1:{free_port()}/mcp"
+    # The example tool asks the broker's introspection as its own provider client.
+    policy = POLICY.replace("http://127.0.0.1:9/mcp", resource).replace(
+        '"issues:write"]\n', f'"issues:write"]\nintrospection_client = "{TOOL_CLIENT_ID}"\n', 1
+    )
+    app, url = serve(make_app(policy_text=policy))
+    tool = McpTool.start(
+        app.extensions["jit"].signer.issuer,
+        f"{url}/.well-known/jwks.json",
+        tmp_path,
+        resource=resource,
+        introspect=f"{url}/oauth/introspect",
+        provider=oidc_provider.issuer,
+        client_secret=tool_secret(oidc_client_secret),
+        audience=oidc_provider.api_resource,
+    )
+    try:
+        done = run_demo(
+            "--broker",
+            url,
+            "--provider",
+            oidc_provider.issuer,
+            "--agent-secret",
+            agent_secret(oidc_client_secret),
+            "--entitlement",
+            "triage",
+            "--resource",
+            resource,
+        )
+    finally:
+        tool.stop()
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert len(lines) == 7, done.stdout
+    assert lines[0].startswith("[1] alice logs in")
+    assert lines[1].startswith("[2] alice starts triage for ci-agent (github: issues:read)")
+    assert lines[2].startswith("[3] ci-agent gets its own access token")
+    assert lines[3].startswith(
+        f"[4] ci-agent exchanges at {url}/oauth/token: a Bearer token for {resource}, "
+        "scope 'issues:read', expires in "
+    )
+    assert lines[4] == (
+        "[5] ci-agent calls list_issues over MCP: 1 issue(s): The reaper should say why"
+    )
+    assert lines[5] == "[6] alice releases the task: the grant is released"
+    assert lines[6].startswith(
+        '[7] the same token at the tool now: HTTP 401 Bearer error="invalid_token"'
+    )
+    assert "resource_metadata=" in lines[6]
+    (grant,) = grants_of(app).store.db.execute("SELECT id, status, task_agent FROM grants")
+    assert grant[1:] == ("released", "ci-agent")
+    kinds = [entry["type"] for entry in grants_of(app).chain(grant[0])]
+    assert "token_issued" in kinds
+
+
+def test_a_failed_exchange_is_one_line_and_the_task_is_released(
     live, oidc_provider, oidc_client_secret
 ):
     app, url = live
@@ -120,18 +193,13 @@ def test_the_demo_agent_goes_up_to_the_exchange_and_says_why_it_stops(
         "--entitlement",
         "triage",
         "--resource",
-        "http://127.0.0.1:9/mcp",
+        "http://127.0.0.1:9/other",  # no tool of the task
     )
     lines = done.stdout.splitlines()
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    assert lines[0].startswith("[1] alice logs in")
-    assert lines[1].startswith("[2] alice starts triage for ci-agent (github: issues:read)")
-    assert lines[2].startswith("[3] ci-agent gets its own access token")
-    assert lines[3] == (
-        f"[4] the token exchange: FAILED: the broker has no token endpoint "
-        f"(404 at {url}/oauth/token); not built yet?"
-    )
+    assert lines[3].startswith("[4] the token exchange: FAILED: the broker refused the exchange: ")
+    assert "invalid_target" in lines[3]
     assert lines[4] == "[6] alice releases the task after the failure: the grant is released"
     (grant,) = grants_of(app).store.db.execute("SELECT id, status, task_agent FROM grants")
     assert grant[1:] == ("released", "ci-agent")

@@ -14,7 +14,8 @@ import jwt
 import pytest
 
 from broker.errors import InsufficientScope, InvalidToken, ProviderUnavailable
-from broker.toolauth import Introspection, ToolTokenVerifier, require_scope
+from broker.toolauth import ClientCredentials, Introspection, ToolTokenVerifier, require_scope
+from scripts.launchers import TOOL_CLIENT_ID, tool_secret
 from tests.helpers import JwksServer, SigningKey, with_header
 
 RESOURCE = "https://tools.internal/github"
@@ -197,10 +198,10 @@ def introspector():
 def test_introspection_sends_the_token_with_the_tools_credentials(broker_keys, introspector):
     server, key = broker_keys
     token = task_token(server, key)
-    introspect = Introspection(introspector.url, "github-tool", "s3cret")
+    introspect = Introspection(introspector.url, bearer=lambda: "the-tools-own-token")
     assert verifier_for(server, introspect=introspect).verify(token).subject == "alice"
     headers, form = introspector.requests[-1]
-    assert headers["Authorization"].startswith("Basic ")  # client_secret_basic
+    assert headers["Authorization"] == "Bearer the-tools-own-token"  # its provider token
     assert form == {"token": [token], "token_type_hint": ["access_token"]}
 
 
@@ -208,14 +209,14 @@ def test_introspection_sends_the_token_with_the_tools_credentials(broker_keys, i
 def test_an_inactive_token_is_refused(broker_keys, introspector, body):
     server, key = broker_keys
     introspector.body = body
-    verifier = verifier_for(server, introspect=Introspection(introspector.url, "t", "s"))
+    verifier = verifier_for(server, introspect=Introspection(introspector.url, bearer=lambda: "t"))
     with pytest.raises(InvalidToken, match="no longer active"):
         verifier.verify(task_token(server, key))
 
 
 def test_introspection_not_answering_fails_closed(broker_keys, introspector):
     server, key = broker_keys
-    verifier = verifier_for(server, introspect=Introspection(introspector.url, "t", "s"))
+    verifier = verifier_for(server, introspect=Introspection(introspector.url, bearer=lambda: "t"))
     introspector.status = 500
     with pytest.raises(ProviderUnavailable):
         verifier.verify(task_token(server, key))
@@ -229,7 +230,69 @@ def test_introspection_not_answering_fails_closed(broker_keys, introspector):
 
 def test_a_token_refused_locally_is_never_sent_to_introspection(broker_keys, introspector):
     server, key = broker_keys
-    verifier = verifier_for(server, introspect=Introspection(introspector.url, "t", "s"))
+    verifier = verifier_for(server, introspect=Introspection(introspector.url, bearer=lambda: "t"))
     with pytest.raises(InvalidToken):
         verifier.verify(task_token(server, key, aud="https://tools.internal/jira"))
     assert introspector.requests == []
+
+
+def test_a_refused_tool_token_is_fetched_again_once(broker_keys, introspector):
+    server, key = broker_keys
+
+    class Bearer:
+        def __init__(self):
+            self.tokens, self.forgotten = iter(["stale", "fresh", "fresher"]), 0
+            self.current = next(self.tokens)
+
+        def __call__(self):
+            return self.current
+
+        def forget(self):
+            self.forgotten += 1
+            self.current = next(self.tokens)
+
+    bearer = Bearer()
+    verifier = verifier_for(server, introspect=Introspection(introspector.url, bearer=bearer))
+    introspector.status = 401
+    with pytest.raises(ProviderUnavailable, match="401"):
+        verifier.verify(task_token(server, key))
+    assert bearer.forgotten == 1  # once, not in a loop
+    sent = [headers["Authorization"] for headers, _ in introspector.requests]
+    assert sent == ["Bearer stale", "Bearer fresh"]
+
+
+# --- the tool's own token from the OIDC provider (client credentials) -------------------------
+
+
+def own_token(oidc_provider, oidc_client_secret, secret=None, **kwargs):
+    return ClientCredentials(
+        oidc_provider.issuer,
+        TOOL_CLIENT_ID,
+        secret or tool_secret(oidc_client_secret),
+        oidc_provider.api_resource,
+        **kwargs,
+    )
+
+
+def test_the_tools_own_token_is_cached_until_shortly_before_exp(oidc_provider, oidc_client_secret):
+    now = [time.time()]
+    fetch = own_token(oidc_provider, oidc_client_secret, margin=30, clock=lambda: now[0])
+    first = fetch()
+    claims = jwt.decode(first, options={"verify_signature": False})
+    assert claims["client_id"] == TOOL_CLIENT_ID and claims["aud"] == oidc_provider.api_resource
+    assert fetch() == first  # cached
+    now[0] = claims["exp"] - 31
+    assert fetch() == first
+    now[0] = claims["exp"] - 29  # inside the margin: a new one
+    second = fetch()
+    assert second != first and jwt.decode(second, options={"verify_signature": False})["jti"]
+    fetch.forget()
+    assert fetch() not in (first, second)
+
+
+def test_the_provider_refusing_the_tool_is_provider_unavailable(oidc_provider, oidc_client_secret):
+    with pytest.raises(ProviderUnavailable, match="token endpoint answered 401"):
+        own_token(oidc_provider, oidc_client_secret, secret="wrong")()
+    unreachable = ClientCredentials("http://127.0.0.1:9", "t", "s", "urn:x", timeout=1)
+    with pytest.raises(ProviderUnavailable, match="cannot reach the provider"):
+        unreachable()

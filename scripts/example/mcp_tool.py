@@ -37,12 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker.errors import BrokerError  # noqa: E402
-from broker.toolauth import Introspection, ToolTokenVerifier  # noqa: E402
+from broker.toolauth import ClientCredentials, Introspection, ToolTokenVerifier  # noqa: E402
 
 log = logging.getLogger("mcp_tool")
 
 # What each tool needs; `scopes_supported` in the metadata is these scopes.
 TOOL_SCOPES = {"list_issues": "issues:read", "create_issue": "issues:write"}
+# The audience the broker's API accepts at the OIDC provider (the broker's [oidc] audience).
+API_AUDIENCE = "urn:jit-broker:api"
 # A JSON-RPC request larger than this is not an MCP tool call we serve.
 MAX_BODY = 1024 * 1024
 
@@ -211,12 +213,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--introspect", help="the broker's introspection endpoint (optional)")
     parser.add_argument("--client-id", help="this tool's client id, for introspection")
+    parser.add_argument(
+        "--provider", help="the OIDC issuer this tool gets its own token from, for introspection"
+    )
+    parser.add_argument(
+        "--audience",
+        default=API_AUDIENCE,
+        help=f"the broker's API audience at the provider (default {API_AUDIENCE})",
+    )
     args = parser.parse_args(argv)
     introspect = None
     if args.introspect:
+        if not args.provider or not args.client_id:
+            parser.error("--introspect needs --provider and --client-id")
         # The secret comes from the environment, never from the command line (ps shows it).
         secret = _env("JIT_TOOL_CLIENT_SECRET")
-        introspect = Introspection(args.introspect, args.client_id or "", secret)
+        own_token = ClientCredentials(args.provider, args.client_id, secret, args.audience)
+        introspect = Introspection(args.introspect, bearer=own_token)
     verifier = ToolTokenVerifier(args.issuer, args.jwks_uri, args.resource, introspect=introspect)
     logging.basicConfig(level=logging.INFO)
     uvicorn.run(build_app(verifier, args.issuer), host=args.host, port=args.port, log_level="info")

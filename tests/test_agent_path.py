@@ -1,0 +1,277 @@
+"""The agent path end to end with real processes (issue 12, "Tests (real processes)"): the agent's
+identity from the real OIDC provider (client credentials), the broker over HTTP signing with
+real OpenBao transit, two example MCP servers as processes (tool A and tool B) that verify the
+broker's tokens and ask its introspection with their own provider token, and the official `mcp`
+SDK's client calling them with a token from the real /oauth/token. The processes are shared by
+the module; each test starts its own task."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime
+
+import anyio
+import jwt
+import pytest
+import requests
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from werkzeug.serving import make_server
+
+from broker import create_app
+from broker.backends.tool_task import SUBJECT_TOKEN_TYPE
+from broker.errors import InvalidToken
+from broker.toolauth import ToolTokenVerifier
+from broker.web.serving import RequestHandler
+from scripts.launchers import (
+    TOOL_CLIENT_ID,
+    McpTool,
+    agent_secret,
+    client_credentials_token,
+    free_port,
+    tool_secret,
+)
+from tests.helpers import broker_settings, grants_of
+
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS = "urn:ietf:params:oauth:token-type:access_token"
+TOOL_A = f"http://127.0.0.1:{free_port()}/mcp"
+TOOL_B = f"http://127.0.0.1:{free_port()}/mcp"
+POLICY = f"""
+[tools.github]
+resource = "{TOOL_A}"
+scopes = ["issues:read", "issues:write"]
+introspection_client = "{TOOL_CLIENT_ID}"
+
+[tools.mirror]
+resource = "{TOOL_B}"
+scopes = ["issues:read", "issues:write"]
+introspection_client = "{TOOL_CLIENT_ID}"
+
+[entitlements.triage]
+backend = "tool_task"
+max_duration = "1h"
+[entitlements.triage.requesters]
+groups = ["engineers"]
+[entitlements.triage.task]
+agents = ["ci-agent"]
+tools = {{ github = ["issues:read", "issues:write"], mirror = ["issues:read"] }}
+"""
+
+
+class Stack:
+    def __init__(self, app, url: str, tools: dict[str, McpTool], agent_token: str):
+        self.app, self.url, self.tools, self.agent_token = app, url, tools, agent_token
+
+    @property
+    def signer(self):
+        return self.app.extensions["jit"].signer
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, openbao, oidc_provider, broker_port, oidc_client_secret, vault_setup):
+    """The broker over HTTP on a port of its own (its issuer stays the configured base URL) and
+    the example tool twice, at TOOL_A and TOOL_B, both introspecting as the github-tool client."""
+    workdir = tmp_path_factory.mktemp("agent-path")
+    settings = broker_settings(
+        workdir,
+        openbao,
+        oidc_provider,
+        broker_port,
+        oidc_client_secret,
+        policy_text=POLICY,
+        reaper={"enabled": False},
+    )
+    app = create_app(settings)
+    port = free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True, request_handler=RequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    tools: dict[str, McpTool] = {}
+    try:
+        for name, resource in (("A", TOOL_A), ("B", TOOL_B)):
+            tools[name] = McpTool.start(
+                app.extensions["jit"].signer.issuer,
+                f"{url}/.well-known/jwks.json",
+                tmp_path_factory.mktemp(f"tool-{name}"),
+                resource=resource,
+                introspect=f"{url}/oauth/introspect",
+                provider=oidc_provider.issuer,
+                client_secret=tool_secret(oidc_client_secret),
+                audience=oidc_provider.api_resource,
+            )
+        # The agent's own identity: a client-credentials JWT from the real provider.
+        agent = client_credentials_token(
+            oidc_provider, "ci-agent", agent_secret(oidc_client_secret)
+        )
+        yield Stack(app, url, tools, agent)
+    finally:
+        for tool in tools.values():
+            tool.stop()
+        server.shutdown()
+        app.extensions["jit"].stop()
+
+
+@pytest.fixture
+def task(stack, tokens):
+    """A task alice starts for ci-agent through the API, over HTTP."""
+    body = {
+        "entitlement": "triage",
+        "duration": "10m",
+        "reason": "the agent triages the new issues",
+        "agent": "ci-agent",
+        "tools": {"github": ["issues:read", "issues:write"], "mirror": ["issues:read"]},
+    }
+    response = requests.post(
+        f"{stack.url}/api/v1/requests",
+        json=body,
+        headers={"Authorization": f"Bearer {tokens('alice')}"},
+        timeout=15,
+    )
+    assert response.status_code == 201, response.text
+    grant = response.json()
+    assert grant["status"] == "active"
+    return grant
+
+
+def exchange(stack, task, resource=TOOL_A, scope="issues:read") -> dict:
+    response = requests.post(
+        f"{stack.url}/oauth/token",
+        data={
+            "grant_type": EXCHANGE,
+            "subject_token": task["credential"]["subject_token"],
+            "subject_token_type": SUBJECT_TOKEN_TYPE,
+            "actor_token": stack.agent_token,
+            "actor_token_type": ACCESS,
+            "resource": resource,
+            "scope": scope,
+        },
+        timeout=15,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def call(resource: str, token: str, tool: str = "list_issues", arguments: dict | None = None):
+    """One tool call through the official SDK's streamable-HTTP client: the result's data."""
+
+    async def run():
+        headers = {"Authorization": f"Bearer {token}"}
+        async with create_mcp_http_client(headers=headers) as http:
+            async with streamable_http_client(resource, http_client=http) as streams:
+                async with ClientSession(streams[0], streams[1]) as session:
+                    await session.initialize()
+                    return await session.call_tool(tool, arguments or {})
+
+    result = anyio.run(run)
+    assert not result.is_error, result.content
+    if result.structured_content is not None:
+        found = result.structured_content
+        return found.get("result", found)
+    (text,) = [c.text for c in result.content if getattr(c, "type", "") == "text"]
+    return json.loads(text)
+
+
+def refused(resource: str, token: str, tool: str = "list_issues") -> requests.Response:
+    """The same call as plain HTTP (a tools/call JSON-RPC request): the tool's exact answer."""
+    return requests.post(
+        resource,
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}},
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json, text/event-stream",
+        },
+        timeout=15,
+    )
+
+
+def claims_of(token: str) -> dict:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def test_the_agent_calls_the_tool_with_a_token_from_the_exchange(stack, task):
+    answer = exchange(stack, task, scope="issues:read issues:write")
+    token = answer["access_token"]
+    titles = [issue["title"] for issue in call(TOOL_A, token)]
+    assert "The reaper should say why" in titles
+    made = call(TOOL_A, token, "create_issue", {"title": "from the agent path test"})
+    assert made["title"] == "from the agent path test"
+
+    claims = claims_of(token)
+    assert claims["aud"] == TOOL_A and claims["sub"] == "alice"
+    assert claims["act"] == {"sub": "ci-agent"} and claims["client_id"] == "ci-agent"
+    window_end = datetime.fromisoformat(task["window"]["end"]).timestamp()
+    assert claims["exp"] <= window_end  # no token outlives the window
+    header = jwt.get_unverified_header(token)
+    assert header["kid"] == stack.signer.kid(stack.signer.versions().latest)
+    assert grants_of(stack.app).chain(task["id"])[-1]["type"] == "token_issued"
+
+
+def test_right_after_release_the_tool_refuses_the_token(stack, task, tokens):
+    token = exchange(stack, task)["access_token"]
+    assert call(TOOL_A, token)  # works before
+    released = requests.post(
+        f"{stack.url}/api/v1/requests/{task['id']}/release",
+        headers={"Authorization": f"Bearer {tokens('alice')}"},
+        timeout=15,
+    )
+    assert released.status_code == 200, released.text
+    # Its signature and exp are still good: only introspection knows, and says inactive.
+    answer = refused(TOOL_A, token)
+    assert answer.status_code == 401
+    challenge = answer.headers["WWW-Authenticate"]
+    assert (
+        challenge.startswith('Bearer error="invalid_token"') and "resource_metadata=" in challenge
+    )
+    with pytest.raises(Exception):  # noqa: B017 (the SDK raises an exception group)
+        call(TOOL_A, token)
+
+
+def test_a_token_for_tool_a_is_refused_by_tool_b(stack, task):
+    for_a = exchange(stack, task, resource=TOOL_A)["access_token"]
+    answer = refused(TOOL_B, for_a)
+    assert answer.status_code == 401
+    assert answer.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+    for_b = exchange(stack, task, resource=TOOL_B)["access_token"]
+    assert claims_of(for_b)["aud"] == TOOL_B
+    assert call(TOOL_B, for_b)  # B takes its own tokens
+    assert refused(TOOL_A, for_b).status_code == 401
+
+
+def test_a_missing_scope_gets_403_insufficient_scope(stack, task):
+    token = exchange(stack, task, scope="issues:read")["access_token"]
+    assert call(TOOL_A, token)  # list_issues: issues:read is enough
+    answer = refused(TOOL_A, token, "create_issue")
+    assert answer.status_code == 403
+    assert answer.json()["error"] == "insufficient_scope"
+    challenge = answer.headers["WWW-Authenticate"]
+    assert 'error="insufficient_scope"' in challenge and 'scope="issues:write"' in challenge
+
+
+def test_after_a_key_rotation_old_tokens_verify_and_new_ones_carry_the_new_kid(
+    stack, task, openbao
+):
+    old = exchange(stack, task)["access_token"]
+    old_version = stack.signer.versions().latest
+    assert jwt.get_unverified_header(old)["kid"] == stack.signer.kid(old_version)
+
+    openbao.client().secrets.transit.rotate_key(stack.signer.key_name)  # the operator's root
+    stack.signer.versions(fresh=True)  # instead of waiting for the 30 s keys_ttl
+    new = exchange(stack, task)["access_token"]
+    new_kid = stack.signer.kid(old_version + 1)
+    assert jwt.get_unverified_header(new)["kid"] == new_kid
+
+    published = requests.get(f"{stack.url}/.well-known/jwks.json", timeout=5).json()["keys"]
+    kids = [key["kid"] for key in published]
+    assert kids[:2] == [new_kid, stack.signer.kid(old_version)]  # newest first
+    # The tool process (its JWKS cached from before) still takes the old token until its exp.
+    assert call(TOOL_A, old)
+    # A verifier reading the JWKS now takes both, and learns the new kid from it.
+    verifier = ToolTokenVerifier(stack.signer.issuer, f"{stack.url}/.well-known/jwks.json", TOOL_A)
+    assert verifier.verify(old).jti != verifier.verify(new).jti
+    with pytest.raises(InvalidToken):
+        ToolTokenVerifier(stack.signer.issuer, f"{stack.url}/.well-known/jwks.json", TOOL_B).verify(
+            new
+        )
