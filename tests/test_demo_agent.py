@@ -59,6 +59,9 @@ def test_the_dev_stack_serves_the_tool_the_example_policy_names():
     resource = devstack.example_tool_resource()
     assert policy.tools[devstack.EXAMPLE_TOOL].resource == resource
     assert resource == "http://127.0.0.1:8300/mcp"  # loopback; not the CLI's redirect port
+    # The dev stack's tool introspects as TOOL_CLIENT_ID: the policy must name it, or the broker
+    # answers every introspection inactive and the demo's tool call is refused.
+    assert policy.tools[devstack.EXAMPLE_TOOL].introspection_client == TOOL_CLIENT_ID
 
 
 def test_the_demo_clients_secrets_are_derived_from_the_dev_config(tmp_path, monkeypatch):
