@@ -251,6 +251,38 @@ def test_a_missing_scope_gets_403_insufficient_scope(stack, task):
     assert 'error="insufficient_scope"' in challenge and 'scope="issues:write"' in challenge
 
 
+def test_after_the_window_end_the_tool_refuses_the_token(stack, tokens):
+    """A task of a few seconds: the token works inside the window and is refused once it has
+    closed, with no release and no reaper (introspection, and the exp capped to the window end).
+    It runs before the key rotation below: a running tool learns a new kid only after its JWKS
+    cooldown (30 s), a limit noted for issue 12."""
+    body = {
+        "entitlement": "triage",
+        "duration": "8s",
+        "reason": "a task that ends on its own",
+        "agent": "ci-agent",
+        "tools": {"github": ["issues:read"]},
+    }
+    started = requests.post(
+        f"{stack.url}/api/v1/requests",
+        json=body,
+        headers={"Authorization": f"Bearer {tokens('alice')}"},
+        timeout=15,
+    )
+    assert started.status_code == 201, started.text
+    task = started.json()
+    token = exchange(stack, task)["access_token"]
+    window_end = datetime.fromisoformat(task["window"]["end"]).timestamp()
+    assert claims_of(token)["exp"] == window_end  # capped to the window, not the 5m lifetime
+    assert call(TOOL_A, token)  # inside the window
+
+    while time.time() <= window_end + 1:
+        time.sleep(0.2)
+    answer = refused(TOOL_A, token)
+    assert answer.status_code == 401
+    assert answer.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+
+
 def test_after_a_key_rotation_old_tokens_verify_and_new_ones_carry_the_new_kid(
     stack, task, openbao
 ):
@@ -276,33 +308,3 @@ def test_after_a_key_rotation_old_tokens_verify_and_new_ones_carry_the_new_kid(
         ToolTokenVerifier(stack.signer.issuer, f"{stack.url}/.well-known/jwks.json", TOOL_B).verify(
             new
         )
-
-
-def test_after_the_window_end_the_tool_refuses_the_token(stack, tokens):
-    """A task of a few seconds: the token works inside the window and is refused once it has
-    closed, with no release and no reaper (introspection, and the exp capped to the window end)."""
-    body = {
-        "entitlement": "triage",
-        "duration": "4s",
-        "reason": "a task that ends on its own",
-        "agent": "ci-agent",
-        "tools": {"github": ["issues:read"]},
-    }
-    started = requests.post(
-        f"{stack.url}/api/v1/requests",
-        json=body,
-        headers={"Authorization": f"Bearer {tokens('alice')}"},
-        timeout=15,
-    )
-    assert started.status_code == 201, started.text
-    task = started.json()
-    token = exchange(stack, task)["access_token"]
-    window_end = datetime.fromisoformat(task["window"]["end"]).timestamp()
-    assert claims_of(token)["exp"] == window_end  # capped to the window, not the 5m lifetime
-    assert call(TOOL_A, token)  # inside the window
-
-    while time.time() <= window_end + 1:
-        time.sleep(0.2)
-    answer = refused(TOOL_A, token)
-    assert answer.status_code == 401
-    assert answer.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
