@@ -69,7 +69,7 @@ class Services:
                 settings.postgres["dsn"],
                 settings.vault["timeout"],
                 instance,
-                task_honoured=lambda handle: store.task_honoured(handle),
+                task_honoured=store.task_honoured,
             ),
             fingerprint_key=fingerprint_key,
             retry_min=reaper_settings["retry_min"],

@@ -144,6 +144,35 @@ max_total = "2h"
 """
 
 
+TASK_GITHUB = "https://tools.internal/github"
+TASK_WIKI = "http://127.0.0.1:9/wiki"
+# Two tools and a task entitlement for ci-agent over both, for the task and token-exchange tests.
+TASK_TOOLS = f"""
+[tools.github]
+resource = "{TASK_GITHUB}"
+scopes = ["issues:read", "issues:write"]
+introspection_client = "github-tool"
+
+[tools.wiki]
+resource = "{TASK_WIKI}"
+scopes = ["pages:read"]
+max_token_lifetime = "2m"
+"""
+TRIAGE_TASK = """
+[entitlements.triage]
+description = "An agent triages issues for a person"
+backend = "tool_task"
+max_duration = "1h"
+
+[entitlements.triage.requesters]
+groups = ["engineers"]
+
+[entitlements.triage.task]
+agents = ["ci-agent"]
+tools = { github = ["issues:read", "issues:write"], wiki = ["pages:read"] }
+"""
+
+
 # --- the broker under test ------------------------------------------------------------------------
 
 

@@ -14,34 +14,12 @@ from broker.errors import TaskNotActive, UnknownTask
 from broker.models import parse_time, utcnow
 from broker.policy import check_policy_text
 from scripts.launchers import agent_secret, client_credentials_token
-from tests.helpers import grants_of, types
-
-TOOLS = """
-[tools.github]
-resource = "https://tools.internal/github"
-scopes = ["issues:read", "issues:write"]
-
-[tools.wiki]
-resource = "http://127.0.0.1:9/wiki"
-scopes = ["pages:read"]
-max_token_lifetime = "2m"
-"""
+from tests.helpers import TASK_TOOLS, TRIAGE_TASK, grants_of, types
 
 TASK_POLICY = (
-    TOOLS
+    TASK_TOOLS
+    + TRIAGE_TASK
     + """
-[entitlements.triage]
-description = "An agent triages issues for a person"
-backend = "tool_task"
-max_duration = "1h"
-
-[entitlements.triage.requesters]
-groups = ["engineers"]
-
-[entitlements.triage.task]
-agents = ["ci-agent"]
-tools = { github = ["issues:read", "issues:write"], wiki = ["pages:read"] }
-
 [entitlements.ci-triage]
 description = "CI starts its own triage"
 backend = "tool_task"
@@ -152,7 +130,7 @@ agents = ["ci-agent"]
 
 
 def test_a_task_entitlement_needs_its_task_table():
-    text = TOOLS + '[entitlements.t]\nbackend = "tool_task"\nmax_duration = "1h"\n'
+    text = TASK_TOOLS + '[entitlements.t]\nbackend = "tool_task"\nmax_duration = "1h"\n'
     text += '[entitlements.t.requesters]\ngroups = ["e"]\n'
     assert any("needs [entitlements.t.task]" in p for p in problems(text))
 

@@ -15,32 +15,12 @@ from broker.errors import InvalidToken
 from broker.models import parse_time
 from broker.toolauth import ToolTokenVerifier
 from scripts.launchers import TOOL_CLIENT_ID, agent_secret, client_credentials_token, tool_secret
-from tests.helpers import EXPIRING_AGENT, grants_of
+from tests.helpers import EXPIRING_AGENT, TASK_GITHUB, TASK_TOOLS, TASK_WIKI, TRIAGE_TASK, grants_of
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
-GITHUB = "https://tools.internal/github"
-WIKI = "http://127.0.0.1:9/wiki"
-POLICY = f"""
-[tools.github]
-resource = "{GITHUB}"
-scopes = ["issues:read", "issues:write"]
-introspection_client = "github-tool"
-
-[tools.wiki]
-resource = "{WIKI}"
-scopes = ["pages:read"]
-max_token_lifetime = "2m"
-
-[entitlements.triage]
-backend = "tool_task"
-max_duration = "1h"
-[entitlements.triage.requesters]
-groups = ["engineers"]
-[entitlements.triage.task]
-agents = ["ci-agent"]
-tools = {{ github = ["issues:read", "issues:write"], wiki = ["pages:read"] }}
-"""
+GITHUB, WIKI = TASK_GITHUB, TASK_WIKI
+POLICY = TASK_TOOLS + TRIAGE_TASK
 
 
 @pytest.fixture
