@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 from .urls import loggable_target
 
+SYNCHRONOUS = ("normal", "full")  # [storage] synchronous: SQLite's, for the write-ahead log
+
 DEFAULTS: dict[str, dict] = {
     "server": {
         "base_url": "http://127.0.0.1:5000",
@@ -39,7 +41,9 @@ DEFAULTS: dict[str, dict] = {
     },
     "vault": {"addr": "http://127.0.0.1:8200", "token": "", "timeout": 10},
     "policy": {"path": "policy.toml"},
-    "storage": {"path": ""},
+    # synchronous: "normal" (a commit survives the broker's crash; the last ones may roll back
+    # on power loss) or "full" (every commit synced). See broker/store.py.
+    "storage": {"path": "", "synchronous": "normal"},
     "reaper": {
         "enabled": True,
         "retry_min": 5,
@@ -217,6 +221,11 @@ def check_settings(settings: Settings) -> None:
         _check_https("oidc.issuer", oidc["issuer"])
     _check_https("server.base_url", settings.server["base_url"])
     _check_oauth(settings.oauth)
+    if settings.storage["synchronous"] not in SYNCHRONOUS:
+        raise ConfigError(
+            f"storage.synchronous must be one of {', '.join(SYNCHRONOUS)}, "
+            f"not {settings.storage['synchronous']!r}"
+        )
     _check_sessions(settings.server)
     _check_webhook(settings.notify)
     _check_forwarding(settings.audit)

@@ -47,7 +47,7 @@ class Services:
     def build(cls, settings: Settings) -> Services:
         """Check what serving needs, then build every part; starts no thread."""
         check_service_settings(settings)
-        store = Store(settings.database_path)
+        store = Store(settings.database_path, synchronous=settings.storage["synchronous"])
         store.migrate()
         policy = PolicyFile(settings.policy_path, POLICY_KINDS)
         notifier = Notifier(settings.notify["webhook_url"], timeout=settings.notify["timeout"])

@@ -157,7 +157,8 @@ def main(count: int) -> None:
             ("remove (release -> verified)", raw_remove_s, broker_remove_s),
             ("token exchange (-> signed)", raw_sign_s, broker_exchange_s),
         ]
-        print(f"jit-broker bench: {count} grants against OpenBao at {bao.addr}\n")
+        print(f"jit-broker bench: {count} grants against OpenBao at {bao.addr}")
+        print(f"store: SQLite (WAL, synchronous={grants.store.synchronous}) in {workdir}\n")
         print(f"{'':32}{'raw Vault':>12}{'broker':>12}{'ratio':>9}")
         for name, raw, broker in rows:
             print(f"{name:32}{raw * 1000:>10.2f}ms{broker * 1000:>10.2f}ms{broker / raw:>8.2f}x")

@@ -138,6 +138,8 @@ def test_entries_arrive_in_order_in_batches_exactly_as_stored(store, receiver, f
     assert store.cursor(CURSOR) == 25 and fwd.delivered == 25
     assert endpoint.headers[0]["Authorization"] == f"Bearer {TOKEN}"
     assert endpoint.headers[0]["Content-Type"] == "application/json"
+    # Each batch was synced to disk before it left (make_durable: one synced write per batch).
+    assert store.db.execute("SELECT writes FROM write_check").fetchone()[0] == 3
 
 
 def test_without_a_token_no_authorization_header_is_sent(store, receiver, forwarder):

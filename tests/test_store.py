@@ -4,8 +4,10 @@ migration of databases older brokers left behind."""
 from contextlib import contextmanager
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import audit
+from broker.audit.log import AuditLog
 from broker.store import SCHEMA_VERSION, Store, _create_v1, _migrate_v2, _migrate_v3
 
 
@@ -23,6 +25,36 @@ def test_store_appends_in_the_same_transaction_and_rolls_back_together(tmp_path)
     entries = list(store.audit_entries())
     assert [e["seq"] for e in entries] == [1, 2]
     assert audit.verify(entries).ok
+
+
+def _writes(store):
+    return store.db.execute("SELECT writes FROM write_check").fetchone()[0]
+
+
+def test_commits_sync_as_configured_and_make_durable_syncs_one_write_then_restores(tmp_path):
+    full = Store(tmp_path / "full.db", synchronous="full")
+    full.migrate()
+    assert full.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    full.make_durable()  # every commit is synced already: nothing to do
+    assert _writes(full) == 0
+    normal = Store(tmp_path / "normal.db")
+    normal.migrate()
+    assert normal.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL, the default
+    normal.make_durable()
+    assert _writes(normal) == 1  # one write committed with FULL, which syncs the whole WAL
+    assert normal.db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(ValueError, match="synchronous"):
+        Store(tmp_path / "x.db", synchronous="off")
+
+
+def test_a_checkpoint_is_signed_only_over_a_log_made_durable_first(tmp_path):
+    store = Store(tmp_path / "broker.db")
+    store.migrate()
+    with store.transaction() as tx:
+        tx.append("t", "first", {}, "g1", {})
+    log = AuditLog(store, b"k" * 32, signing_key=Ed25519PrivateKey.generate())
+    assert log.checkpoint()["size"] == 1
+    assert _writes(store) == 1
 
 
 def test_schema_version_is_recorded_and_migrate_is_idempotent(tmp_path):

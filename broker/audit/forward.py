@@ -109,6 +109,12 @@ class Forwarder:
             raise ForwardFailed(f"reading the audit log failed: {type(exc).__name__}") from None
         if not entries:
             return 0
+        try:
+            # The receiver must never hold an entry that a power loss could take back here:
+            # the chain would then fork at that seq.
+            self.store.make_durable()
+        except Exception as exc:
+            raise ForwardFailed(f"syncing the audit log failed: {type(exc).__name__}") from None
         failure = self._send(self._post, entries)
         if failure:
             raise ForwardFailed(failure)

@@ -63,6 +63,9 @@ class AuditLog:
         latest = self.store.checkpoints(first=head["seq"]) if head else [{}]
         if head is None or latest:
             return None
+        # A power loss must not take back entries that a signed checkpoint (and its copy
+        # outside the database) already covers.
+        self.store.make_durable()
         checkpoint = signing.sign_checkpoint(
             self.signing_key, head["seq"], head["hash"], self._now()
         )

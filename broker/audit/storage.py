@@ -37,6 +37,9 @@ class AuditStore(Protocol):
 
     def add_checkpoint(self, checkpoint: dict) -> None: ...
 
+    # Before a checkpoint is signed or an entry leaves the machine: on disk, not only committed.
+    def make_durable(self) -> None: ...
+
     def checkpoints(self, first: int = 0, last: int | None = None) -> list[dict]: ...
 
     # A consumer's position in the log (the forwarder's).
