@@ -67,6 +67,9 @@ DEFAULTS: dict[str, dict] = {
         "transit_mount": "transit",
         "signing_key": "jit-broker-tokens",
         "issuer": "",  # default: server.base_url
+        # A rotated key version signs only this long after transit made it: every replica's
+        # JWKS, a shared cache (max-age 60) and a tool's refetch cooldown (30) have it by then.
+        "key_publish_delay": 120,
     },
     # Only to verify that a database user is gone: read pg_roles. Never used to create users.
     "postgres": {"dsn": ""},
@@ -278,6 +281,11 @@ def _check_oauth(oauth: dict) -> None:
             or not value.replace("-", "").replace("_", "").isalnum()
         ):
             raise ConfigError(f"oauth.{name} must be a name of letters, digits, - and _")
+    delay = oauth["key_publish_delay"]
+    if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
+        raise ConfigError(
+            f"oauth.key_publish_delay must be a whole number of seconds >= 0, not {delay!r}"
+        )
 
 
 def _is_loopback(host: str) -> bool:

@@ -134,6 +134,7 @@ class Services:
                 settings.oauth_issuer,
                 mount=settings.oauth["transit_mount"],
                 key_name=settings.oauth["signing_key"],
+                publish_delay=settings.oauth["key_publish_delay"],
             ),
         )
 

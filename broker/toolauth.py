@@ -198,10 +198,11 @@ class ToolTokenVerifier:
         introspect: Callable[[str], bool] | None = None,
         leeway: int = 30,
         keys: ProviderKeys | None = None,
+        jwks_cooldown: float = 30,
     ):
         self.issuer = issuer
         self.resource = resource
-        self.keys = keys or ProviderKeys(jwks_uri)
+        self.keys = keys or ProviderKeys(jwks_uri, cooldown=jwks_cooldown)
         self.introspect = introspect
         self.leeway = leeway
 

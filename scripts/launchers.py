@@ -186,6 +186,7 @@ class McpTool:
         client_id: str = TOOL_CLIENT_ID,
         client_secret: str = "",
         audience: str = API_RESOURCE,
+        jwks_cooldown: float | None = None,
     ) -> McpTool:
         """At `resource` (its port and path) or at /mcp on `port` (a free one by default). With
         `introspect` (the broker's endpoint), it asks the broker about every token with its own
@@ -200,6 +201,8 @@ class McpTool:
         argv = [sys.executable, str(ROOT / "scripts" / "example" / "mcp_tool.py")]
         argv += ["--issuer", issuer, "--jwks-uri", jwks_uri, "--resource", resource]
         argv += ["--port", str(port)]
+        if jwks_cooldown is not None:
+            argv += ["--jwks-cooldown", str(jwks_cooldown)]
         env = _clean_env()
         if introspect:
             argv += ["--introspect", introspect, "--client-id", client_id]

@@ -34,12 +34,16 @@ from scripts.launchers import (
     free_port,
     tool_secret,
 )
-from tests.helpers import broker_settings, grants_of
+from tests.helpers import broker_settings, grants_of, wait_until
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 TOOL_A = f"http://127.0.0.1:{free_port()}/mcp"
 TOOL_B = f"http://127.0.0.1:{free_port()}/mcp"
+# A rotated key signs PUBLISH_DELAY s after transit made it; the tools refetch the JWKS on an
+# unknown kid at most every JWKS_COOLDOWN s (production: 120 and 30; shorter here, same order).
+PUBLISH_DELAY = 4
+JWKS_COOLDOWN = 1
 POLICY = f"""
 [tools.github]
 resource = "{TOOL_A}"
@@ -84,6 +88,7 @@ def stack(tmp_path_factory, openbao, oidc_provider, broker_port, oidc_client_sec
         oidc_client_secret,
         policy_text=POLICY,
         reaper={"enabled": False},
+        oauth={"key_publish_delay": PUBLISH_DELAY},
     )
     app = create_app(settings)
     port = free_port()
@@ -102,6 +107,7 @@ def stack(tmp_path_factory, openbao, oidc_provider, broker_port, oidc_client_sec
                 provider=oidc_provider.issuer,
                 client_secret=tool_secret(oidc_client_secret),
                 audience=oidc_provider.api_resource,
+                jwks_cooldown=JWKS_COOLDOWN,
             )
         # The agent's own identity: a client-credentials JWT from the real provider.
         agent = client_credentials_token(
@@ -206,7 +212,7 @@ def test_the_agent_calls_the_tool_with_a_token_from_the_exchange(stack, task):
     window_end = datetime.fromisoformat(task["window"]["end"]).timestamp()
     assert claims["exp"] <= window_end  # no token outlives the window
     header = jwt.get_unverified_header(token)
-    assert header["kid"] == stack.signer.kid(stack.signer.versions().latest)
+    assert header["kid"] == stack.signer.kid(stack.signer.signing_version())
     assert grants_of(stack.app).chain(task["id"])[-1]["type"] == "token_issued"
 
 
@@ -253,9 +259,7 @@ def test_a_missing_scope_gets_403_insufficient_scope(stack, task):
 
 def test_after_the_window_end_the_tool_refuses_the_token(stack, tokens):
     """A task of a few seconds: the token works inside the window and is refused once it has
-    closed, with no release and no reaper (introspection, and the exp capped to the window end).
-    It runs before the key rotation below: a running tool learns a new kid only after its JWKS
-    cooldown (30 s), a limit noted for issue 12."""
+    closed, with no release and no reaper (introspection, and the exp capped to the window end)."""
     body = {
         "entitlement": "triage",
         "duration": "8s",
@@ -286,21 +290,28 @@ def test_after_the_window_end_the_tool_refuses_the_token(stack, tokens):
 def test_after_a_key_rotation_old_tokens_verify_and_new_ones_carry_the_new_kid(
     stack, task, openbao
 ):
+    """The running tools (their JWKS cached from before the rotation) take every token: the old
+    version's until their exp, the new version's once it signs, PUBLISH_DELAY after the
+    rotation, by which time a tool may refetch the JWKS that already publishes it."""
     old = exchange(stack, task)["access_token"]
-    old_version = stack.signer.versions().latest
+    old_version = stack.signer.signing_version()
     assert jwt.get_unverified_header(old)["kid"] == stack.signer.kid(old_version)
+    assert call(TOOL_A, old)  # the tool holds the JWKS of before the rotation
 
     openbao.client().secrets.transit.rotate_key(stack.signer.key_name)  # the operator's root
-    stack.signer.versions(fresh=True)  # instead of waiting for the 30 s keys_ttl
-    new = exchange(stack, task)["access_token"]
-    new_kid = stack.signer.kid(old_version + 1)
-    assert jwt.get_unverified_header(new)["kid"] == new_kid
-
+    new_version = stack.signer.versions(fresh=True).latest  # instead of waiting for keys_ttl
+    new_kid = stack.signer.kid(new_version)
     published = requests.get(f"{stack.url}/.well-known/jwks.json", timeout=5).json()["keys"]
-    kids = [key["kid"] for key in published]
-    assert kids[:2] == [new_kid, stack.signer.kid(old_version)]  # newest first
-    # The tool process (its JWKS cached from before) still takes the old token until its exp.
-    assert call(TOOL_A, old)
+    assert [key["kid"] for key in published][0] == new_kid  # published at once, newest first
+    soon = exchange(stack, task)["access_token"]
+    assert jwt.get_unverified_header(soon)["kid"] == stack.signer.kid(old_version)
+
+    assert wait_until(lambda: stack.signer.signing_version() == new_version, PUBLISH_DELAY + 5)
+    new = exchange(stack, task)["access_token"]
+    assert jwt.get_unverified_header(new)["kid"] == new_kid
+    # The same running tool learns the new kid (one refetch) and still takes the old tokens.
+    assert call(TOOL_A, new)
+    assert call(TOOL_A, old) and call(TOOL_A, soon)
     # A verifier reading the JWKS now takes both, and learns the new kid from it.
     verifier = ToolTokenVerifier(stack.signer.issuer, f"{stack.url}/.well-known/jwks.json", TOOL_A)
     assert verifier.verify(old).jti != verifier.verify(new).jti

@@ -29,6 +29,7 @@ def test_settings_without_what_serving_needs_load_and_serving_names_what_is_miss
         ("oauth", {"signing_key": "../sys/policy"}, "oauth.signing_key"),
         ("oauth", {"transit_mount": ""}, "oauth.transit_mount"),
         ("storage", {"synchronous": "off"}, "storage.synchronous"),
+        ("oauth", {"key_publish_delay": -1}, "oauth.key_publish_delay"),
     ],
 )
 def test_a_wrong_value_is_refused_when_loaded_naming_its_key(section, values, key):

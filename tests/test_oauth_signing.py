@@ -8,6 +8,7 @@ import pytest
 from broker.errors import SigningKeyUnavailable
 from broker.oauth import TokenSigner
 from broker.oauth.signing import KEY_TYPE
+from tests.helpers import wait_until
 
 KEY = "jit-broker-tokens"
 
@@ -59,7 +60,7 @@ def test_a_token_signed_by_transit_verifies_with_pyjwt_against_the_served_jwks(
     token, kid = signer.issue(claims())
 
     header = jwt.get_unverified_header(token)
-    latest = signer.versions().latest
+    latest = signer.signing_version()
     assert header == {"alg": "ES256", "typ": "at+jwt", "kid": f"{KEY}-v{latest}"}
     assert kid == header["kid"]
     assert verify(token, jwks_client, broker) == {**claims(), "iss": broker.url}
@@ -76,21 +77,31 @@ def test_a_token_changed_after_signing_does_not_verify(signer, jwks_client, brok
 
 
 def test_after_a_rotation_old_tokens_still_verify_and_new_ones_carry_the_new_kid(
-    signer, jwks_client, broker, openbao
+    signer, jwks_client, broker, openbao, monkeypatch
 ):
+    """The new version is published at once and signs only `publish_delay` after transit made
+    it, so a verifier can learn its key before a token names it."""
+    monkeypatch.setattr(signer, "publish_delay", 2)
     old_token, old_kid = signer.issue(claims())
     old_version = signer.versions().latest
+    assert old_kid == f"{KEY}-v{signer.signing_version()}"
 
     openbao.client().secrets.transit.rotate_key(KEY)  # the operator's, with their own token
     signer.versions(fresh=True)  # or wait for keys_ttl
-    new_token, new_kid = signer.issue(claims())
-
-    assert (old_kid, new_kid) == (f"{KEY}-v{old_version}", f"{KEY}-v{old_version + 1}")
-    assert jwt.get_unverified_header(new_token)["kid"] == new_kid
+    new_kid = f"{KEY}-v{old_version + 1}"
     published = [key.key_id for key in jwks_client().get_jwk_set().keys]
-    assert published[:2] == [new_kid, old_kid]  # newest first
-    assert verify(old_token, jwks_client, broker)["jti"] == "8c9a4d7e"
-    assert verify(new_token, jwks_client, broker)["jti"] == "8c9a4d7e"
+    assert published[0] == new_kid and old_kid in published  # newest first
+    soon_token, soon_kid = signer.issue(claims())
+    assert soon_kid == old_kid  # published, not signing yet
+    assert signer.health()["next_key"]["kid"] == new_kid
+
+    assert wait_until(lambda: signer.signing_version() == old_version + 1, timeout=10)
+    new_token, kid = signer.issue(claims())
+    assert kid == new_kid
+    assert jwt.get_unverified_header(new_token)["kid"] == new_kid
+    assert "next_key" not in signer.health()
+    for token in (old_token, soon_token, new_token):
+        assert verify(token, jwks_client, broker)["jti"] == "8c9a4d7e"
 
 
 def test_a_retired_version_leaves_the_jwks_and_its_tokens_no_longer_verify(

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import hvac
@@ -24,6 +25,7 @@ from jwt.utils import base64url_decode, base64url_encode
 
 from ..backends.vault import translate_errors
 from ..errors import BrokerError, SigningKeyUnavailable, VaultRejected, VaultUnavailable
+from ..models import isoformat, parse_time, utcnow
 
 KEY_TYPE = "ecdsa-p256"  # transit's name for a P-256 ECDSA key: ES256 (RFC 7518 §3.4)
 ALGORITHM = "ES256"
@@ -43,16 +45,32 @@ class SignedToken(NamedTuple):
 
 @dataclass(frozen=True)
 class KeyVersions:
-    """What transit says of the signing key: the version it signs with now, and the public key of
-    every version it still keeps (those not older than `min_decryption_version`)."""
+    """What transit says of the signing key: its newest version, the public key and creation
+    time of every version it still keeps (those not older than `min_decryption_version`), and
+    the oldest version it may still sign with (`min_encryption_version`; 0: any)."""
 
     latest: int
     public: dict[int, EllipticCurvePublicKey]
+    created: dict[int, datetime]
+    min_encryption: int = 0
+
+    def signing_version(self, now: datetime, publish_delay: float) -> int:
+        """The version to sign with at `now`: the newest one published at least `publish_delay`
+        seconds ago, so every verifier can have learnt its key by the time a token names it.
+        When none is that old (a new key, or the operator retired the older ones with
+        `min_encryption_version`, as after a leak), the oldest version transit still signs with."""
+        usable = [v for v in self.public if v >= self.min_encryption]
+        ready = [v for v in usable if (now - self.created[v]).total_seconds() >= publish_delay]
+        return max(ready) if ready else min(usable)
 
 
 class TokenSigner:
     """Signs with `<mount>/sign/<key>` and reads `<mount>/keys/<key>`; nothing else (the broker's
     OpenBao policy grants exactly these two). Rotation is the operator's: a transit key rotation.
+
+    A new version is published at once but signs only `publish_delay` seconds after transit made
+    it (default 120: this signer's `keys_ttl`, a shared cache's JWKS max-age and a verifier's
+    refetch cooldown), so a running tool never meets a `kid` it cannot learn yet.
 
     Which keys are published: every version transit still returns, i.e. those not older than the
     key's `min_decryption_version`. After a rotation the old version stays published, so tokens
@@ -69,14 +87,18 @@ class TokenSigner:
         mount: str = "transit",
         key_name: str = "jit-broker-tokens",
         keys_ttl: float = 30,
+        publish_delay: float = 120,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.client = client
         self.issuer = issuer
         self.mount = mount
         self.key_name = key_name
         self.keys_ttl = keys_ttl
+        self.publish_delay = publish_delay
         self.clock = clock
+        self.wall_clock = wall_clock
         self._lock = threading.Lock()
         self._read: tuple[float, KeyVersions] | None = None
 
@@ -86,26 +108,30 @@ class TokenSigner:
 
     def issue(self, claims: Mapping[str, Any]) -> SignedToken:
         """An access token (`typ: at+jwt`, ES256) carrying `claims` and `iss` = this issuer, signed
-        by the key's latest version; returns it with its `kid`. `claims` must hold the RFC 9068
-        claims (exp, aud, sub, client_id, iat, jti) as JSON values, and no other `iss`. Raises
-        SigningKeyUnavailable (503) when the key is missing or not ES256, VaultUnavailable when
-        OpenBao cannot be reached."""
+        by the key's signing version (`KeyVersions.signing_version`); returns it with its `kid`.
+        `claims` must hold the RFC 9068 claims (exp, aud, sub, client_id, iat, jti) as JSON
+        values, and no other `iss`. Raises SigningKeyUnavailable (503) when the key is missing or
+        not ES256, VaultUnavailable when OpenBao cannot be reached."""
         missing = [name for name in REQUIRED_CLAIMS if name not in claims]
         if missing:
             raise ValueError(f"an access token needs the claims {missing}")
         if claims.get("iss", self.issuer) != self.issuer:
             raise ValueError(f"an access token's iss must be {self.issuer}")
         payload = {**claims, "iss": self.issuer}
-        versions = self.versions()
+        version = self.signing_version()
         try:
-            return self._sign(payload, versions.latest)
+            return self._sign(payload, version)
         except (VaultRejected, VaultUnavailable):
             # The cached version may have been retired since (min_encryption_version raised;
             # OpenBao answers that with a 500): once more, if transit now names another version.
-            fresh = self.versions(fresh=True)
-            if fresh.latest == versions.latest:
+            fresh = self.signing_version(fresh=True)
+            if fresh == version:
                 raise
-            return self._sign(payload, fresh.latest)
+            return self._sign(payload, fresh)
+
+    def signing_version(self, fresh: bool = False) -> int:
+        """The key version a token signed now carries."""
+        return self.versions(fresh).signing_version(self.wall_clock(), self.publish_delay)
 
     def verify(self, token: str) -> dict[str, Any] | None:
         """The claims of a token this signer issued, when its signature (by a published version)
@@ -151,11 +177,16 @@ class TokenSigner:
             versions = self.versions(fresh=True)
         except BrokerError as exc:  # missing, not ES256, OpenBao refused or unreachable
             return {"ok": False, "error": exc.detail}
-        return {
+        signing = versions.signing_version(self.wall_clock(), self.publish_delay)
+        check = {
             "ok": True,
-            "key": self.kid(versions.latest),
+            "key": self.kid(signing),
             "published": [self.kid(version) for version in sorted(versions.public)],
         }
+        if versions.latest != signing:  # rotated lately: published, not yet signing
+            starts = versions.created[versions.latest] + timedelta(seconds=self.publish_delay)
+            check["next_key"] = {"kid": self.kid(versions.latest), "signs_from": isoformat(starts)}
+        return check
 
     @translate_errors
     def _read_key(self) -> KeyVersions:
@@ -180,6 +211,7 @@ class TokenSigner:
                 f"({ALGORITHM})"
             )
         public: dict[int, EllipticCurvePublicKey] = {}
+        created: dict[int, datetime] = {}
         for version, key in (data.get("keys") or {}).items():
             loaded = load_pem_public_key(key["public_key"].encode())
             if not isinstance(loaded, EllipticCurvePublicKey) or not isinstance(
@@ -187,10 +219,14 @@ class TokenSigner:
             ):
                 raise SigningKeyUnavailable(f"version {version} of {path} is not a P-256 key")
             public[int(version)] = loaded
+            created[int(version)] = _transit_time(key.get("creation_time", ""), path)
         latest = int(data["latest_version"])
         if latest not in public:
             raise SigningKeyUnavailable(f"the latest version of {path} has no public key")
-        return KeyVersions(latest=latest, public=public)
+        min_encryption = int(data.get("min_encryption_version") or 0)
+        if not any(version >= min_encryption for version in public):
+            raise SigningKeyUnavailable(f"{path} keeps no version it may still sign with")
+        return KeyVersions(latest, public, created, min_encryption)
 
     @translate_errors
     def _sign(self, payload: Mapping[str, Any], version: int) -> SignedToken:
@@ -215,6 +251,16 @@ class TokenSigner:
         if len(raw) != SIGNATURE_BYTES:
             raise VaultRejected("transit's signature is not a JWS ES256 signature")
         return SignedToken(f"{signing_input.decode()}.{base64url_encode(raw).decode()}", kid)
+
+
+def _transit_time(text: object, path: str) -> datetime:
+    """A key version's creation time as transit writes it (RFC 3339, nanoseconds)."""
+    try:
+        if not isinstance(text, str):
+            raise TypeError
+        return parse_time(text)
+    except (TypeError, ValueError):
+        raise SigningKeyUnavailable(f"{path} names no readable creation time") from None
 
 
 def _canonical(part: Mapping[str, Any]) -> bytes:

@@ -221,6 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         default=API_AUDIENCE,
         help=f"the broker's API audience at the provider (default {API_AUDIENCE})",
     )
+    parser.add_argument(
+        "--jwks-cooldown",
+        type=float,
+        default=30,
+        help="seconds between fetches of the broker's JWKS on an unknown kid (default 30)",
+    )
     args = parser.parse_args(argv)
     introspect = None
     if args.introspect:
@@ -230,7 +236,13 @@ def main(argv: list[str] | None = None) -> None:
         secret = _env("JIT_TOOL_CLIENT_SECRET")
         own_token = ClientCredentials(args.provider, args.client_id, secret, args.audience)
         introspect = Introspection(args.introspect, bearer=own_token)
-    verifier = ToolTokenVerifier(args.issuer, args.jwks_uri, args.resource, introspect=introspect)
+    verifier = ToolTokenVerifier(
+        args.issuer,
+        args.jwks_uri,
+        args.resource,
+        introspect=introspect,
+        jwks_cooldown=args.jwks_cooldown,
+    )
     logging.basicConfig(level=logging.INFO)
     uvicorn.run(build_app(verifier, args.issuer), host=args.host, port=args.port, log_level="info")
 
