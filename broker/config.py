@@ -50,6 +50,7 @@ DEFAULTS: dict[str, dict] = {
         "retry_max": 300,
         "heartbeat": 30,  # the reaper wakes at least this often; 3x stale and issuing stops
         "reconcile_every": 300,  # seconds between sweeps of what Vault holds for the broker
+        "behind_after": 60,  # a deadline this many seconds overdue: /readyz says not ready
     },
     "notify": {"webhook_url": "", "timeout": 5},
     "audit": {

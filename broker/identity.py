@@ -52,11 +52,13 @@ class ProviderMetadata:
     """The provider's discovery document, fetched once and checked to name the configured
     issuer exactly (OpenID Connect Discovery §4.3)."""
 
-    def __init__(self, issuer: str, timeout: float = 5):
+    def __init__(self, issuer: str, timeout: float = 5, probe_every: float = 10):
         self.issuer = issuer
         self.timeout = timeout
+        self.probe_every = probe_every
         self._document: dict | None = None
         self._lock = threading.Lock()
+        self._probe: tuple[float, dict] | None = None  # (monotonic time, the last probe's check)
 
     @property
     def url(self) -> str:
@@ -79,6 +81,26 @@ class ProviderMetadata:
                     )
                 self._document = document
             return self._document
+
+    def health(self) -> dict:
+        """For /readyz: whether the provider answers its discovery document now (a login or a
+        token's keys need it). Asked at most every `probe_every` seconds, whatever the probe rate
+        of the load balancer; never raises."""
+        now = time.monotonic()
+        probe = self._probe
+        if probe is not None and now - probe[0] < self.probe_every:
+            return probe[1]
+        try:
+            response = requests.get(self.url, timeout=min(self.timeout, 2))
+            response.raise_for_status()
+            check: dict = {"ok": True}
+        except requests.RequestException as exc:
+            check = {
+                "ok": False,
+                "error": f"the OIDC provider is unreachable: {type(exc).__name__}",
+            }
+        self._probe = (now, check)
+        return check
 
 
 class ProviderKeys:

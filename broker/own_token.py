@@ -1,5 +1,5 @@
 """The broker's own Vault token: looked up at start, renewed from the reaper's loop once less than
-half of its TTL (or period) is left, and reported on /healthz before it runs out. A token that
+half of its TTL (or period) is left, and reported on /readyz before it runs out. A token that
 lapses silently stops every issuance and, worse, every revocation. The token itself is never
 logged or shown."""
 
@@ -18,7 +18,7 @@ from .models import utcnow
 
 log = logging.getLogger(__name__)
 
-# A token that cannot be renewed degrades /healthz this long before it expires: time for a person
+# A token that cannot be renewed degrades /readyz this long before it expires: time for a person
 # to give the broker a new one.
 WARN_BEFORE = timedelta(hours=24)
 RETRY_AFTER = timedelta(seconds=30)  # after a failed lookup or renewal
@@ -62,7 +62,7 @@ class OwnToken:
         self._warned = False
 
     def look_up(self, now: datetime | None = None) -> None:
-        """lookup-self: at start, so /healthz knows the token before the first renewal."""
+        """lookup-self: at start, so /readyz knows the token before the first renewal."""
         now = now or self.clock()
         try:
             data = self.client.auth.token.lookup_self()["data"]
@@ -105,7 +105,7 @@ class OwnToken:
         lease = timedelta(seconds=int(auth["lease_duration"]))
         self.expires_at, self.error, self._retry_at = now + lease, "", None
         # A renewal that gives back less than half is capped by a max TTL: renewing again gains
-        # nothing, so it is reported (below, and on /healthz) instead.
+        # nothing, so it is reported (below, and on /readyz) instead.
         self.renewable = bool(auth.get("renewable")) and lease >= self.full / 2
         log.info("renewed the broker's Vault token: %s left", _readable(lease))
         if not self.renewable:
@@ -114,7 +114,7 @@ class OwnToken:
         return (self.expires_at - self.full / 2 - now).total_seconds()
 
     def health(self, now: datetime | None = None) -> dict:
-        """Part of /healthz's `vault` check: not ok after a failed lookup or renewal, or when the
+        """Part of /readyz's `vault` check: not ok after a failed lookup or renewal, or when the
         token runs out within `warn_before` and cannot be renewed. No TTL is fine."""
         if self.error:
             return {"ok": False, "error": self.error}

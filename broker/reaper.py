@@ -106,7 +106,7 @@ class Reaper:
             log.exception("reconciliation failed; trying again in %ss", self.reconcile_every)
 
     def _renew_token(self) -> float:
-        """The broker's own Vault token; a failure is reported on /healthz and tried again."""
+        """The broker's own Vault token; a failure is reported on /readyz and tried again."""
         try:
             due = self.renew_token()
         except Exception:

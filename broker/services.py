@@ -55,7 +55,7 @@ class Services:
             settings.vault["addr"], settings.vault["token"], settings.vault["timeout"]
         )
         own_token = OwnToken(vault)
-        own_token.look_up()  # /healthz knows from the start whether it will lapse
+        own_token.look_up()  # /readyz knows from the start whether it will lapse
         fingerprint_key = settings.secret_file("audit-hmac.key")
         # Tags what this broker issues (replicas sharing the data directory share it), so that its
         # reconciler never revokes what another broker sharing the Vault issued.
@@ -76,6 +76,7 @@ class Services:
             retry_max=reaper_settings["retry_max"],
             notify=notifier.notify,
             heartbeat_every=reaper_settings["heartbeat"],
+            behind_after=reaper_settings["behind_after"],
             vault_health=lambda: vault_health(vault, token=own_token.health),
             auditor_groups=tuple(settings.audit["auditor_groups"]),
             # Held for the broker's life: other processes on the same store see this one as alive.
@@ -128,7 +129,7 @@ class Services:
             forwarder,
             AuditSearch(audit_log, settings.audit["auditor_groups"]),
             own_token,
-            # Reads the transit key only when asked: a missing key degrades /healthz, no crash.
+            # Reads the transit key only when asked: a missing key degrades /readyz, no crash.
             TokenSigner(
                 vault,
                 settings.oauth_issuer,

@@ -216,7 +216,7 @@ def grants_of(app):
 
 
 def health(app):
-    response = app.test_client().get("/healthz")
+    response = app.test_client().get("/readyz")
     return response.status_code, response.get_json()
 
 

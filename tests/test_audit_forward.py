@@ -1,6 +1,6 @@
 """Forwarding the audit log to a real local HTTP receiver: every entry, in seq order, at least once,
 with the cursor moving only after a 2xx; outages (503, nothing listening, too slow) lose nothing;
-a new forwarder over the same database resumes from the saved cursor; /healthz shows the lag while
+a new forwarder over the same database resumes from the saved cursor; /readyz shows the lag while
 the broker keeps issuing."""
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def test_stop_ends_the_thread_and_an_unset_url_starts_nothing(store, receiver, f
     assert [t for t in threading.enumerate() if t.name == "jit-forward"] == []
 
 
-# --- the broker: create_app starts it, issuing wakes it, /healthz shows it ------------------------
+# --- the broker: create_app starts it, issuing wakes it, /readyz shows it -------------------------
 
 
 @pytest.fixture
@@ -352,7 +352,7 @@ def test_the_broker_forwards_what_it_writes_and_keeps_issuing_during_an_outage(
     assert health(app)[1]["checks"]["forward"]["lag"] == 0
 
 
-def test_without_a_forward_url_healthz_says_forwarding_is_off(make_app):
+def test_without_a_forward_url_readyz_says_forwarding_is_off(make_app):
     app = make_app()
     assert not app.extensions["jit"].forwarder.running
     assert health(app)[1]["checks"]["forward"] == {"ok": True, "enabled": False}

@@ -1,6 +1,6 @@
 """Break-glass end to end against real OpenBao and the real OIDC provider: issued at once past
 approvals, ticket and schedule, loudly; refused to everyone else with nothing recorded; reviewed
-once, never by the requester; overdue reviews on /healthz; the policy table checked; the UI."""
+once, never by the requester; overdue reviews on /readyz; the policy table checked; the UI."""
 
 import re
 from datetime import UTC, datetime, timedelta
@@ -179,21 +179,21 @@ def test_another_identity_of_the_requester_cannot_review(app, api_for, alerts):
     assert review(api, grant_id, "bob-unverified").status_code == 200
 
 
-def test_an_overdue_review_shows_on_healthz_without_stopping_issuing(app, api_for, alerts):
+def test_an_overdue_review_shows_on_readyz_without_stopping_issuing(app, api_for, alerts):
     api = api_for(app)
     grant_id = api("POST", "/api/v1/requests", EMERGENCY).json["id"]
-    health = app.test_client().get("/healthz").json["checks"]["reviews"]
+    health = app.test_client().get("/readyz").json["checks"]["reviews"]
     assert health == {"ok": True, "overdue": 0, "grants": []}
     store = app.extensions["jit"].grants.store
     with store.transaction() as tx:
         tx.move_grant(grant_id, "active", review_due="2000-01-01T00:00:00Z")
-    health = app.test_client().get("/healthz").json["checks"]["reviews"]
+    health = app.test_client().get("/readyz").json["checks"]["reviews"]
     assert health == {"ok": True, "overdue": 1, "grants": [grant_id]}
     assert api("POST", "/api/v1/requests", EMERGENCY, "bob").status_code == 201
     assert review(api, grant_id, "dave").status_code == 200
     late = app.extensions["jit"].grants.chain(grant_id)[-1]["data"]
     assert late["late"] is True
-    assert app.test_client().get("/healthz").json["checks"]["reviews"]["overdue"] == 0
+    assert app.test_client().get("/readyz").json["checks"]["reviews"]["overdue"] == 0
 
 
 @pytest.mark.parametrize(

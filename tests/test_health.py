@@ -1,6 +1,8 @@
-"""Layer 5: GET /healthz says whether the broker can keep its promises, and the broker fails
-closed (issues nothing new) when its audit log cannot be written or its reaper's heartbeat is
-stale. Release and removal are never blocked. Against real OpenBao and real access tokens."""
+"""Layer 5: GET /readyz says whether the broker can keep its promises (503: send the work to
+another replica), GET /healthz whether it is alive (503: restart it), and the broker fails closed
+(issues nothing new) when its audit log cannot be written or its reaper's heartbeat is stale.
+Release and removal are never blocked. An unverified removal is an alert, not a reason to take
+every replica out of service. Against real OpenBao, the real provider and real access tokens."""
 
 import sqlite3
 from datetime import timedelta
@@ -9,7 +11,7 @@ import pytest
 
 from broker.backends import make_backends
 from broker.backends.vault import make_client
-from broker.models import Principal, parse_time, utcnow
+from broker.models import Principal, isoformat, parse_time, utcnow
 from scripts.launchers import free_port
 from tests.helpers import browser, health, token_works
 
@@ -41,6 +43,10 @@ def test_a_fresh_broker_is_healthy_and_failing_once_its_reaper_stops(app, jit):
     assert checks["reaper"]["alive"] and checks["reaper"]["heartbeat_age"] < 5
     assert checks["revoke_failed"] == {"ok": True, "count": 0, "grants": []}
     assert set(checks["notifier"]) >= {"delivered", "failed_attempts", "dropped", "pending"}
+    assert checks["provider"] == {"ok": True} and checks["reaper_lag"]["ok"]
+    assert body["alerts"] == []
+    alive = app.test_client().get("/healthz")
+    assert (alive.status_code, alive.get_json()) == (200, {"status": "alive"})
 
     jit.reaper.stop()
     status, body = health(app)
@@ -50,6 +56,8 @@ def test_a_fresh_broker_is_healthy_and_failing_once_its_reaper_stops(app, jit):
         "alive": False,
         "error": "the reaper is not running",
     }
+    dead = app.test_client().get("/healthz")
+    assert dead.status_code == 503 and dead.get_json()["checks"]["reaper"]["alive"] is False
 
 
 def test_unhealthy_broker_issues_nothing_but_release_still_works(app, jit, api):
@@ -91,7 +99,7 @@ def test_an_audit_log_that_cannot_be_written_refuses_issuing(app, jit, api, monk
     assert status == 503 and not body["checks"]["store"]["ok"]
 
 
-def test_a_revoke_failed_grant_fails_health_until_its_removal_is_verified(
+def test_a_revoke_failed_grant_is_an_alert_until_its_removal_is_verified(
     make_app, api_for, openbao
 ):
     app = make_app()  # no reaper thread: the test drives the retries itself
@@ -104,7 +112,9 @@ def test_a_revoke_failed_grant_fails_health_until_its_removal_is_verified(
     grants.reap_due(parse_time(body["window"]["end"]))
 
     status, health_body = health(app)
-    assert (status, health_body["status"]) == (503, "failing")
+    # Every replica would see the same grant: it stays in service and says so loudly.
+    assert (status, health_body["status"]) == (200, "degraded")
+    assert health_body["alerts"] == ["revoke_failed"]
     assert health_body["checks"]["revoke_failed"] == {
         "ok": False,
         "count": 1,
@@ -119,12 +129,41 @@ def test_a_revoke_failed_grant_fails_health_until_its_removal_is_verified(
     assert (status, health_body["status"]) == (200, "ok")
 
 
-def test_vault_out_of_reach_is_degraded_not_failing(make_app):
+def test_vault_out_of_reach_is_not_ready_but_alive(make_app):
     app = make_app(vault={"addr": f"http://127.0.0.1:{free_port()}"})
     app.extensions["jit"].grants.heartbeat = utcnow
     status, body = health(app)
-    assert (status, body["status"]) == (200, "degraded")
+    assert (status, body["status"]) == (503, "failing")
     assert not body["checks"]["vault"]["ok"] and "unreachable" in body["checks"]["vault"]["error"]
+    assert app.test_client().get("/healthz").status_code == 200  # a restart would not help
+
+
+def test_a_provider_out_of_reach_is_not_ready(make_app):
+    app = make_app(oidc={"issuer": f"http://127.0.0.1:{free_port()}"})
+    app.extensions["jit"].grants.heartbeat = utcnow
+    status, body = health(app)
+    assert (status, body["status"]) == (503, "failing")
+    assert body["alerts"] == ["provider"]
+    assert "provider is unreachable" in body["checks"]["provider"]["error"]
+
+
+def test_a_reaper_late_for_its_deadlines_is_not_ready(make_app, api_for):
+    """A window that closed two minutes ago and no reaper pass since (a heartbeat that looks
+    fresh, as when a reaper is stuck on a slow Vault): this replica should take no more work."""
+    app = make_app()
+    grants = app.extensions["jit"].grants
+    grants.heartbeat = utcnow
+    granted = api_for(app)("POST", "/api/v1/requests", ASK).get_json()
+    ended = isoformat(utcnow() - timedelta(minutes=2))  # as if its window had ended then
+    with grants.store.transaction() as tx:
+        assert tx.move_grant(granted["id"], "active", window_end=ended, due_at=ended)
+
+    status, body = health(app)
+    assert (status, body["status"]) == (503, "failing")
+    lag = body["checks"]["reaper_lag"]
+    assert not lag["ok"] and 110 <= lag["late"] <= 130 and "late for its oldest" in lag["error"]
+    grants.reap_due()
+    assert health(app)[0] == 200
 
 
 def test_the_home_page_warns_of_the_users_grants_whose_removal_is_unverified(

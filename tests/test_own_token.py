@@ -1,5 +1,5 @@
 """The broker's own OpenBao token: renewed from the reaper once less than half of its period is
-left, and on /healthz (degraded, with the reason) when it cannot be renewed and will lapse. Against
+left, and on /readyz (degraded, with the reason) when it cannot be renewed and will lapse. Against
 the real OpenBao, with tokens made by the root token with the shipped policy alone."""
 
 import logging
@@ -28,8 +28,8 @@ def looked_up(openbao, token: str) -> dict:
     return openbao.client().auth.token.lookup(token)["data"]
 
 
-def healthz(app) -> tuple[str, dict]:
-    body = app.test_client().get("/healthz").get_json()
+def readyz(app) -> tuple[str, dict]:
+    body = app.test_client().get("/readyz").get_json()
     return body["status"], body["checks"]["vault"]
 
 
@@ -47,7 +47,7 @@ def test_the_reaper_step_renews_a_periodic_token_once_half_its_period_is_gone(ma
     after = looked_up(openbao, token)
     assert after.get("last_renewal_time")
     assert after["ttl"] >= 58  # back near the period
-    vault = healthz(app)[1]
+    vault = readyz(app)[1]
     assert vault["ok"] and vault["token"]["renewable"]
 
 
@@ -72,7 +72,7 @@ def test_a_short_token_that_cannot_be_renewed_is_degraded_with_the_reason(
     token = broker_token(openbao, ttl="40m", renewable=False)
     app = make_app(vault={"token": token})
 
-    status, vault = healthz(app)
+    status, vault = readyz(app)
 
     assert status == "degraded" and not vault["ok"]
     assert re.fullmatch(
@@ -90,11 +90,11 @@ def test_a_renewal_that_fails_is_degraded_with_the_reason(make_app, openbao, cap
     )
     token = broker_token(openbao, "jit-test-no-renew", period="60s")
     app = make_app(vault={"token": token})
-    assert healthz(app)[1]["ok"]
+    assert readyz(app)[1]["ok"]
 
     app.extensions["jit"].own_token.renew_if_due(utcnow() + timedelta(seconds=40))
 
-    status, vault = healthz(app)
+    status, vault = readyz(app)
     assert status == "degraded" and not vault["ok"]
     assert vault["error"].startswith("renewing the broker's Vault token failed")
     assert "permission denied" in vault["error"]

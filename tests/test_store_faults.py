@@ -1,6 +1,6 @@
 """The broker's own store failing for real: a filesystem that is full (a small tmpfs), a database
 file made unwritable (`chattr +i`, which stops root too), a file that is no database. Each time:
-a 503 with a JSON error, nothing issued in OpenBao, `/healthz` failing and naming the problem;
+a 503 with a JSON error, nothing issued in OpenBao, `/readyz` failing and naming the problem;
 and once the store is usable again, health recovers and requests work."""
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ def serve(tokens):
 
 
 def health(call):
-    response = call("GET", "/healthz")
+    response = call("GET", "/readyz")
     return response.status_code, response.json()
 
 
 def health_of(app):
-    response = app.test_client().get("/healthz")
+    response = app.test_client().get("/readyz")
     return response.status_code, response.get_json()
 
 

@@ -1,6 +1,6 @@
 """broker/web/oauth.py: the JWK Set and the RFC 8414 metadata, public, cacheable, validated with
 authlib, pointing at the broker's own URLs; a broker without its signing key still starts and
-says so on /healthz."""
+says so on /readyz."""
 
 import jwt
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata

@@ -6,7 +6,7 @@ sees entries in seq order. A crash (or a failed cursor write) after a delivery b
 cursor is saved sends that batch again: receivers dedupe by seq.
 
 Forwarding never holds up the broker: the log in the store is the source of truth, and an outage
-only makes the forwarder fall behind (its lag is on /healthz) and retry with backoff."""
+only makes the forwarder fall behind (its lag is on /readyz) and retry with backoff."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ class Forwarder:
         return len(entries)
 
     def health(self) -> dict:
-        """For /healthz, informational only: an outage never stops issuing (the log in the
+        """For /readyz, informational only: an outage never stops issuing (the log in the
         store is the record); `lag` says how far the receiver is behind."""
         if not self.enabled:
             return {"ok": True, "enabled": False}

@@ -150,15 +150,24 @@ def openbao_policy() -> str:
 def vault_health(
     client: hvac.Client, timeout: float = 2, token: Callable[[], dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """Whether Vault answers sys/health, and how: for /healthz, never raises. `token` is the
+    """Whether Vault answers sys/health, and how: for /readyz, never raises. `token` is the
     broker's own token's state (`OwnToken.health`): one about to lapse degrades the check too."""
     try:
         response = client.session.get(f"{client.url}/v1/sys/health", timeout=timeout)
         body = response.json()
     except (requests.RequestException, ValueError) as exc:
-        return {"ok": False, "error": f"Vault is unreachable: {type(exc).__name__}"}
+        return {
+            "ok": False,
+            "reachable": False,
+            "error": f"Vault is unreachable: {type(exc).__name__}",
+        }
     ok = response.status_code in (200, 429)  # 429: a standby, which forwards to the active node
-    check: dict[str, Any] = {"ok": ok, "status": response.status_code, "sealed": body.get("sealed")}
+    check: dict[str, Any] = {
+        "ok": ok,
+        "reachable": ok,  # unsealed and answering; `ok` also says the broker's token will last
+        "status": response.status_code,
+        "sealed": body.get("sealed"),
+    }
     if not ok:
         check["error"] = f"sys/health answered {response.status_code}"
     elif token is not None:

@@ -80,6 +80,7 @@ class GrantsBase:
         notify: Callable[..., None] = _no_notification,
         heartbeat: Callable[[], datetime | None] | None = None,
         heartbeat_every: int = 30,
+        behind_after: int = 60,
         vault_health: Callable[[], dict] | None = None,
         auditor_groups: tuple[str, ...] = (),
         processes: Liveness | None = None,
@@ -96,6 +97,7 @@ class GrantsBase:
         # A callable, so grants need not know the reaper (which imports grants).
         self.heartbeat = heartbeat
         self.heartbeat_every = heartbeat_every
+        self.behind_after = behind_after  # a deadline this overdue: the reaper is behind
         self.vault_health = vault_health
         self.auditor_groups = tuple(auditor_groups)  # may review any break-glass grant
         # Which broker processes sharing the store are alive; None: unknown, so an issuance left

@@ -1,5 +1,5 @@
-"""Failing closed: issuing needs a writable audit log and a live reaper; `/healthz` also hears
-about Vault, unverified removals and overdue reviews."""
+"""Failing closed: issuing needs a writable audit log and a live reaper; `/readyz` also hears
+about Vault, a reaper that is behind, unverified removals and overdue reviews."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from ..errors import (
 )
 from ..models import (
     REVOKE_FAILED,
+    parse_time,
 )
 from .base import (
     GrantsBase,
@@ -18,16 +19,39 @@ from .base import (
 class Health(GrantsBase):
     def health(self, deep: bool = False) -> dict:
         """What issuing depends on: the audit log can be written, and the reaper is alive. With
-        `deep`, also what operators must hear about: Vault, and removals not yet verified."""
+        `deep`, also what operators must hear about: Vault, deadlines the reaper is late for,
+        and removals not yet verified."""
         checks = {"store": self._store_check(), "reaper": self._reaper_check()}
         if deep:
+            checks["reaper_lag"] = self._reaper_lag_check()
             checks["revoke_failed"] = self._revoke_failed_check()
             if self.vault_health is not None:
                 checks["vault"] = self.vault_health()
             checks["reviews"] = self._reviews_check()
         return checks
 
+    def liveness(self) -> dict:
+        """For /healthz: the one thing a restart mends, a reaper that died or hangs."""
+        return self._reaper_check()
+
+    def _reaper_lag_check(self) -> dict:
+        """How late the reaper is for the oldest deadline (a window end, a retry): a replica this
+        far behind should not take more work."""
+        if self.heartbeat is None:
+            return {"ok": True, "enabled": False}
+        try:
+            deadline = self.store.next_deadline()
+        except StoreUnavailable as exc:
+            return {"ok": False, "error": f"the reaper's deadlines cannot be read: {exc.detail}"}
+        late = 0.0 if deadline is None else (self.clock() - parse_time(deadline)).total_seconds()
+        check: dict[str, object] = {"ok": late <= self.behind_after, "late": round(max(late, 0), 1)}
+        if not check["ok"]:
+            check["error"] = f"the reaper is {late:.0f}s late for its oldest deadline"
+        return check
+
     def _revoke_failed_check(self) -> dict:
+        """An alert, not a reason to take the broker out of service: every replica would fail it
+        at once. The webhook and the metric carry it too."""
         try:
             failed = self.store.grants_in((REVOKE_FAILED,))
         except StoreUnavailable as exc:  # unknown is not "none": removals may be unverified
@@ -48,7 +72,7 @@ class Health(GrantsBase):
             raise BrokerUnhealthy("the broker issues nothing new now: " + "; ".join(problems))
 
     def _store_check(self) -> dict:
-        """A real commit, before every issuance and on every /healthz: cheap (one row), and the
+        """A real commit, before every issuance and on every /readyz: cheap (one row), and the
         only proof that the audit entries of what is about to be issued can be recorded."""
         try:
             self.store.check_writable()

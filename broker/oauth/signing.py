@@ -172,7 +172,7 @@ class TokenSigner:
             return self._read[1]
 
     def health(self) -> dict[str, Any]:
-        """For /healthz (deep): whether the key is there and fit to sign with. Never raises."""
+        """For /readyz (deep): whether the key is there and fit to sign with. Never raises."""
         try:
             versions = self.versions(fresh=True)
         except BrokerError as exc:  # missing, not ES256, OpenBao refused or unreachable

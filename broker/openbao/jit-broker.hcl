@@ -18,7 +18,7 @@
 # --- The broker's own token ----------------------------------------------------------------------
 
 # The broker looks its token up at start and renews it once less than half of its TTL (or period)
-# is left, and says on /healthz when it cannot. These two paths usually come with the "default"
+# is left, and says on /readyz when it cannot. These two paths usually come with the "default"
 # policy, which this token does not have. Both act on the calling token alone: renewing or looking
 # up any other token is another path (auth/token/renew, renew-accessor, lookup), not granted.
 path "auth/token/lookup-self" {
