@@ -28,6 +28,7 @@ DEFAULTS: dict[str, dict] = {
         "session_refresh": 300,  # seconds a browser session's claims are trusted before a refresh
         "session_idle": 1800,  # a browser session unused this long ends
         "session_lifetime": 8 * 3600,  # and every browser session ends this long after login
+        "metrics_token": "",  # when set, GET /metrics asks for it as a bearer token
     },
     "oidc": {
         "issuer": "",

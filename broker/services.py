@@ -13,9 +13,12 @@ from .audit.search import AuditSearch
 from .backends import POLICY_KINDS, make_backends
 from .backends.vault import make_client, vault_health
 from .config import Settings, check_service_settings
+from .errors import StoreUnavailable
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
 from .liveness import Liveness
+from .metrics import Metrics, Reading
+from .models import isoformat, utcnow
 from .notify import Notifier
 from .oauth import TokenSigner
 from .own_token import OwnToken
@@ -41,6 +44,7 @@ class Services:
     audit_search: AuditSearch
     own_token: OwnToken
     signer: TokenSigner
+    metrics: Metrics
     _state: str = field(default="built", init=False, repr=False)  # -> running -> stopped
 
     @classmethod
@@ -61,6 +65,7 @@ class Services:
         # reconciler never revokes what another broker sharing the Vault issued.
         instance = audit.fingerprint(fingerprint_key, "jit-broker instance")[-16:]
         reaper_settings = settings.reaper
+        metrics = Metrics()
         grants = Grants(
             store,
             policy.current,
@@ -81,6 +86,7 @@ class Services:
             auditor_groups=tuple(settings.audit["auditor_groups"]),
             # Held for the broker's life: other processes on the same store see this one as alive.
             processes=Liveness.beside(settings.database_path),
+            metrics=metrics,
         )
         audit_log = AuditLog(
             store,
@@ -112,6 +118,7 @@ class Services:
         grants.on_change = on_change
         if reaper_settings["enabled"]:
             grants.heartbeat = reaper.heartbeat  # no reaper, no issuing; unless it is switched off
+        metrics.read_gauges_from(lambda: _reading(store, reaper, notifier, forwarder))
         oidc = settings.oidc
         metadata = ProviderMetadata(oidc["issuer"])
         verifier = BearerVerifier(
@@ -137,6 +144,7 @@ class Services:
                 key_name=settings.oauth["signing_key"],
                 publish_delay=settings.oauth["key_publish_delay"],
             ),
+            metrics,
         )
 
     def start(self) -> None:
@@ -161,3 +169,16 @@ class Services:
         self.reaper.stop()
         self.forwarder.stop()
         self.notifier.stop()
+
+
+def _reading(store: Store, reaper: Reaper, notifier: Notifier, forwarder: Forwarder) -> Reading:
+    """The gauges at one scrape. A store that cannot be read leaves its gauges out (unknown is
+    not zero); the scrape itself still answers."""
+    beat = reaper.heartbeat()
+    age = (utcnow() - beat).total_seconds() if beat is not None else None
+    lag = forwarder.health().get("lag") if forwarder.enabled else None
+    try:
+        grants, due = store.count_by_state(), store.count_due(isoformat(utcnow()))
+    except StoreUnavailable:
+        grants, due = {}, None
+    return Reading(grants, due, age, notifier.pending(), lag if isinstance(lag, int) else None)

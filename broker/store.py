@@ -159,6 +159,12 @@ class Transaction:
 
     def __init__(self, db: sqlite_utils.Database):
         self.db = db
+        self.committed: list[Callable[[], None]] = []
+
+    def after_commit(self, call: Callable[[], None]) -> None:
+        """Run `call` once this transaction has committed (never if it rolls back): for what
+        must count only what was recorded, such as the metrics."""
+        self.committed.append(call)
 
     def get_grant(self, grant_id: str) -> Grant | None:
         """Read inside the transaction: under the write lock, so what it says still holds."""
@@ -332,12 +338,15 @@ class Store:
         between reading it and appending to it."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
+        tx = Transaction(db)
         try:
-            yield Transaction(db)
+            yield tx
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
             raise
+        for call in tx.committed:
+            call()
 
     def check_writable(self) -> None:
         """Raise unless a write can be committed now. It commits one: beginning a transaction
@@ -405,6 +414,19 @@ class Store:
             [now, limit],
         )
         return [Grant(**dict(row)) for row in rows]
+
+    def count_due(self, now: str) -> int:
+        """How many deadlines (window ends, stale requests, retries) are due and not yet handled."""
+        return int(
+            self.db.execute(
+                "SELECT COUNT(*) FROM grants WHERE due_at != '' AND due_at <= ?", [now]
+            ).fetchone()[0]
+        )
+
+    def count_by_state(self) -> dict[tuple[str, str], int]:
+        """Grants by (status, backend), for the metrics."""
+        rows = self.db.execute("SELECT status, backend, COUNT(*) FROM grants GROUP BY 1, 2")
+        return {(str(status), str(backend)): int(count) for status, backend, count in rows}
 
     def next_deadline(self) -> str | None:
         return self.db.execute("SELECT MIN(due_at) FROM grants WHERE due_at != ''").fetchone()[0]

@@ -57,6 +57,19 @@ def test_a_checkpoint_is_signed_only_over_a_log_made_durable_first(tmp_path):
     assert _writes(store) == 1
 
 
+def test_what_waits_for_a_commit_runs_after_it_and_never_after_a_rollback(tmp_path):
+    store = Store(tmp_path / "broker.db")
+    store.migrate()
+    ran = []
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.after_commit(lambda: ran.append("rolled back"))
+        raise RuntimeError("crash before the commit")
+    with store.transaction() as tx:
+        tx.after_commit(lambda: ran.append(store.audit_head()["type"]))  # sees the commit
+        tx.append("t", "kept", {}, "g1", {})
+    assert ran == ["kept"]
+
+
 def test_schema_version_is_recorded_and_migrate_is_idempotent(tmp_path):
     store = Store(tmp_path / "broker.db")
     store.migrate()

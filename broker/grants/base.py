@@ -18,6 +18,7 @@ from ..errors import (
     PolicyRefused,
 )
 from ..liveness import Liveness
+from ..metrics import Metrics
 from ..models import (
     ACTIVE,
     APPROVED,
@@ -84,6 +85,7 @@ class GrantsBase:
         vault_health: Callable[[], dict] | None = None,
         auditor_groups: tuple[str, ...] = (),
         processes: Liveness | None = None,
+        metrics: Metrics | None = None,
     ):
         self.store = store
         self.policy = policy
@@ -103,6 +105,7 @@ class GrantsBase:
         # Which broker processes sharing the store are alive; None: unknown, so an issuance left
         # `issuing` is given up only after ISSUE_GRACE.
         self.processes = processes
+        self.metrics = metrics or Metrics()
 
     @property
     def process_id(self) -> str:
@@ -245,6 +248,13 @@ class GrantsBase:
             approvers=list(decision.approvers),
             **extra,
         )
+        if not decision.allowed:
+            outcome = "refused"
+        elif decision.approvals_required and not decision.auto_approved:
+            outcome = "needs_approval"
+        else:
+            outcome = "allowed"
+        tx.after_commit(self.metrics.decisions.labels(outcome).inc)
 
     def _now(self) -> str:
         return isoformat(self.clock())

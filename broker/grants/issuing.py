@@ -5,6 +5,7 @@ the same path past approvals, with a loud alert and a review to follow."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import timedelta
 
@@ -92,6 +93,8 @@ class Issuing(Removing, Health):
             active=open_now,
             task=task,
         )
+        if not decision.allowed:  # a refusal is not recorded, but it is counted
+            self.metrics.decisions.labels("refused").inc()
         _raise_if_refused(decision)
         chosen = policy.entitlements[entitlement]
         status = PENDING if decision.approvals_required else ISSUING
@@ -296,6 +299,7 @@ class Issuing(Removing, Health):
         self, principal: Principal, grant: Grant, chosen: Entitlement, public_key: object = ""
     ) -> tuple[Grant, IssuedCredential]:
         backend = self.backends[chosen.backend]
+        started = time.perf_counter()
         try:
             credential = backend.issue(
                 grant.id, chosen, parse_time(grant.window_end), principal.display, public_key
@@ -317,6 +321,7 @@ class Issuing(Removing, Health):
                     backend=chosen.backend,
                     error=exc.detail,
                 )
+            self.metrics.issue_failures.labels(chosen.backend).inc()
             raise
         try:
             with self.store.transaction() as tx:
@@ -341,6 +346,8 @@ class Issuing(Removing, Health):
                     **self._marks(backend, credential.handle),
                     **credential.details,
                 )
+            self.metrics.issued.labels(chosen.backend).inc()
+            self.metrics.issue_seconds.labels(chosen.backend).observe(time.perf_counter() - started)
         except StoreUnavailable as exc:
             backend.revoke(credential.handle)  # no record of it, so it must not exist
             raise StoreUnavailable(

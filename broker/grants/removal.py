@@ -182,14 +182,15 @@ class Removing(GrantsBase):
                 if not held.gone_at and (held.handle or self._in_flight(held, self.clock()))
             ]
             if not left:
-                tx.move_grant(
+                if tx.move_grant(
                     grant.id,
                     REVOKING,
                     status=REVOKED,
                     due_at="",
                     last_error="",
                     updated_at=self._now(),
-                )
+                ):
+                    tx.after_commit(lambda: self._count_revoked(grant))
                 return
             error = "; ".join(dict.fromkeys(o.error for _, o in outcomes if not o.gone))
             if not error:
@@ -221,6 +222,7 @@ class Removing(GrantsBase):
                 error=error,
                 next_attempt_at=retry_at,
             )
+            tx.after_commit(self.metrics.revoke_failures.labels(grant.backend).inc)
         log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
         self.notify(
             "revoke_failed",
@@ -229,6 +231,12 @@ class Removing(GrantsBase):
             grant_id=grant.id,
             audience="security",
         )
+
+    def _count_revoked(self, grant: Grant) -> None:
+        self.metrics.revoked.labels(grant.backend).inc()
+        if grant.window_end:  # the window's end, or the release (which moves it to now)
+            lag = (self.clock() - parse_time(grant.window_end)).total_seconds()
+            self.metrics.revocation_lag.labels(grant.backend).observe(max(lag, 0.0))
 
     def _claim_for_removal(self, grant: Grant, now: datetime, attempt: int) -> bool:
         """Move the grant to revoking; False when someone else moved it first."""

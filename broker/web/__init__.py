@@ -24,7 +24,7 @@ def services() -> Services:
 
 
 def init_app(app: Flask) -> None:
-    from . import api, audit_key, audit_pages, auth, health, oauth, token_endpoint, ui
+    from . import api, audit_key, audit_pages, auth, health, metrics, oauth, token_endpoint, ui
 
     csrf = CSRFProtect(app)
     csrf.exempt(api.bp)  # bearer tokens, no cookies: nothing for a forged form to ride on
@@ -33,6 +33,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(api.bp)
     app.register_blueprint(ui.bp)
     app.register_blueprint(health.bp)
+    metrics.init_app(app)
     app.register_blueprint(audit_key.bp)
     app.register_blueprint(audit_pages.bp)
     app.register_blueprint(oauth.bp)
@@ -45,7 +46,7 @@ def init_app(app: Flask) -> None:
 
 
 def _wants_json() -> bool:
-    return request.path.startswith(("/api/", "/.well-known/"))
+    return request.path.startswith(("/api/", "/.well-known/", "/metrics"))
 
 
 def _answer(status: int, code: str, detail: str, **extra: list[str]) -> Response:
@@ -60,6 +61,9 @@ def _answer(status: int, code: str, detail: str, **extra: list[str]) -> Response
 
 
 def _broker_error(exc: BrokerError) -> Response:
+    from .metrics import count_dependency_error
+
+    count_dependency_error(exc)
     if exc.status >= 500:
         log.warning("%s %s: %s", request.method, request.path, exc.detail)
     extra = {
