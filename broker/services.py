@@ -18,6 +18,7 @@ from .identity import BearerVerifier, ProviderMetadata
 from .liveness import Liveness
 from .notify import Notifier
 from .oauth import TokenSigner
+from .oauth.clients import AgentClients
 from .own_token import OwnToken
 from .policy import PolicyFile
 from .reaper import Reaper
@@ -41,6 +42,7 @@ class Services:
     audit_search: AuditSearch
     own_token: OwnToken
     signer: TokenSigner
+    agent_clients: AgentClients  # the agents that authenticate with private_key_jwt
     _state: str = field(default="built", init=False, repr=False)  # -> running -> stopped
 
     @classmethod
@@ -135,6 +137,7 @@ class Services:
                 mount=settings.oauth["transit_mount"],
                 key_name=settings.oauth["signing_key"],
             ),
+            AgentClients(settings.oauth["clients"]),
         )
 
     def start(self) -> None:
