@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm
 
+from scripts.launchers import agent_secret, client_credentials_token
 from tests.helpers import TASK_GITHUB, TASK_TOOLS, TRIAGE_TASK, SigningKey, with_header
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -752,3 +753,30 @@ def test_fuzz_client_assertions_and_subject_tokens_never_5xx(token_app, tokens, 
 def _encodable(form: dict) -> dict:
     """What a form can carry: text that encodes (a lone surrogate goes as its escape)."""
     return {k: v.encode("utf-8", "backslashreplace").decode() for k, v in form.items()}
+
+
+@pytest.mark.parametrize("alg", ['a"b', "back\\slash", "\x00", "\u00e9", LONE_SURROGATE])
+@pytest.mark.parametrize("where", ["actor_token", "subject_token", "client_assertion"])
+def test_a_token_header_quoting_anything_is_an_oauth_error_not_a_500(
+    token_app, tokens, oidc_provider, oidc_client_secret, alg, where
+):
+    """A refusal's text may quote the token (its alg); error_description allows no quote,
+    backslash or non-ASCII (RFC 6749 §5.2), so they are replaced rather than crash authlib."""
+    agent = client_credentials_token(oidc_provider, "ci-agent", agent_secret(oidc_client_secret))
+    bad = _jwt({"alg": alg, "typ": "at+jwt", "kid": "k"})
+    form = {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": tokens("alice"),
+        "subject_token_type": ACCESS_TOKEN,
+        "actor_token": agent,
+        "actor_token_type": ACCESS_TOKEN,
+        "resource": TASK_GITHUB,
+    }
+    if where == "client_assertion":
+        del form["actor_token"], form["actor_token_type"]
+        form.update(client_assertion_type=JWT_BEARER)
+    form[where] = bad
+    response = token_app.test_client().post("/oauth/token", data=_encodable(form))
+    assert response.status_code in (400, 401), response.get_data(as_text=True)[:300]
+    assert response.json["error"] in ("invalid_client", "invalid_grant"), response.json
+    assert_sendable_headers(response)

@@ -84,12 +84,10 @@ class ClientAssertion(JWTBearerClientAssertion):
                 key = client.key(header["kid"])
             except ProviderUnavailable:
                 raise InvalidClientError(
-                    description=f"cannot read the keys of {client.client_id} at its jwks_uri"
+                    description="cannot read the client's keys at its jwks_uri"
                 ) from None
             if key is None:
-                raise InvalidClientError(
-                    description=f"{client.client_id} has no key of the assertion's kid"
-                )
+                raise InvalidClientError(description="the client has no key of the assertion's kid")
             if key.algorithm_name != header["alg"]:
                 raise InvalidClientError(description="the assertion's algorithm is not its key's")
             return import_key(key.key, "EC" if key.algorithm_name.startswith("ES") else "RSA")

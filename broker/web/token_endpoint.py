@@ -72,7 +72,7 @@ def _agent_from_actor_token(query_client: Any, request: Any) -> Caller:
     try:
         principal = services().verifier.verify(token)
     except BrokerError as exc:
-        raise InvalidClientError(status_code=401, description=exc.detail) from None
+        raise InvalidClientError(status_code=401, description=_safe(exc.detail)) from None
     if principal.kind != "agent":
         raise InvalidClientError(
             status_code=401, description="the actor token is not an agent's (client credentials)"
@@ -100,7 +100,7 @@ def _agent_from_private_key_jwt(query_client: Any, request: Any) -> Caller | Non
     try:
         client = check(jit.agent_clients.get, request)
     except InvalidClientError as exc:  # authlib's are 400s; RFC 6749 §5.2 allows 401, as above
-        raise InvalidClientError(status_code=401, description=exc.description) from None
+        raise InvalidClientError(status_code=401, description=_safe(exc.description)) from None
     if client is None:
         raise InvalidClientError(status_code=401, description="send a client_assertion")
     if form.get("client_id") not in (None, client.client_id):
@@ -115,8 +115,8 @@ def _person(subject_token: object) -> Principal:
         raise OAuthError("invalid_grant", "the subject token is not an access token")
     try:
         return services().verifier.verify(subject_token)
-    except ProviderUnavailable:
-        raise
+    except ProviderUnavailable as exc:
+        raise OAuthError("temporarily_unavailable", exc.detail, status_code=503) from None
     except BrokerError as exc:
         raise OAuthError("invalid_grant", f"the subject token is refused: {exc.detail}") from None
 
@@ -129,7 +129,7 @@ def _tool_from_bearer(query_client: Any, request: Any) -> Caller:
     try:
         principal = services().verifier.verify(token.strip())
     except BrokerError as exc:
-        raise InvalidClientError(status_code=401, description=exc.detail) from None
+        raise InvalidClientError(status_code=401, description=_safe(exc.detail)) from None
     if principal.kind != "agent":
         raise InvalidClientError(status_code=401, description="not a client-credentials token")
     return Caller(principal)
@@ -189,8 +189,8 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
 class OAuthError(OAuth2Error):
     """An OAuth error with any code (authlib has no class for RFC 8707's invalid_target)."""
 
-    def __init__(self, error: str, description: str) -> None:
-        super().__init__(description=description)
+    def __init__(self, error: str, description: str, status_code: int | None = None) -> None:
+        super().__init__(description=_safe(description), status_code=status_code)
         self.error = error
 
 
@@ -265,6 +265,12 @@ class Revocation(RevocationEndpoint):
 
     def revoke_token(self, token: dict, request: Any) -> None:
         services().grants.revoke_token(request.client.principal, token["jti"])
+
+
+def _safe(text: object) -> str:
+    """An error_description authlib accepts (RFC 6749 §5.2: printable ASCII but " and \\): the
+    text of a refusal may quote what the caller sent, and anything else would be a 500."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in str(text or ""))
 
 
 def _tool_of(claims: dict) -> Any:
