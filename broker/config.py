@@ -13,6 +13,8 @@ from ipaddress import ip_address
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import jwt
+
 from .errors import ConfigError
 from .urls import loggable_target
 
@@ -72,6 +74,8 @@ DEFAULTS: dict[str, dict] = {
         # A rotated key version signs only this long after transit made it: every replica's
         # JWKS, a shared cache (max-age 60) and a tool's refetch cooldown (30) have it by then.
         "key_publish_delay": 120,
+        # Agents that authenticate with private_key_jwt (RFC 7523): client id -> {jwks_uri, jwks}
+        "clients": {},
     },
     # Only to verify that a database user is gone: read pg_roles. Never used to create users.
     "postgres": {"dsn": ""},
@@ -275,6 +279,7 @@ def _check_oauth(oauth: dict) -> None:
             # RFC 8414 §3: the metadata of an issuer with a path lives elsewhere than the broker
             # serves it; RFC 8414 §2: no query or fragment.
             raise ConfigError("oauth.issuer must be a URL without a path, query or fragment")
+    _check_oauth_clients(oauth["clients"])
     for name in ("transit_mount", "signing_key"):
         value = oauth[name]
         if (
@@ -288,6 +293,66 @@ def _check_oauth(oauth: dict) -> None:
         raise ConfigError(
             f"oauth.key_publish_delay must be a whole number of seconds >= 0, not {delay!r}"
         )
+
+
+# What an agent's key may sign client assertions with (RFC 8725 §3.1: pinned, asymmetric).
+CLIENT_ASSERTION_ALGORITHMS = ("ES256", "RS256")
+MAX_CLIENT_ID = 200
+MIN_RSA_BITS = 2048
+
+
+def _check_oauth_clients(clients: object) -> None:
+    """[oauth.clients."<client id>"]: where each private_key_jwt agent's public keys are, a
+    `jwks_uri` (https://, or http:// on loopback) and/or inline `jwks` (public keys only, each
+    with a `kid`, EC P-256 or RSA of 2048 bits or more)."""
+    if not isinstance(clients, dict):
+        raise ConfigError('oauth.clients must be a table of [oauth.clients."<client id>"] tables')
+    for client_id, client in clients.items():
+        where = f"oauth.clients.{client_id[:MAX_CLIENT_ID]!r}"
+        if not client_id or len(client_id) > MAX_CLIENT_ID or not client_id.isprintable():
+            raise ConfigError(f"{where}: a client id is 1 to {MAX_CLIENT_ID} printable characters")
+        if not isinstance(client, dict):
+            raise ConfigError(f"{where} must be a table with jwks_uri and/or jwks")
+        unknown = sorted(set(client) - {"jwks_uri", "jwks"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {unknown[0]} (jwks_uri, jwks)")
+        if not client.get("jwks_uri") and not client.get("jwks"):
+            raise ConfigError(f"{where} needs jwks_uri or jwks: where its public keys are")
+        if client.get("jwks_uri"):
+            if not isinstance(client["jwks_uri"], str):
+                raise ConfigError(f"{where}.jwks_uri must be a URL")
+            _check_https(f"{where}.jwks_uri", client["jwks_uri"])
+        if client.get("jwks"):
+            _check_client_jwks(where + ".jwks", client["jwks"])
+
+
+def _check_client_jwks(where: str, jwks: object) -> None:
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError(f"{where} must be a JWK Set: {{ keys = [ {{ kty = ..., kid = ... }} ] }}")
+    kids: set[str] = set()
+    for number, key in enumerate(keys, 1):
+        at = f"{where} key {number}"
+        if not isinstance(key, dict):
+            raise ConfigError(f"{at} must be a table (a JWK)")
+        if "d" in key or "p" in key:
+            raise ConfigError(f"{at} holds a private key: give the public key only")
+        kid = key.get("kid")
+        if not isinstance(kid, str) or not kid or kid in kids:
+            raise ConfigError(f"{at} needs a kid of its own: assertions name their key by it")
+        kids.add(kid)
+        try:
+            parsed = jwt.PyJWK(key)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"{at} is not a usable public key: {exc}") from None
+        if parsed.algorithm_name not in CLIENT_ASSERTION_ALGORITHMS:
+            raise ConfigError(
+                f"{at}: algorithm {parsed.algorithm_name} is not accepted "
+                f"({', '.join(CLIENT_ASSERTION_ALGORITHMS)})"
+            )
+        size = getattr(parsed.key, "key_size", MIN_RSA_BITS)
+        if parsed.algorithm_name == "RS256" and size < MIN_RSA_BITS:
+            raise ConfigError(f"{at}: an RSA key of {size} bits is too short ({MIN_RSA_BITS})")
 
 
 def _is_loopback(host: str) -> bool:

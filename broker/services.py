@@ -21,6 +21,7 @@ from .metrics import Metrics, Reading
 from .models import isoformat, utcnow
 from .notify import Notifier
 from .oauth import TokenSigner
+from .oauth.clients import AgentClients
 from .own_token import OwnToken
 from .policy import PolicyFile
 from .reaper import Reaper
@@ -45,6 +46,7 @@ class Services:
     own_token: OwnToken
     signer: TokenSigner
     metrics: Metrics
+    agent_clients: AgentClients  # the agents that authenticate with private_key_jwt
     _state: str = field(default="built", init=False, repr=False)  # -> running -> stopped
 
     @classmethod
@@ -145,6 +147,7 @@ class Services:
                 publish_delay=settings.oauth["key_publish_delay"],
             ),
             metrics,
+            AgentClients(settings.oauth["clients"]),
         )
 
     def start(self) -> None:

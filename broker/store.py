@@ -20,7 +20,7 @@ from .config import SYNCHRONOUS
 from .errors import StoreUnavailable
 from .models import Approval, Credential, Grant
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 GRANT_COLUMNS = [f.name for f in fields(Grant)]
 V1_GRANT_COLUMNS = [
     "id",
@@ -267,6 +267,18 @@ class Transaction:
         ).rowcount
         return str(row["grant_id"]) if moved == 1 else None
 
+    def use_assertion_jti(self, key: str, until: int, now: float) -> bool:
+        """Record a client assertion's jti (by `key`, a hash) as used until `until` (epoch
+        seconds); False when it was recorded already. The primary key decides between racing
+        requests, in this process or another on the same file; rows past their `until` go first
+        (an assertion past it is refused by its exp, used or not)."""
+        self.db.execute("DELETE FROM assertion_jtis WHERE until < ?", [now])
+        cursor = self.db.execute(
+            "INSERT INTO assertion_jtis (key, until) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            [key, until],
+        )
+        return cursor.rowcount == 1
+
     def append(self, at: str, type_: str, actor: dict, grant_id: str | None, data: dict) -> dict:
         row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         prev = _entry(row) if row else None
@@ -330,6 +342,8 @@ class Store:
                 _add_tasks(tx.db)
             if version < 6:
                 _add_access_tokens(tx.db)
+            if version < 7:
+                _add_assertion_jtis(tx.db)
             tx.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -398,6 +412,17 @@ class Store:
             [handle],
         ).fetchone()
         return row is not None
+
+    def active_tasks_for(self, issuer: str, subject: str, agent: str) -> list[Grant]:
+        """The active task grants a person started for themselves for `agent`, whatever their
+        window end says (the caller compares it with its clock)."""
+        rows = self.db.execute(
+            "SELECT * FROM grants WHERE requester_iss = ? AND requester_sub = ? "
+            "AND backend = 'tool_task' AND status = 'active' AND task_agent = ? "
+            "AND task_started_by = 'person'",
+            [issuer, subject, agent],
+        )
+        return [Grant(**dict(row)) for row in rows]
 
     def grants_of(self, issuer: str, subject: str, limit: int = 100) -> list[Grant]:
         rows = self.db.execute(
@@ -828,3 +853,11 @@ def _add_access_tokens(db: sqlite_utils.Database) -> None:
         defaults={"revoked_at": ""},
     )
     db.table("access_tokens").create_index(["grant_id"])
+
+
+def _add_assertion_jtis(db: sqlite_utils.Database) -> None:
+    """Schema 7, private_key_jwt client authentication (RFC 7523): the jti of every client
+    assertion accepted, as the SHA-256 of client id and jti, kept until the assertion's exp (epoch
+    seconds) so that each is used once."""
+    db.table("assertion_jtis").create({"key": str, "until": int}, pk="key", not_null={"until"})
+    db.table("assertion_jtis").create_index(["until"])

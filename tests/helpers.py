@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -473,6 +474,26 @@ class SigningKey:
         }
         headers = {"typ": "at+jwt", "kid": kid or self.kid}
         return jwt.encode(body, self.private, algorithm=self.algorithm, headers=headers)
+
+    def assertion(
+        self, client_id: str, audience: str, headers: dict | None = None, **claims
+    ) -> str:
+        """A private_key_jwt client assertion (RFC 7523 §3) of `client_id` for `audience`, living
+        60 s, with a fresh jti; `claims` and `headers` change or (given None) drop any member."""
+        now = int(time.time())
+        body = {
+            "iss": client_id,
+            "sub": client_id,
+            "aud": audience,
+            "iat": now,
+            "exp": now + 60,
+            "jti": secrets.token_urlsafe(16),
+            **claims,
+        }
+        body = {name: value for name, value in body.items() if value is not None}
+        header = {"kid": self.kid, **(headers or {})}
+        header = {name: value for name, value in header.items() if value is not None}
+        return jwt.encode(body, self.private, algorithm=self.algorithm, headers=header)
 
 
 class JwksServer:

@@ -24,6 +24,7 @@ from werkzeug.serving import make_server
 from broker import create_app
 from broker.backends.tool_task import SUBJECT_TOKEN_TYPE
 from broker.errors import InvalidToken
+from broker.grants.exchange import jti_handle
 from broker.toolauth import ToolTokenVerifier
 from broker.web.serving import RequestHandler
 from scripts.launchers import (
@@ -34,7 +35,7 @@ from scripts.launchers import (
     free_port,
     tool_secret,
 )
-from tests.helpers import broker_settings, grants_of, wait_until
+from tests.helpers import SigningKey, broker_settings, grants_of, wait_until
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -44,6 +45,9 @@ TOOL_B = f"http://127.0.0.1:{free_port()}/mcp"
 # unknown kid at most every JWKS_COOLDOWN s (production: 120 and 30; shorter here, same order).
 PUBLISH_DELAY = 4
 JWKS_COOLDOWN = 1
+# ci-agent's own key, registered inline for private_key_jwt (RFC 7523).
+AGENT_KEY = SigningKey("ci-agent-1", "ES256")
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 POLICY = f"""
 [tools.github]
 resource = "{TOOL_A}"
@@ -88,7 +92,10 @@ def stack(tmp_path_factory, openbao, oidc_provider, broker_port, oidc_client_sec
         oidc_client_secret,
         policy_text=POLICY,
         reaper={"enabled": False},
-        oauth={"key_publish_delay": PUBLISH_DELAY},
+        oauth={
+            "key_publish_delay": PUBLISH_DELAY,
+            "clients": {"ci-agent": {"jwks": {"keys": [AGENT_KEY.jwk()]}}},
+        },
     )
     app = create_app(settings)
     port = free_port()
@@ -255,6 +262,36 @@ def test_a_missing_scope_gets_403_insufficient_scope(stack, task):
     assert answer.json()["error"] == "insufficient_scope"
     challenge = answer.headers["WWW-Authenticate"]
     assert 'error="insufficient_scope"' in challenge and 'scope="issues:write"' in challenge
+
+
+def test_private_key_jwt_and_the_persons_own_token_get_a_token_the_tool_takes(stack, task, tokens):
+    """The agent authenticates with an assertion signed by its own key instead of its provider
+    token, and names the task first by its subject token, then by alice's own access token."""
+    token_url = stack.signer.issuer + "/oauth/token"
+    for subject, subject_type in (
+        (task["credential"]["subject_token"], SUBJECT_TOKEN_TYPE),
+        (tokens("alice"), ACCESS),
+    ):
+        response = requests.post(
+            f"{stack.url}/oauth/token",
+            data={
+                "grant_type": EXCHANGE,
+                "subject_token": subject,
+                "subject_token_type": subject_type,
+                "client_assertion_type": JWT_BEARER,
+                "client_assertion": AGENT_KEY.assertion("ci-agent", token_url),
+                "resource": TOOL_A,
+                "scope": "issues:read",
+            },
+            timeout=15,
+        )
+        assert response.status_code == 200, response.text
+        token = response.json()["access_token"]
+        assert "The reaper should say why" in [issue["title"] for issue in call(TOOL_A, token)]
+        claims = claims_of(token)
+        assert claims["sub"] == "alice" and claims["act"] == {"sub": "ci-agent"}
+        issued = grants_of(stack.app).store.access_token(jti_handle(claims["jti"]))
+        assert issued is not None and issued["agent"] == "ci-agent"
 
 
 def test_after_the_window_end_the_tool_refuses_the_token(stack, tokens):

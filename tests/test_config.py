@@ -5,6 +5,7 @@ import pytest
 
 from broker.config import check_service_settings, load_settings
 from broker.errors import ConfigError
+from tests.helpers import SigningKey
 
 
 def test_settings_without_what_serving_needs_load_and_serving_names_what_is_missing():
@@ -58,3 +59,71 @@ def test_the_access_token_issuer_defaults_to_the_base_url():
         "transit",
         "jit-broker-tokens",
     )
+
+
+EC_KEY = SigningKey("agent-1", "ES256").jwk()
+RSA_KEY = SigningKey("agent-2", "RS256").jwk()
+
+
+def test_private_key_jwt_clients_load_from_toml(tmp_path):
+    """[oauth.clients."<client id>"]: a jwks_uri, inline keys, or both."""
+    config = tmp_path / "jit.toml"
+    x, y = EC_KEY["x"], EC_KEY["y"]
+    config.write_text(
+        '[oauth.clients."ci-agent"]\n'
+        'jwks_uri = "https://agents.example/ci-agent/jwks.json"\n'
+        '[oauth.clients."build-bot"]\n'
+        f'jwks = {{ keys = [{{ kty = "EC", crv = "P-256", kid = "k1", x = "{x}", y = "{y}" }}] }}\n'
+    )
+    clients = load_settings(config, environ={}).oauth["clients"]
+    assert clients["ci-agent"] == {"jwks_uri": "https://agents.example/ci-agent/jwks.json"}
+    assert clients["build-bot"]["jwks"]["keys"][0]["kid"] == "k1"
+
+
+@pytest.mark.parametrize(
+    ("clients", "says"),
+    [
+        ("ci-agent", "oauth.clients must be a table"),
+        ({"ci-agent": "https://agents.example/jwks"}, "must be a table with jwks_uri"),
+        ({"ci-agent": {}}, "needs jwks_uri or jwks"),
+        ({"ci-agent": {"jwks_url": "https://a.example"}}, "unknown setting jwks_url"),
+        ({"ci-agent": {"jwks_uri": "http://agents.example/jwks"}}, "must use https://"),
+        ({"ci-agent": {"jwks_uri": "agents.example/jwks"}}, "https:// URL with a host"),
+        ({"ci-agent": {"jwks_uri": 7}}, "jwks_uri must be a URL"),
+        ({"ci-agent": {"jwks": {"keys": []}}}, "must be a JWK Set"),
+        ({"ci-agent": {"jwks": [EC_KEY]}}, "must be a JWK Set"),
+        ({"ci-agent": {"jwks": {"keys": [dict(EC_KEY, kid="")]}}}, "needs a kid"),
+        ({"ci-agent": {"jwks": {"keys": [EC_KEY, EC_KEY]}}}, "needs a kid of its own"),
+        ({"ci-agent": {"jwks": {"keys": [dict(EC_KEY, d="secret")]}}}, "holds a private key"),
+        ({"ci-agent": {"jwks": {"keys": [dict(EC_KEY, x="AAAA")]}}}, "not a usable public key"),
+        ({"ci-agent": {"jwks": {"keys": [dict(EC_KEY, alg="ES384")]}}}, "ES384 is not accepted"),
+        ({"ci-agent": {"jwks": {"keys": [dict(RSA_KEY, alg="PS256")]}}}, "PS256 is not accepted"),
+        (
+            {"ci-agent": {"jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]}}},
+            "is not accepted",
+        ),
+        ({"": {"jwks_uri": "https://a.example/jwks"}}, "a client id is 1 to 200"),
+    ],
+)
+def test_a_wrong_private_key_jwt_client_is_refused_when_loaded(clients, says):
+    with pytest.raises(ConfigError, match="oauth.clients") as refused:
+        load_settings(overrides={"oauth": {"clients": clients}}, environ={})
+    assert says in str(refused.value)
+
+
+def test_a_loopback_jwks_uri_may_be_http():
+    clients = {"ci-agent": {"jwks_uri": "http://127.0.0.1:8400/jwks"}}
+    settings = load_settings(overrides={"oauth": {"clients": clients}}, environ={})
+    assert settings.oauth["clients"] == clients
+
+
+def test_a_short_rsa_key_is_refused():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    short = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    key = dict(RSAAlgorithm.to_jwk(short, as_dict=True), kid="short")
+    with pytest.raises(ConfigError, match="1024 bits is too short"):
+        load_settings(
+            overrides={"oauth": {"clients": {"a": {"jwks": {"keys": [key]}}}}}, environ={}
+        )

@@ -8,13 +8,20 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from jwt.algorithms import ECAlgorithm
 
-from tests.helpers import with_header
+from scripts.launchers import agent_secret, client_credentials_token
+from tests.helpers import TASK_GITHUB, TASK_TOOLS, TRIAGE_TASK, SigningKey, with_header
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a type name
 
 FUZZ_POLICY = """
 [entitlements.kv-read]
@@ -644,3 +651,132 @@ def _live_footprint(broker):
         db.execute("SELECT count(*) FROM grants").fetchone()[0],
         broker.grants.store.audit_head(),
     )
+
+
+# --- the token endpoint: any client assertion, any person token ----------------------------------
+
+_AGENT_KEY = SigningKey("fuzz-agent-1", "ES256")
+_ES256 = ECAlgorithm(ECAlgorithm.SHA256)
+
+
+def _signed(header: dict, claims: dict) -> str:
+    """Any header and claims, signed for real with the registered agent key (so that an assertion
+    gets past the signature to the claim checks)."""
+
+    def part(value) -> str:
+        raw = json.dumps(value).encode("utf-8", "surrogatepass")
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    signing_input = f"{part(header)}.{part(claims)}"
+    signature = _ES256.sign(signing_input.encode(), _AGENT_KEY.private)
+    return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+
+
+def _claims(audience: str):
+    def usual_or_any(usual):
+        return _mostly(st.just(usual), _json_values)
+
+    now = int(time.time())
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "iss": usual_or_any("fuzz-agent"),
+            "sub": usual_or_any("fuzz-agent"),
+            "aud": usual_or_any(audience),
+            "exp": usual_or_any(now + 60),
+            "iat": usual_or_any(now),
+            "nbf": _json_values,
+            "jti": _mostly(st.uuids().map(str), _json_values),
+        },
+    )
+
+
+_assertion_headers = st.fixed_dictionaries(
+    {
+        "alg": _mostly(st.just("ES256"), st.sampled_from(["none", "HS256", "RS256"]), _json_values),
+        "kid": _mostly(st.just(_AGENT_KEY.kid), _json_values),
+    },
+    optional={"crit": _json_values, "jku": _text, "typ": _json_values},
+)
+
+
+@pytest.fixture
+def token_app(make_app):
+    """A broker with one agent registered for private_key_jwt (inline key) and a task policy."""
+    clients = {"fuzz-agent": {"jwks": {"keys": [_AGENT_KEY.jwk()]}}}
+    return make_app(policy_text=TASK_TOOLS + TRIAGE_TASK, oauth={"clients": clients})
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data(), endpoint=st.sampled_from(["/oauth/token", "/oauth/revoke"]))
+def test_fuzz_client_assertions_and_subject_tokens_never_5xx(token_app, tokens, data, endpoint):
+    """private_key_jwt with any header and claims (signed with the agent's registered key, or
+    not signed at all), any assertion type, any person token as the subject: an OAuth error as
+    JSON, never a 5xx, and no token recorded nor audit entry written."""
+    app = token_app
+    audience = app.extensions["jit"].signer.issuer + "/oauth/token"
+    assertion = data.draw(
+        _mostly(
+            st.tuples(_assertion_headers, _claims(audience)).map(lambda hc: _signed(*hc)),
+            st.tuples(_assertion_headers, _claims(audience)).map(lambda hc: _jwt(*hc)),
+            _text,
+        ),
+        "assertion",
+    )
+    form = {
+        "grant_type": data.draw(_mostly(st.just(TOKEN_EXCHANGE), _text), "grant_type"),
+        "client_assertion_type": data.draw(_mostly(st.just(JWT_BEARER), _text), "type"),
+        "client_assertion": assertion,
+        "subject_token": data.draw(
+            _mostly(st.just(tokens("alice")), st.just(tokens("alice")[:-3]), _text), "subject"
+        ),
+        "subject_token_type": ACCESS_TOKEN,
+        "resource": TASK_GITHUB,
+        "token": data.draw(_text, "token"),
+    }
+    store = app.extensions["jit"].grants.store
+    head = store.audit_head()
+    response = app.test_client().post(endpoint, data=_encodable(form))
+    event(f"{endpoint}: {response.status_code}")
+    assert response.status_code < 500, response.get_data(as_text=True)[:500]
+    assert_sendable_headers(response)
+    if response.status_code >= 400:
+        assert isinstance(response.json["error"], str), response.json
+    assert store.db.execute("SELECT COUNT(*) FROM access_tokens").fetchone()[0] == 0
+    assert store.audit_head() == head
+
+
+def _encodable(form: dict) -> dict:
+    """What a form can carry: text that encodes (a lone surrogate goes as its escape)."""
+    return {k: v.encode("utf-8", "backslashreplace").decode() for k, v in form.items()}
+
+
+@pytest.mark.parametrize("alg", ['a"b', "back\\slash", "\x00", "\u00e9", LONE_SURROGATE])
+@pytest.mark.parametrize("where", ["actor_token", "subject_token", "client_assertion"])
+def test_a_token_header_quoting_anything_is_an_oauth_error_not_a_500(
+    token_app, tokens, oidc_provider, oidc_client_secret, alg, where
+):
+    """A refusal's text may quote the token (its alg); error_description allows no quote,
+    backslash or non-ASCII (RFC 6749 §5.2), so they are replaced rather than crash authlib."""
+    agent = client_credentials_token(oidc_provider, "ci-agent", agent_secret(oidc_client_secret))
+    bad = _jwt({"alg": alg, "typ": "at+jwt", "kid": "k"})
+    form = {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": tokens("alice"),
+        "subject_token_type": ACCESS_TOKEN,
+        "actor_token": agent,
+        "actor_token_type": ACCESS_TOKEN,
+        "resource": TASK_GITHUB,
+    }
+    if where == "client_assertion":
+        del form["actor_token"], form["actor_token_type"]
+        form.update(client_assertion_type=JWT_BEARER)
+    form[where] = bad
+    response = token_app.test_client().post("/oauth/token", data=_encodable(form))
+    assert response.status_code in (400, 401), response.get_data(as_text=True)[:300]
+    assert response.json["error"] in ("invalid_client", "invalid_grant"), response.json
+    assert_sendable_headers(response)

@@ -114,7 +114,9 @@ def test_default_scope_is_all_granted_and_exp_within_the_tool_lifetime(app, agen
         ({"actor_token": "not-a-jwt"}, 401, "invalid_client"),
         ({"actor_token_type": "urn:x"}, 400, "invalid_request"),
         ({"subject_token": "unknown"}, 400, "invalid_grant"),
-        ({"subject_token_type": ACCESS}, 400, "invalid_request"),
+        ({"subject_token_type": "urn:x"}, 400, "invalid_request"),
+        # An access_token subject is the person's own token: the task's is none.
+        ({"subject_token_type": ACCESS}, 400, "invalid_grant"),
         ({"resource": "https://tools.internal/other"}, 400, "invalid_target"),
         ({"resource": None}, 400, "invalid_target"),
         ({"scope": "issues:admin"}, 400, "invalid_scope"),

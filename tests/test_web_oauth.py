@@ -30,10 +30,14 @@ def test_the_jwks_publishes_es256_signing_keys_with_their_kids(make_app):
 def test_the_metadata_names_the_auth_methods_the_endpoints_accept(make_app):
     metadata = make_app().test_client().get("/.well-known/oauth-authorization-server").get_json()
 
-    # actor_token (token, revocation) and a tool's bearer (introspection): no RFC 6749 method.
-    assert metadata["token_endpoint_auth_methods_supported"] == ["none"]
+    # actor_token (token, revocation) and a tool's bearer (introspection): no RFC 6749 method;
+    # private_key_jwt (RFC 7523) at the token and revocation endpoints, with pinned algorithms.
+    assert metadata["token_endpoint_auth_methods_supported"] == ["none", "private_key_jwt"]
     assert metadata["introspection_endpoint_auth_methods_supported"] == ["none"]
-    assert metadata["revocation_endpoint_auth_methods_supported"] == ["none"]
+    assert metadata["revocation_endpoint_auth_methods_supported"] == ["none", "private_key_jwt"]
+    for endpoint in ("token_endpoint", "revocation_endpoint"):
+        algorithms = metadata[f"{endpoint}_auth_signing_alg_values_supported"]
+        assert algorithms == ["ES256", "RS256"]
 
 
 def test_the_metadata_validates_and_names_only_the_endpoints_the_broker_serves(make_app):

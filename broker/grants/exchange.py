@@ -50,10 +50,15 @@ class Exchanging(Tasks):
     ) -> ExchangedToken:
         """An access token for the tool `resource` of the task `subject_token` names, for `agent`
         (its authenticated client id), with `scope` (space-separated; None: all granted for the
-        tool). Raises TokenRefused with the OAuth error code; nothing is recorded then."""
+        tool). `subject_token` is a task's subject token, or the Principal of the person's own
+        access token (then the person's task that fits: tasks.task_for_person). Raises
+        TokenRefused with the OAuth error code; nothing is recorded then."""
         agent = principal.client_id
         try:
-            grant, task = self.task_for_subject_token(subject_token)
+            if isinstance(subject_token, Principal):  # the person's own access token, verified
+                grant, task = self.task_for_person(subject_token, agent, resource, scope)
+            else:
+                grant, task = self.task_for_subject_token(subject_token)
         except (UnknownTask, TaskNotActive) as exc:
             raise TokenRefused("invalid_grant", exc.detail) from None
         if task.agent != agent:

@@ -8,6 +8,8 @@ from collections.abc import Collection
 
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 
+from ..config import CLIENT_ASSERTION_ALGORITHMS as ASSERTION_ALGORITHMS
+
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - RFC 8693 §2.1
 JWKS_PATH = "/.well-known/jwks.json"
 # Each OAuth endpoint: its path, and the members that describe it, present only with it.
@@ -17,8 +19,10 @@ ENDPOINTS: dict[str, tuple[str, dict[str, list[str]]]] = {
         {
             "grant_types_supported": [TOKEN_EXCHANGE],  # no refresh tokens, no other grant
             # The agent authenticates with its provider token as actor_token (RFC 8693 §2.1),
-            # no client authentication of RFC 6749's: "none" is the honest registered value.
-            "token_endpoint_auth_methods_supported": ["none"],
+            # no client authentication of RFC 6749's ("none" is the honest registered value), or
+            # with private_key_jwt (RFC 7523) when its keys are registered in [oauth.clients].
+            "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
         },
     ),
     "introspection_endpoint": (
@@ -28,7 +32,10 @@ ENDPOINTS: dict[str, tuple[str, dict[str, list[str]]]] = {
     ),
     "revocation_endpoint": (
         "/oauth/revoke",
-        {"revocation_endpoint_auth_methods_supported": ["none"]},  # actor_token, as above
+        {  # actor_token or private_key_jwt, as above
+            "revocation_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
+            "revocation_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
+        },
     ),
 }
 

@@ -1,11 +1,12 @@
 """The broker as the OAuth authorization server for tools, on authlib's Flask AuthorizationServer:
 the token endpoint (RFC 8693 token exchange only), introspection (RFC 7662) and revocation (RFC
 7009). authlib parses the requests, authenticates the callers through the methods registered here
-and writes every answer and error (JSON, Cache-Control: no-store). The broker keeps no client
-registry: an agent authenticates with its client-credentials token from the OIDC provider (the
-`actor_token`, RFC 8693 §2.1), a tool with its own as `Authorization: Bearer`, so both methods
-return a client object made from the verified token rather than one looked up by id. The use
-cases (what a token may carry, recording it) are `grants`'."""
+and writes every answer and error (JSON, Cache-Control: no-store). An agent authenticates with
+its client-credentials token from the OIDC provider (the `actor_token`, RFC 8693 §2.1) or with
+private_key_jwt (RFC 7523) when `[oauth.clients]` registers its keys, a tool with its provider
+token as `Authorization: Bearer`; each method returns a client object made from the verified
+identity. The task is named by its subject token or by the person's own access token (verified
+here like an API token). The use cases (what a token may carry, recording it) are `grants`'."""
 
 from __future__ import annotations
 
@@ -20,21 +21,27 @@ from authlib.oauth2.rfc6749 import (
     TokenEndpointMixin,
 )
 from authlib.oauth2.rfc7009 import RevocationEndpoint
+from authlib.oauth2.rfc7523.client import ASSERTION_TYPE
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from flask import Blueprint, Flask, Response, current_app
 
 from ..backends.tool_task import SUBJECT_TOKEN_TYPE
-from ..errors import BrokerError, TokenRefused
+from ..errors import BrokerError, ProviderUnavailable, TokenRefused
 from ..grants.exchange import ACCESS_TOKEN_TYPE
 from ..models import Principal
+from ..oauth.client_assertion import ClientAssertion
+from ..oauth.clients import PRIVATE_KEY_JWT
 from ..oauth.metadata import TOKEN_EXCHANGE
 from . import services
 
 bp = Blueprint("oauth_server", __name__)
 ACTOR_TOKEN = "actor_token"  # noqa: S105 - the name of an auth method
 TOOL_BEARER = "tool_bearer"
-# Form parameters that may appear once only (RFC 6749 §3.2, RFC 8693 §2.1).
+# Form parameters that may appear once only (RFC 6749 §3.2, RFC 8693 §2.1, RFC 7523 §2.2).
 SINGLE = ("grant_type", "subject_token", "subject_token_type", "actor_token", "actor_token_type")
+ASSERTION_PARAMETERS = ("client_assertion", "client_assertion_type", "client_id")
+# What names the task (RFC 8693 §3): the broker's own subject token, or the person's access token.
+SUBJECT_TOKEN_TYPES = (SUBJECT_TOKEN_TYPE, ACCESS_TOKEN_TYPE)
 
 
 class Caller:
@@ -65,12 +72,53 @@ def _agent_from_actor_token(query_client: Any, request: Any) -> Caller:
     try:
         principal = services().verifier.verify(token)
     except BrokerError as exc:
-        raise InvalidClientError(status_code=401, description=exc.detail) from None
+        raise InvalidClientError(status_code=401, description=_safe(exc.detail)) from None
     if principal.kind != "agent":
         raise InvalidClientError(
             status_code=401, description="the actor token is not an agent's (client credentials)"
         )
     return Caller(principal)
+
+
+def _agent_from_private_key_jwt(query_client: Any, request: Any) -> Caller | None:
+    """RFC 7523 §2.2: a client assertion signed with a key [oauth.clients] registers for the
+    agent; None when the request carries none (another method's request)."""
+    form = request.form
+    if not form.get("client_assertion") and not form.get("client_assertion_type"):
+        return None
+    for name in ASSERTION_PARAMETERS:
+        if len(request.payload.datalist.get(name, [])) > 1:
+            raise InvalidRequestError(description=f"{name} appears more than once")
+    if form.get("actor_token"):
+        raise InvalidRequestError(description="authenticate once: client_assertion or actor_token")
+    if form.get("client_assertion_type") != ASSERTION_TYPE:
+        raise InvalidClientError(
+            status_code=401, description=f"client_assertion_type must be {ASSERTION_TYPE}"
+        )
+    jit = services()
+    check = ClientAssertion(jit.signer.issuer, jit.grants.first_use, jit.settings.oidc["leeway"])
+    try:
+        client = check(jit.agent_clients.get, request)
+    except InvalidClientError as exc:  # authlib's are 400s; RFC 6749 §5.2 allows 401, as above
+        raise InvalidClientError(status_code=401, description=_safe(exc.description)) from None
+    if client is None:
+        raise InvalidClientError(status_code=401, description="send a client_assertion")
+    if form.get("client_id") not in (None, client.client_id):
+        raise InvalidClientError(status_code=401, description="client_id is not the assertion's")
+    return Caller(client.principal())
+
+
+def _person(subject_token: object) -> Principal:
+    """The person whose own access token is the subject token: verified like an API token (the
+    provider's key, exact issuer and audience, pinned algorithms)."""
+    if not isinstance(subject_token, str):
+        raise OAuthError("invalid_grant", "the subject token is not an access token")
+    try:
+        return services().verifier.verify(subject_token)
+    except ProviderUnavailable as exc:
+        raise OAuthError("temporarily_unavailable", exc.detail, status_code=503) from None
+    except BrokerError as exc:
+        raise OAuthError("invalid_grant", f"the subject token is refused: {exc.detail}") from None
 
 
 def _tool_from_bearer(query_client: Any, request: Any) -> Caller:
@@ -81,7 +129,7 @@ def _tool_from_bearer(query_client: Any, request: Any) -> Caller:
     try:
         principal = services().verifier.verify(token.strip())
     except BrokerError as exc:
-        raise InvalidClientError(status_code=401, description=exc.detail) from None
+        raise InvalidClientError(status_code=401, description=_safe(exc.detail)) from None
     if principal.kind != "agent":
         raise InvalidClientError(status_code=401, description="not a client-credentials token")
     return Caller(principal)
@@ -89,7 +137,7 @@ def _tool_from_bearer(query_client: Any, request: Any) -> Caller:
 
 class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
     GRANT_TYPE = TOKEN_EXCHANGE
-    TOKEN_ENDPOINT_AUTH_METHODS = [ACTOR_TOKEN]
+    TOKEN_ENDPOINT_AUTH_METHODS = [PRIVATE_KEY_JWT, ACTOR_TOKEN]  # the first that applies
 
     def validate_token_request(self) -> None:
         for name in SINGLE:
@@ -98,9 +146,9 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
         form = self.request.form
         if not form.get("subject_token"):
             raise InvalidRequestError(description="subject_token is required")
-        if form.get("subject_token_type") != SUBJECT_TOKEN_TYPE:
+        if form.get("subject_token_type") not in SUBJECT_TOKEN_TYPES:
             raise InvalidRequestError(
-                description=f"subject_token_type must be {SUBJECT_TOKEN_TYPE}"
+                description=f"subject_token_type must be {' or '.join(SUBJECT_TOKEN_TYPES)}"
             )
         resources = self.request.payload.datalist.get("resource", [])
         if len(resources) != 1:
@@ -112,10 +160,13 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
 
     def create_token_response(self) -> tuple[int, dict, list]:
         form = self.request.form
+        subject: object = form.get("subject_token")
+        if form.get("subject_token_type") == ACCESS_TOKEN_TYPE:
+            subject = _person(subject)
         try:
             issued = services().grants.exchange(
                 self.request.client.principal,
-                form.get("subject_token"),
+                subject,
                 form.get("resource"),
                 form.get("scope"),
                 services().signer.issue,
@@ -138,8 +189,8 @@ class TokenExchangeGrant(BaseGrant, TokenEndpointMixin):
 class OAuthError(OAuth2Error):
     """An OAuth error with any code (authlib has no class for RFC 8707's invalid_target)."""
 
-    def __init__(self, error: str, description: str) -> None:
-        super().__init__(description=description)
+    def __init__(self, error: str, description: str, status_code: int | None = None) -> None:
+        super().__init__(description=_safe(description), status_code=status_code)
         self.error = error
 
 
@@ -196,7 +247,7 @@ class Revocation(RevocationEndpoint):
     recorded (authlib answers invalid_grant for another client's token: overridden here, as that
     would tell an agent which tokens exist and whose they are)."""
 
-    CLIENT_AUTH_METHODS = [ACTOR_TOKEN]
+    CLIENT_AUTH_METHODS = [PRIVATE_KEY_JWT, ACTOR_TOKEN]
 
     def authenticate_token(self, request: Any, client: Caller) -> IssuedToken | None:
         self.check_params(request, client)
@@ -216,6 +267,12 @@ class Revocation(RevocationEndpoint):
         services().grants.revoke_token(request.client.principal, token["jti"])
 
 
+def _safe(text: object) -> str:
+    """An error_description authlib accepts (RFC 6749 §5.2: printable ASCII but " and \\): the
+    text of a refusal may quote what the caller sent, and anything else would be a 500."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in str(text or ""))
+
+
 def _tool_of(claims: dict) -> Any:
     for tool in services().policy.current().tools.values():
         if tool.resource == claims.get("aud"):
@@ -228,6 +285,7 @@ def init_app(app: Flask) -> Blueprint:
     server = AuthorizationServer()
     app.extensions["jit_oauth_server"] = server
     server.init_app(app, query_client=lambda client_id: None, save_token=lambda t, r: None)
+    server.register_client_auth_method(PRIVATE_KEY_JWT, _agent_from_private_key_jwt)
     server.register_client_auth_method(ACTOR_TOKEN, _agent_from_actor_token)
     server.register_client_auth_method(TOOL_BEARER, _tool_from_bearer)
     server.register_grant(TokenExchangeGrant)
