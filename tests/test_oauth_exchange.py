@@ -97,6 +97,7 @@ def test_an_agent_exchanges_its_task_for_a_tool_token(app, agent_token, task):
     assert entry["type"] == "token_issued"
     assert entry["data"]["tool"] == "github" and entry["data"]["scopes"] == ["issues:read"]
     assert entry["data"]["exp"] == claims["exp"] and claims["jti"] not in str(entry)
+    assert entry["data"]["named_by"] == "task_token"
     # A token for github is refused by the wiki's verifier.
     with pytest.raises(InvalidToken):
         verifier_for(app, WIKI, app.test_client()).verify(body["access_token"])

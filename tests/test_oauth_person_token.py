@@ -106,6 +106,7 @@ def test_a_persons_token_exchanges_for_their_task(app, api_for, tokens, agent_to
     entry = grants_of(app).chain(task["id"])[-1]
     assert entry["type"] == "token_issued" and entry["data"]["sub"] == "alice"
     assert entry["data"]["agent"] == "ci-agent"
+    assert entry["data"]["named_by"] == "person_token"  # the person's token named the task
 
 
 def test_another_persons_task_is_not_reachable(app, api_for, tokens, agent_token):

@@ -124,6 +124,8 @@ class Exchanging(Tasks):
                 kid=kid,
                 exp=exp,
                 sub=claims["sub"],
+                # What named the task: its own subject token, or the person's access token.
+                named_by="person_token" if isinstance(subject_token, Principal) else "task_token",
             )
         self.on_change()
         return ExchangedToken(token, claims["scope"], exp - iat, grant.id, tool.name, claims)
