@@ -84,15 +84,27 @@ def main(ctx: click.Context, config: str | None) -> None:
 
 
 @main.command()
+@click.option("--dev", is_flag=True, help="Flask's development server, for local work.")
 @click.pass_obj
-def serve(settings: Settings) -> None:
-    """Run the broker (web UI, API and reaper) on the configured host and port."""
-    from . import create_app
-
+def serve(settings: Settings, dev: bool) -> None:
+    """Run the broker (web UI, API and reaper) on the configured host and port: under gunicorn
+    ([server] workers, threads, graceful_timeout), or with --dev the development server."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run_server(create_app(settings))
+    if dev:
+        from . import create_app
+
+        run_server(create_app(settings))
+        return
+    from .config import check_service_settings
+    from .server import serve as serve_production
+
+    try:
+        check_service_settings(settings)  # in the master, before any worker tries
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    serve_production(settings)
 
 
 @main.group("audit")

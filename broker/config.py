@@ -31,6 +31,10 @@ DEFAULTS: dict[str, dict] = {
         "session_idle": 1800,  # a browser session unused this long ends
         "session_lifetime": 8 * 3600,  # and every browser session ends this long after login
         "metrics_token": "",  # when set, GET /metrics asks for it as a bearer token
+        # `jit serve` (gunicorn): worker processes, threads each, seconds to finish on SIGTERM
+        "workers": 1,
+        "threads": 8,
+        "graceful_timeout": 30,
     },
     "oidc": {
         "issuer": "",
@@ -236,6 +240,7 @@ def check_settings(settings: Settings) -> None:
             f"not {settings.storage['synchronous']!r}"
         )
     _check_sessions(settings.server)
+    _check_serving(settings.server)
     _check_webhook(settings.notify)
     _check_forwarding(settings.audit)
     _check_auditor_groups(settings.audit)
@@ -362,6 +367,13 @@ def _is_loopback(host: str) -> bool:
         return ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_serving(server: dict) -> None:
+    for name, least in (("workers", 1), ("threads", 1), ("graceful_timeout", 1)):
+        value = server[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"server.{name} must be a whole number >= {least}, not {value!r}")
 
 
 def _check_sessions(server: dict) -> None:

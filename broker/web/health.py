@@ -3,6 +3,10 @@ authentication: they name grant ids and counters, never a requester, a handle or
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import Counter
+
 from flask import Blueprint, Response, jsonify
 
 from . import services
@@ -18,9 +22,15 @@ REQUIRED = ("store", "reaper", "reaper_lag", "vault", "provider")
 
 @bp.get("/healthz")
 def healthz() -> Response:
+    """Also which process answered and the broker's threads in it: one reaper, notifier and
+    forwarder per process, whatever the server's worker model."""
     reaper = services().grants.liveness()
     alive = reaper["ok"]
-    body = {"status": "alive"} if alive else {"status": "failing", "checks": {"reaper": reaper}}
+    body: dict[str, object] = {"status": "alive" if alive else "failing"}
+    if not alive:
+        body["checks"] = {"reaper": reaper}
+    threads = Counter(t.name for t in threading.enumerate() if t.name.startswith("jit-"))
+    body.update(process=os.getpid(), threads=dict(sorted(threads.items())))
     return _answer(body, 200 if alive else 503)
 
 

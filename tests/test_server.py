@@ -1,0 +1,134 @@
+"""`jit serve` under gunicorn, as a process, against real OpenBao and the real provider: two
+worker processes, each with exactly one reaper, notifier and forwarder; grants issued through
+either; metrics from both workers on one scrape; SIGTERM ends it cleanly (every worker stops its
+threads, nothing is left claimed, the last checkpoint covers the whole log)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.store import Store
+from scripts.launchers import ROOT, free_port, wait_for_http
+from tests.helpers import TEST_POLICY, wait_until
+
+JIT = str(Path(sys.executable).parent / "jit")
+ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-14 gunicorn"}
+
+
+def _env(workdir, openbao, oidc_provider, port: int, client_secret: str) -> dict[str, str]:
+    (workdir / "policy.toml").write_text(TEST_POLICY)
+    settings = {
+        "JIT_SERVER_BASE_URL": f"http://127.0.0.1:{port}",
+        "JIT_SERVER_PORT": str(port),
+        "JIT_SERVER_DATA_DIR": str(workdir),
+        "JIT_SERVER_WORKERS": "2",
+        "JIT_SERVER_THREADS": "4",
+        "JIT_SERVER_GRACEFUL_TIMEOUT": "10",
+        "JIT_OIDC_ISSUER": oidc_provider.issuer,
+        "JIT_OIDC_CLIENT_ID": "jit-broker",
+        "JIT_OIDC_CLIENT_SECRET": client_secret,
+        "JIT_OIDC_API_AUDIENCE": "urn:jit-broker:api",
+        "JIT_VAULT_ADDR": openbao.addr,
+        "JIT_VAULT_TOKEN": openbao.broker_token,
+        "JIT_POLICY_PATH": str(workdir / "policy.toml"),
+    }
+    keep = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
+    return {**keep, **settings}
+
+
+@pytest.fixture
+def served(tmp_path, openbao, oidc_provider, oidc_client_secret, vault_setup):
+    port = free_port()
+    env = _env(tmp_path, openbao, oidc_provider, port, oidc_client_secret)
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [JIT, "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/healthz", timeout=30)
+        yield process, url, env, tmp_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        log.close()
+
+
+def test_two_workers_each_run_one_of_each_thread_and_stop_cleanly_on_sigterm(served, tokens):
+    process, url, env, workdir = served
+    seen: dict[int, dict] = {}
+    deadline = time.monotonic() + 20
+    while len(seen) < 2 and time.monotonic() < deadline:
+        with requests.Session() as fresh:  # a new connection: any worker may take it
+            answer = fresh.get(f"{url}/healthz", timeout=5).json()
+        seen[answer["process"]] = answer["threads"]
+    assert len(seen) == 2, f"only one worker answered: {seen}"
+    assert all(threads["jit-reaper"] == 1 for threads in seen.values())
+    assert process.pid not in seen  # the workers, not the master, serve
+
+    headers = {"Authorization": f"Bearer {tokens('alice')}"}
+    granted = [
+        requests.post(f"{url}/api/v1/requests", json=ASK, headers=headers, timeout=15)
+        for _ in range(4)
+    ]
+    assert [answer.status_code for answer in granted] == [201] * 4
+    ids = [answer.json()["id"] for answer in granted]
+    for grant_id in ids:
+        release = requests.post(
+            f"{url}/api/v1/requests/{grant_id}/release", headers=headers, timeout=15
+        )
+        assert release.status_code == 200
+
+    def revoked(grant_id: str) -> bool:
+        answer = requests.get(f"{url}/api/v1/requests/{grant_id}", headers=headers, timeout=5)
+        return answer.json()["status"] == "revoked"
+
+    assert wait_until(lambda: all(revoked(grant_id) for grant_id in ids), timeout=20)
+
+    def issued_total() -> float:
+        text = requests.get(f"{url}/metrics", timeout=5).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "jit_issuances_total"
+        )
+
+    # Whichever worker answers, the scrape counts what both issued.
+    assert {issued_total() for _ in range(6)} == {4.0}
+    # What gunicorn refuses itself is a 4xx, never a 5xx.
+    huge = requests.get(f"{url}/api/v1/requests", headers={"X-Pad": "x" * 70_000}, timeout=5)
+    assert huge.status_code == 431
+    many = {f"X-{n}": "y" for n in range(120)}
+    assert 400 <= requests.get(f"{url}/api/v1/requests", headers=many, timeout=5).status_code < 500
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0
+    verify = subprocess.run(
+        [JIT, "audit", "verify"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    store = Store(workdir / "broker.db")
+    head = store.audit_head()["seq"]
+    assert f"signed through seq {head}" in verify.stdout  # the last checkpoint covers all
+    claimed = store.grants_in(("issuing", "revoking"))
+    assert claimed == []  # nothing left claimed by the stopped workers
