@@ -89,9 +89,9 @@ def main(ctx: click.Context, config: str | None) -> None:
 def serve(settings: Settings, dev: bool) -> None:
     """Run the broker (web UI, API and reaper) on the configured host and port: under gunicorn
     ([server] workers, threads, graceful_timeout), or with --dev the development server."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from . import logs
+
+    logs.configure(settings.server["log_format"])
     if dev:
         from . import create_app
 

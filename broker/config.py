@@ -18,7 +18,11 @@ import jwt
 from .errors import ConfigError
 from .urls import loggable_target
 
-SYNCHRONOUS = ("normal", "full")  # [storage] synchronous: SQLite's, for the write-ahead log
+SYNCHRONOUS = ("normal", "full")
+LOG_FORMATS = (
+    "text",
+    "json",
+)  # [server] log_format  # [storage] synchronous: SQLite's, for the write-ahead log
 
 DEFAULTS: dict[str, dict] = {
     "server": {
@@ -35,6 +39,7 @@ DEFAULTS: dict[str, dict] = {
         "workers": 1,
         "threads": 8,
         "graceful_timeout": 30,
+        "log_format": "text",  # or "json": one object a line, with the request id
     },
     "oidc": {
         "issuer": "",
@@ -370,6 +375,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def _check_serving(server: dict) -> None:
+    if server["log_format"] not in LOG_FORMATS:
+        choices = ", ".join(LOG_FORMATS)
+        raise ConfigError(
+            f"server.log_format must be one of {choices}, not {server['log_format']!r}"
+        )
     for name, least in (("workers", 1), ("threads", 1), ("graceful_timeout", 1)):
         value = server[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < least:

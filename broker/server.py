@@ -15,6 +15,7 @@ import tempfile
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
 from .config import Settings
 
@@ -22,8 +23,19 @@ from .config import Settings
 # it is first imported, so the master must set it before anything imports prometheus-client.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-# The access log names the path, never the query string (an authorization code rides in it).
-ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+
+class ServerLogger(Logger):
+    """gunicorn's own lines (workers starting, stopping, timing out) in the broker's log format,
+    so a JSON log pipeline never meets a plain line."""
+
+    log_format = "text"
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        from . import logs
+
+        for handler in self.error_log.handlers:
+            logs.use_format(handler, self.log_format)
 
 
 class BrokerServer(BaseApplication):
@@ -33,6 +45,7 @@ class BrokerServer(BaseApplication):
 
     def load_config(self) -> None:
         server = self.settings.server
+        ServerLogger.log_format = server["log_format"]
         options: dict[str, Any] = {
             "bind": f"{server['host']}:{server['port']}",
             "workers": server["workers"],
@@ -46,9 +59,9 @@ class BrokerServer(BaseApplication):
             "limit_request_line": 8190,
             "limit_request_field_size": 64 * 1024,
             "limit_request_fields": 100,
-            "accesslog": "-",
-            "access_log_format": ACCESS_LOG_FORMAT,
+            "accesslog": None,  # the app logs each request itself: web/request_ids.py
             "errorlog": "-",
+            "logger_class": ServerLogger,
             "preload_app": False,  # the app, and its threads, are made in each worker
             "post_worker_init": _post_worker_init,
             "worker_exit": _worker_exit,
@@ -58,9 +71,13 @@ class BrokerServer(BaseApplication):
             self.cfg.set(name, value)
 
     def load(self) -> Any:
-        from . import create_app
+        from . import create_app, logs
+        from .web.request_ids import ACCESS_LOG
 
-        return create_app(self.settings)
+        logs.configure(self.settings.server["log_format"])
+        app = create_app(self.settings)
+        app.config[ACCESS_LOG] = True
+        return app
 
 
 def _post_worker_init(worker: Any) -> None:

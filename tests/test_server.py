@@ -1,10 +1,12 @@
 """`jit serve` under gunicorn, as a process, against real OpenBao and the real provider: two
 worker processes, each with exactly one reaper, notifier and forwarder; grants issued through
-either; metrics from both workers on one scrape; SIGTERM ends it cleanly (every worker stops its
-threads, nothing is left claimed, the last checkpoint covers the whole log)."""
+either; metrics from both workers on one scrape; JSON log lines with request ids and no secrets;
+SIGTERM ends it cleanly (every worker stops its threads, nothing is left claimed, the last
+checkpoint covers the whole log)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +35,7 @@ def _env(workdir, openbao, oidc_provider, port: int, client_secret: str) -> dict
         "JIT_SERVER_WORKERS": "2",
         "JIT_SERVER_THREADS": "4",
         "JIT_SERVER_GRACEFUL_TIMEOUT": "10",
+        "JIT_SERVER_LOG_FORMAT": "json",
         "JIT_OIDC_ISSUER": oidc_provider.issuer,
         "JIT_OIDC_CLIENT_ID": "jit-broker",
         "JIT_OIDC_CLIENT_SECRET": client_secret,
@@ -115,6 +118,12 @@ def test_two_workers_each_run_one_of_each_thread_and_stop_cleanly_on_sigterm(ser
     assert huge.status_code == 431
     many = {f"X-{n}": "y" for n in range(120)}
     assert 400 <= requests.get(f"{url}/api/v1/requests", headers=many, timeout=5).status_code < 500
+    traced = requests.get(
+        f"{url}/api/v1/requests?code=the-authorization-code",
+        headers={**headers, "X-Request-Id": "trace-0123456789"},
+        timeout=5,
+    )
+    assert traced.headers["X-Request-Id"] == "trace-0123456789"
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(20) == 0
@@ -132,3 +141,13 @@ def test_two_workers_each_run_one_of_each_thread_and_stop_cleanly_on_sigterm(ser
     assert f"signed through seq {head}" in verify.stdout  # the last checkpoint covers all
     claimed = store.grants_in(("issuing", "revoking"))
     assert claimed == []  # nothing left claimed by the stopped workers
+
+    text = (workdir / "serve.log").read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # every line JSON
+    assert any("Booting worker" in line["message"] for line in lines)  # gunicorn's own, too
+    access = [line for line in lines if line["logger"] == "broker.access"]
+    assert any(
+        line["request_id"] == "trace-0123456789" and line["message"].startswith("GET /api/v1/")
+        for line in access
+    )
+    assert "the-authorization-code" not in text and tokens("alice") not in text

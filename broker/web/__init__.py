@@ -24,7 +24,20 @@ def services() -> Services:
 
 
 def init_app(app: Flask) -> None:
-    from . import api, audit_key, audit_pages, auth, health, metrics, oauth, token_endpoint, ui
+    from . import (
+        api,
+        audit_key,
+        audit_pages,
+        auth,
+        health,
+        metrics,
+        oauth,
+        request_ids,
+        token_endpoint,
+        ui,
+    )
+
+    request_ids.init_app(app)
 
     csrf = CSRFProtect(app)
     csrf.exempt(api.bp)  # bearer tokens, no cookies: nothing for a forged form to ride on
