@@ -226,6 +226,57 @@ class McpTool:
 # ---- OpenBao ------------------------------------------------------------------------------------
 
 
+class BrokerProcess:
+    """`jit serve` (gunicorn) as a process, configured through JIT_* environment variables."""
+
+    def __init__(self, process: ManagedProcess, url: str, env: dict[str, str]) -> None:
+        self.process, self.url, self.env = process, url, env
+
+    @classmethod
+    def start(
+        cls,
+        workdir: Path,
+        port: int,
+        openbao: OpenBao,
+        vault_token: str,
+        provider: OidcProvider,
+        client_secret: str,
+        policy_path: Path,
+        timeout: float = 30,
+        **settings: str,
+    ) -> BrokerProcess:
+        """`settings` are more JIT_<SECTION>_<KEY> values, e.g. JIT_SERVER_WORKERS="2"."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in _clean_env().items() if not k.startswith(("JIT_", "PROMETHEUS_"))}
+        env.update(
+            JIT_SERVER_BASE_URL=f"http://127.0.0.1:{port}",
+            JIT_SERVER_PORT=str(port),
+            JIT_SERVER_DATA_DIR=str(workdir),
+            JIT_OIDC_ISSUER=provider.issuer,
+            JIT_OIDC_CLIENT_ID=WEB_CLIENT_ID,
+            JIT_OIDC_CLIENT_SECRET=client_secret,
+            JIT_OIDC_API_AUDIENCE=provider.api_resource,
+            JIT_VAULT_ADDR=openbao.addr,
+            JIT_VAULT_TOKEN=vault_token,
+            JIT_POLICY_PATH=str(policy_path),
+            **settings,
+        )
+        jit = str(Path(sys.executable).parent / "jit")
+        process = ManagedProcess("jit serve", [jit, "serve"], workdir / "serve.log", env, ROOT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(f"{url}/healthz", timeout, process)
+        except BaseException:
+            process.stop()
+            raise
+        return cls(process, url, env)
+
+    def stop(self, grace: float = 20) -> int | None:
+        """SIGTERM (gunicorn's graceful stop); its exit status."""
+        self.process.stop(grace)
+        return self.process.popen.returncode
+
+
 class OpenBao:
     """An OpenBao dev server: in memory, unsealed, with a known root token. The root token is for
     setting the server up and checking credentials; the broker gets `broker_token`, made by

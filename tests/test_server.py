@@ -7,7 +7,6 @@ checkpoint covers the whole log)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,56 +18,33 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.store import Store
-from scripts.launchers import ROOT, free_port, wait_for_http
+from scripts.launchers import ROOT, BrokerProcess, free_port
 from tests.helpers import TEST_POLICY, wait_until
 
 JIT = str(Path(sys.executable).parent / "jit")
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-14 gunicorn"}
 
 
-def _env(workdir, openbao, oidc_provider, port: int, client_secret: str) -> dict[str, str]:
-    (workdir / "policy.toml").write_text(TEST_POLICY)
-    settings = {
-        "JIT_SERVER_BASE_URL": f"http://127.0.0.1:{port}",
-        "JIT_SERVER_PORT": str(port),
-        "JIT_SERVER_DATA_DIR": str(workdir),
-        "JIT_SERVER_WORKERS": "2",
-        "JIT_SERVER_THREADS": "4",
-        "JIT_SERVER_GRACEFUL_TIMEOUT": "10",
-        "JIT_SERVER_LOG_FORMAT": "json",
-        "JIT_OIDC_ISSUER": oidc_provider.issuer,
-        "JIT_OIDC_CLIENT_ID": "jit-broker",
-        "JIT_OIDC_CLIENT_SECRET": client_secret,
-        "JIT_OIDC_API_AUDIENCE": "urn:jit-broker:api",
-        "JIT_VAULT_ADDR": openbao.addr,
-        "JIT_VAULT_TOKEN": openbao.broker_token,
-        "JIT_POLICY_PATH": str(workdir / "policy.toml"),
-    }
-    keep = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
-    return {**keep, **settings}
-
-
 @pytest.fixture
 def served(tmp_path, openbao, oidc_provider, oidc_client_secret, vault_setup):
-    port = free_port()
-    env = _env(tmp_path, openbao, oidc_provider, port, oidc_client_secret)
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [JIT, "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    (tmp_path / "policy.toml").write_text(TEST_POLICY)
+    broker = BrokerProcess.start(
+        tmp_path,
+        free_port(),
+        openbao,
+        openbao.broker_token,
+        oidc_provider,
+        oidc_client_secret,
+        tmp_path / "policy.toml",
+        JIT_SERVER_WORKERS="2",
+        JIT_SERVER_THREADS="4",
+        JIT_SERVER_GRACEFUL_TIMEOUT="10",
+        JIT_SERVER_LOG_FORMAT="json",
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{url}/healthz", timeout=30)
-        yield process, url, env, tmp_path
+        yield broker.process.popen, broker.url, broker.env, tmp_path
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        log.close()
+        broker.stop(5)
 
 
 def test_two_workers_each_run_one_of_each_thread_and_stop_cleanly_on_sigterm(served, tokens):

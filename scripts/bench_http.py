@@ -1,0 +1,257 @@
+"""`scripts/bench --http`: the broker over HTTP under `jit serve` (gunicorn), side by side in one
+run with the raw OpenBao calls over HTTP a team would script instead, from keep-alive clients:
+issue (POST /api/v1/requests -> a token) against a bare token create, at 1 and N concurrent
+clients (p50, p99, throughput), release -> verified revoked against a bare revoke and lookup,
+and the broker worker's memory with the grants still live. Starts its own OpenBao, OIDC
+provider and broker; prints ratios and flags any run with errors. A measurement, not a test."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from broker.backends.vault import TOKEN_ROLE  # noqa: E402
+from scripts.launchers import (  # noqa: E402
+    BrokerProcess,
+    OidcProvider,
+    OpenBao,
+    configure_transit_engine,
+    free_port,
+    provider_config,
+    user_access_token,
+)
+
+VAULT_POLICY = "jit-bench-read"
+POLICY = f"""
+[entitlements.bench]
+vault_policies = ["{VAULT_POLICY}"]
+max_duration = "1h"
+[entitlements.bench.requesters]
+groups = ["engineers"]
+"""
+ASK = {"entitlement": "bench", "duration": "10m", "reason": "benchmark"}
+
+
+@dataclass
+class Run:
+    """Latencies (seconds) of the calls that succeeded, how many failed, and the wall time."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+    results: list = field(default_factory=list)
+
+    def p(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+
+def concurrently(clients: int, total: int, make: Callable[[], Callable[[], object]]) -> Run:
+    """`total` calls shared by `clients` threads, each with its own keep-alive client (`make`)."""
+    run, lock = Run(), threading.Lock()
+    share = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+
+    def worker(count: int) -> None:
+        call = make()
+        barrier.wait()
+        for _ in range(count):
+            started = time.perf_counter()
+            try:
+                result = call()
+            except Exception:  # noqa: BLE001 - counted and flagged, never hidden
+                with lock:
+                    run.errors += 1
+                continue
+            took = time.perf_counter() - started
+            with lock:
+                run.latencies.append(took)
+                run.results.append(result)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in share]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    run.seconds = time.perf_counter() - began
+    return run
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _ratio(ours: float, raw: float) -> float:
+    return ours / raw if raw else 0.0
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="scripts/bench --http")
+    parser.add_argument("--http", action="store_true")
+    parser.add_argument("--count", type=int, default=400, help="issues per measurement")
+    parser.add_argument("--clients", type=int, default=32, help="the concurrent run's clients")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
+    parser.add_argument("--threads", type=int, default=32, help="threads per worker")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="jit-bench-http-"))
+    bao = OpenBao.start(workdir=workdir / "openbao")
+    provider = None
+    broker = None
+    try:
+        root = bao.client()
+        root.sys.create_or_update_policy(
+            VAULT_POLICY, 'path "secret/data/bench/*" { capabilities = ["read"] }'
+        )
+        configure_transit_engine(root)
+        broker_token = bao.make_broker_token([VAULT_POLICY])
+        secret = secrets.token_urlsafe(24)
+        port = free_port()
+        provider = OidcProvider.start(
+            provider_config(free_port(), f"http://127.0.0.1:{port}/auth/callback", secret),
+            workdir / "oidc",
+        )
+        bearer = {"Authorization": f"Bearer {user_access_token(provider, 'alice')}"}
+        (workdir / "policy.toml").write_text(POLICY)
+        broker = BrokerProcess.start(
+            workdir / "broker",
+            port,
+            bao,
+            broker_token,
+            provider,
+            secret,
+            workdir / "policy.toml",
+            JIT_SERVER_WORKERS=str(args.workers),
+            JIT_SERVER_THREADS=str(args.threads),
+        )
+        url = broker.url
+
+        def raw_client() -> Callable[[], object]:
+            client = bao.client(broker_token)  # hvac keeps one keep-alive session
+            return lambda: client.auth.token.create(
+                role_name=TOKEN_ROLE,
+                policies=[VAULT_POLICY],
+                ttl="600s",
+                explicit_max_ttl="600s",
+                renewable=False,
+                meta={"jit_grant_id": "bench"},
+            )["auth"]["accessor"]
+
+        def broker_client() -> Callable[[], object]:
+            session = requests.Session()
+
+            def issue() -> str:
+                answer = session.post(
+                    f"{url}/api/v1/requests", json=ASK, headers=bearer, timeout=60
+                )
+                if answer.status_code != 201:
+                    raise RuntimeError(f"HTTP {answer.status_code}: {answer.text[:200]}")
+                return str(answer.json()["id"])
+
+            return issue
+
+        # Warm both sides (connections, the broker's caches), then measure.
+        concurrently(1, 20, raw_client)
+        warm = concurrently(1, 20, broker_client)
+        rows: list[tuple[str, Run, Run]] = []
+        live: list[str] = list(warm.results)
+        for clients in sorted({1, args.clients}):
+            raw = concurrently(clients, args.count, raw_client)
+            ours = concurrently(clients, args.count, broker_client)
+            live += ours.results
+            rows.append((f"issue, {clients} client(s)", raw, ours))
+
+        worker = requests.get(f"{url}/healthz", timeout=5).json()["process"]
+        memory = rss_mib(worker)
+
+        # Release -> verified revoked, one at a time: the reaper is woken by the release.
+        session = requests.Session()
+        to_release = iter(live)
+
+        def release_verified() -> None:
+            grant_id = next(to_release)
+            answer = session.post(
+                f"{url}/api/v1/requests/{grant_id}/release", headers=bearer, timeout=30
+            )
+            if answer.status_code != 200:
+                raise RuntimeError(f"release: HTTP {answer.status_code}")
+            while (
+                session.get(f"{url}/api/v1/requests/{grant_id}", headers=bearer, timeout=30).json()[
+                    "status"
+                ]
+                != "revoked"
+            ):
+                time.sleep(0.001)
+
+        accessors = iter(concurrently(1, 100, raw_client).results)
+        raw_client_remove = bao.client(broker_token)
+
+        def raw_remove() -> None:
+            accessor = next(accessors)
+            raw_client_remove.auth.token.revoke_accessor(accessor)
+            try:
+                raw_client_remove.auth.token.lookup_accessor(accessor)
+            except Exception:  # noqa: BLE001 - gone is the expected answer
+                return
+            raise RuntimeError("the token survived its revocation")
+
+        removal_raw = concurrently(1, 100, lambda: raw_remove)
+        removal = concurrently(1, 100, lambda: release_verified)
+        rows.append(("release -> verified revoked", removal_raw, removal))
+
+        print(
+            f"jit-broker bench --http: jit serve (gunicorn, {args.workers} worker(s) x "
+            f"{args.threads} threads, SQLite WAL) and OpenBao {bao.addr}, one run\n"
+        )
+        print(
+            f"{'':30}{'raw p50/p99 ms':>18}{'broker p50/p99 ms':>20}{'ratio p50/p99':>16}"
+            f"{'raw/s':>9}{'broker/s':>10}{'ratio':>7}"
+        )
+        flagged = False
+        for name, raw, ours in rows:
+            flagged = flagged or bool(raw.errors or ours.errors)
+            print(
+                f"{name:30}{raw.p(0.5) * 1e3:>8.2f} /{raw.p(0.99) * 1e3:>7.2f}"
+                f"{ours.p(0.5) * 1e3:>10.2f} /{ours.p(0.99) * 1e3:>7.2f}"
+                f"{ours.p(0.5) / raw.p(0.5):>8.2f}x/{ours.p(0.99) / raw.p(0.99):>5.2f}x"
+                f"{raw.rate:>9.0f}{ours.rate:>10.0f}{_ratio(ours.rate, raw.rate):>6.2f}x"
+                + (
+                    f"  ERRORS raw {raw.errors} broker {ours.errors}"
+                    if raw.errors or ours.errors
+                    else ""
+                )
+            )
+        print(f"\nbroker worker RSS with {len(live)} grants issued: {memory:.0f} MiB")
+        if flagged:
+            print("\nTHIS RUN HAD ERRORS: its figures are not comparable.")
+    finally:
+        if broker is not None:
+            broker.stop()
+        if provider is not None:
+            provider.stop()
+        bao.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
