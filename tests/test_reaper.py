@@ -4,11 +4,12 @@ the reaper thread's wake-up. A removal Vault could not confirm is never recorded
 from datetime import timedelta
 
 import pytest
+import responses
 
 from broker import audit
 from broker.backends import make_backends
 from broker.backends.vault import make_client
-from broker.models import parse_time
+from broker.models import isoformat, parse_time, utcnow
 from broker.reaper import Reaper
 from scripts.launchers import free_port
 from tests.helpers import ALICE, token_works, types, wait_for_status
@@ -96,3 +97,30 @@ def test_the_requester_is_warned_before_the_window_closes(grants):
     ]
     assert "5" in sent[0][1] and grant.entitlement in sent[0][1]
     grants.release(ALICE, grant.id)
+
+
+@pytest.mark.parametrize(("expired", "status"), [(True, "revoked"), (False, "revoke_failed")])
+def test_a_revoke_racing_openbaos_own_expiry_is_no_failure(grants, openbao, expired, status):
+    """OpenBao expired the token itself (revoke: "invalid accessor") but its lookup still shows
+    it for a moment, past its expire_time: dead, so revoked and verified, no alert. The same
+    lookup showing a token not yet expired stays a failure. A race a real OpenBao cannot be made
+    to lose on cue, so `responses` answers those two calls; everything else is the real one."""
+    alerts = []
+    grants.notify = lambda event, text, **details: alerts.append(event)
+    grant, _ = grants.request(ALICE, "kv-read", "10m", "the window ends as OpenBao expires it")
+    shown = utcnow() + (timedelta(seconds=-1) if expired else timedelta(minutes=5))
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
+        mock.add_passthru(openbao.addr)
+        mock.post(
+            f"{openbao.addr}/v1/auth/token/revoke-accessor",
+            status=400,
+            json={"errors": ["1 error occurred:\n\t* invalid accessor\n\n"]},
+        )
+        mock.post(
+            f"{openbao.addr}/v1/auth/token/lookup-accessor",
+            json={"data": {"accessor": grant.handle, "expire_time": isoformat(shown), "ttl": 0}},
+        )
+        grants.reap_due(parse_time(grant.window_end))
+    assert grants.store.get_grant(grant.id).status == status
+    assert alerts == ([] if expired else ["revoke_failed"])
+    grants.backends["vault_token"].revoke(grant.handle)  # the real token, for the next tests

@@ -10,7 +10,7 @@ import hvac
 import hvac.exceptions
 
 from ..errors import VaultUnavailable
-from ..models import Holding, IssuedCredential, isoformat, utcnow
+from ..models import Holding, IssuedCredential, isoformat, parse_time, utcnow
 from .base import Backend
 from .vault import (
     TOKEN_ROLE,
@@ -26,6 +26,16 @@ from .vault import (
 
 if TYPE_CHECKING:
     from ..policy import Entitlement, OptionsReader
+
+
+def _expired(expire_time: object) -> bool:
+    """Whether a token's `expire_time` (RFC 3339; None for a token that never expires) passed."""
+    if not isinstance(expire_time, str) or not expire_time:
+        return False
+    try:
+        return parse_time(expire_time) <= utcnow()
+    except ValueError:
+        return False
 
 
 class VaultTokenKind:
@@ -102,14 +112,16 @@ class VaultTokenBackend(Backend):
 
     @translate_errors
     def is_gone(self, handle: str) -> bool:
-        """True only when Vault itself says it no longer knows the token."""
+        """True when Vault itself says it no longer knows the token, or shows it past its own
+        expiry: OpenBao refuses such a token on every use and deletes it a moment later, so a
+        lookup racing that deletion proves it dead as surely (not a failed removal to alert on)."""
         try:
-            self.client.auth.token.lookup_accessor(handle)
+            data = self.client.auth.token.lookup_accessor(handle)["data"]
         except hvac.exceptions.InvalidRequest as exc:
             if is_unknown_accessor(exc):
                 return True
             raise
-        return False
+        return _expired(data.get("expire_time"))
 
     @translate_errors
     def holdings(self) -> list[Holding]:
