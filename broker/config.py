@@ -63,6 +63,7 @@ DEFAULTS: dict[str, dict] = {
         "heartbeat": 30,  # the reaper wakes at least this often; 3x stale and issuing stops
         "reconcile_every": 300,  # seconds between sweeps of what Vault holds for the broker
         "behind_after": 60,  # a deadline this many seconds overdue: /readyz says not ready
+        "removal_workers": 8,  # due grants one reaper pass removes at once (each waits on Vault)
     },
     "notify": {"webhook_url": "", "timeout": 5},
     "audit": {
@@ -246,6 +247,8 @@ def check_settings(settings: Settings) -> None:
         )
     _check_sessions(settings.server)
     _check_serving(settings.server)
+    _check_count("reaper.removal_workers", settings.reaper["removal_workers"])
+    _check_count("reaper.behind_after", settings.reaper["behind_after"])
     _check_webhook(settings.notify)
     _check_forwarding(settings.audit)
     _check_auditor_groups(settings.audit)
@@ -380,10 +383,13 @@ def _check_serving(server: dict) -> None:
         raise ConfigError(
             f"server.log_format must be one of {choices}, not {server['log_format']!r}"
         )
-    for name, least in (("workers", 1), ("threads", 1), ("graceful_timeout", 1)):
-        value = server[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ConfigError(f"server.{name} must be a whole number >= {least}, not {value!r}")
+    for name in ("workers", "threads", "graceful_timeout"):
+        _check_count(f"server.{name}", server[name])
+
+
+def _check_count(key: str, value: object, least: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigError(f"{key} must be a whole number >= {least}, not {value!r}")
 
 
 def _check_sessions(server: dict) -> None:

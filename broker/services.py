@@ -84,6 +84,7 @@ class Services:
             notify=notifier.notify,
             heartbeat_every=reaper_settings["heartbeat"],
             behind_after=reaper_settings["behind_after"],
+            removal_workers=reaper_settings["removal_workers"],
             vault_health=lambda: vault_health(vault, token=own_token.health),
             auditor_groups=tuple(settings.audit["auditor_groups"]),
             # Held for the broker's life: other processes on the same store see this one as alive.

@@ -31,6 +31,9 @@ def test_settings_without_what_serving_needs_load_and_serving_names_what_is_miss
         ("oauth", {"transit_mount": ""}, "oauth.transit_mount"),
         ("storage", {"synchronous": "off"}, "storage.synchronous"),
         ("oauth", {"key_publish_delay": -1}, "oauth.key_publish_delay"),
+        ("reaper", {"removal_workers": 0}, "reaper.removal_workers"),
+        ("server", {"workers": 0}, "server.workers"),
+        ("server", {"log_format": "xml"}, "server.log_format"),
     ],
 )
 def test_a_wrong_value_is_refused_when_loaded_naming_its_key(section, values, key):

@@ -1,6 +1,7 @@
 """Removal, step by step: `reap_due` called directly with a chosen time, against real OpenBao, and
 the reaper thread's wake-up. A removal Vault could not confirm is never recorded as revoked."""
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -124,3 +125,33 @@ def test_a_revoke_racing_openbaos_own_expiry_is_no_failure(grants, openbao, expi
     assert grants.store.get_grant(grant.id).status == status
     assert alerts == ([] if expired else ["revoke_failed"])
     grants.backends["vault_token"].revoke(grant.handle)  # the real token, for the next tests
+
+
+def test_windows_closing_together_are_removed_several_at_a_time_each_once(grants, openbao):
+    """40 windows ending at once, removal_workers=8: removals overlap (they wait on Vault), every
+    token is dead, and each grant's chain holds one revoke and one verify; the log verifies."""
+    grants.removal_workers = 8
+    made = [grants.request(ALICE, "kv-read", "10m", f"burst {n}") for n in range(40)]
+    backend = grants.backends["vault_token"]
+    real_revoke, lock, state = backend.revoke, threading.Lock(), {"now": 0, "most": 0}
+
+    def counting_revoke(handle):  # the real revoke, counted while in flight
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            real_revoke(handle)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    backend.revoke = counting_revoke
+    grants.reap_due(max(parse_time(grant.window_end) for grant, _ in made))
+
+    assert state["most"] > 1  # removals overlapped
+    for grant, credential in made:
+        assert grants.store.get_grant(grant.id).status == "revoked"
+        chain = types(grants, grant.id)
+        assert chain.count("revoke") == 1 and chain.count("verify") == 1
+        assert not token_works(openbao, credential.secret)
+    assert audit.verify(grants.store.audit_entries()).ok

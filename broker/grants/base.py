@@ -82,6 +82,7 @@ class GrantsBase:
         heartbeat: Callable[[], datetime | None] | None = None,
         heartbeat_every: int = 30,
         behind_after: int = 60,
+        removal_workers: int = 8,
         vault_health: Callable[[], dict] | None = None,
         auditor_groups: tuple[str, ...] = (),
         processes: Liveness | None = None,
@@ -100,6 +101,7 @@ class GrantsBase:
         self.heartbeat = heartbeat
         self.heartbeat_every = heartbeat_every
         self.behind_after = behind_after  # a deadline this overdue: the reaper is behind
+        self.removal_workers = removal_workers  # grants removed at once by one reaper pass
         self.vault_health = vault_health
         self.auditor_groups = tuple(auditor_groups)  # may review any break-glass grant
         # Which broker processes sharing the store are alive; None: unknown, so an issuance left

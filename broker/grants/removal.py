@@ -5,6 +5,7 @@ backoff and alerted on."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -143,12 +144,21 @@ class Removing(GrantsBase):
         return self._current(grant.id)
 
     def reap_due(self, now: datetime | None = None) -> datetime | None:
-        """Remove every credential whose window has closed; return when the next one closes."""
+        """Remove every credential whose window has closed; return when the next one closes.
+        Several due grants are removed `removal_workers` at a time: each waits mostly on Vault,
+        and each is claimed on its own (conditionally), so none is removed twice."""
         now = now or self.clock()
         while True:
             due = self.store.due_grants(isoformat(now), limit=REAP_BATCH)
-            for grant in due:
-                self._reap(grant, now)
+            workers = min(self.removal_workers, len(due))
+            if workers > 1:
+                with ThreadPoolExecutor(workers, thread_name_prefix="reaper-pool") as pool:
+                    removals = [pool.submit(self._reap, grant, now) for grant in due]
+                for removal in removals:
+                    removal.result()  # the first failure, once all have finished
+            else:
+                for grant in due:
+                    self._reap(grant, now)
             if len(due) < REAP_BATCH:
                 break
         deadline = self.store.next_deadline()
