@@ -1,6 +1,8 @@
-"""The background thread that ends grants on time. It sleeps until the next deadline, the next
-reconciliation or the next heartbeat, or until woken by a new grant or a release; the work itself is
-`Grants.reap_due` and `Grants.reconcile`, which tests call directly. It also signs the audit log's
+"""The background thread that ends grants on time. It sleeps until the next deadline or the next
+heartbeat, or until woken by a new grant or a release; the work itself is `Grants.reap_due`, which
+tests call directly. Reconciliation (`Grants.reconcile`: a sweep of everything Vault holds for the
+broker, seconds long with thousands of tokens) runs in a thread of its own, so no window waits
+for it to end. It also signs the audit log's
 checkpoints, at intervals and once more when it stops, and renews the broker's own Vault token
 (`OwnToken.renew_if_due`, also called directly by tests) when half its TTL is gone. Each completed
 pass is a heartbeat: when the heartbeats stop, the broker stops issuing (`Grants.health`)."""
@@ -39,19 +41,25 @@ class Reaper:
         self._next_checkpoint = 0.0
         self.renew_token = renew_token  # seconds until it is next due, or None
         self._wake = threading.Event()
+        self._stopped = threading.Event()  # ends the reconciler's wait at once
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._reconciler: threading.Thread | None = None
         self.last_run: datetime | None = None  # the last pass that completed: the heartbeat
         self._started_at: datetime | None = None
-        self._next_reconcile = 0.0  # time.monotonic(); 0: at once
 
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
+            self._stopped.clear()
             self._started_at = utcnow()
-            self._next_reconcile = 0.0  # on start: whatever a crash left behind
             self._thread = threading.Thread(target=self._run, name="jit-reaper", daemon=True)
             self._thread.start()
+            # At once on start (whatever a crash left behind), then every reconcile_every.
+            self._reconciler = threading.Thread(
+                target=self._reconcile_loop, name="jit-reconcile", daemon=True
+            )
+            self._reconciler.start()
 
     def wake(self) -> None:
         self._wake.set()
@@ -60,9 +68,11 @@ class Reaper:
         """Stop the thread, then sign a last checkpoint over everything written until now."""
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._stopped.set()
+        for thread in (self._thread, self._reconciler):
+            if thread is not None:
+                thread.join(timeout)
+        self._thread = self._reconciler = None
         self._checkpoint()
 
     @property
@@ -80,16 +90,18 @@ class Reaper:
         while not self._stopping:
             # Clear before reaping: a wake that lands during reap_due is kept for the wait below.
             self._wake.clear()
-            if time.monotonic() >= self._next_reconcile:
-                self._reconcile()
             pause = min(self._reap(), self._renew_token())
             if time.monotonic() >= self._next_checkpoint:
                 self._next_checkpoint = time.monotonic() + self.checkpoint_every
                 self._checkpoint()
             if not self._stopping:
-                now = time.monotonic()
-                until = min(self._next_reconcile, self._next_checkpoint) - now
+                until = self._next_checkpoint - time.monotonic()
                 self._wake.wait(max(0.0, min(pause, until, self.heartbeat_every)))
+
+    def _reconcile_loop(self) -> None:
+        while not self._stopping:
+            self._reconcile()
+            self._stopped.wait(self.reconcile_every)
 
     def _checkpoint(self) -> None:
         try:
@@ -99,7 +111,6 @@ class Reaper:
 
     def _reconcile(self) -> None:
         """A failed sweep (Vault down) is logged and tried again at the next one."""
-        self._next_reconcile = time.monotonic() + self.reconcile_every
         try:
             self.grants.reconcile()
         except Exception:

@@ -2,6 +2,7 @@
 live grant to account for it is revoked, verified gone, and written to the audit chain. This is
 also the crash case of layer 4: a credential Vault issued but the broker never recorded."""
 
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -21,6 +22,7 @@ from tests.helpers import (
     login_refused,
     role_exists,
     token_works,
+    wait_until,
 )
 
 
@@ -243,3 +245,29 @@ def test_a_live_database_user_is_not_touched(db_grants, postgres):
     db_grants.release(ALICE, grant.id)
     db_grants.reap_due()
     assert login_refused(postgres, user)
+
+
+def test_a_long_reconciliation_never_holds_up_removal(grants, openbao):
+    """The sweep runs in its own thread: a window closing while it runs (here, held open until
+    the removal is seen) is removed and verified meanwhile."""
+    sweeping, done = threading.Event(), threading.Event()
+    real_reconcile = grants.reconcile
+
+    def long_reconcile():
+        sweeping.set()
+        done.wait(20)  # as a sweep over thousands of tokens would take
+        return real_reconcile()
+
+    grants.reconcile = long_reconcile
+    grant, credential = grants.request(ALICE, "kv-read", "10m", "released mid-sweep")
+    reaper = Reaper(grants, heartbeat=1)
+    grants.on_change = reaper.wake
+    reaper.start()
+    try:
+        assert sweeping.wait(5)
+        grants.release(ALICE, grant.id)
+        assert wait_until(lambda: grants.store.get_grant(grant.id).status == "revoked", 10)
+        assert not done.is_set() and not token_works(openbao, credential.secret)
+    finally:
+        done.set()
+        reaper.stop()
