@@ -11,15 +11,17 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker import audit
 from broker.store import Store
 from scripts.launchers import ROOT, BrokerProcess, free_port
-from tests.helpers import TEST_POLICY, wait_until
+from tests.helpers import TEST_POLICY, token_works, wait_until
 
 JIT = str(Path(sys.executable).parent / "jit")
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-14 gunicorn"}
@@ -127,3 +129,30 @@ def test_two_workers_each_run_one_of_each_thread_and_stop_cleanly_on_sigterm(ser
         for line in access
     )
     assert "the-authorization-code" not in text and tokens("alice") not in text
+
+
+def test_windows_closing_together_under_two_workers_are_removed_once_each(served, tokens, openbao):
+    """One SQLite file, two worker processes, each with its reaper: 40 windows of 4 seconds
+    issued through both close together; each grant is revoked and verified exactly once, every
+    token is dead, and the chain is one chain (no fork)."""
+    process, url, env, workdir = served
+    headers = {"Authorization": f"Bearer {tokens('alice')}"}
+    short = {**ASK, "duration": "4s"}
+
+    def issue(_: int) -> dict:
+        with requests.Session() as fresh:  # new connections: both workers take some
+            answer = fresh.post(f"{url}/api/v1/requests", json=short, headers=headers, timeout=30)
+        assert answer.status_code == 201, answer.text
+        return answer.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        granted = list(pool.map(issue, range(40)))
+    store = Store(workdir / "broker.db")
+    assert wait_until(
+        lambda: all(store.get_grant(g["id"]).status == "revoked" for g in granted), timeout=30
+    )
+    for grant in granted:
+        chain = [entry["type"] for entry in store.audit_entries(grant_id=grant["id"])]
+        assert chain.count("revoke") == 1 and chain.count("verify") == 1, chain
+        assert not token_works(openbao, grant["credential"]["token"])
+    assert audit.verify(store.audit_entries()).ok
