@@ -46,6 +46,7 @@ class Reaper:
         self._thread: threading.Thread | None = None
         self._reconciler: threading.Thread | None = None
         self.last_run: datetime | None = None  # the last pass that completed: the heartbeat
+        self.last_reconcile: datetime | None = None  # the last sweep that completed
         self._started_at: datetime | None = None
 
     def start(self) -> None:
@@ -115,6 +116,8 @@ class Reaper:
             self.grants.reconcile()
         except Exception:
             log.exception("reconciliation failed; trying again in %ss", self.reconcile_every)
+            return
+        self.last_reconcile = utcnow()
 
     def _renew_token(self) -> float:
         """The broker's own Vault token; a failure is reported on /readyz and tried again."""

@@ -412,9 +412,9 @@ def test_brokers_settling_a_dead_process_at_the_same_moment_settle_each_grant_on
 
 
 def first_pass(reaper, timeout=15):
-    """Wait for a started reaper's first completed pass (reconciliation included)."""
+    """Wait for a started reaper's first completed pass and its first reconciliation."""
     deadline = time.monotonic() + timeout
-    while reaper.last_run is None:
+    while reaper.last_run is None or reaper.last_reconcile is None:
         assert time.monotonic() < deadline, "the reaper never completed a pass"
         time.sleep(0.1)
 

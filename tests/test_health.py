@@ -88,16 +88,27 @@ def test_a_stale_heartbeat_refuses_issuing(app, jit, api):
     assert health(app)[1]["status"] == "failing"
 
 
-def test_an_audit_log_that_cannot_be_written_refuses_issuing(app, jit, api, monkeypatch):
-    def locked():
-        raise sqlite3.OperationalError("database is locked")
-
-    monkeypatch.setattr(jit.grants.store, "check_writable", locked)
-    refused = api("POST", "/api/v1/requests", ASK)
-    assert refused.status_code == 503
-    assert "audit log cannot be written: database is locked" in refused.get_json()["detail"]
-    status, body = health(app)
-    assert status == 503 and not body["checks"]["store"]["ok"]
+def test_an_audit_log_that_cannot_be_written_refuses_issuing(app, jit, api):
+    """Another process holds the database's write lock past the wait: the request's record
+    cannot be committed, so Vault is never asked; /readyz says the store cannot be written."""
+    store = jit.grants.store
+    store.db.execute("PRAGMA busy_timeout = 200")  # this thread's connection: wait 0.2 s, not 30
+    held_before = len(jit.grants.backends["vault_token"].holdings())
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        refused = api("POST", "/api/v1/requests", ASK)
+        assert refused.status_code == 503
+        assert refused.get_json()["error"] == "store_unavailable"
+        assert "database is locked" in refused.get_json()["detail"]
+        status, body = health(app)
+        assert status == 503 and not body["checks"]["store"]["ok"]
+        assert "database is locked" in body["checks"]["store"]["error"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert len(jit.grants.backends["vault_token"].holdings()) == held_before  # nothing issued
+    assert store.grants_in(("issuing", "active", "pending")) == []
 
 
 def test_a_revoke_failed_grant_is_an_alert_until_its_removal_is_verified(

@@ -67,13 +67,17 @@ class Health(GrantsBase):
         return {"ok": True, "overdue": len(overdue), "grants": overdue}
 
     def _refuse_if_unhealthy(self) -> None:
-        problems = [check["error"] for check in self.health().values() if not check["ok"]]
-        if problems:
-            raise BrokerUnhealthy("the broker issues nothing new now: " + "; ".join(problems))
+        """Before a request, an activation or an extension: no live reaper, nothing new. That
+        the audit log can be written needs no check of its own here: each of them commits its
+        record (the request, the claim) before Vault is asked, and a store that cannot commit
+        refuses it there (503 store_unavailable) with nothing issued."""
+        reaper = self._reaper_check()
+        if not reaper["ok"]:
+            raise BrokerUnhealthy(f"the broker issues nothing new now: {reaper['error']}")
 
     def _store_check(self) -> dict:
-        """A real commit, before every issuance and on every /readyz: cheap (one row), and the
-        only proof that the audit entries of what is about to be issued can be recorded."""
+        """A real commit, on every /readyz: cheap (one row), and the proof that the audit
+        entries of what a replica is about to issue can be recorded."""
         try:
             self.store.check_writable()
         except Exception as exc:
