@@ -40,7 +40,8 @@ from .auth import current_principal, fresh_principal, safe_next
 # them as broker/static; a checkout keeps them at the top, beside templates/).
 STATIC = HERE / "static" if (HERE / "static").is_dir() else HERE.parent / "static"
 
-bp = Blueprint("ui", __name__, static_folder=str(STATIC), static_url_path="/static")
+# At /assets: the app keeps Flask's own /static route (to a folder the broker does not have).
+bp = Blueprint("ui", __name__, static_folder=str(STATIC), static_url_path="/assets")
 
 P = ParamSpec("P")
 

@@ -148,9 +148,6 @@ def _lines(kind: str, data: dict) -> list[str]:
             lines.append(f"ticket {data['ticket']}")
     elif kind == "decision":
         lines += [str(r) for r in data.get("reasons") or []]
-        if data.get("approvals_required"):
-            approvers = ", ".join(data.get("approvers") or []) or "the approvers"
-            lines.append(f"needs {data['approvals_required']} approval(s) from {approvers}")
         if data.get("auto_approved"):
             lines.append(f"auto-approved: {data['auto_approved']}")
     elif kind in ("approval", "denial", "cancel", "release", "break_glass"):
