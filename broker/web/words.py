@@ -38,11 +38,13 @@ def state_detail(status: str) -> str:
     return DETAILS.get(status, "")
 
 
-def short_time(text: str) -> str:
+def short_time(text: object) -> str:
     """`2026-11-23T10:00:00Z` as `2026-11-23 10:00 UTC`: what a page shows before the script
     turns it into local time (the UTC value stays in the title)."""
     if not text:
         return ""
+    if not isinstance(text, str):
+        return str(text)
     try:
         moment = parse_time(text)
     except ValueError:
