@@ -29,7 +29,11 @@ from scripts.launchers import (
 
 pytest.register_assert_rewrite("tests.helpers")
 
-from tests.helpers import EXPIRING_AGENT, broker_settings  # noqa: E402 (after the rewrite hook)
+from tests.helpers import (  # noqa: E402 (after the rewrite hook)
+    EXPIRING_AGENT,
+    UI_POLICY,
+    broker_settings,
+)
 
 # What the tests' entitlements grant: the token role admits these and nothing else.
 BROKER_TOKEN_POLICIES = ["jit-test-read", "jit-test-admin", DATABASE_READONLY_POLICY]
@@ -91,6 +95,12 @@ def broker_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def ui_broker_port() -> int:
+    """The port of the browser tests' broker (its own policy); the provider knows it too."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def oidc_client_secret() -> str:
     """The broker web client's secret (the ci-agent's is launchers.agent_secret of it)."""
     return secrets.token_urlsafe(24)
@@ -98,11 +108,17 @@ def oidc_client_secret() -> str:
 
 @pytest.fixture(scope="session")
 def oidc_provider(
-    tmp_path_factory: pytest.TempPathFactory, broker_port: int, oidc_client_secret: str
+    tmp_path_factory: pytest.TempPathFactory,
+    broker_port: int,
+    ui_broker_port: int,
+    oidc_client_secret: str,
 ) -> Iterator[OidcProvider]:
     config = provider_config(
         free_port(), f"http://127.0.0.1:{broker_port}/auth/callback", oidc_client_secret
     )
+    web_client = config["clients"][0]  # the broker's: the browser tests' broker logs in too
+    web_client["redirect_uris"].append(f"http://127.0.0.1:{ui_broker_port}/auth/callback")
+    web_client["post_logout_redirect_uris"].append(f"http://127.0.0.1:{ui_broker_port}/")
     # A client whose tokens live two seconds, to test expiry with a token the provider signed.
     config["clients"].append(
         {
@@ -191,6 +207,24 @@ def broker(tmp_path_factory, openbao, oidc_provider, broker_port, oidc_client_se
     live.stop()
 
 
+@pytest.fixture(scope="session")
+def ui_broker(
+    tmp_path_factory, openbao, oidc_provider, ui_broker_port, oidc_client_secret, vault_setup
+):
+    """A live broker for the browser tests, under UI_POLICY (approvals, extension, break-glass)."""
+    settings = broker_settings(
+        tmp_path_factory.mktemp("ui-broker"),
+        openbao,
+        oidc_provider,
+        ui_broker_port,
+        oidc_client_secret,
+        policy_text=UI_POLICY,
+    )
+    live = LiveBroker(create_app(settings), ui_broker_port)
+    yield live
+    live.stop()
+
+
 @pytest.fixture
 def make_app(tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret, vault_setup):
     """A broker of its own (fresh database, no reaper thread unless asked) with settings changed."""
@@ -239,3 +273,12 @@ def tokens(oidc_provider):
         return cache[username]
 
     return token_for
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (`item.rep_call`...), for fixtures that act on a
+    failure (the browser tests save a screenshot)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)

@@ -127,6 +127,57 @@ each_of = ["security", "dba"]
 expires_after = "1h"
 """
 
+# The browser tests' broker: one without approval (extendable), one that needs an approval and a
+# ticket, one with the emergency path.
+UI_POLICY = """
+[entitlements.kv-read]
+description = "Read the test secrets"
+backend = "vault_token"
+vault_policies = ["jit-test-read"]
+max_duration = "1h"
+default_duration = "15m"
+
+[entitlements.kv-read.requesters]
+groups = ["engineers"]
+
+[entitlements.kv-read.extend]
+max_step = "15m"
+max_total = "2h"
+
+[entitlements.db-admin]
+description = "Administer the test database"
+backend = "vault_token"
+vault_policies = ["jit-test-admin"]
+max_duration = "1h"
+default_duration = "30m"
+
+[entitlements.db-admin.requesters]
+groups = ["engineers"]
+
+[entitlements.db-admin.reason]
+min_length = 5
+ticket = "^(INC|CHG)-\\\\d+$"
+
+[entitlements.db-admin.approval]
+required = 1
+from_groups = ["security"]
+expires_after = "1h"
+
+[entitlements.prod-fix]
+description = "Emergency write access to the test secrets"
+backend = "vault_token"
+vault_policies = ["jit-test-admin"]
+max_duration = "30m"
+
+[entitlements.prod-fix.requesters]
+groups = ["security"]
+
+[entitlements.prod-fix.break_glass]
+groups = ["engineers"]
+reviewers = ["security"]
+max_duration = "15m"
+"""
+
 DATABASE_POLICY = """
 [entitlements.db-read]
 description = "Read the test database"

@@ -238,11 +238,13 @@ break_glass = { groups = ["sre"], reviewers = ["security"] }
 
 def test_the_ui_offers_break_glass_and_the_reviewer_a_review_form(app, alerts):
     alice = browser(app, "alice")
-    home = page(alice, "/")
+    assert "Break glass" in page(alice, "/")  # offered on the home page, on its own page
+    home = page(alice, "/request?entitlement=prod-fix&break_glass=1")
     assert 'name="break_glass"' in home and "for prod-fix" in home
+    assert "security channel is alerted" in home  # the confirmation says who is told
     token = re.search(r'name="csrf_token" value="([^"]+)"', home)[1]
     form = {**EMERGENCY, "break_glass": "1", "csrf_token": token}
-    issued = alice.post("/requests", data=form)
+    issued = alice.post("/requests", data=form, follow_redirects=True)
     assert issued.status_code == 200 and "Vault token" in issued.get_data(as_text=True)
     (grant,) = app.extensions["jit"].grants.store.search_grants(entitlement="prod-fix")
     assert page(alice, f"/requests/{grant.id}").count("Record the review") == 0
@@ -257,4 +259,4 @@ def test_the_ui_offers_break_glass_and_the_reviewer_a_review_form(app, alerts):
     )
     assert done.status_code == 302
     assert "Reviewed by dave@example.com" in page(dave, f"/requests/{grant.id}")
-    assert 'name="break_glass"' not in page(browser(app, "carol"), "/")
+    assert "Break glass" not in page(browser(app, "carol"), "/")

@@ -8,6 +8,7 @@ import json
 import re
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -87,7 +88,7 @@ def test_an_auditor_sees_the_grants_made_through_the_api(make_app, api_for):
     made = [store_of(app).get_grant(g["id"]) for g in (alices, bobs)]
     assert listed(text) == newest_first(made)  # (both may share a second: then by id)
     assert "alice@example.com" in text and "bob@example.com" in text
-    assert "kv-admin" in text and "released" in text
+    assert "kv-admin" in text and "ended" in text  # released: "ended", as on every page
     assert f'href="/audit/grants/{alices["id"]}"' in text
     assert "next-page" not in text
 
@@ -105,7 +106,9 @@ def test_only_auditors_may_read_the_review_pages(make_app, api_for):
     anonymous = app.test_client()
     for path in ("/audit", "/audit.csv", f"/audit/grants/{grant['id']}"):
         response = anonymous.get(path)
-        assert response.status_code == 302 and response.headers["Location"] == "/"
+        assert response.status_code == 302
+        # to the login page, which then brings the auditor back to the page asked for
+        assert parse_qs(urlsplit(response.headers["Location"]).query) == {"next": [path]}
 
 
 def test_the_filters_narrow_the_list(make_app, api_for):
@@ -185,8 +188,13 @@ def test_the_timeline_shows_a_verified_chain_and_names_the_entry_someone_edited(
     auditor = browser(app, "frank")
 
     text = page(auditor, f"/audit/grants/{grant['id']}")
-    assert f"Chain verified:</strong> {total} entries intact" in text
-    assert f"signed through seq {signed}" in text
+    # this grant's entries, not the whole log's count (issue 16)
+    assert f"Chain verified:</strong> this grant's {len(ours)} entries are intact" in text
+    assert total > len(ours)
+    if max(ours) <= signed:
+        assert f"signed checkpoint (through seq {signed})" in text
+    else:
+        assert "Not yet signed:" in text
     assert re.findall(r'data-seq="(\d+)"', text) == [str(seq) for seq in ours]
     assert "alice@example.com" in text and "<script>alert(1)" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text

@@ -165,7 +165,7 @@ def test_a_requester_removed_from_the_group_at_the_provider_cannot_activate(
     requester = person(["engineers"])
     client = browser(app, requester)
     token = home_csrf(client)
-    assert ask_db_admin(client, token).status_code == 302
+    assert ask_db_admin(client, token).status_code == 303  # to the request's page
     grant_id = pending_id(app)
     approved = api_for(app)("POST", f"/api/v1/requests/{grant_id}/approve", user="bob")
     assert approved.status_code == 200, approved.json

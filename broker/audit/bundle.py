@@ -76,6 +76,14 @@ ACTIVITY_OF = {Entry.ISSUE: ASSIGN, Entry.EXTEND: ASSIGN, Entry.BREAK_GLASS: ASS
                Entry.REVOKE: REVOKE, Entry.VERIFY: REVOKE, Entry.RECONCILE: REVOKE}  # fmt: skip
 
 
+OCSF_VERSION = "1.3.0"
+
+
+def _present(values: dict) -> dict:
+    """The members that have a value: OCSF types members, and null is no string."""
+    return {name: value for name, value in values.items() if value not in (None, "", {})}
+
+
 class OcsfMapper:
     """Entries as OCSF User Access Management events (class 3005: assign / revoke privileges).
     Who holds the privilege and which entitlement it is come from the grant's `request` entry,
@@ -114,20 +122,31 @@ class OcsfMapper:
             "status": "Failure" if failed else "Success",
             "message": f"{entry['type']} of grant {grant_id}" if grant_id else entry["type"],
             "metadata": {
-                "version": "1.3.0",
+                "version": OCSF_VERSION,
+                # `actor` belongs to the host profile: an event carrying it must declare it.
+                "profiles": ["host"],
                 "product": {"name": "jit-broker", "vendor_name": "jit-broker"},
                 "log_name": "audit",
                 "uid": str(entry["seq"]),
                 "sequence": entry["seq"],
             },
-            "actor": {"user": {"uid": actor.get("sub")}, "idp": {"name": actor.get("iss")}},
-            "user": {
-                "uid": principal.get("sub"),
-                "name": principal.get("name") or principal.get("email") or None,
-                "email_addr": principal.get("email") or None,
-            },
+            "actor": _present(
+                {
+                    "user": _present({"uid": actor.get("sub")}),
+                    "idp": _present({"name": actor.get("iss")}),
+                }
+            ),
+            # The class requires `user`: whose privileges these are (the requester; for an entry
+            # of no grant, the actor).
+            "user": _present(
+                {
+                    "uid": principal.get("sub") or actor.get("sub") or "unknown",
+                    "name": principal.get("name") or principal.get("email") or None,
+                    "email_addr": principal.get("email") or None,
+                }
+            ),
             "privileges": [grant["entitlement"]] if grant.get("entitlement") else [],
-            "resource": {"uid": grant_id, "type": "jit-broker grant"},
+            "resource": _present({"uid": grant_id, "type": "jit-broker grant"}),
             "raw_data": canonical(entry).decode(),
         }
 

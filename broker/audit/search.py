@@ -6,7 +6,9 @@ every match. Reads the store and the audit log; writes nothing. No Flask here:
 from __future__ import annotations
 
 import csv
+import heapq
 import io
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +22,32 @@ from .storage import GrantFilters
 PAGE_SIZE = 50
 
 STATUSES = models.STATES
+
+# The states in the words people use, the same on every page and in the filter: a word stands for
+# the states a person would not tell apart (a released grant is soon `revoked`; both "ended").
+STATE_WORDS: dict[str, tuple[str, ...]] = {
+    "waiting": (models.PENDING,),
+    "approved": (models.APPROVED,),
+    "active": (models.ISSUING, models.ACTIVE),
+    "ended": (models.RELEASED, models.EXPIRED, models.REVOKING, models.REVOKED),
+    "removal_failing": (models.REVOKE_FAILED,),
+    "denied": (models.DENIED,),
+    "cancelled": (models.CANCELLED,),
+    "expired_unapproved": (models.EXPIRED_UNAPPROVED,),
+    "issue_failed": (models.ISSUE_FAILED,),
+}
+WORD_LABELS = {
+    "waiting": "waiting for approval",
+    "approved": "approved, not yet active",
+    "active": "active",
+    "ended": "ended",
+    "removal_failing": "removal not verified",
+    "denied": "denied",
+    "cancelled": "cancelled",
+    "expired_unapproved": "expired unapproved",
+    "issue_failed": "issue failed",
+}
+STATE_WORD_OF = {state: word for word, states in STATE_WORDS.items() for state in states}
 
 BREAK_GLASS_CHOICES = {"": None, "any": None, "yes": True, "no": False}
 
@@ -71,9 +99,9 @@ class GrantFilter:
         """From a query string; a value that cannot be a filter is an InvalidRequest (400) that
         says which and why, never a query that silently matches nothing."""
         status = args.get("status", "").strip()
-        if status and status not in STATUSES:
+        if status and status not in STATUSES and status not in STATE_WORDS:
             raise InvalidRequest(
-                f"status {status!r} is not a grant state (one of {', '.join(STATUSES)})"
+                f"status {status!r} is not a grant state (one of {', '.join(STATE_WORDS)})"
             )
         break_glass = args.get("break_glass", "").strip().lower()
         if break_glass not in BREAK_GLASS_CHOICES:
@@ -103,11 +131,18 @@ class GrantFilter:
         }
         return {name: value for name, value in args.items() if value}
 
-    def store_args(self) -> GrantFilters:
+    @property
+    def states(self) -> tuple[str, ...]:
+        """The states the status filter stands for: a word's, or one state given by name."""
+        if not self.status:
+            return ("",)
+        return STATE_WORDS.get(self.status, (self.status,))
+
+    def store_args(self, status: str | None = None) -> GrantFilters:
         return {
             "person": self.person,
             "entitlement": self.entitlement,
-            "status": self.status,
+            "status": self.status if status is None else status,
             "break_glass": self.break_glass,
             "since": self.since,
             "until": self.until,
@@ -193,7 +228,18 @@ class AuditSearch:
         limit: int = PAGE_SIZE,
     ) -> Page:
         """One page of matches; asks for one row more than it shows, to know if another follows."""
-        rows = self.store.search_grants(**grant_filter.store_args(), before=before, limit=limit + 1)
+        # A word stands for several states: each state's newest rows, merged, are the newest of all.
+        rows = sorted(
+            (
+                grant
+                for state in grant_filter.states
+                for grant in self.store.search_grants(
+                    **grant_filter.store_args(state), before=before, limit=limit + 1
+                )
+            ),
+            key=_created,
+            reverse=True,
+        )
         grants = rows[:limit]
         more = len(rows) > limit
         return Page(grants, (grants[-1].created_at, grants[-1].id) if more else None)
@@ -219,5 +265,29 @@ class AuditSearch:
             return text
 
         yield line(CSV_COLUMNS)
-        for grant in self.store.iter_grants(**grant_filter.store_args()):
+        for grant in self.iter_grants(grant_filter):
             yield line(neutralise(getattr(grant, column)) for column in CSV_COLUMNS)
+
+    def iter_grants(self, grant_filter: GrantFilter) -> Iterator[Grant]:
+        """Every match, newest first, batch by batch (several states merged in order)."""
+        return heapq.merge(
+            *(
+                self.store.iter_grants(**grant_filter.store_args(state))
+                for state in grant_filter.states
+            ),
+            key=_created,
+            reverse=True,
+        )
+
+    def export_jsonl(self, grant_filter: GrantFilter) -> Iterator[str]:
+        """Every match as JSON lines: the grant as the API shows it, then its audit entries."""
+        for grant in self.iter_grants(grant_filter):
+            record = {**grant.as_json(), "requester_iss": grant.requester_iss,
+                      "requester_sub": grant.requester_sub, "policy_hash": grant.policy_hash,
+                      "entries": list(self.store.audit_entries(grant.id))}  # fmt: skip
+            yield json.dumps(record, sort_keys=True) + "\n"
+
+
+def _created(grant: Grant) -> tuple[str, str]:
+    """The store's order (newest first, reversed): created_at, then id."""
+    return (grant.created_at, grant.id)

@@ -66,11 +66,21 @@ def _answer(status: int, code: str, detail: str, **extra: list[str]) -> Response
     if _wants_json():
         response = jsonify({"error": code, "detail": detail, **extra})
     else:
-        response = current_app.make_response(
-            (render_template("error.html", status=status, code=code, detail=detail), status)
-        )
+        page = render_template("error.html", status=status, code=code, detail=detail, back=_back())
+        response = current_app.make_response((page, status))
     response.status_code = status
     return response
+
+
+def _back() -> str | None:
+    """Where an error page's "Back" leads: the page the failed request came from, as far as its
+    path tells (the browser sends no Referer: Referrer-Policy no-referrer); None: home."""
+    parts = request.path.strip("/").split("/")
+    if parts[0] in ("audit", "audit.csv", "audit.jsonl") and request.path != "/audit":
+        return "/audit"
+    if parts[0] == "requests" and len(parts) == 3 and request.method == "POST":
+        return "/approvals" if parts[2] in ("approve", "deny") else f"/requests/{parts[1]}"
+    return None
 
 
 def _broker_error(exc: BrokerError) -> Response:
@@ -117,7 +127,10 @@ def _security_headers(response: Response) -> Response:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
     response.headers.setdefault("Referrer-Policy", "no-referrer")
+    # Every asset is the broker's own file: no inline script or style, no other origin.
     response.headers.setdefault(
-        "Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'"
+        "Content-Security-Policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     )
     return response

@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import requests
 from authlib.common.errors import AuthlibBaseError
@@ -225,9 +226,28 @@ def _session_ended(_exc: SessionEnded) -> Response:
 # --- login and logout ----------------------------------------------------------------------------
 
 
+def safe_next(target: str | None) -> str | None:
+    """`target` when it is a path of this site (`/audit?x=1`), else None: never another origin
+    (`//evil`, `https://evil`, `/\\evil`), so a login link cannot send anyone away."""
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return None
+    if "\\" in target or any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return None
+    return target
+
+
+NEXT = "login_next"  # the session key of the page to land on after login
+
+
 @bp.get("/login")
 def login() -> Response:
     services().metadata.get()  # the provider's issuer is checked before we send anyone there
+    wanted = safe_next(request.args.get("next"))
+    if wanted:
+        session[NEXT] = wanted  # only a path of this site: never an open redirect
     return _client().authorize_redirect(services().settings.redirect_uri)
 
 
@@ -252,8 +272,9 @@ def callback() -> Response:
         refresh_token=token["refresh_token"],
         id_token=token["id_token"],
     )
+    wanted = safe_next(session.pop(NEXT, None))
     _sessions().start_login(_session(), login)  # a new session id: nothing carried over
-    return redirect(url_for("ui.index"))
+    return redirect(wanted or url_for("ui.index"))
 
 
 def _check_response_issuer(issuer: str) -> None:
