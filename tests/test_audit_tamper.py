@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import audit
+from broker.audit.bundle import OcsfMapper
 from broker.audit.log import AuditLog
 from broker.cli import main as jit
 from broker.store import Store
@@ -269,6 +270,40 @@ def test_an_edited_ocsf_field_outside_the_entry_is_named(data_dir):
     rewrite(bundle, "entries.ocsf.jsonl", blame_mallory)
     code, output = verify_bundle(bundle)
     assert code == 1 and output.startswith("FAILED at seq 6: entry 6 was edited"), output
+
+
+def as_mapping_1(bundle):
+    """The bundle as a broker from before OCSF mapping 2 wrote it: its events, its manifest."""
+
+    def events(text):
+        mapper = OcsfMapper(mapping=1)
+        return "".join(
+            json.dumps(
+                mapper.event(json.loads(json.loads(line)["raw_data"])), separators=(",", ":")
+            )
+            + "\n"
+            for line in text.splitlines()
+        )
+
+    def manifest(text):
+        written = json.loads(text)
+        del written["ocsf_mapping"]
+        return json.dumps(written)
+
+    rewrite(bundle, "entries.ocsf.jsonl", events)
+    rewrite(bundle, "manifest.json", manifest)
+
+
+def test_an_ocsf_bundle_written_before_mapping_2_still_verifies_and_edits_still_show(data_dir):
+    bundle, _ = export(data_dir, "ocsf")
+    as_mapping_1(bundle)
+    code, output = verify_bundle(bundle)
+    assert code == 0, output
+
+    rewrite(bundle, "entries.ocsf.jsonl", lines_edit(3, lambda lines, i: lines.__setitem__(
+        i, lines[i].replace('"status":"Success"', '"status":"Failure"'))))  # fmt: skip
+    code, output = verify_bundle(bundle)
+    assert code == 1 and output.startswith("FAILED at seq 4: entry 4 was edited"), output
 
 
 def test_a_bundle_with_its_key_and_checkpoints_replaced_fails_against_the_pinned_key(data_dir):

@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -77,6 +78,10 @@ ACTIVITY_OF = {Entry.ISSUE: ASSIGN, Entry.EXTEND: ASSIGN, Entry.BREAK_GLASS: ASS
 
 
 OCSF_VERSION = "1.3.0"
+# How entries become OCSF events. 2: events that validate against the OCSF schema (the host
+# profile declared, no null members, a user always named). Bundles that name no mapping were
+# written with 1, and still verify with it: an auditor's old bundle must not turn "edited".
+OCSF_MAPPING = 2
 
 
 def _present(values: dict) -> dict:
@@ -89,8 +94,9 @@ class OcsfMapper:
     Who holds the privilege and which entitlement it is come from the grant's `request` entry,
     so the mapper remembers them while it reads the log in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, mapping: int = OCSF_MAPPING) -> None:
         self.grants: dict[str, dict] = {}
+        self.mapping = mapping
 
     def event(self, entry: dict) -> dict:
         data, grant_id = entry.get("data") or {}, entry.get("grant_id")
@@ -106,7 +112,7 @@ class OcsfMapper:
             bool(data.get("error")) or data.get("gone") is False or data.get("allowed") is False
         )
         actor = entry.get("actor") or {}
-        return {
+        event: dict[str, Any] = {
             "category_uid": 3,
             "category_name": "Identity & Access Management",
             "class_uid": 3005,
@@ -149,6 +155,16 @@ class OcsfMapper:
             "resource": _present({"uid": grant_id, "type": "jit-broker grant"}),
             "raw_data": canonical(entry).decode(),
         }
+        if self.mapping == 1:  # as bundles written before mapping 2 hold it
+            del event["metadata"]["profiles"]
+            event["actor"] = {"user": {"uid": actor.get("sub")}, "idp": {"name": actor.get("iss")}}
+            event["user"] = {
+                "uid": principal.get("sub"),
+                "name": principal.get("name") or principal.get("email") or None,
+                "email_addr": principal.get("email") or None,
+            }
+            event["resource"] = {"uid": grant_id, "type": "jit-broker grant"}
+        return event
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -184,6 +200,7 @@ def write_bundle(
             "version": 1,
             "entries_format": fmt,
             "entries_file": ENTRY_FILES[fmt],
+            **({"ocsf_mapping": OCSF_MAPPING} if fmt == "ocsf" else {}),
             "count": count,
             "first_seq": first,
             "last_seq": last,
@@ -278,7 +295,7 @@ def _entries(bundle: zipfile.ZipFile, manifest: dict) -> Iterator[dict]:
             entry = _parsed(number, lambda row=row: _entry_of_csv(row))
             yield entry if csv_row(entry) == row else _spoiled(entry)
         return
-    mapper = OcsfMapper()
+    mapper = OcsfMapper(manifest.get("ocsf_mapping", 1))
     for number, line in enumerate(lines, start=1):
         if fmt == "jsonl":
             yield _parsed(number, lambda line=line: json.loads(line))
