@@ -24,13 +24,24 @@ def services() -> Services:
 
 
 def init_app(app: Flask) -> None:
-    from . import api, audit_key, audit_pages, auth, health, oauth, token_endpoint, ui
+    from . import (
+        api,
+        audit_key,
+        audit_pages,
+        auth,
+        cli_login,
+        health,
+        oauth,
+        token_endpoint,
+        ui,
+    )
 
     csrf = CSRFProtect(app)
     csrf.exempt(api.bp)  # bearer tokens, no cookies: nothing for a forged form to ride on
     auth.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(cli_login.bp)
     app.register_blueprint(ui.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(audit_key.bp)
