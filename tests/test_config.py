@@ -28,6 +28,9 @@ def test_settings_without_what_serving_needs_load_and_serving_names_what_is_miss
         ("oauth", {"issuer": "https://broker.example?x=1"}, "oauth.issuer"),
         ("oauth", {"signing_key": "../sys/policy"}, "oauth.signing_key"),
         ("oauth", {"transit_mount": ""}, "oauth.transit_mount"),
+        ("cli", {"client_id": "jit cli"}, "cli.client_id"),
+        ("cli", {"scopes": "email groups"}, "cli.scopes"),
+        ("cli", {"vault_addr": "bao.internal:8200"}, "cli.vault_addr"),
     ],
 )
 def test_a_wrong_value_is_refused_when_loaded_naming_its_key(section, values, key):

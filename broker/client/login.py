@@ -154,7 +154,7 @@ def device_login(
     session = _session(info)
     form = {"client_id": info.client_id, "scope": info.scopes, "resource": info.audience}
     try:
-        response = session.post(endpoint, data=form, timeout=TIMEOUT)
+        response = session.post(endpoint, data=form, timeout=TIMEOUT, withhold_token=True)
         started = response.json()
     except requests.RequestException as exc:
         raise Unreachable(f"cannot reach the identity provider: {_short(exc)}") from None
