@@ -548,3 +548,23 @@ def test_bad_input_is_a_usage_error_not_a_traceback(alice):
     assert bad_id.returncode == 1 and "is not a grant id" in bad_id.stderr
     plain = alice.run("login", "--broker", "http://jit.example.com")
     assert plain.returncode == 2 and "https://" in plain.stderr
+
+
+# --- the API the CLI stands on -----------------------------------------------------------------
+
+
+def test_a_broker_without_a_cli_client_says_so_with_a_404(make_app):
+    answer = make_app().test_client().get("/api/v1/cli")
+    assert answer.status_code == 404
+    assert answer.json["error"] == "cli_login_off" and "[cli] client_id" in answer.json["detail"]
+
+
+def test_the_chain_of_someone_elses_grant_is_a_404_and_mine_has_no_data(make_app, api_for):
+    call = api_for(make_app())
+    grant = call("POST", "/api/v1/requests", {"entitlement": "kv-read", "reason": "r",
+                                              "duration": "5m"}).json  # fmt: skip
+    assert call("GET", f"/api/v1/requests/{grant['id']}/chain", user="carol").status_code == 404
+    entries = call("GET", f"/api/v1/requests/{grant['id']}/chain").json["entries"]
+    assert [e["type"] for e in entries][:3] == ["request", "decision", "issue"]
+    assert all(set(e) == {"seq", "at", "type", "actor"} for e in entries)
+    assert call("POST", f"/api/v1/requests/{grant['id']}/release").status_code == 200
