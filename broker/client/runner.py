@@ -53,15 +53,26 @@ def run_in_window(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Outcome:
     """Run `argv` until it exits or the window ends."""
+    # The handlers go in before the command starts: a signal in between is held, then sent on,
+    # so jit never dies of it and leaves the command running.
+    children: list[subprocess.Popen] = []
+    held: list[int] = []
+
+    def forward(sig: int, _frame: object) -> None:
+        if children:
+            _forward(children[0], sig)
+        else:
+            held.append(sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
-        child = subprocess.Popen(argv, env=env)  # noqa: S603 (the user's own command)
-    except FileNotFoundError:
-        raise CommandNotFound(f"{argv[0]}: command not found") from None
-    except PermissionError:
-        raise CommandNotRunnable(f"{argv[0]}: permission denied") from None
-    except OSError as exc:
-        raise CommandNotRunnable(f"{argv[0]}: {exc.strerror}") from None
-    previous = {sig: signal.signal(sig, lambda sig, _: _forward(child, sig)) for sig in FORWARDED}
+        children.append(_start(argv, env))
+    except BaseException:
+        _restore(previous)
+        raise
+    child = children[0]
+    for sig in held:
+        _forward(child, sig)
     warned = stopped = False
     try:
         while True:
@@ -87,10 +98,25 @@ def run_in_window(
             except subprocess.TimeoutExpired:
                 pass
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore(previous)
     code = child.returncode
     return Outcome(128 - code if code < 0 else code, stopped)
+
+
+def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(argv, env=env)  # noqa: S603 (the user's own command)
+    except FileNotFoundError:
+        raise CommandNotFound(f"{argv[0]}: command not found") from None
+    except PermissionError:
+        raise CommandNotRunnable(f"{argv[0]}: permission denied") from None
+    except OSError as exc:
+        raise CommandNotRunnable(f"{argv[0]}: {exc.strerror}") from None
+
+
+def _restore(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _forward(child: subprocess.Popen, sig: int) -> None:
