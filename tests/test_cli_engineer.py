@@ -514,12 +514,10 @@ def test_a_refresh_token_the_provider_rejects_exits_6(alice, tmp_path):
 
 def test_a_grant_that_is_not_mine_exits_3(alice, bob):
     grant = alice.json("request", "kv-read", "--for", "5m", "--reason", "mine")
-    for args in (("release", grant["id"]), ("show", grant["id"]), ("env", grant["id"])):
-        done = bob.run(*args)
-        assert done.returncode in (3, 1), done.stderr
-    stolen = bob.run("release", grant["id"])
-    assert stolen.returncode == 3
-    assert stolen.stderr.strip() == f"jit: no grant {grant['id']} of yours"
+    for action in ("release", "show"):
+        stolen = bob.run(action, grant["id"])
+        assert stolen.returncode == 3, stolen.stderr
+        assert stolen.stderr.strip() == f"jit: no grant {grant['id']} of yours"
     assert alice.json("show", grant["id"])["status"] == "active"
     assert alice.run("release", grant["id"]).returncode == 0
 
