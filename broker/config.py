@@ -311,20 +311,7 @@ def _check_cli(cli: dict) -> None:
     if not isinstance(scopes, str) or "openid" not in scopes.split():
         raise ConfigError(f"cli.scopes must be a space-separated list with openid, not {scopes!r}")
     if cli["vault_addr"]:
-        _check_url("cli.vault_addr", cli["vault_addr"])
-
-
-def _check_url(name: str, url: object) -> None:
-    """An http(s) URL with a host (the Vault address engineers' tools are given)."""
-    if not isinstance(url, str):
-        raise ConfigError(f"{name} must be an http:// or https:// URL, not {url!r}")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises on a port that is not a number)
-    except ValueError:
-        raise ConfigError(f"{name} is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name} must be an http:// or https:// URL with a host, not {url!r}")
+        loggable_target(cli["vault_addr"], "cli.vault_addr")
 
 
 def _check_forwarding(audit: dict) -> None:

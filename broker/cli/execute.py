@@ -8,7 +8,6 @@ import os
 import shutil
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -16,10 +15,11 @@ import click
 from ..client.credentials import environment, ssh_hint, write_ssh_files
 from ..client.errors import ClientError
 from ..client.runner import run_in_window
+from ..models import parse_time
 from . import flow
 from .context import Client, client
 from .grants import timeout_option
-from .output import parse_time, say, when
+from .output import say, when
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True})
@@ -84,10 +84,9 @@ def _credential(
 ) -> tuple[dict, bool]:
     """A live kept credential of the entitlement (reused), or a new grant's; and whether this
     command requested it (so releases it)."""
-    for record in found.credentials.live_for(entitlement, datetime.now(UTC)):
-        if found.api.grant(record["id"])["status"] == "active":
-            return record, False
-        found.credentials.forget(record["id"])
+    reused = flow.live_kept(found, entitlement)
+    if reused is not None:
+        return reused, False
     if not reason:
         raise click.UsageError(f"no live grant of {entitlement} here: give --reason to request one")
     answer, private_key = flow.request(found, entitlement, duration, reason, ticket)

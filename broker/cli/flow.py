@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import click
 
@@ -32,6 +33,25 @@ def backend_of(found: Client, entitlement: str) -> str:
     return ""  # unknown: the broker's refusal says so
 
 
+def ssh_key_for(found: Client, entitlement: str, body: dict[str, object]) -> str:
+    """For an SSH entitlement, a fresh key pair whose public half goes into `body` (the
+    certificate is made for it); returns the private half ("" for other kinds)."""
+    if backend_of(found, entitlement) != "ssh":
+        return ""
+    private_key, body["public_key"] = ssh_key_pair()
+    return private_key
+
+
+def live_kept(found: Client, entitlement: str) -> dict | None:
+    """The kept credential of a grant of `entitlement` that the broker says is active now;
+    kept credentials of grants that are over are forgotten on the way."""
+    for record in found.credentials.live_for(entitlement, datetime.now(UTC)):
+        if found.api.grant(record["id"])["status"] == "active":
+            return record
+        found.credentials.forget(record["id"])
+    return None
+
+
 def request(
     found: Client,
     entitlement: str,
@@ -49,9 +69,7 @@ def request(
         body["ticket"] = ticket
     if break_glass:
         body["break_glass"] = True
-    private_key = ""
-    if backend_of(found, entitlement) == "ssh":
-        private_key, body["public_key"] = ssh_key_pair()
+    private_key = ssh_key_for(found, entitlement, body)
     return found.api.request(body), private_key
 
 
@@ -60,16 +78,13 @@ def keep(found: Client, answer: dict, private_key: str = "") -> Obtained:
     credential = answer.pop("credential", None)
     if credential is None:
         return Obtained(answer, None)
-    found.credentials.keep(answer, credential, private_key)
-    return Obtained(answer, found.credentials.get(answer["id"]))
+    return Obtained(answer, found.credentials.keep(answer, credential, private_key))
 
 
 def activate(found: Client, grant: dict) -> Obtained:
     """Activate an approved request of yours: the credential is issued now and kept."""
     body: dict[str, object] = {}
-    private_key = ""
-    if backend_of(found, grant["entitlement"]) == "ssh":
-        private_key, body["public_key"] = ssh_key_pair()
+    private_key = ssh_key_for(found, grant["entitlement"], body)
     return keep(found, found.api.act(grant["id"], "activate", body), private_key)
 
 

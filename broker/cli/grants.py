@@ -5,7 +5,6 @@ happened."""
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
 
 import click
 
@@ -13,7 +12,6 @@ from ..client.credentials import (
     environment,
     export_lines,
     ssh_hint,
-    ssh_key_pair,
     write_ssh_files,
 )
 from ..client.errors import ClientError
@@ -197,9 +195,7 @@ def extend(broker: str | None, as_json: bool, grant_id: str, duration: str) -> N
     found = client(broker)
     grant = found.api.grant(grant_id)
     body: dict[str, object] = {"duration": duration}
-    private_key = ""
-    if flow.backend_of(found, grant["entitlement"]) == "ssh":
-        private_key, body["public_key"] = ssh_key_pair()
+    private_key = flow.ssh_key_for(found, grant["entitlement"], body)
     obtained = flow.keep(found, found.api.act(grant_id, "extend", body), private_key)
     if as_json:
         emit_json(obtained.grant)
@@ -252,22 +248,22 @@ def env(broker: str | None, as_json: bool, target: str) -> None:
 
 
 def live_record(found: Client, target: str) -> dict:
-    """The kept credential of grant `target`, or of the live grant of entitlement `target`,
+    """The kept credential of grant `target`, or of a live grant of entitlement `target`,
     confirmed active with the broker (a grant found over is forgotten)."""
-    record = found.credentials.get(target) if _looks_like_id(target) else None
+    if not _looks_like_id(target):
+        record = flow.live_kept(found, target)
+        if record is None:
+            raise ClientError(
+                f"no live credential of {target} kept here; get one with: jit request {target}"
+            )
+        return record
+    record = found.credentials.get(target)
     if record is None:
-        live = found.credentials.live_for(target, datetime.now(UTC))
-        record = live[0] if live else None
-    if record is None:
-        raise ClientError(
-            f"no live credential of {target} kept here; get one with: jit request {target}"
-            if not _looks_like_id(target)
-            else f"no credential of grant {target} kept here"
-        )
-    grant = found.api.grant(record["id"])
+        raise ClientError(f"no credential of grant {target} kept here")
+    grant = found.api.grant(target)
     if grant["status"] != "active":
-        found.credentials.forget(record["id"])
-        raise ClientError(f"grant {record['id']} is {grant['status']}, not active")
+        found.credentials.forget(target)
+        raise ClientError(f"grant {target} is {grant['status']}, not active")
     return record
 
 

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 
 import click
 
+from ..models import parse_time
+
 SECRET_FIELDS = ("token", "password", "subject_token")
 
 
@@ -35,11 +37,6 @@ def without_secrets(data: object) -> object:
             if field in credential:
                 credential[field] = f"(hidden: jit env {data.get('id', 'ID')} prints it)"
     return shown
-
-
-def parse_time(text: str) -> datetime:
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def when(text: str | None, now: datetime | None = None) -> str:

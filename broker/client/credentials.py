@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import shlex
 import shutil
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ..models import parse_time
 from .errors import ClientError
 from .state import StateDir
 
@@ -30,7 +31,8 @@ class CredentialCache:
     def _file(self, grant_id: str) -> str:
         return f"{self.folder}/{grant_id}.json"
 
-    def keep(self, grant: dict, credential: dict, ssh_private_key: str = "") -> None:
+    def keep(self, grant: dict, credential: dict, ssh_private_key: str = "") -> dict:
+        """Keep a grant's credential (and the SSH key it certifies); returns the record kept."""
         record = {
             "id": grant["id"],
             "entitlement": grant["entitlement"],
@@ -40,6 +42,7 @@ class CredentialCache:
         if ssh_private_key:
             record["ssh_private_key"] = ssh_private_key
         self.state.write(self._file(grant["id"]), record)
+        return record
 
     def get(self, grant_id: str) -> dict | None:
         return self.state.read(self._file(grant_id))
@@ -56,7 +59,7 @@ class CredentialCache:
             record = self.get(grant_id)
             if record is None:
                 continue
-            if _parse(record["window_end"]) <= now:
+            if parse_time(record["window_end"]) <= now:
                 self.forget(grant_id)
             elif record["entitlement"] == entitlement:
                 found.append(record)
@@ -129,8 +132,3 @@ def ssh_hint(ssh_files: tuple[Path, Path]) -> str:
 def export_lines(env: dict) -> str:
     """`export NAME=value` lines a POSIX shell can eval."""
     return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in sorted(env.items()))
-
-
-def _parse(text: str) -> datetime:
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

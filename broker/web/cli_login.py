@@ -1,22 +1,16 @@
 """GET /api/v1/cli: what `jit login` needs to log in to this broker (the provider, the CLI's public
 client, its scopes and the audience to ask its token for), so a user gives only the broker's URL.
-Public: it holds nothing the provider's own discovery document and the client id do not."""
+Public: nothing in it is secret (the provider publishes the rest), and the Vault address is where
+engineers' tools already go."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from ..errors import BrokerError
+from ..errors import CliLoginOff
 from . import services
 
 bp = Blueprint("cli_login", __name__, url_prefix="/api/v1")
-
-
-class CliLoginOff(BrokerError):
-    """This broker names no client for the CLI ([cli] client_id is empty)."""
-
-    status = 404
-    code = "cli_login_off"
 
 
 @bp.get("/cli")
