@@ -133,14 +133,17 @@ class Jit:
         )
         return env
 
-    def run(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, timeout: float = 60, typed: str | None = None, **env: str
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
             [JIT, *args],
             env={**self.env, **env},
             capture_output=True,
             text=True,
             timeout=timeout,
-            stdin=subprocess.DEVNULL,
+            input=typed,
+            stdin=subprocess.DEVNULL if typed is None else None,
         )
 
     def start(self, *args: str) -> subprocess.Popen:
@@ -373,16 +376,20 @@ def test_a_request_that_waits_too_long_exits_4_and_cancel_withdraws_it(alice):
     assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
 
 
-def test_break_glass_needs_the_name_typed_or_yes_and_says_so_loudly(alice, openbao):
-    refused = alice.run("break-glass", "kv-approved", "--reason", "INC-5 payments down")
-    assert refused.returncode == 2 and "--yes" in refused.stderr
-    assert "BREAK-GLASS" in refused.stderr and "reviewed" in refused.stderr
-    done = alice.run("break-glass", "kv-approved", "--reason", "INC-5 payments down", "--yes")
-    assert done.returncode == 0, done.stderr
-    grant_id = re.search(r"active until .*: grant (\S+)", done.stderr).group(1)
-    shown = alice.json("show", grant_id)
-    assert shown["break_glass"] is True and shown["status"] == "active"
-    assert alice.run("release", grant_id).returncode == 0
+def test_break_glass_needs_the_name_typed_or_yes_and_says_so_loudly(alice):
+    asked = ("break-glass", "kv-approved", "--reason", "INC-5 payments down")
+    unconfirmed = alice.run(*asked)
+    assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr
+    assert "BREAK-GLASS" in unconfirmed.stderr and "reviewed" in unconfirmed.stderr
+    mistyped = alice.run(*asked, typed="kv-read\n")
+    assert mistyped.returncode == 2 and "does not match; nothing was requested" in mistyped.stderr
+    assert not [g for g in alice.json("status") if g.get("break_glass")]
+    for confirmed in (alice.run(*asked, typed="kv-approved\n"), alice.run(*asked, "--yes")):
+        assert confirmed.returncode == 0, confirmed.stderr
+        grant_id = re.search(r"active until .*: grant (\S+)", confirmed.stderr).group(1)
+        shown = alice.json("show", grant_id)
+        assert shown["break_glass"] is True and shown["status"] == "active"
+        assert alice.run("release", grant_id).returncode == 0
 
 
 def test_json_output_is_the_apis_with_the_secret_left_out(alice):
@@ -510,6 +517,17 @@ def test_a_refresh_token_the_provider_rejects_exits_6(alice, tmp_path):
     assert done.returncode == 6
     assert "the identity provider would not renew your login" in done.stderr
     assert "run: jit login" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_identity_provider_out_of_reach_when_renewing_exits_5(alice, tmp_path):
+    jit = alice.copy(tmp_path / "home")
+    login = json.loads(jit.login_file.read_text())
+    gone = f"http://127.0.0.1:{free_port()}"
+    login["login"]["issuer"] = gone
+    jit.login_file.write_text(json.dumps({**login, "expires_at": time.time() - 60}))
+    done = jit.run("status")
+    assert done.returncode == 5
+    assert done.stderr.strip().startswith(f"jit: cannot reach the identity provider at {gone}")
 
 
 def test_a_grant_that_is_not_mine_exits_3(alice, bob):

@@ -4,8 +4,6 @@ happened."""
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from ..client.credentials import (
@@ -125,9 +123,12 @@ def break_glass(
         bold=True,
     )
     if not yes:
-        if not sys.stdin.isatty():
-            raise click.UsageError("confirm with --yes when there is no terminal to type in")
-        typed = click.prompt(f"Type {entitlement} to confirm", err=True, default="")
+        try:
+            typed = click.prompt(f"Type {entitlement} to confirm", err=True, default="")
+        except click.Abort:  # end of input: nobody there to type it
+            raise click.UsageError(
+                "type the entitlement's name to confirm, or give --yes"
+            ) from None
         if typed.strip() != entitlement:
             raise click.UsageError("the name typed does not match; nothing was requested")
     found = client(broker)
