@@ -37,6 +37,7 @@ import jwt
 import requests
 
 from broker.backends.vault import TOKEN_ROLE, openbao_policy
+from broker.client.login import DEVICE_CODE_GRANT
 
 ROOT = Path(__file__).resolve().parent.parent
 OIDC_DIR = ROOT / "scripts" / "oidc"
@@ -46,7 +47,6 @@ WEB_CLIENT_ID = "jit-broker"
 CLI_CLIENT_ID = "jit-cli"
 # A native client (RFC 8252): the provider accepts this redirect URI on any loopback port.
 CLI_REDIRECT_URI = "http://127.0.0.1:8765/callback"
-DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 AGENT_CLIENT_ID = "ci-agent"
 TOOL_CLIENT_ID = "github-tool"  # the example MCP tool, asking the broker's introspection
 USER_SCOPES = "openid email profile groups"

@@ -13,7 +13,7 @@ import click
 
 from ..client.api import BrokerApi
 from ..client.credentials import CredentialCache
-from ..client.errors import ClientError, NotLoggedIn
+from ..client.errors import NotLoggedIn
 from ..client.session import Session
 from ..client.state import StateDir, default_root
 from ..urls import is_loopback_host
@@ -82,8 +82,3 @@ def normalized(url: str) -> str:
             param_hint="--broker",
         )
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ClientError(message)
