@@ -9,14 +9,13 @@ import secrets
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import ip_address
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import jwt
 
 from .errors import ConfigError
-from .urls import loggable_target
+from .urls import is_loopback_host, loggable_target
 
 SYNCHRONOUS = ("normal", "full")
 LOG_FORMATS = (
@@ -89,6 +88,10 @@ DEFAULTS: dict[str, dict] = {
     },
     # Only to verify that a database user is gone: read pg_roles. Never used to create users.
     "postgres": {"dsn": ""},
+    # What `jit login` needs, published at GET /api/v1/cli: the CLI's public client at the
+    # provider (empty: no CLI login), the scopes it asks for, and the Vault address `jit exec`
+    # puts in VAULT_ADDR (default: vault.addr).
+    "cli": {"client_id": "", "scopes": "openid email profile groups", "vault_addr": ""},
 }
 
 
@@ -104,6 +107,7 @@ class Settings:
     audit: dict
     postgres: dict
     oauth: dict
+    cli: dict
     root: Path = field(default=Path("."))
 
     @property
@@ -131,6 +135,11 @@ class Settings:
     def oauth_issuer(self) -> str:
         """The `iss` of the broker's access tokens and of its RFC 8414 metadata."""
         return self.oauth["issuer"] or self.server["base_url"].rstrip("/")
+
+    @property
+    def cli_vault_addr(self) -> str:
+        """The OpenBao address the CLI gives engineers' commands (VAULT_ADDR)."""
+        return self.cli["vault_addr"] or self.vault["addr"]
 
     @property
     def redirect_uri(self) -> str:
@@ -252,6 +261,7 @@ def check_settings(settings: Settings) -> None:
     _check_webhook(settings.notify)
     _check_forwarding(settings.audit)
     _check_auditor_groups(settings.audit)
+    _check_cli(settings.cli)
 
 
 def check_service_settings(settings: Settings) -> None:
@@ -277,7 +287,7 @@ def _check_https(name: str, url: str) -> None:
         raise ConfigError(f"{name} is not a valid URL") from None
     if not parts.hostname or parts.scheme not in ("http", "https"):
         raise ConfigError(f"{name} must be an https:// URL with a host")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"{name} must use https:// (http:// is accepted only for a loopback host such as "
             "127.0.0.1 or localhost, for development)"
@@ -368,15 +378,6 @@ def _check_client_jwks(where: str, jwks: object) -> None:
             raise ConfigError(f"{at}: an RSA key of {size} bits is too short ({MIN_RSA_BITS})")
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_serving(server: dict) -> None:
     if server["log_format"] not in LOG_FORMATS:
         choices = ", ".join(LOG_FORMATS)
@@ -411,6 +412,18 @@ def _check_auditor_groups(audit: dict) -> None:
     ):
         # A bare string would become a set of its letters: groups "a", "u", ... as auditors.
         raise ConfigError(f"audit.auditor_groups must be a list of group names, not {groups!r}")
+
+
+def _check_cli(cli: dict) -> None:
+    """The CLI's login settings are published as they are: a wrong one would fail every
+    engineer's `jit login`, so it stops the broker instead."""
+    client_id, scopes = cli["client_id"], cli["scopes"]
+    if not isinstance(client_id, str) or any(c.isspace() for c in client_id):
+        raise ConfigError(f"cli.client_id must be a client id without spaces, not {client_id!r}")
+    if not isinstance(scopes, str) or "openid" not in scopes.split():
+        raise ConfigError(f"cli.scopes must be a space-separated list with openid, not {scopes!r}")
+    if cli["vault_addr"]:
+        loggable_target(cli["vault_addr"], "cli.vault_addr")
 
 
 def _check_forwarding(audit: dict) -> None:

@@ -76,6 +76,13 @@ class TaskNotActive(BrokerError):
         self.status_of_task = status_of_task
 
 
+class CliLoginOff(BrokerError):
+    """This broker publishes no login for the CLI ([cli] client_id is empty)."""
+
+    status = 404
+    code = "cli_login_off"
+
+
 class GrantConflict(BrokerError):
     """The grant is not in a state that allows the action (already released, already revoked...)."""
 

@@ -22,6 +22,7 @@ import requests  # noqa: E402
 
 from scripts.launchers import (  # noqa: E402
     AGENT_CLIENT_ID,
+    CLI_CLIENT_ID,
     DATABASE_READONLY_POLICY,
     TOOL_CLIENT_ID,
     LoginFailed,
@@ -80,7 +81,13 @@ def write_config(
     bao: OpenBao, provider: OidcProvider, postgres: Postgres, client_secret: str
 ) -> Path:
     policy = STATE / "policy.toml"
-    policy.write_text((EXAMPLE / "policy.toml").read_text())
+    # Where `jit exec app-db-readonly` connects (PGHOST, PGPORT, PGDATABASE): this run's cluster.
+    connect = f"postgresql://{postgres.host}:{postgres.port}/{postgres.dbname}"
+    policy.write_text(
+        (EXAMPLE / "policy.toml")
+        .read_text()
+        .replace('role = "readonly"', f'role = "readonly"\nconnect = "{connect}"', 1)
+    )
     config = STATE / "config.toml"
     config.write_text(f"""\
 # Written by scripts/dev; every run starts a fresh OpenBao and provider, so it is rewritten.
@@ -102,6 +109,9 @@ token = "{bao.broker_token}"  # only the policy `jit vault-policy` prints, never
 
 [policy]
 path = "policy.toml"
+
+[cli]
+client_id = "{CLI_CLIENT_ID}"  # `jit login --broker {BROKER_URL}` logs in as this public client
 
 [postgres]
 dsn = "{postgres.dsn}"
@@ -170,6 +180,8 @@ def main() -> None:
                   their secrets: scripts/dev secret ci-agent | github-tool
   demo agent      .venv/bin/python scripts/example/demo_agent.py   (the agent path, end to end)
   demo users      {users}; any password
+  the jit CLI     .venv/bin/jit login --broker {BROKER_URL}   (then: jit ls, jit request ...,
+                  jit exec app-db-readonly --reason ... -- psql -c 'table orders')
   API token       TOKEN=$(scripts/dev token alice)   (in another terminal)
   config          {config}   (jit -c {config.relative_to(ROOT)} audit verify)
   Ctrl-C stops everything.

@@ -37,6 +37,7 @@ import jwt
 import requests
 
 from broker.backends.vault import TOKEN_ROLE, openbao_policy
+from broker.client.login import DEVICE_CODE_GRANT
 
 ROOT = Path(__file__).resolve().parent.parent
 OIDC_DIR = ROOT / "scripts" / "oidc"
@@ -44,6 +45,7 @@ OIDC_DIR = ROOT / "scripts" / "oidc"
 API_RESOURCE = "urn:jit-broker:api"
 WEB_CLIENT_ID = "jit-broker"
 CLI_CLIENT_ID = "jit-cli"
+# A native client (RFC 8252): the provider accepts this redirect URI on any loopback port.
 CLI_REDIRECT_URI = "http://127.0.0.1:8765/callback"
 AGENT_CLIENT_ID = "ci-agent"
 TOOL_CLIENT_ID = "github-tool"  # the example MCP tool, asking the broker's introspection
@@ -502,8 +504,9 @@ def provider_config(
     api_resource: str = API_RESOURCE,
     post_logout_redirect_uri: str | None = None,
 ) -> dict:
-    """The standard provider config: the broker's web client, the CLI, one CI agent, the example
-    tool (client credentials, for the broker's introspection). The web
+    """The standard provider config: the broker's web client, the CLI (`jit login`: a native
+    public client with the loopback code flow on any port, the device flow and refresh tokens),
+    one CI agent, the example tool (client credentials, for the broker's introspection). The web
     client may refresh (the broker confirms a session's claims with it) and log out back to the
     broker's home page (by default the redirect URI's origin + "/", as the broker sends it)."""
     if post_logout_redirect_uri is None:
@@ -525,9 +528,10 @@ def provider_config(
             },
             {
                 "client_id": CLI_CLIENT_ID,
+                "application_type": "native",
                 "token_endpoint_auth_method": "none",
                 "redirect_uris": [CLI_REDIRECT_URI],
-                "grant_types": ["authorization_code"],
+                "grant_types": ["authorization_code", "refresh_token", DEVICE_CODE_GRANT],
             },
             {
                 "client_id": AGENT_CLIENT_ID,
@@ -615,6 +619,7 @@ def follow_login(
     password: str = "demo",
     *,
     stop_at_redirect_uri: bool = False,
+    device: bool = False,
     max_steps: int = 20,
 ) -> requests.Response | str:
     """Walk the provider's login (and consent, if any) from its /auth URL until it sends the
@@ -622,7 +627,10 @@ def follow_login(
     callback) with the session's cookies, following the callback's own redirects as a browser
     would; the callback's response is then in `.history`. With stop_at_redirect_uri=True, return
     just that URL (the client's redirect URI with code and state) without requesting it.
-    `authorize_response_or_url` may be the relying party's redirect response to the provider."""
+    `authorize_response_or_url` may be the relying party's redirect response to the provider.
+    With device=True, `authorize_response_or_url` is a device flow's verification_uri_complete:
+    the walk confirms the code, logs in, and returns the provider's final page (a 200 page with
+    no form, "Signed in"), as a person on another machine would."""
     if isinstance(authorize_response_or_url, requests.Response):
         response = authorize_response_or_url
         url = (
@@ -649,6 +657,8 @@ def follow_login(
         page = _parse(response.text)
         text = " ".join(page.text)
         forms = [f for f in page.forms if f["method"] == "post"]
+        if device and not forms and response.status_code == 200:
+            return response
         if not forms or response.status_code >= 500:
             raise LoginFailed(
                 f"the provider answered HTTP {response.status_code} with no form at {response.url}",

@@ -34,6 +34,9 @@ def test_settings_without_what_serving_needs_load_and_serving_names_what_is_miss
         ("reaper", {"removal_workers": 0}, "reaper.removal_workers"),
         ("server", {"workers": 0}, "server.workers"),
         ("server", {"log_format": "xml"}, "server.log_format"),
+        ("cli", {"client_id": "jit cli"}, "cli.client_id"),
+        ("cli", {"scopes": "email groups"}, "cli.scopes"),
+        ("cli", {"vault_addr": "bao.internal:8200"}, "cli.vault_addr"),
     ],
 )
 def test_a_wrong_value_is_refused_when_loaded_naming_its_key(section, values, key):

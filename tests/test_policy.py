@@ -768,6 +768,9 @@ def ssh(body: str) -> str:
         (db("role = 'ro/creds'"), 8, "x: database.role 'ro/creds' must be a role name"),
         (db("role = ''"), 8, "x: database.role '' must be a role name"),
         (db("role = 'ro'\nmount = '../sys'"), 9, "x: database.mount '../sys' must be a mount"),
+        (db("role = 'ro'\nconnect = 'db:5432'"), 9, "x: database.connect 'db:5432' must be a"),
+        (db("role = 'ro'\nconnect = 'postgresql://u:p@db/app'"), 9, "x: database.connect"),
+        (db("role = 'ro'\nconnect = 5432"), 9, "x: database.connect 5432 must be a URL"),
         (add("database", "role = 'ro'"), 7, 'a [database] table needs backend = "database"'),
         (DB.replace(LONG, LONG + "\ndatabase = 'ro'"), 4, "x: database must be a table"),
         (
@@ -912,3 +915,12 @@ def test_a_claims_rule_matches_any_claim_the_provider_vouched_for():
     assert policy.evaluate(engineer, "x", 60).allowed
     assert policy.evaluate(in_team, "x", 60).allowed
     assert policy.evaluate(outsider, "x", 60).error == "not_eligible"
+
+
+def test_a_database_entitlement_may_say_where_people_connect():
+    text = db("role = 'readonly'\nconnect = 'postgresql://db.internal:6432/app'")
+    found, problems = check_policy_text(text, POLICY_KINDS)
+    assert problems == []
+    options = database_options(found.entitlements["x"])
+    assert options.connection() == {"host": "db.internal", "port": 6432, "dbname": "app"}
+    assert DatabaseOptions("ro").connection() == {}

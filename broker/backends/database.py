@@ -9,6 +9,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
@@ -53,6 +54,20 @@ class DatabaseOptions:
 
     role: str
     mount: str = "database"
+    # Where people connect to the database (postgresql://host:port/dbname), handed out with the
+    # credential so `jit exec` can set PGHOST, PGPORT and PGDATABASE; "" when not said.
+    connect: str = ""
+
+    def connection(self) -> dict[str, object]:
+        """host, port and dbname from `connect` (empty when it is not set)."""
+        if not self.connect:
+            return {}
+        parts = urlsplit(self.connect)
+        return {
+            "host": parts.hostname,
+            "port": parts.port or 5432,
+            "dbname": parts.path.lstrip("/") or None,
+        }
 
 
 def database_options(entitlement: Entitlement) -> DatabaseOptions | None:
@@ -81,12 +96,41 @@ class DatabaseKind:
         self, reader: OptionsReader, name: str, spec: dict, backend: object
     ) -> DatabaseOptions | None:
         found_before = reader.problem_count
-        found = role_table(reader, name, spec, backend, self.name, ("role", "mount"), self.text)
+        keys = ("role", "mount", "connect")
+        found = role_table(reader, name, spec, backend, self.name, keys, self.text)
         if found is None or found.role is None or found.mount is None:
             return None
+        connect = found.table.get("connect", "")
+        if not _connect_url(connect):
+            reader.problem(
+                (*found.at, "connect"),
+                f"{name}: database.connect {connect!r} must be a URL like "
+                "postgresql://db.internal:5432/app (no user or password)",
+            )
         if reader.problem_count > found_before:
             return None
-        return DatabaseOptions(found.role, found.mount)
+        return DatabaseOptions(found.role, found.mount, connect)
+
+
+def _connect_url(value: object) -> bool:
+    """ "" or postgresql://host[:port][/dbname] without credentials, query or fragment."""
+    if value == "":
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("postgresql", "postgres")
+        and bool(parts.hostname)
+        and parts.username is None
+        and not parts.query
+        and not parts.fragment
+        and "/" not in parts.path.lstrip("/")
+    )
 
 
 class DatabaseBackend(Backend):

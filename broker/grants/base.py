@@ -142,6 +142,9 @@ class GrantsBase:
     def break_glass_eligible(self, principal: Principal) -> list[Entitlement]:
         return self.policy().break_glass_eligible(principal)
 
+    def not_eligible(self, principal: Principal) -> list[tuple[Entitlement, str]]:
+        return self.policy().not_eligible(principal)
+
     def get(self, principal: Principal, grant_id: str, owner_only: bool = False) -> Grant:
         """The requester sees their grant; so does anyone who may approve its entitlement, or
         review it when it is break-glass."""
@@ -213,10 +216,13 @@ class GrantsBase:
                 if grant.status == PENDING and grant.entitlement in policy.entitlements
                 else []
             )
+            found = policy.entitlements.get(grant.entitlement)
             view["approvals"] = {
                 "required": grant.approvals_required,
                 "given": [{"by": a.display, "at": a.at} for a in approvals],
                 "missing": missing,
+                # Who could approve, in words, for the requester waiting on them.
+                "rule": found.approval.describe() if found and found.approval else None,
             }
         if grant.status in AWAITING:
             view["expires_unapproved_at"] = grant.due_at

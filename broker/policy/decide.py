@@ -44,6 +44,12 @@ class Policy:
         tasks it may start itself)."""
         return [e for e in self.entitlements.values() if _requester_rule(e, principal).ok]
 
+    def not_eligible(self, principal: Principal) -> list[tuple[Entitlement, str]]:
+        """The entitlements this principal may not request, each with the requester rule's own
+        explanation (what `jit ls --all` shows)."""
+        found = [(e, _requester_rule(e, principal)) for e in self.entitlements.values()]
+        return [(e, finding.text) for e, finding in found if not finding.ok]
+
     def break_glass_eligible(self, principal: Principal) -> list[Entitlement]:
         """The entitlements this principal may take through break-glass."""
         return [

@@ -29,6 +29,7 @@ def init_app(app: Flask) -> None:
         audit_key,
         audit_pages,
         auth,
+        cli_login,
         health,
         metrics,
         oauth,
@@ -44,6 +45,7 @@ def init_app(app: Flask) -> None:
     auth.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(cli_login.bp)
     app.register_blueprint(ui.bp)
     app.register_blueprint(health.bp)
     metrics.init_app(app)

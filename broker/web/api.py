@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g, jsonify, request
 
+from ..backends.database import database_options
 from ..errors import Unauthenticated
 from ..models import Grant, IssuedCredential
+from ..policy import Entitlement
 from . import services
 from .json_body import json_object
 
@@ -20,14 +22,57 @@ def authenticate() -> None:
     g.principal = services().verifier.verify(token.strip())
 
 
+@bp.get("/me")
+def me() -> dict[str, object]:
+    """Who the broker takes the caller to be: what `jit whoami` shows."""
+    principal = g.principal
+    return {
+        "issuer": principal.issuer,
+        "subject": principal.subject,
+        "kind": principal.kind,
+        "name": principal.name,
+        "email": principal.email,
+        "email_verified": principal.email_verified,
+        "groups": list(principal.groups),
+        "client_id": principal.client_id,
+    }
+
+
 @bp.get("/entitlements")
 def entitlements() -> dict[str, object]:
-    eligible = services().grants.eligible(g.principal)
+    """What the caller may request; all=1 adds what they may not, with the policy's reason."""
+    grants = services().grants
+    break_glass = {e.name for e in grants.break_glass_eligible(g.principal)}
+    listed: list[dict[str, object]] = [
+        {**_entitlement_json(e), "eligible": True, "break_glass": e.name in break_glass}
+        for e in grants.eligible(g.principal)
+    ]
+    if request.args.get("all") == "1":
+        listed += [
+            {**_entitlement_json(e), "eligible": False, "break_glass": e.name in break_glass,
+             "why_not": why}
+            for e, why in grants.not_eligible(g.principal)
+        ]  # fmt: skip
+    return {"entitlements": listed}
+
+
+def _entitlement_json(entitlement: Entitlement) -> dict[str, object]:
+    approval = entitlement.approval
     return {
-        "entitlements": [
-            {"name": e.name, "description": e.description, "max_duration": e.max_duration}
-            for e in eligible
-        ]
+        "name": entitlement.name,
+        "description": entitlement.description,
+        "backend": entitlement.backend,
+        "max_duration": entitlement.max_duration,
+        "default_duration": entitlement.default_duration,
+        "approval": {
+            "required": approval.required,
+            "rule": approval.describe(),
+            "auto_approve_groups": list(approval.auto_approve_groups),
+        }
+        if approval
+        else None,
+        "ticket_required": entitlement.reason.ticket is not None,
+        "extendable": entitlement.extend is not None,
     }
 
 
@@ -70,6 +115,25 @@ def list_requests() -> dict[str, object]:
 def get_request(grant_id: str) -> dict[str, object]:
     grants = services().grants
     return grants.describe(grants.get(g.principal, grant_id))
+
+
+@bp.get("/requests/<grant_id>/chain")
+def chain(grant_id: str) -> dict[str, object]:
+    """The grant's audit chain in brief (seq, time, type, actor), for whoever may see the grant:
+    what `jit show` prints. The entries' data stays with the auditors."""
+    grants = services().grants
+    grant = grants.get(g.principal, grant_id)
+    return {
+        "entries": [
+            {
+                "seq": entry["seq"],
+                "at": entry["at"],
+                "type": entry["type"],
+                "actor": entry["actor"].get("sub", ""),
+            }
+            for entry in grants.chain(grant.id)
+        ]
+    }
 
 
 @bp.post("/requests/<grant_id>/approve")
@@ -129,9 +193,14 @@ def release(grant_id: str) -> dict[str, object]:
 
 
 def _with_credential(grant: Grant, credential: IssuedCredential | None) -> Response:
-    view = services().grants.describe(grant)
+    grants = services().grants
+    view = grants.describe(grant)
     if credential is not None:
         view["credential"] = credential_json(credential)
+        options = grants.policy().entitlements.get(grant.entitlement)
+        database = database_options(options) if options else None
+        if database is not None:
+            view["credential"].update(database.connection())
     response = jsonify(view)
     response.headers["Cache-Control"] = "no-store"  # the secret must not sit in a cache
     return response

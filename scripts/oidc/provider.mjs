@@ -18,6 +18,10 @@
 //   rotated on each use; they end with the provider's login session. A refresh gives a new ID
 //   token with the account's current claims, and fails once the account is gone.
 // - RP-initiated logout (end_session_endpoint) to a client's registered post_logout_redirect_uris.
+// - the device authorization grant (RFC 8628) for clients allowed its grant type, with plain
+//   pages: /device?user_code=... shows one confirm form, then the login form, then "Signed in".
+// - native clients (application_type "native", the CLI) may use their loopback redirect URI on
+//   any port (RFC 8252 §7.3); oidc-provider does that itself.
 
 import crypto from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -110,6 +114,12 @@ const provider = new Provider(issuer, {
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
   features: {
     devInteractions: { enabled: false },
+    deviceFlow: {
+      enabled: true,
+      userCodeInputSource: deviceInputPage,
+      userCodeConfirmSource: deviceConfirmPage,
+      successSource: deviceSuccessPage,
+    },
     clientCredentials: { enabled: true },
     revocation: { enabled: true },
     resourceIndicators: {
@@ -169,6 +179,30 @@ function loginForm(res, uid, { status = 200, error = '', username = '' } = {}) {
   <label>Password <input type="password" name="password" required></label>
   <button type="submit">Sign in</button>
 </form>`);
+}
+
+// The device flow's pages (oidc-provider renders them into ctx.body; `form` is its own form).
+function devicePage(ctx, title, body) {
+  ctx.type = 'html';
+  ctx.set('Cache-Control', 'no-store');
+  ctx.body = `<!doctype html><html><head><meta charset="utf-8"><title>${escapeHtml(title)}</title></head>
+<body><h1>${escapeHtml(title)}</h1>${body}</body></html>`;
+}
+
+async function deviceInputPage(ctx, form, out, err) {
+  const message = err ? '<p class="error" role="alert">That code is not valid. Try again.</p>' : '';
+  devicePage(ctx, 'Enter the code', `${message}${form}
+<button type="submit" form="op.deviceInputForm">Continue</button>`);
+}
+
+async function deviceConfirmPage(ctx, form, client, deviceInfo, userCode) {
+  devicePage(ctx, 'Confirm the device', `<p>${escapeHtml(client.clientId)} asks to sign in with the
+code <code>${escapeHtml(userCode)}</code>. Continue only if your terminal shows this code.</p>${form}
+<button type="submit" form="op.deviceConfirmForm">Continue</button>`);
+}
+
+async function deviceSuccessPage(ctx) {
+  devicePage(ctx, 'Signed in', '<p>You are signed in; go back to your terminal.</p>');
 }
 
 function consentForm(res, uid, clientId) {

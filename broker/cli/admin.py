@@ -1,5 +1,6 @@
-"""The `jit` command: run the broker, check its audit chain, check and explain a policy file,
-print the broker's own OpenBao policy."""
+"""The operators' side of `jit`: run the broker, check its audit chain, check and explain a policy
+file, print the broker's own OpenBao policy. These read the server's config and data directory;
+the engineers' commands never do."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flask import Flask
 
-from . import audit
-from .audit.bundle import FORMATS, BundleError, verify_bundle
-from .audit.log import AuditLog
-from .backends import POLICY_KINDS
-from .config import ConfigError, Settings, load_settings
-from .durations import parse_duration
-from .models import Principal, Task, isoformat, parse_time, utcnow
-from .policy import Policy, PolicyError, decide, explain, load_policy
-from .store import Store
+from .. import audit
+from ..audit.bundle import FORMATS, BundleError, verify_bundle
+from ..audit.log import AuditLog
+from ..backends import POLICY_KINDS
+from ..config import Settings
+from ..durations import parse_duration
+from ..errors import ConfigError
+from ..models import Principal, Task, isoformat, parse_time, utcnow
+from ..policy import Policy, PolicyError, decide, explain, load_policy
+from ..store import Store
 
 
 class _NoQueryStrings(logging.Filter):
@@ -40,7 +42,7 @@ def run_server(app: Flask) -> None:
     """Serve the app (threaded) until Ctrl-C or SIGTERM, then stop its services' threads."""
     from werkzeug.serving import run_simple
 
-    from .web.serving import RequestHandler
+    from ..web.serving import RequestHandler
 
     logging.getLogger("werkzeug").addFilter(_NoQueryStrings())
     server = app.extensions["jit"].settings.server
@@ -66,39 +68,22 @@ def _store(settings: Settings) -> Store:
     return Store(settings.database_path)
 
 
-@click.group()
-@click.option(
-    "--config",
-    "-c",
-    envvar="JIT_CONFIG",
-    type=click.Path(dir_okay=False),
-    help="TOML config file (default: $JIT_CONFIG).",
-)
-@click.pass_context
-def main(ctx: click.Context, config: str | None) -> None:
-    """jit-broker: just-in-time elevation with verified removal."""
-    # `jit policy ...` reads only the policy file it is given, `jit vault-policy` only the
-    # package: no config, no database.
-    needs_no_config = ctx.invoked_subcommand in ("policy", "vault-policy")
-    ctx.obj = None if needs_no_config else load_settings(config)
-
-
-@main.command()
+@click.command()
 @click.option("--dev", is_flag=True, help="Flask's development server, for local work.")
 @click.pass_obj
 def serve(settings: Settings, dev: bool) -> None:
     """Run the broker (web UI, API and reaper) on the configured host and port: under gunicorn
     ([server] workers, threads, graceful_timeout), or with --dev the development server."""
-    from . import logs
+    from .. import logs
 
     logs.configure(settings.server["log_format"])
     if dev:
-        from . import create_app
+        from .. import create_app
 
         run_server(create_app(settings))
         return
-    from .config import check_service_settings
-    from .server import serve as serve_production
+    from ..config import check_service_settings
+    from ..server import serve as serve_production
 
     try:
         check_service_settings(settings)  # in the master, before any worker tries
@@ -107,7 +92,7 @@ def serve(settings: Settings, dev: bool) -> None:
     serve_production(settings)
 
 
-@main.group("audit")
+@click.group("audit")
 def audit_group() -> None:
     """Read, check, search and export the audit log (needs only the data directory)."""
 
@@ -252,7 +237,7 @@ def audit_export(
     )
 
 
-@main.group("policy")
+@click.group("policy")
 def policy_group() -> None:
     """Check a policy file and explain its decisions (needs only the file, no config)."""
 
@@ -364,18 +349,9 @@ def _task_option(agent: str | None, tools: tuple[str, ...]) -> Task | None:
     return Task.of(agent, asked)
 
 
-@main.command("vault-policy")
+@click.command("vault-policy")
 def vault_policy() -> None:
     """Print the broker's own least-privilege OpenBao policy, to install with `bao policy write`."""
-    from .backends.vault import openbao_policy
+    from ..backends.vault import openbao_policy
 
     click.echo(openbao_policy(), nl=False)
-
-
-def run() -> None:
-    """The console script: a broken config is one readable line and exit 2, not a traceback."""
-    try:
-        main(standalone_mode=True)
-    except ConfigError as exc:
-        click.echo(f"jit: {exc}", err=True)
-        sys.exit(2)
