@@ -4,8 +4,8 @@ least once. One background thread posts the entries after a saved cursor in batc
 hash), and moves the cursor only after a 2xx. The signed checkpoints go the same way, each in
 the first body whose entries reach its size (`"checkpoints": [...]`): the SIEM is a witness the
 broker's host cannot rewrite (`jit audit verify --witness`). Only one batch is ever in flight,
-so the receiver sees entries in seq order. A crash (or a failed cursor write) after a delivery but before the
-cursor is saved sends that batch again: receivers dedupe by seq.
+so the receiver sees entries in seq order. A crash (or a failed cursor write) after a delivery
+but before the cursor is saved sends that batch again: receivers dedupe by seq.
 
 Forwarding never holds up the broker: the log in the store is the source of truth, and an outage
 only makes the forwarder fall behind (its lag is on /readyz) and retry with backoff."""
