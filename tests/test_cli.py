@@ -10,7 +10,6 @@ from broker.cli import main as jit
 from broker.models import Grant, isoformat, utcnow
 from broker.store import Store
 
-
 STEPS = ["request", "decision", "issue", "release", "revoke", "verify"]
 
 
