@@ -148,6 +148,7 @@ def test_a_log_cut_short_with_its_checkpoints_deleted_is_caught_by_their_copies(
     code, output = verify(data_dir, every="60")
     assert code == 1 and output.startswith("FAILED at seq 1: entries 1 to 6 are not covered")
 
+
 def test_a_replaced_signing_key_is_named_at_the_first_checkpoint(data_dir):
     (data_dir / "audit-signing.key").unlink()
     audit.load_or_create_key(data_dir / "audit-signing.key")
