@@ -20,6 +20,7 @@ from .audit.signing import PublicKey, legacy_keyring
 from .audit.transit_signing import CheckpointSigningFailed, TransitCheckpointSigner
 from .audit.witness import WitnessError, kv_witness, read_witness_file, well_formed
 from .backends import POLICY_KINDS
+from .backends.vault import make_client
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
 from .models import Principal, Task, isoformat, parse_time, utcnow
@@ -122,8 +123,6 @@ def _audit_log(settings: Settings) -> AuditLog:
     hmac_key = settings.data_dir / "audit-hmac.key"
     vault = None
     if settings.vault["token"]:
-        from .backends.vault import make_client
-
         vault = make_client(
             settings.vault["addr"], settings.vault["token"], settings.vault["timeout"]
         )

@@ -155,7 +155,7 @@ def test_a_grants_chain_holds_every_step_and_verifies(make_app, api_for, openbao
     ]
     bundle = tmp_path / "bundle.zip"
     audit_log.export(bundle, "ocsf")
-    assert verify_bundle(bundle, audit_log.public_key).ok
+    assert verify_bundle(bundle, audit_log.keyring()).ok
 
 
 def test_the_public_keys_are_published_without_a_login_and_sign_the_checkpoints(make_app):

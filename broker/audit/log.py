@@ -1,6 +1,7 @@
-"""The auditors' use cases over the stored log: sign checkpoints, verify the whole log, show one
-grant's timeline with its chain checked, export a bundle, look up whether a value appears. Reads
-the store through `AuditStore`; writes only checkpoints, never an entry (entries are written by
+"""The auditors' use cases over the stored log: sign checkpoints (and hand them to the witness),
+verify the whole log, hold the grants table against it, show one grant's timeline with its chain
+checked, export a bundle, look up whether a value appears. Reads the store through `AuditStore`;
+writes only checkpoints and the witness's cursor, never an entry (entries are written by
 `grants`, in the transaction of the change they record)."""
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ class AuditLog:
         store: AuditStore,
         fingerprint_key: bytes,
         signer: CheckpointSigner | Ed25519PrivateKey | None = None,
-        public_key: Ed25519PublicKey | None = None,
         checkpoint_copy: Path | None = None,
         clock: Callable[[], datetime] = utcnow,
         keyring: Keyring | None = None,
@@ -63,18 +63,15 @@ class AuditLog:
         witness: KvWitness | None = None,
     ):
         """`signer`: what signs (an Ed25519 private key: a v1 key file, for old logs and tests);
-        `public_key` / `keyring`: keys trusted besides the signer's own (the v1 key file found
-        beside the database); `witness`: the KV path each checkpoint is also written to."""
+        `keyring`: keys trusted besides the signer's own (the v1 key file found beside the
+        database); `witness`: the KV path each checkpoint is also written to."""
         self.store = store
         self.checkpoint_copy = checkpoint_copy
         self.fingerprint_key = fingerprint_key
         self.signer: CheckpointSigner | None = (
             FileKeySigner(signer) if isinstance(signer, Ed25519PrivateKey) else signer
         )
-        extra = keyring or Keyring()
-        if public_key is not None:
-            extra = extra.merged(Keyring.of_file_key(public_key, pinned=self.signer is None))
-        self.extra_keys = extra
+        self.extra_keys = keyring or Keyring()
         self.clock = clock
         self.cadence = cadence or Cadence()
         self.witness = witness
@@ -91,11 +88,6 @@ class AuditLog:
         the v1 key file's. Raises CheckpointSigningFailed when transit's cannot be read."""
         own = self.signer.keyring() if self.signer is not None else Keyring()
         return own.merged(self.extra_keys)
-
-    @property
-    def public_key(self) -> Keyring:
-        """Kept for callers that passed `audit_log.public_key` to verify_bundle."""
-        return self.keyring()
 
     def published_keys(self) -> list[dict]:
         try:
