@@ -66,8 +66,19 @@ DEFAULTS: dict[str, dict] = {
     },
     "notify": {"webhook_url": "", "timeout": 5},
     "audit": {
-        "signing_key": "",  # Ed25519 key for checkpoints, outside the database (default data_dir/)
+        # Checkpoints are signed by this OpenBao transit key (ed25519 or ecdsa-p256), which never
+        # leaves OpenBao; rotation is a transit key rotation.
+        "transit_mount": "transit",
+        "transit_key": "jit-broker-audit",
+        # The v1 Ed25519 key file of brokers before transit signing: only read, to verify the
+        # checkpoints it signed (default data_dir/audit-signing.key); never made any more.
+        "signing_key": "",
         "checkpoint_every": 60,  # seconds between signed checkpoints (when the log grew)
+        # How late a checkpoint may be before verify calls it missing (beyond checkpoint_every).
+        "checkpoint_tolerance": 120,
+        # An OpenBao KV v2 secret each checkpoint is also written to, as a new version ("": off):
+        # "<mount>/<path>", e.g. "secret/jit-broker/audit-checkpoints".
+        "witness_kv": "",
         "auditor_groups": ["auditors"],  # who may read the review pages
         "forward_url": "",  # an HTTP endpoint that receives every entry, in order (empty: off)
         "forward_token": "",  # sent as a bearer token to forward_url
@@ -262,6 +273,7 @@ def check_settings(settings: Settings) -> None:
     _check_forwarding(settings.audit)
     _check_auditor_groups(settings.audit)
     _check_cli(settings.cli)
+    _check_checkpoints(settings.audit)
 
 
 def check_service_settings(settings: Settings) -> None:
@@ -424,6 +436,27 @@ def _check_cli(cli: dict) -> None:
         raise ConfigError(f"cli.scopes must be a space-separated list with openid, not {scopes!r}")
     if cli["vault_addr"]:
         loggable_target(cli["vault_addr"], "cli.vault_addr")
+
+
+def _check_checkpoints(audit: dict) -> None:
+    for name in ("transit_mount", "transit_key"):
+        value = audit[name]
+        if not isinstance(value, str) or not value.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"audit.{name} must be a name of letters, digits, - and _")
+    for name in ("checkpoint_every", "checkpoint_tolerance"):
+        value = audit[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"audit.{name} must be a positive number of seconds, not {value!r}")
+    witness = audit["witness_kv"]
+    parts = witness.split("/") if isinstance(witness, str) else [""]
+    if witness and (
+        len(parts) < 2
+        or not all(part.replace("-", "").replace("_", "").isalnum() for part in parts)
+    ):
+        raise ConfigError(
+            "audit.witness_kv must be <mount>/<path> of letters, digits, - and _ "
+            f"(e.g. secret/jit-broker/audit-checkpoints), not {witness!r}"
+        )
 
 
 def _check_forwarding(audit: dict) -> None:

@@ -7,9 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import audit
+from .audit.absence import Cadence
 from .audit.forward import Forwarder
 from .audit.log import AuditLog
 from .audit.search import AuditSearch
+from .audit.signing import legacy_keyring
+from .audit.transit_signing import TransitCheckpointSigner
+from .audit.witness import kv_witness
 from .backends import POLICY_KINDS, make_backends
 from .backends.vault import make_client, vault_health
 from .config import Settings, check_service_settings
@@ -94,8 +98,19 @@ class Services:
         audit_log = AuditLog(
             store,
             fingerprint_key,
-            audit.load_or_create_key(settings.signing_key_path),
+            # The private key stays in OpenBao; a missing key or a token that may not sign
+            # degrades /readyz (checks.checkpoints), and the chain is signed once it can be.
+            TransitCheckpointSigner(
+                vault,
+                mount=settings.audit["transit_mount"],
+                key_name=settings.audit["transit_key"],
+            ),
             checkpoint_copy=settings.checkpoint_copy_path,
+            keyring=legacy_keyring(settings.signing_key_path),
+            cadence=Cadence(
+                settings.audit["checkpoint_every"], settings.audit["checkpoint_tolerance"]
+            ),
+            witness=kv_witness(vault, settings.audit["witness_kv"]),
         )
         reaper = Reaper(
             grants,

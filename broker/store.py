@@ -20,7 +20,7 @@ from .config import SYNCHRONOUS
 from .errors import StoreUnavailable
 from .models import Approval, Credential, Grant
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 GRANT_COLUMNS = [f.name for f in fields(Grant)]
 V1_GRANT_COLUMNS = [
     "id",
@@ -344,6 +344,8 @@ class Store:
                 _add_access_tokens(tx.db)
             if version < 7:
                 _add_assertion_jtis(tx.db)
+            if version < 8:
+                _add_transit_checkpoints(tx.db)
             tx.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -589,7 +591,8 @@ class Store:
             "SELECT * FROM checkpoints WHERE size >= ? AND (? IS NULL OR size <= ?) ORDER BY size",
             [first, last, last],
         )
-        return [dict(row) for row in rows]
+        # A v1 checkpoint has no key_version, previous or legacy_key_id: not null, absent.
+        return [{k: v for k, v in dict(row).items() if v is not None} for row in rows]
 
     def schema_version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -861,3 +864,12 @@ def _add_assertion_jtis(db: sqlite_utils.Database) -> None:
     seconds) so that each is used once."""
     db.table("assertion_jtis").create({"key": str, "until": int}, pk="key", not_null={"until"})
     db.table("assertion_jtis").create_index(["until"])
+
+
+def _add_transit_checkpoints(db: sqlite_utils.Database) -> None:
+    """Schema 8, checkpoints signed through OpenBao transit (issue 17): the key version that
+    signed, the size of the checkpoint before (a deleted one is then named), and on the first
+    one the v1 key file it takes over from. NULL in the v1 rows before."""
+    db.table("checkpoints").add_column("key_version", int)
+    db.table("checkpoints").add_column("previous", int)
+    db.table("checkpoints").add_column("legacy_key_id", str)

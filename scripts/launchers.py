@@ -958,8 +958,22 @@ def configure_ssh_engine(client) -> None:
     )
 
 
+AUDIT_KEY = "jit-broker-audit"
+AUDIT_WITNESS = "jit-broker/audit-checkpoints"  # under the dev server's KV v2 mount secret/
+
+
 def configure_transit_engine(client, key: str = "jit-broker-tokens") -> None:
     """OpenBao's transit engine at transit/ with the broker's access-token signing key: ecdsa-p256
-    (ES256), not exportable. The broker may sign with it and read its public keys, nothing more."""
+    (ES256), and its audit checkpoint key: ed25519; neither exportable. The broker may sign with
+    them and read their public keys, nothing more. Also the checkpoint witness: a KV v2 secret
+    that keeps every version (the broker may add versions, never delete them)."""
     client.sys.enable_secrets_engine("transit", path="transit")
     client.secrets.transit.create_key(key, key_type="ecdsa-p256", exportable=False)
+    client.secrets.transit.create_key(AUDIT_KEY, key_type="ed25519", exportable=False)
+    configure_witness(client)
+
+
+def configure_witness(client, path: str = AUDIT_WITNESS, mount: str = "secret") -> None:
+    """What an operator does once: KV v2 keeps 10 versions unless told otherwise, and a witness
+    must keep them all."""
+    client.secrets.kv.v2.update_metadata(path, max_versions=1_000_000, mount_point=mount)

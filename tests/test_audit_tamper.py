@@ -1,5 +1,8 @@
 """Tampering with a real database file and with exported bundles: each kind of change is detected
-and named with the right sequence number, by `jit audit verify` as an auditor runs it."""
+and named with the right sequence number, by `jit audit verify` as an auditor runs it. These logs
+are signed by the v1 Ed25519 key file of brokers before transit signing (issue 17): such logs
+exist in the field and must still verify. Their entries are dated weeks ago, so `run` gives the
+CLI a checkpoint interval that owes nothing; absence itself is tested in test_audit_evidence."""
 
 import json
 import shutil
@@ -35,13 +38,17 @@ def data_dir(tmp_path):
     return tmp_path
 
 
-def run(data_dir, *args):
-    env = {"JIT_SERVER_DATA_DIR": str(data_dir), "JIT_CONFIG": ""}
+A_LONG_INTERVAL = str(10**9)  # seconds: no checkpoint is ever owed
+
+
+def run(data_dir, *args, every=A_LONG_INTERVAL):
+    env = {"JIT_SERVER_DATA_DIR": str(data_dir), "JIT_CONFIG": "", "JIT_VAULT_TOKEN": "",
+           "JIT_AUDIT_CHECKPOINT_EVERY": every}  # fmt: skip
     return CliRunner().invoke(jit, list(args), env=env)
 
 
-def verify(data_dir, *args):
-    result = run(data_dir, "audit", "verify", *args)
+def verify(data_dir, *args, every=A_LONG_INTERVAL):
+    result = run(data_dir, "audit", "verify", *args, every=every)
     return result.exit_code, result.output.strip()
 
 
@@ -137,8 +144,10 @@ def test_a_log_cut_short_with_its_checkpoints_deleted_is_caught_by_their_copies(
     sql(data_dir, "DELETE FROM audit WHERE seq > 6", "DELETE FROM checkpoints")
     code, output = verify(data_dir)
     assert code == 1 and output.startswith("FAILED at seq 7: the log ends at seq 6")
-    (data_dir / "audit-checkpoints.jsonl").unlink()  # only both together hide it
-    assert verify(data_dir)[0] == 0
+    (data_dir / "audit-checkpoints.jsonl").unlink()  # both together: no checkpoint is left...
+    assert verify(data_dir)[0] == 0  # ...which no cadence explains away but a checkpoint interval:
+    code, output = verify(data_dir, every="60")
+    assert code == 1 and output.startswith("FAILED at seq 1: entries 1 to 6 are not covered")
 
 
 def test_a_replaced_signing_key_is_named_at_the_first_checkpoint(data_dir):
@@ -161,7 +170,7 @@ def test_a_replaced_key_that_re_signed_everything_fails_against_the_pinned_key(d
     store = Store(data_dir / "broker.db")
     for checkpoint in store.checkpoints():
         store.add_checkpoint(
-            audit.sign_checkpoint(new_key, checkpoint["size"], checkpoint["head"], "now")
+            audit.sign_checkpoint(new_key, checkpoint["size"], checkpoint["head"], checkpoint["at"])
         )
     assert verify(data_dir)[0] == 0  # the new key, no copies: consistent...
     code, output = verify(data_dir, "--public-key", str(pinned))
@@ -322,7 +331,8 @@ def test_a_bundle_with_its_key_and_checkpoints_replaced_fails_against_the_pinned
         )
 
     rewrite(bundle, "checkpoints.jsonl", re_sign)
-    rewrite(bundle, "public-key.pem", lambda _: audit.public_pem(forger.public_key()))
+    forged = audit.Keyring.of_file_key(forger.public_key(), pinned=True).as_json()
+    rewrite(bundle, "keys.json", lambda _: json.dumps(forged))
     assert verify_bundle(bundle)[0] == 0  # consistent with itself...
     code, output = verify_bundle(bundle, "--public-key", str(pinned))  # ...not with the pinned key
     assert code == 1 and output.startswith("FAILED at seq 5: checkpoint of size 5: signed by key")

@@ -186,3 +186,43 @@ def test_the_broker_token_signs_with_its_transit_key_only_and_never_holds_it(bro
     openbao.client().secrets.transit.create_key("someone-elses", key_type="ecdsa-p256")
     assert forbidden(lambda: transit.sign_data("someone-elses", hash_input="aGVsbG8="))
     assert forbidden(lambda: transit.read_key("someone-elses"))
+
+
+def test_the_broker_token_signs_checkpoints_with_its_audit_key_only(broker_vault, vault_setup):
+    """Issue 17: transit/sign and read of the checkpoint key (ed25519); the private key never
+    leaves OpenBao, and rotating or retiring its versions is the operator's."""
+    transit = broker_vault.secrets.transit
+    key = "jit-broker-audit"
+    assert transit.read_key(key)["data"]["type"] == "ed25519"
+    assert transit.sign_data(key, hash_input="aGVsbG8=")["data"]["signature"].startswith("vault:v")
+    assert forbidden(lambda: transit.export_key(key, key_type="signing-key"))
+    assert forbidden(lambda: transit.backup_key(key))
+    assert forbidden(lambda: transit.rotate_key(key))
+    assert forbidden(lambda: transit.update_key_configuration(key, min_decryption_version=2))
+    assert forbidden(lambda: transit.update_key_configuration(key, deletion_allowed=True))
+    assert forbidden(lambda: transit.delete_key(key))
+    assert forbidden(lambda: transit.create_key("jit-broker-audit-2", key_type="ed25519"))
+
+
+def test_the_broker_token_adds_witness_versions_but_never_takes_one_back(broker_vault, openbao):
+    """Issue 17: the KV v2 witness. Create and update add versions, read compares; deleting,
+    destroying, undeleting, the metadata (max_versions, delete) and any other path: refused."""
+    kv = broker_vault.secrets.kv.v2
+    path = "jit-broker/audit-checkpoints"
+    first = kv.create_or_update_secret(path, secret={"checkpoint": {"size": 0}})["data"]["version"]
+    second = kv.create_or_update_secret(path, secret={"checkpoint": {"size": 0}})["data"]["version"]
+    assert second == first + 1
+    assert kv.read_secret_version(path, version=first, raise_on_deleted_version=True)["data"][
+        "data"
+    ] == {"checkpoint": {"size": 0}}
+    assert forbidden(lambda: kv.delete_latest_version_of_secret(path))
+    assert forbidden(lambda: kv.delete_secret_versions(path, versions=[first]))
+    assert forbidden(lambda: kv.destroy_secret_versions(path, versions=[first]))
+    assert forbidden(lambda: kv.undelete_secret_versions(path, versions=[first]))
+    assert forbidden(lambda: kv.delete_metadata_and_all_versions(path))
+    assert forbidden(lambda: kv.update_metadata(path, max_versions=1))
+    assert forbidden(lambda: kv.read_secret_metadata(path))
+    assert forbidden(lambda: kv.create_or_update_secret("jit-broker/other", secret={"a": 1}))
+    assert forbidden(lambda: kv.read_secret_version("test/app", raise_on_deleted_version=True))
+    latest = openbao.client().secrets.kv.v2.read_secret_version(path, raise_on_deleted_version=True)
+    assert latest["data"]["metadata"]["version"] == second

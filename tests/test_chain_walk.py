@@ -155,29 +155,32 @@ def test_a_grants_chain_holds_every_step_and_verifies(make_app, api_for, openbao
     ]
     bundle = tmp_path / "bundle.zip"
     audit_log.export(bundle, "ocsf")
-    assert verify_bundle(bundle, audit_log.public_key).ok
+    assert verify_bundle(bundle, audit_log.keyring()).ok
 
 
-def test_the_public_key_is_published_without_a_login_and_signs_the_checkpoints(make_app):
+def test_the_public_keys_are_published_without_a_login_and_sign_the_checkpoints(make_app):
     app = make_app()
     audit_log = app.extensions["jit"].audit_log
     response = app.test_client().get("/api/v1/audit/public-key")
     assert response.status_code == 200
-    published = audit.load_public_key(response.json["public_key_pem"])
-    assert response.json["key_id"] == audit.key_id(published) == audit_log.key_id
+    assert response.json["key_id"] == audit_log.key_id
+    assert response.json["key_id"].startswith("transit:jit-broker-audit:v")
+    published = audit.Keyring.from_json(response.json["keys"])
     with audit_log.store.transaction() as tx:
         tx.append("2026-11-23T00:00:00Z", "test", {"iss": "i", "sub": "s"}, None, {})
     checkpoint = audit_log.checkpoint()
-    assert audit.checkpoint_problem(published, checkpoint) == ""
+    assert checkpoint["key_id"] == response.json["key_id"]
+    assert published.problem(checkpoint) == ""
     assert audit_log.checkpoint() is None  # nothing new to sign
 
 
-def test_the_key_is_made_once_outside_the_database_and_kept_across_restarts(make_app):
-    first = make_app().extensions["jit"]
-    key_file = first.settings.signing_key_path
-    assert key_file.exists() and key_file.parent == first.settings.data_dir
-    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-    assert make_app().extensions["jit"].audit_log.key_id == first.audit_log.key_id
+def test_no_key_file_is_made_any_more(make_app):
+    """The private key stays in OpenBao: nothing beside the database could sign."""
+    services = make_app().extensions["jit"]
+    with services.audit_log.store.transaction() as tx:
+        tx.append("2026-11-23T00:00:00Z", "test", {"iss": "i", "sub": "s"}, None, {})
+    assert services.audit_log.checkpoint()["signature"].startswith("vault:v")
+    assert not services.settings.signing_key_path.exists()
 
 
 def test_stopping_the_reaper_signs_a_last_checkpoint(make_app, api_for):

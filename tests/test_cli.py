@@ -7,16 +7,27 @@ import pytest
 from click.testing import CliRunner
 
 from broker.cli import main as jit
+from broker.models import Grant, isoformat, utcnow
 from broker.store import Store
+
+STEPS = ["request", "decision", "issue", "release", "revoke", "verify"]
 
 
 @pytest.fixture
 def database(tmp_path):
+    """One grant's whole life, written just now (younger than one checkpoint interval, so no
+    checkpoint is owed yet), with the row its chain says."""
     store = Store(tmp_path / "broker.db")
     store.migrate()
-    for n, step in enumerate(["request", "decision", "issue", "revoke", "verify"]):
+    now = isoformat(utcnow())
+    said = {"issue": {"handle": "hmac-sha256:h"}, "release": {"window_end": now},
+            "verify": {"handle": "hmac-sha256:h", "gone": True}}  # fmt: skip
+    for n, step in enumerate(STEPS):
         with store.transaction() as tx:
-            tx.append(f"2026-01-01T00:00:0{n}Z", step, {"iss": "i", "sub": "alice"}, "g1", {"n": n})
+            tx.append(now, step, {"iss": "i", "sub": "alice"}, "g1", {"n": n, **said.get(step, {})})
+    with store.transaction() as tx:
+        tx.insert_grant(Grant("g1", "i", "alice", "alice", "kv-read", "x", 60, "revoked", now,
+                              now, now, "vault_token", "sha256:p"))  # fmt: skip
     return store
 
 
@@ -27,7 +38,7 @@ def invoke(database, *args):
 def test_verify_an_intact_chain(database):
     result = invoke(database, "audit", "verify")
     assert result.exit_code == 0
-    assert result.output.strip().startswith("ok: 5 entries, chain intact")
+    assert result.output.strip().startswith("ok: 6 entries, chain intact"), result.output
 
 
 def test_verify_names_the_edited_entry(database):
@@ -48,7 +59,7 @@ def test_show_prints_the_grants_chain_in_order(database):
     result = invoke(database, "audit", "show", "g1")
     assert result.exit_code == 0
     steps = [line.split()[2] for line in result.output.splitlines()]
-    assert steps == ["request", "decision", "issue", "revoke", "verify"]
+    assert steps == STEPS
 
 
 def test_show_an_unknown_grant_is_an_error(database):

@@ -52,7 +52,7 @@ def test_a_checkpoint_is_signed_only_over_a_log_made_durable_first(tmp_path):
     store.migrate()
     with store.transaction() as tx:
         tx.append("t", "first", {}, "g1", {})
-    log = AuditLog(store, b"k" * 32, signing_key=Ed25519PrivateKey.generate())
+    log = AuditLog(store, b"k" * 32, signer=Ed25519PrivateKey.generate())
     assert log.checkpoint()["size"] == 1
     assert _writes(store) == 1
 
@@ -110,7 +110,11 @@ def test_a_version_2_database_is_read_as_it_is_and_upgraded_with_its_grants(tmp_
         )
         tx.append("2026-01-01T00:00:00Z", "request", {"iss": "i", "sub": "s"}, "g1", {})
     result = CliRunner().invoke(jit, ["audit", "verify"], env={"JIT_STORAGE_PATH": str(store.path)})
-    assert result.exit_code == 0 and result.output.startswith("ok: 1 entries, chain intact")
+    # Read, not upgraded: the chain holds, but nothing ever signed it (issue 17: absence is
+    # evidence), and its hand-made row is not what its one entry says.
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("FAILED at seq 1: entries 1 to 1 are not covered by a signed")
+    assert "grant g1: status is revoked, but its chain records no issue" in result.output
     assert store.schema_version() == 2
 
     store.migrate()
@@ -140,7 +144,7 @@ def test_a_version_3_database_gets_empty_verified_emails(tmp_path):
             }  # fmt: skip
         )
     store.migrate()
-    assert store.schema_version() == SCHEMA_VERSION == 7
+    assert store.schema_version() == SCHEMA_VERSION == 8
     assert store.get_grant("g1").requester_email == ""
     assert store.approvals_of("g1") == [Approval("i", "s", "d", (), "t", email="")]
 
@@ -169,7 +173,7 @@ def test_a_version_3_database_lists_each_grants_credential(tmp_path):
                 }
             )
     store.migrate()
-    assert store.schema_version() == SCHEMA_VERSION == 7
+    assert store.schema_version() == SCHEMA_VERSION == 8
     (live,) = store.credentials_of("live")
     assert (live.handle, live.backend, live.gone_at) == ("acc-live", "vault_token", "")
     assert live.issuing_process == ""  # no process known: judged by the grace period

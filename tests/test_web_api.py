@@ -100,12 +100,14 @@ def test_a_grant_expires_and_its_token_stops_working(broker, tokens, openbao):
 
 
 def _cli_env(settings):
-    """What an auditor's `jit` needs to read this broker's log: the database, and the data
-    directory with the key that checks the checkpoints the live broker's reaper signs as it
-    runs (with the database alone, a signed checkpoint cannot be checked and verify fails)."""
+    """What an auditor's `jit` needs to read this broker's log: the database, the data directory
+    (the HMAC key) and OpenBao, whose transit key checks the checkpoints the live broker's reaper
+    signs as it runs (without it, a signed checkpoint cannot be checked and verify fails)."""
     return {
         "JIT_STORAGE_PATH": str(settings.database_path),
         "JIT_SERVER_DATA_DIR": str(settings.data_dir),
+        "JIT_VAULT_ADDR": settings.vault["addr"],
+        "JIT_VAULT_TOKEN": settings.vault["token"],
     }
 
 

@@ -5,9 +5,11 @@ cases' job."""
 
 from .chain import GENESIS, canonical, entry_hash, fingerprint, seal
 from .signing import (
+    Keyring,
     append_checkpoint,
     checkpoint_problem,
     key_id,
+    load_any_public_key,
     load_or_create_key,
     load_private_key,
     load_public_key,
@@ -19,6 +21,7 @@ from .verify import Verification, verify
 
 __all__ = [
     "GENESIS",
+    "Keyring",
     "Verification",
     "append_checkpoint",
     "canonical",
@@ -26,6 +29,7 @@ __all__ = [
     "entry_hash",
     "fingerprint",
     "key_id",
+    "load_any_public_key",
     "load_or_create_key",
     "load_private_key",
     "load_public_key",

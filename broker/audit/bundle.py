@@ -1,7 +1,8 @@
 """Export bundles: one zip holding a range of entries (as JSON lines, CSV or OCSF events), the
-signed checkpoints over that range, and the public key, so an auditor can verify it offline with
-nothing else. Every format carries each entry exactly, and the verifier derives the format's row
-again from the entry: a row edited in any column shows as an edited entry."""
+signed checkpoints over that range, and every public key version they name (`keys.json`; older
+bundles hold one `public-key.pem`), so an auditor can verify it offline with nothing else.
+Every format carries each entry exactly, and the verifier derives the format's row again from
+the entry: a row edited in any column shows as an edited entry."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ..models import parse_time
+from .absence import Cadence
 from .chain import GENESIS, Break, canonical
 from .events import Entry
-from .signing import key_id, load_public_key
+from .signing import Keyring, PublicKey, any_public_pem, load_public_key
 from .verify import Verification, verify
 
 FORMATS = ("jsonl", "csv", "ocsf")
@@ -175,7 +178,7 @@ def write_bundle(
     fmt: str,
     entries: Iterable[dict],
     checkpoints: list[dict],
-    public_key_pem: str,
+    keyring: Keyring,
     about: dict,
 ) -> dict:
     """Write the bundle; return its manifest (what it holds, for the exporter to report)."""
@@ -194,7 +197,10 @@ def write_bundle(
         bundle.writestr(
             "checkpoints.jsonl", "".join(canonical(c).decode() + "\n" for c in checkpoints)
         )
-        bundle.writestr("public-key.pem", public_key_pem)
+        bundle.writestr("keys.json", json.dumps(keyring.as_json(), indent=2))
+        legacy = [k for k in keyring.keys.values() if isinstance(k, Ed25519PublicKey)]
+        if len(keyring.keys) == 1 and legacy:  # what verifiers before keys.json read
+            bundle.writestr("public-key.pem", any_public_pem(legacy[0]))
         manifest = {
             "kind": KIND,
             "version": 1,
@@ -205,7 +211,7 @@ def write_bundle(
             "first_seq": first,
             "last_seq": last,
             "checkpoints": len(checkpoints),
-            "key_id": key_id(load_public_key(public_key_pem)) if public_key_pem else "",
+            "key_ids": sorted(keyring.keys),
             **about,
         }
         bundle.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
@@ -226,21 +232,35 @@ def _row_writer(fmt: str, out: io.TextIOWrapper) -> Callable[[dict], object]:
 # --- reading and verifying -----------------------------------------------------------------------
 
 
-def verify_bundle(path: Path, pinned_key: Ed25519PublicKey | None = None) -> Verification:
-    """Check a bundle with no database and no network. With `pinned_key` (the key the auditor
-    fetched from /api/v1/audit/public-key beforehand), a bundle whose key was replaced fails."""
+def verify_bundle(
+    path: Path, pinned: Keyring | PublicKey | list[PublicKey] | None = None
+) -> Verification:
+    """Check a bundle with no database and no network. With `pinned` (the keys the auditor
+    fetched from /api/v1/audit/public-key beforehand), a bundle whose keys were replaced fails.
+    Checkpoints missing for the cadence the manifest states are named as in `jit audit verify`;
+    the last entries only when the range reached the log's head when it was exported."""
     try:
         bundle = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
         raise BundleError(f"{path} is not a bundle: {exc}") from None
     with bundle:
         manifest = _manifest(bundle)
-        key = _bundle_key(bundle, pinned_key)
-        checkpoints = [json.loads(line) for line in _lines(bundle, "checkpoints.jsonl") if line]
-        first_seq = manifest.get("first_seq") or 1
+        keyring = _bundle_keys(bundle, pinned)
+        checkpoints = _checkpoints(bundle)
+        first_seq = _int(manifest, "first_seq") or 1
+        last = _int(manifest, "last_seq")
         entries = _entries(bundle, manifest)
-        result = verify(entries, checkpoints, key, first_seq, GENESIS if first_seq == 1 else None)
-        last = manifest.get("last_seq") or 0
+        cadence, now = _cadence(manifest)
+        result = verify(
+            entries,
+            checkpoints,
+            keyring,
+            first_seq,
+            GENESIS if first_seq == 1 else None,
+            cadence=cadence,
+            now=now,
+            tail_open=last == _int(manifest, "log_head_seq"),
+        )
         if result.ok and result.last_seq < last:
             gone = Break(
                 result.last_seq + 1,
@@ -249,6 +269,45 @@ def verify_bundle(path: Path, pinned_key: Ed25519PublicKey | None = None) -> Ver
             )
             return Verification(False, result.checked, gone.seq, gone.problem)
         return result
+
+
+def _int(manifest: dict, name: str) -> int:
+    value = manifest.get(name)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BundleError(f"manifest.json: {name} is not a whole number")
+    return value
+
+
+def _cadence(manifest: dict) -> tuple[Cadence | None, datetime | None]:
+    """The checkpoint cadence and export time the manifest states (bundles from before they did
+    have none, and are checked without absence)."""
+    every, tolerance = manifest.get("checkpoint_every"), manifest.get("checkpoint_tolerance")
+    if every is None:
+        return None, None
+    try:
+        if not isinstance(every, int | float) or not isinstance(tolerance, int | float):
+            raise TypeError
+        return Cadence(float(every), float(tolerance)), parse_time(str(manifest["exported_at"]))
+    except (KeyError, TypeError, ValueError):
+        raise BundleError(
+            "manifest.json: the checkpoint cadence or export time is unreadable"
+        ) from None
+
+
+def _checkpoints(bundle: zipfile.ZipFile) -> list[dict]:
+    found = []
+    for number, line in enumerate(_lines(bundle, "checkpoints.jsonl"), start=1):
+        if not line:
+            continue
+        checkpoint = _parsed(number, lambda line=line: json.loads(line))
+        if not isinstance(checkpoint.get("size"), int) or not isinstance(
+            checkpoint.get("head"), str
+        ):
+            raise BundleError(f"line {number} of checkpoints.jsonl is not a checkpoint")
+        found.append(checkpoint)
+    return found
 
 
 def _manifest(bundle: zipfile.ZipFile) -> dict:
@@ -261,15 +320,25 @@ def _manifest(bundle: zipfile.ZipFile) -> dict:
     return manifest
 
 
-def _bundle_key(bundle: zipfile.ZipFile, pinned: Ed25519PublicKey | None) -> Ed25519PublicKey:
+def _bundle_keys(
+    bundle: zipfile.ZipFile, pinned: Keyring | PublicKey | list[PublicKey] | None
+) -> Keyring:
+    names = bundle.namelist()
     try:
-        key = load_public_key(bundle.read("public-key.pem"))
+        if "keys.json" in names:
+            keyring = Keyring.from_json(json.loads(bundle.read("keys.json")))
+        else:
+            keyring = Keyring.of_file_key(load_public_key(bundle.read("public-key.pem")), True)
     except (KeyError, ValueError) as exc:
-        raise BundleError(f"the bundle's public-key.pem cannot be read: {exc}") from None
-    if pinned is not None and key_id(key) != key_id(pinned):
-        # The pinned key decides; the bundle's own key is what a forger would replace.
-        return pinned
-    return key
+        raise BundleError(f"the bundle's keys cannot be read: {exc}") from None
+    if pinned is None:
+        return keyring
+    # The pinned keys decide; the bundle's own keys are what a forger would replace.
+    if isinstance(pinned, Keyring):
+        pins = list(pinned.keys.values())
+    else:
+        pins = pinned if isinstance(pinned, list) else [pinned]
+    return keyring.pinned_to(pins)
 
 
 def _lines(bundle: zipfile.ZipFile, name: str) -> Iterator[str]:

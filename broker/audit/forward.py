@@ -1,9 +1,11 @@
 """Forwarding the audit log to an HTTP endpoint (a SIEM, a log store), every entry, in order, at
 least once. One background thread posts the entries after a saved cursor in batches,
 `{"entries": [...]}`, each entry exactly as stored (seq, at, type, actor, grant_id, data, prev,
-hash), and moves the cursor only after a 2xx. Only one batch is ever in flight, so the receiver
-sees entries in seq order. A crash (or a failed cursor write) after a delivery but before the
-cursor is saved sends that batch again: receivers dedupe by seq.
+hash), and moves the cursor only after a 2xx. The signed checkpoints go the same way, each in
+the first body whose entries reach its size (`"checkpoints": [...]`): the SIEM is a witness the
+broker's host cannot rewrite (`jit audit verify --witness`). Only one batch is ever in flight,
+so the receiver sees entries in seq order. A crash (or a failed cursor write) after a delivery
+but before the cursor is saved sends that batch again: receivers dedupe by seq.
 
 Forwarding never holds up the broker: the log in the store is the source of truth, and an outage
 only makes the forwarder fall behind (its lag is on /readyz) and retry with backoff."""
@@ -24,6 +26,7 @@ from .storage import AuditStore
 log = logging.getLogger(__name__)
 
 CURSOR = "forward"  # the name of the forwarder's position in the store's cursors table
+CHECKPOINT_CURSOR = "forward-checkpoints"  # the largest checkpoint size delivered
 POLL_EVERY = 5.0  # seconds between looks at the log when nobody wakes the forwarder
 BACKOFF_MIN = 1.0  # seconds before retrying a failed batch; doubles per failure ...
 BACKOFF_MAX = 60.0  # ... up to this
@@ -105,9 +108,16 @@ class Forwarder:
         try:
             cursor = self.store.cursor(CURSOR)
             entries = list(self.store.audit_entries(after=cursor, limit=self.batch))
+            reach = entries[-1]["seq"] if entries else cursor
+            signed_cursor = self.store.cursor(CHECKPOINT_CURSOR)
+            checkpoints = [
+                c
+                for c in self.store.checkpoints(first=signed_cursor + 1, last=reach)
+                if c["size"] > signed_cursor
+            ]
         except Exception as exc:
             raise ForwardFailed(f"reading the audit log failed: {type(exc).__name__}") from None
-        if not entries:
+        if not entries and not checkpoints:
             return 0
         try:
             # The receiver must never hold an entry that a power loss could take back here:
@@ -115,16 +125,18 @@ class Forwarder:
             self.store.make_durable()
         except Exception as exc:
             raise ForwardFailed(f"syncing the audit log failed: {type(exc).__name__}") from None
-        failure = self._send(self._post, entries)
+        failure = self._send(self._post, entries, checkpoints)
         if failure:
             raise ForwardFailed(failure)
-        last = entries[-1]["seq"]
         try:
-            self.store.set_cursor(CURSOR, last)
+            if checkpoints:
+                self.store.set_cursor(CHECKPOINT_CURSOR, checkpoints[-1]["size"])
+            if entries:
+                self.store.set_cursor(CURSOR, reach)
         except Exception as exc:
             # Delivered but not recorded: the same batch goes again, which receivers dedupe.
             raise ForwardFailed(
-                f"seq {entries[0]['seq']}-{last} delivered but saving the cursor failed: "
+                f"seq {cursor + 1}-{reach} delivered but saving the cursor failed: "
                 f"{type(exc).__name__}"
             ) from None
         self.delivered += len(entries)
@@ -199,14 +211,16 @@ class Forwarder:
             delay,
         )
 
-    def _send(self, post: Callable[..., requests.Response], entries: list[dict]) -> str:
+    def _send(
+        self, post: Callable[..., requests.Response], entries: list[dict], checkpoints: list[dict]
+    ) -> str:
         """One POST; "" when the receiver answered 2xx, else why not. Never the exception's text
         (requests puts the URL in it), never the token."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             response = post(
                 self.url,
-                json={"entries": entries},
+                json={"entries": entries, **({"checkpoints": checkpoints} if checkpoints else {})},
                 headers=headers,
                 timeout=self.timeout,
                 allow_redirects=False,

@@ -1,23 +1,45 @@
-"""The auditors' use cases over the stored log: sign checkpoints, verify the whole log, show one
-grant's timeline with its chain checked, export a bundle, look up whether a value appears. Reads
-the store through `AuditStore`; writes only checkpoints, never an entry (entries are written by
+"""The auditors' use cases over the stored log: sign checkpoints (and hand them to the witness),
+verify the whole log, hold the grants table against it, show one grant's timeline with its chain
+checked, export a bundle, look up whether a value appears. Reads the store through `AuditStore`;
+writes only checkpoints and the witness's cursor, never an entry (entries are written by
 `grants`, in the transaction of the change they record)."""
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..models import isoformat, utcnow
 from . import chain, signing
+from .absence import Cadence
 from .bundle import write_bundle
+from .signing import FileKeySigner, Keyring, is_legacy
+from .state import grant_problems
 from .storage import AuditStore
-from .verify import Verification, verify
+from .transit_signing import CheckpointSigningFailed
+from .verify import Verification, as_keyring, verify
+from .witness import KvWitness, WitnessError
+
+log = logging.getLogger(__name__)
+
+WITNESS_CURSOR = "witness"  # the largest checkpoint size the KV witness holds
+
+
+class CheckpointSigner(Protocol):
+    """What signs checkpoints: OpenBao transit (`TransitCheckpointSigner`), or a v1 key file."""
+
+    def sign(self, fields: dict) -> dict: ...
+
+    def keyring(self) -> Keyring: ...
+
+    def health(self) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -33,46 +55,162 @@ class AuditLog:
         self,
         store: AuditStore,
         fingerprint_key: bytes,
-        signing_key: Ed25519PrivateKey | None = None,
-        public_key: Ed25519PublicKey | None = None,
+        signer: CheckpointSigner | Ed25519PrivateKey | None = None,
         checkpoint_copy: Path | None = None,
         clock: Callable[[], datetime] = utcnow,
+        keyring: Keyring | None = None,
+        cadence: Cadence | None = None,
+        witness: KvWitness | None = None,
     ):
+        """`signer`: what signs (an Ed25519 private key: a v1 key file, for old logs and tests);
+        `keyring`: keys trusted besides the signer's own (the v1 key file found beside the
+        database); `witness`: the KV path each checkpoint is also written to."""
         self.store = store
         self.checkpoint_copy = checkpoint_copy
         self.fingerprint_key = fingerprint_key
-        self.signing_key = signing_key
-        self.public_key = public_key or (signing_key.public_key() if signing_key else None)
+        self.signer: CheckpointSigner | None = (
+            FileKeySigner(signer) if isinstance(signer, Ed25519PrivateKey) else signer
+        )
+        self.extra_keys = keyring or Keyring()
         self.clock = clock
+        self.cadence = cadence or Cadence()
+        self.witness = witness
         self._lock = threading.Lock()
         self._verified = (0, chain.GENESIS, 0)  # (seq, hash, signed size) checked so far
+        self._newest: dict | None = None  # the newest checkpoint known (after a first read)
+        self.signing_error = ""
+        self.failing_since: datetime | None = None
+        self.last_signed: datetime | None = None
+        self.witness_error = ""
+
+    def keyring(self) -> Keyring:
+        """The keys checkpoints are checked against: the signer's (every transit version) and
+        the v1 key file's. Raises CheckpointSigningFailed when transit's cannot be read."""
+        own = self.signer.keyring() if self.signer is not None else Keyring()
+        return own.merged(self.extra_keys)
+
+    def published_keys(self) -> list[dict]:
+        try:
+            return self.keyring().as_json()
+        except CheckpointSigningFailed:
+            return self.extra_keys.as_json()
 
     @property
     def key_id(self) -> str:
-        return signing.key_id(self.public_key) if self.public_key else ""
-
-    @property
-    def public_key_pem(self) -> str:
-        return signing.public_pem(self.public_key) if self.public_key else ""
+        """The key signing now (the newest transit version), "" when unknown."""
+        if self.signer is None:
+            return ""
+        try:
+            return str(self.signer.health().get("key", ""))
+        except CheckpointSigningFailed:
+            return ""
 
     def checkpoint(self) -> dict | None:
-        """Sign the log's size and head hash, if it grew since the last checkpoint."""
-        if self.signing_key is None:
+        """Sign the log's size and head hash, if it grew since the last checkpoint (or the last
+        one was signed by a v1 key file: the first transit checkpoint vouches for that key).
+        A signer that fails is noted for /readyz and logged; the entries wait for the next
+        checkpoint, which covers them all. Then the witness gets what it lacks."""
+        if self.signer is None:
             return None
         head = self.store.audit_head()
-        latest = self.store.checkpoints(first=head["seq"]) if head else [{}]
-        if head is None or latest:
+        if head is None:
+            return None
+        newest = self._newest_checkpoint()
+        migrating = (
+            newest is not None and is_legacy(newest) and not isinstance(self.signer, FileKeySigner)
+        )
+        if newest is not None and newest["size"] >= head["seq"] and not migrating:
+            self._witness_backlog()
             return None
         # A power loss must not take back entries that a signed checkpoint (and its copy
         # outside the database) already covers.
         self.store.make_durable()
-        checkpoint = signing.sign_checkpoint(
-            self.signing_key, head["seq"], head["hash"], self._now()
-        )
+        fields = {
+            "size": head["seq"],
+            "head": head["hash"],
+            "at": self._now(),
+            "previous": newest["size"] if newest else 0,
+        }
+        if migrating and newest is not None:
+            fields["legacy_key_id"] = newest["key_id"]
+        try:
+            checkpoint = self.signer.sign(fields)
+        except CheckpointSigningFailed as exc:
+            if not self.signing_error:
+                self.failing_since = self.clock()
+            self.signing_error = str(exc)
+            log.warning("signing an audit checkpoint failed (%s); the log keeps growing and "
+                        "the next checkpoint covers it", exc)  # fmt: skip
+            return None
+        self.signing_error, self.failing_since = "", None
+        self.last_signed = self.clock()
         self.store.add_checkpoint(checkpoint)
         if self.checkpoint_copy is not None:
             signing.append_checkpoint(self.checkpoint_copy, checkpoint)
+        self._newest = checkpoint
+        self._witness_backlog()
         return checkpoint
+
+    def _newest_checkpoint(self) -> dict | None:
+        if self._newest is None:
+            every = self.checkpoints()
+            self._newest = every[-1] if every else None
+        later = self.store.checkpoints(first=self._newest["size"] if self._newest else 0)
+        for checkpoint in later:
+            if self._newest is None or checkpoint["size"] > self._newest["size"]:
+                self._newest = checkpoint
+        return self._newest
+
+    def _witness_backlog(self) -> None:
+        """Every checkpoint the witness lacks, in order; an outage is noted and tried again at
+        the next checkpoint, never holding anything up."""
+        if self.witness is None:
+            return
+        try:
+            for checkpoint in self.store.checkpoints(first=self.store.cursor(WITNESS_CURSOR) + 1):
+                if not is_legacy(checkpoint):
+                    self.witness.record(checkpoint)
+                self.store.set_cursor(WITNESS_CURSOR, checkpoint["size"])
+        except WitnessError as exc:
+            self.witness_error = str(exc)
+            log.warning("witnessing audit checkpoints failed (%s); trying again", exc)
+            return
+        self.witness_error = ""
+
+    def health(self) -> dict:
+        """For /readyz, an alert and never a readiness failure: without signing the chain is
+        still written (and signed later, all at once); `unsigned` says how far behind."""
+        check: dict = {"ok": True}
+        if self.signer is None:
+            return {"ok": False, "error": "no checkpoint signer is configured"}
+        check.update(self.signer.health())
+        try:
+            head = self.store.audit_head()
+            newest = self._newest_checkpoint()
+        except Exception as exc:
+            return {
+                **check,
+                "ok": False,
+                "error": f"reading the audit log failed: {type(exc).__name__}",
+            }
+        head_seq, signed = (head["seq"] if head else 0), (newest["size"] if newest else 0)
+        check.update(head=head_seq, signed_size=signed, unsigned=max(0, head_seq - signed))
+        if self.last_signed is not None:
+            check["last_signed"] = isoformat(self.last_signed)
+        if self.signing_error:
+            check.update(ok=False, error=self.signing_error)
+            if self.failing_since is not None:
+                check["failing_since"] = isoformat(self.failing_since)
+        if self.witness is not None:
+            check["witness"] = {
+                "name": self.witness.name,
+                "witnessed_size": self.store.cursor(WITNESS_CURSOR),
+                "ok": not self.witness_error,
+                **({"error": self.witness_error} if self.witness_error else {}),
+            }
+            if self.witness_error:
+                check["ok"] = False
+        return check
 
     def checkpoints(self, first: int = 0, last: int | None = None) -> list[dict]:
         """The checkpoints in the database and the copies kept outside it, once each."""
@@ -81,11 +219,35 @@ class AuditLog:
         for checkpoint in [*self.store.checkpoints(first, last), *copies]:
             if checkpoint.get("size", 0) >= first and (last is None or checkpoint["size"] <= last):
                 found.setdefault((checkpoint["size"], checkpoint.get("signature")), checkpoint)
-        return sorted(found.values(), key=lambda c: c["size"])
+        # At one size, a v1 checkpoint before the transit one that took over from it.
+        return sorted(found.values(), key=lambda c: (c["size"], not is_legacy(c)))
 
-    def verify(self, public_key: Ed25519PublicKey | None = None) -> Verification:
-        """The whole log against every checkpoint, under `public_key` (a pinned key) or ours."""
-        return verify(self.store.audit_entries(), self.checkpoints(), public_key or self.public_key)
+    def verify(
+        self,
+        keys: Keyring | Ed25519PublicKey | None = None,
+        witnesses: Mapping[str, list[dict]] | None = None,
+        absence: bool = False,
+    ) -> Verification:
+        """The whole log against every checkpoint, under `keys` (pinned) or ours; with
+        `absence`, no checkpoint may be missing for the cadence; with `witnesses`, the log must
+        agree with what each holds."""
+        return verify(
+            self.store.audit_entries(),
+            self.checkpoints(),
+            as_keyring(keys) or self.keyring(),
+            cadence=self.cadence if absence else None,
+            now=self.clock(),
+            witnesses=witnesses,
+        )
+
+    def grant_problems(self) -> list[str]:
+        """Each grant row that is not what its chain says (state.py), by grant and field."""
+        return grant_problems(
+            self.store.iter_grants(),
+            self.store.audit_entries(),
+            self.store.approvals_of,
+            self.fingerprint_key,
+        )
 
     def timeline(self, grant_id: str) -> Timeline:
         """One grant's entries. The log is verified in full once, then only what was appended
@@ -103,7 +265,7 @@ class AuditLog:
             result = verify(
                 self.store.audit_entries(after=seq),
                 checkpoints,
-                self.public_key,
+                self.keyring(),
                 first_seq=seq + 1,
                 first_prev=head,
             )
@@ -130,8 +292,21 @@ class AuditLog:
         first, last = self.store.audit_seq_range(since, until)
         entries = self.store.audit_entries(after=first - 1, limit=last - first + 1) if last else ()
         checkpoints = self.checkpoints(first, last) if last else []
-        about = {"since": since or None, "until": until or None, "exported_at": self._now()}
-        return write_bundle(path, fmt, entries, checkpoints, self.public_key_pem, about)
+        head = self.store.audit_head()
+        about = {
+            "since": since or None,
+            "until": until or None,
+            "exported_at": self._now(),
+            "log_head_seq": head["seq"] if head else 0,
+            "checkpoint_every": self.cadence.interval,
+            "checkpoint_tolerance": self.cadence.tolerance,
+        }
+        keyring = self.keyring()
+        # Every key version the checkpoints name, so the bundle verifies offline after any
+        # number of rotations.
+        used = {c.get("key_id") for c in checkpoints}
+        needed = Keyring({kid: k for kid, k in keyring.keys.items() if kid in used})
+        return write_bundle(path, fmt, entries, checkpoints, needed, about)
 
     def _now(self) -> str:
         return isoformat(self.clock())

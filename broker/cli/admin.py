@@ -11,13 +11,17 @@ import sys
 from pathlib import Path
 
 import click
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flask import Flask
 
 from .. import audit
+from ..audit.absence import Cadence
 from ..audit.bundle import FORMATS, BundleError, verify_bundle
 from ..audit.log import AuditLog
+from ..audit.signing import PublicKey, legacy_keyring
+from ..audit.transit_signing import CheckpointSigningFailed, TransitCheckpointSigner
+from ..audit.witness import WitnessError, kv_witness, read_witness_file, well_formed
 from ..backends import POLICY_KINDS
+from ..backends.vault import make_client
 from ..config import Settings
 from ..durations import parse_duration
 from ..errors import ConfigError
@@ -98,24 +102,63 @@ def audit_group() -> None:
 
 
 def _audit_log(settings: Settings) -> AuditLog:
-    """The log as the CLI reads it: never makes a key (a new key would disown every checkpoint)."""
+    """The log as the CLI reads it: never makes a key (a new key would disown every checkpoint).
+    The checkpoint keys are read from OpenBao's transit key when a [vault] token is configured,
+    besides a v1 key file's; the KV witness likewise."""
     hmac_key = settings.data_dir / "audit-hmac.key"
-    signing = settings.signing_key_path
+    vault = None
+    if settings.vault["token"]:
+        vault = make_client(
+            settings.vault["addr"], settings.vault["token"], settings.vault["timeout"]
+        )
+    audit_settings = settings.audit
     return AuditLog(
         _store(settings),
         hmac_key.read_bytes() if hmac_key.exists() else b"",
-        public_key=audit.load_private_key(signing).public_key() if signing.exists() else None,
+        TransitCheckpointSigner(
+            vault, audit_settings["transit_mount"], audit_settings["transit_key"]
+        )
+        if vault is not None
+        else None,
         checkpoint_copy=settings.checkpoint_copy_path,
+        keyring=legacy_keyring(settings.signing_key_path),
+        cadence=Cadence(audit_settings["checkpoint_every"], audit_settings["checkpoint_tolerance"]),
+        witness=kv_witness(vault, audit_settings["witness_kv"]) if vault is not None else None,
     )
 
 
-def _pinned_key(path: str | None) -> Ed25519PublicKey | None:
-    if path is None:
+def _pinned_keys(paths: tuple[str, ...]) -> list[PublicKey] | None:
+    if not paths:
         return None
-    try:
-        return audit.load_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--public-key") from None
+    pins = []
+    for path in paths:
+        try:
+            pins.append(audit.load_any_public_key(Path(path).read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(
+                f"cannot read {path}: {exc}", param_hint="--public-key"
+            ) from None
+    return pins
+
+
+def _witnessed(audit_log: AuditLog, sources: tuple[str, ...]) -> dict[str, list[dict]]:
+    """What each --witness holds: `openbao` (the [audit] witness_kv secret) or a file of JSON
+    lines (checkpoints, or the bodies the SIEM received)."""
+    found: dict[str, list[dict]] = {}
+    for source in sources:
+        try:
+            if source == "openbao":
+                if audit_log.witness is None:
+                    raise WitnessError(
+                        "--witness openbao needs [audit] witness_kv and a [vault] token"
+                    )
+                name, items = audit_log.witness.name, audit_log.witness.read()
+            else:
+                name, items = source, read_witness_file(Path(source))
+            found[name] = well_formed(items, name)
+        except WitnessError as exc:
+            raise click.ClickException(str(exc)) from None
+    return found
 
 
 @audit_group.command("verify")
@@ -126,23 +169,49 @@ def _pinned_key(path: str | None) -> Ed25519PublicKey | None:
 )
 @click.option(
     "--public-key",
-    "public_key",
+    "public_keys",
+    multiple=True,
     type=click.Path(dir_okay=False),
-    help="The PEM key fetched earlier from /api/v1/audit/public-key; checkpoints must verify "
-    "under it (default: the bundle's key, or the broker's own key file).",
+    help="A PEM key fetched earlier from /api/v1/audit/public-key (repeatable: one per key "
+    "version); checkpoints must verify under these (default: the bundle's keys, or OpenBao's "
+    "transit key and the broker's v1 key file).",
+)
+@click.option(
+    "--witness",
+    "witnesses",
+    multiple=True,
+    help="Hold the log against the checkpoints a witness kept: `openbao` (the [audit] "
+    "witness_kv secret) or a file of JSON lines from the SIEM (repeatable).",
 )
 @click.pass_obj
-def audit_verify(settings: Settings, bundle: str | None, public_key: str | None) -> None:
-    """Check every entry's place, hash and link, and every signed checkpoint; exit 1 naming the
-    first bad sequence number and what is wrong there."""
-    pinned = _pinned_key(public_key)
+def audit_verify(
+    settings: Settings, bundle: str | None, public_keys: tuple[str, ...], witnesses: tuple[str, ...]
+) -> None:
+    """Check every entry's place, hash and link, every signed checkpoint, that no checkpoint is
+    missing for the cadence, what witnesses hold, and that each grant's row is what its chain
+    says; exit 1 naming the first bad sequence number (or grant) and what is wrong there."""
+    pinned = _pinned_keys(public_keys)
     if bundle:
+        if witnesses:
+            raise click.BadParameter(
+                "checks the database's log, not a bundle", param_hint="--witness"
+            )
         try:
             result = verify_bundle(Path(bundle), pinned)
         except BundleError as exc:
             raise click.ClickException(str(exc)) from None
     else:
-        result = _audit_log(settings).verify(pinned)
+        audit_log = _audit_log(settings)
+        try:
+            keyring = audit_log.keyring()
+            if pinned is not None:
+                keyring = keyring.pinned_to(pinned)
+            result = audit_log.verify(keyring, _witnessed(audit_log, witnesses), absence=True)
+        except CheckpointSigningFailed as exc:
+            raise click.ClickException(
+                f"the checkpoint keys cannot be read: {exc} (or verify an exported bundle)"
+            ) from None
+        result = result.failed_with(audit_log.grant_problems())
     click.echo(str(result))
     sys.exit(0 if result.ok else 1)
 
@@ -227,6 +296,8 @@ def audit_export(
     try:
         manifest = audit_log.export(partial, fmt, since, until)
         partial.replace(target)
+    except CheckpointSigningFailed as exc:
+        raise click.ClickException(f"the checkpoint keys cannot be read: {exc}") from None
     finally:
         partial.unlink(missing_ok=True)
     first, last = manifest["first_seq"], manifest["last_seq"]

@@ -126,3 +126,31 @@ path "transit/sign/jit-broker-tokens" {
 path "transit/keys/jit-broker-tokens" {
   capabilities = ["read"]
 }
+
+# --- Audit checkpoints (transit mount transit/, key jit-broker-audit) ---------------------------
+
+# The broker signs each audit checkpoint (the log's size and head hash) with an ed25519 (or
+# ecdsa-p256) transit key: the private key never reaches the broker's disk, so whoever gets onto
+# the broker's host cannot take it away and sign rewritten logs elsewhere. With another [audit]
+# transit_mount or transit_key, the same two paths with those names.
+path "transit/sign/jit-broker-audit" {
+  capabilities = ["update"]
+}
+
+# Read the key's public versions: the version to sign with, the keys `jit audit verify` checks
+# checkpoints against and an export bundle carries. Not here on purpose, as for the token key:
+# export, rotate, config, delete (rotation and retirement are the operator's).
+path "transit/keys/jit-broker-audit" {
+  capabilities = ["read"]
+}
+
+# --- Audit checkpoint witness (KV v2 mount secret/, path jit-broker/audit-checkpoints) --------
+
+# Every checkpoint is also written here as a new version of one secret ([audit] witness_kv),
+# which `jit audit verify --witness openbao` holds the local log against. Create and update add
+# a version; read lets the broker's own `jit audit` compare. Not here on purpose: delete,
+# undelete, destroy and anything under metadata/ (deleting the secret, or lowering its
+# max_versions), so nothing the broker's token can do takes back a witnessed checkpoint.
+path "secret/data/jit-broker/audit-checkpoints" {
+  capabilities = ["create", "update", "read"]
+}

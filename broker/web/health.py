@@ -16,7 +16,7 @@ bp = Blueprint("health", __name__)
 # Without any of these the broker cannot issue or remove as promised: a load balancer should send
 # its work to another replica (503). Every other check is an alert: it degrades the status but
 # leaves the replica in service, since every replica would fail it at once (an unverified
-# removal, a dropped notification, a forwarding outage, a missing token signing key).
+# removal, a dropped notification, a forwarding outage, a missing token or checkpoint signing key).
 REQUIRED = ("store", "reaper", "reaper_lag", "vault", "provider")
 
 
@@ -76,6 +76,9 @@ def _checks() -> dict[str, dict]:
     # Without its signing key the broker signs no access token for tools, but it still removes
     # access as promised and issues every other credential.
     checks["signing"] = jit.signer.health()
+    # Without checkpoint signing (the transit key missing, a token that may not sign) the chain
+    # is still written, and signed all at once when it can be; `unsigned` says how far behind.
+    checks["checkpoints"] = jit.audit_log.health()
     return checks
 
 
