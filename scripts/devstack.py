@@ -110,6 +110,11 @@ token = "{bao.broker_token}"  # only the policy `jit vault-policy` prints, never
 [policy]
 path = "policy.toml"
 
+[audit]
+# Every signed checkpoint also goes to this KV v2 secret, as a new version the broker cannot
+# take back: `jit -c var/dev/config.toml audit verify --witness openbao` holds the log to it.
+witness_kv = "secret/jit-broker/audit-checkpoints"
+
 [cli]
 client_id = "{CLI_CLIENT_ID}"  # `jit login --broker {BROKER_URL}` logs in as this public client
 
