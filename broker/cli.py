@@ -21,7 +21,7 @@ from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
 from .models import Principal, Task, isoformat, parse_time, utcnow
 from .policy import Policy, PolicyError, decide, explain, load_policy
-from .store import Store
+from .store import Store, open_store
 
 
 class _NoQueryStrings(logging.Filter):
@@ -61,9 +61,10 @@ def run_server(app: Flask) -> None:
 
 
 def _store(settings: Settings) -> Store:
-    if not settings.database_path.exists():
+    """The broker's store, read as it is (never migrated from here)."""
+    if not settings.storage["url"] and not settings.database_path.exists():
         raise click.ClickException(f"no broker database at {settings.database_path}")
-    return Store(settings.database_path)
+    return open_store(settings)
 
 
 @click.group()

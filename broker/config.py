@@ -41,9 +41,11 @@ DEFAULTS: dict[str, dict] = {
     },
     "vault": {"addr": "http://127.0.0.1:8200", "token": "", "timeout": 10},
     "policy": {"path": "policy.toml"},
-    # synchronous: "normal" (a commit survives the broker's crash; the last ones may roll back
-    # on power loss) or "full" (every commit synced). See broker/store.py.
-    "storage": {"path": "", "synchronous": "normal"},
+    # url: "postgresql://..." for several replicas on PostgreSQL (empty: the SQLite file at
+    # path, default data_dir/broker.db). synchronous (SQLite's): "normal" (a commit survives the
+    # broker's crash; the last ones may roll back on power loss) or "full" (every commit synced).
+    # pool_size: PostgreSQL connections per broker process. See broker/store/.
+    "storage": {"path": "", "synchronous": "normal", "url": "", "pool_size": 10},
     "reaper": {
         "enabled": True,
         "retry_min": 5,
@@ -229,6 +231,7 @@ def check_settings(settings: Settings) -> None:
             f"storage.synchronous must be one of {', '.join(SYNCHRONOUS)}, "
             f"not {settings.storage['synchronous']!r}"
         )
+    _check_storage(settings.storage)
     _check_sessions(settings.server)
     _check_webhook(settings.notify)
     _check_forwarding(settings.audit)
@@ -295,6 +298,15 @@ def _is_loopback(host: str) -> bool:
         return ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_storage(storage: dict) -> None:
+    url = storage["url"]
+    if url and urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError("storage.url must be a postgresql:// URL (empty: the SQLite file)")
+    size = storage["pool_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1000:
+        raise ConfigError("storage.pool_size must be a whole number from 1 to 1000")
 
 
 def _check_sessions(server: dict) -> None:

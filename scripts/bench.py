@@ -27,7 +27,7 @@ from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
 from broker.oauth.signing import TokenSigner  # noqa: E402
 from broker.policy import PolicyFile  # noqa: E402
-from broker.store import Store  # noqa: E402
+from broker.store import SqliteStore as Store  # noqa: E402
 from scripts.launchers import OpenBao, configure_transit_engine  # noqa: E402
 
 POLICY = """

@@ -815,7 +815,12 @@ class Postgres:
             ]
         )
         pwfile.unlink()
-        options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base}"
+        # A throwaway cluster: nothing in it must survive a power loss (fsync off), and the
+        # suite on the PostgreSQL store opens a few connections per broker under test.
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} "
+            "-c fsync=off -c max_connections=300"
+        )
         run([pg_ctl, "-D", str(datadir), "-l", str(base / "postgres.log"), "-o", options,
              "-w", "-t", str(int(timeout)), "start"])  # fmt: skip
         return cls("127.0.0.1", port, POSTGRES_SUPERUSER, password, "postgres", datadir)

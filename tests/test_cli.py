@@ -7,12 +7,12 @@ import pytest
 from click.testing import CliRunner
 
 from broker.cli import main as jit
-from broker.store import Store
+from tests.helpers import STORE
 
 
 @pytest.fixture
-def database(tmp_path):
-    store = Store(tmp_path / "broker.db")
+def database(make_store):
+    store = make_store()
     store.migrate()
     for n, step in enumerate(["request", "decision", "issue", "revoke", "verify"]):
         with store.transaction() as tx:
@@ -21,7 +21,9 @@ def database(tmp_path):
 
 
 def invoke(database, *args):
-    return CliRunner().invoke(jit, list(args), env={"JIT_STORAGE_PATH": str(database.path)})
+    env = {"JIT_STORAGE_URL": database.url} if STORE == "postgres" else {}
+    env.setdefault("JIT_STORAGE_PATH", str(getattr(database, "path", "")))
+    return CliRunner().invoke(jit, list(args), env=env)
 
 
 def test_verify_an_intact_chain(database):

@@ -175,5 +175,5 @@ def test_a_credential_that_cannot_be_recorded_is_revoked_at_once(jit, api, openb
     assert refused.status_code == 503, refused.get_json()
     assert "revoked at once" in refused.get_json()["detail"]
     assert len(issued) == 1 and not token_works(openbao, issued[0].secret)
-    grant = jit.grants.store.db.execute("SELECT * FROM grants").fetchall()[-1]
+    grant = jit.grants.store.db.execute("SELECT * FROM grants ORDER BY rowid").fetchall()[-1]
     assert grant["status"] == "issuing" and grant["handle"] == ""  # the reconciler settles it

@@ -641,6 +641,6 @@ def test_any_authorization_bytes_are_401_json_over_http(broker, value):
 def _live_footprint(broker):
     db = broker.grants.store.db
     return (
-        db.execute("SELECT count(*) FROM grants").fetchone()[0],
+        db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"],
         broker.grants.store.audit_head(),
     )

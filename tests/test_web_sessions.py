@@ -62,7 +62,7 @@ def sessions_in(app):
 
 def grant_count(app):
     store = app.extensions["jit"].grants.store
-    return store.db.execute("SELECT count(*) FROM grants").fetchone()[0]
+    return store.db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"]
 
 
 def home_csrf(client):

@@ -17,7 +17,7 @@ from ..errors import (
     InvalidRequest,
     PolicyRefused,
 )
-from ..liveness import Liveness
+from ..liveness import Processes
 from ..models import (
     ACTIVE,
     APPROVED,
@@ -82,7 +82,7 @@ class GrantsBase:
         heartbeat_every: int = 30,
         vault_health: Callable[[], dict] | None = None,
         auditor_groups: tuple[str, ...] = (),
-        processes: Liveness | None = None,
+        processes: Processes | None = None,
     ):
         self.store = store
         self.policy = policy

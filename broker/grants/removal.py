@@ -171,6 +171,14 @@ class Removing(GrantsBase):
             if held.handle and not held.gone_at
         ]
         with self.store.transaction() as tx:
+            # The fence: still this attempt's claim? A reaper paused past REVOCATION_LEASE
+            # (GC, SIGSTOP, a network stall) may find another has claimed the grant since; it
+            # records nothing over that one's work (what it revoked meanwhile stays revoked).
+            if not tx.move_grant(grant.id, REVOKING, if_attempts=attempt, attempts=attempt):
+                log.warning(
+                    "grant %s: claim %d was taken over, nothing recorded", grant.id, attempt
+                )
+                return
             for handle, outcome in outcomes:
                 self._log_removal(tx, grant, backend, handle, outcome, attempt=attempt)
                 if outcome.gone:
@@ -231,7 +239,10 @@ class Removing(GrantsBase):
         )
 
     def _claim_for_removal(self, grant: Grant, now: datetime, attempt: int) -> bool:
-        """Move the grant to revoking; False when someone else moved it first."""
+        """Move the grant to revoking; False when someone else moved it first. Conditional on
+        the attempt count read with the grant: a grant already `revoking` is in TO_REAP too (a
+        lapsed claim is taken over), so the status alone would let two reapers that read it
+        before either claimed both claim it. The count is the claim's fencing token."""
         with self.store.transaction() as tx:
             if grant.status == ACTIVE:
                 if not tx.move_grant(grant.id, ACTIVE, status=EXPIRED, updated_at=self._now()):
@@ -240,6 +251,7 @@ class Removing(GrantsBase):
             return tx.move_grant(
                 grant.id,
                 TO_REAP,
+                if_attempts=grant.attempts,
                 status=REVOKING,
                 attempts=attempt,
                 due_at=isoformat(now + REVOCATION_LEASE),
