@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import hvac
 import hvac.exceptions
@@ -186,43 +186,47 @@ sqlite_only = pytest.mark.skipif(STORE != "sqlite", reason="a SQLite file's own 
 postgres_only = pytest.mark.skipif(STORE != "postgres", reason="the PostgreSQL store's own")
 
 # The test PostgreSQL's superuser DSN (conftest's `store_under_test` sets it when the suite runs on
-# PostgreSQL), and the databases made on it so far.
+# PostgreSQL), the database the suite's brokers use, and the schemas made in it so far.
 _postgres: dict[str, object] = {"dsn": "", "made": set()}
+TEST_DATABASE = "jit_tests"
 
 
 def use_postgres(dsn: str) -> None:
+    """One database for the session (a CREATE DATABASE per test is dear): each test's brokers
+    get a schema of their own in it (`store_url`)."""
     _postgres["dsn"] = dsn
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        database = psycopg.sql.Identifier(TEST_DATABASE)
+        admin.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
+        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(database))
 
 
 def store_url(workdir: Path) -> str:
-    """A PostgreSQL database of its own for each broker data directory, made on first use: every
-    test (its tmp_path) starts on an empty one, and brokers sharing a data directory share it."""
+    """An empty schema of its own for each broker data directory, made on first use (the URL
+    puts it first on the search path): every test (its tmp_path) starts on an empty store, and
+    brokers sharing a data directory share it."""
     dsn = str(_postgres["dsn"])
     assert dsn, "the PostgreSQL store is not in use (JIT_TEST_STORE=postgres)"
     name = "jit_" + hashlib.sha256(str(Path(workdir).resolve()).encode()).hexdigest()[:24]
+    url = urlunsplit(urlsplit(dsn)._replace(path=f"/{TEST_DATABASE}"))
     made = _postgres["made"]
     assert isinstance(made, set)
     if name not in made:
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(
-                psycopg.sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
-                    psycopg.sql.Identifier(name)
-                )
-            )
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(psycopg.sql.SQL("CREATE SCHEMA {}").format(psycopg.sql.Identifier(name)))
         made.add(name)
-    return psycopg.conninfo.make_conninfo(dsn, dbname=name)
+    return f"{url}?options=-csearch_path%3D{name}"
 
 
 def drop_test_databases() -> None:
-    dsn, made = str(_postgres["dsn"]), _postgres["made"]
-    assert isinstance(made, set)
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        for name in sorted(made):
-            admin.execute(
-                psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    psycopg.sql.Identifier(name)
-                )
+    with psycopg.connect(str(_postgres["dsn"]), autocommit=True) as admin:
+        admin.execute(
+            psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                psycopg.sql.Identifier(TEST_DATABASE)
             )
+        )
+    made = _postgres["made"]
+    assert isinstance(made, set)
     made.clear()
 
 

@@ -86,7 +86,7 @@ def pending_id(app):
     rows = app.extensions["jit"].grants.store.db.execute(
         "SELECT id FROM grants WHERE status = 'pending' ORDER BY created_at DESC, rowid DESC"
     )
-    return rows.fetchone()[0]
+    return rows.fetchone()["id"]
 
 
 # --- the cookie -----------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -23,7 +24,7 @@ import psycopg_pool
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from ..errors import StoreUnavailable
+from ..errors import InvalidRequest, StoreUnavailable
 from ..models import isoformat, utcnow
 from . import schema
 from .base import Store, Transaction
@@ -38,6 +39,7 @@ CHANNEL = "jit_broker_wake"  # NOTIFY channel: deadlines changed on some replica
 # A replica stopped (SIGSTOP, a pause) inside a transaction must not hold the write lock for
 # ever: the server ends such a session, its transaction rolls back and the lock is free.
 IDLE_IN_TRANSACTION = "10s"
+DOWN_FOR, DOWN_WAIT = 1.0, 0.25  # seconds the server counts as down after a failure; wait then
 # SQLSTATE classes that mean "the database cannot be used now", not "the broker's SQL is wrong":
 # connection exception, insufficient resources, operator intervention (shutdown, cancel), system
 # error; and a read-only transaction (a standby, or default_transaction_read_only).
@@ -73,8 +75,17 @@ def _native(statement: str) -> str:
 
 
 def _params(values: Any) -> Sequence[object]:
-    """SQLite reads True as 1; PostgreSQL's integer columns refuse a boolean."""
-    return [int(v) if isinstance(v, bool) else v for v in values or ()]
+    """SQLite reads True as 1; PostgreSQL's integer columns refuse a boolean. PostgreSQL's text
+    cannot hold NUL, so no stored value has one: a text with NUL came from outside (a path, a
+    claim) and is refused as a bad request, as it would never match, rather than a 500."""
+    params = []
+    for value in values or ():
+        if isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, str) and "\x00" in value:
+            raise InvalidRequest("text with a NUL character")
+        params.append(value)
+    return params
 
 
 class _Result:
@@ -118,7 +129,7 @@ class _Pooled:
         held = self._store._held()
         if held is not None:
             return held.execute(statement, parameters)
-        with self._store.translated(), self._store.pool.connection() as conn:
+        with self._store.translated(), self._store._connection() as conn:
             cursor = conn.execute(_native(statement), _params(parameters))
             rows = cast(list[dict], cursor.fetchall()) if cursor.description else []  # dict_row
             return _Result(rows, cursor.rowcount)
@@ -129,10 +140,14 @@ class PostgresStore(Store):
 
     CONTAINS = "strpos(data, ?) > 0"
 
-    def __init__(self, url: str, pool_size: int = 10, timeout: float = 30):
+    def __init__(self, url: str, pool_size: int = 10, timeout: float = 30, wait: float = 5):
         self.url = url
         self.pool_size = pool_size
-        self.timeout = timeout  # seconds to wait for a connection, or for the write lock
+        self.timeout = timeout  # seconds to wait for the write lock (SQLite's busy timeout)
+        self.wait = wait  # seconds to wait for a free connection of the pool
+        # While the server is known to be out of reach, a request waits only briefly for a
+        # connection: a 503 at once, not after `wait`, as the pool reconnects in the background.
+        self._down_until = 0.0
         self.origin = uuid.uuid4().hex  # this store's announcements, which it does not hear
         self._pool: psycopg_pool.ConnectionPool | None = None
         self._pool_lock = threading.Lock()
@@ -156,7 +171,7 @@ class PostgresStore(Store):
                     max_size=self.pool_size,
                     kwargs={"autocommit": True, "row_factory": dict_row},
                     configure=self._configure,
-                    timeout=self.timeout,
+                    timeout=self.wait,
                     num_workers=1,
                     name="jit-broker",
                     open=True,
@@ -181,12 +196,20 @@ class PostgresStore(Store):
             unavailable = _unavailable(exc)
             if unavailable is None:
                 raise
-            if self._pool is not None and isinstance(exc, psycopg.OperationalError):
-                try:
-                    self._pool.check()
-                except psycopg.Error:
-                    pass
+            if not exc.sqlstate or exc.sqlstate[:2] == "57":  # no server, or it is going away
+                self._down_until = time.monotonic() + DOWN_FOR
+                if self._pool is not None:
+                    try:
+                        self._pool.check()
+                    except psycopg.Error:
+                        pass
             raise unavailable from exc
+
+    def _connection(self) -> AbstractContextManager[psycopg.Connection]:
+        """A connection of the pool: waited for `wait` seconds, or briefly while the server is
+        known to be down."""
+        down = time.monotonic() < self._down_until
+        return self.pool.connection(timeout=DOWN_WAIT if down else self.wait)
 
     def _held(self) -> _Connection | None:
         return getattr(self._local, "tx", None)
@@ -212,7 +235,7 @@ class PostgresStore(Store):
         across every replica, as on SQLite, so a transaction's reads still hold when it writes."""
         if self._held() is not None:
             raise RuntimeError("a store transaction is already open in this thread")
-        with self.translated(), self.pool.connection() as conn, conn.transaction():
+        with self.translated(), self._connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK])
             held = self._local.tx = _Connection(self, conn)
             try:
@@ -226,8 +249,10 @@ class PostgresStore(Store):
         with self.transaction() as tx:
             tx.db.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
             version = self.schema_version()
-            for statement in schema.pending(version, schema.POSTGRES):
-                tx.db.execute(statement)
+            statements = schema.pending(version, schema.POSTGRES)
+            if statements:  # in one round trip: the statements are the code's own, no parameters
+                with self.translated():
+                    tx.db.conn.execute(";\n".join(statements))
             if version != schema.SCHEMA_VERSION:
                 tx.db.execute("DELETE FROM schema_version")
                 tx.db.execute(
@@ -264,21 +289,31 @@ class PostgresStore(Store):
     def listen(self, wake: Callable[[], None]) -> Callable[[], None]:
         """A thread on a dedicated connection LISTENing on CHANNEL; it calls `wake` for every
         other replica's announcement, and once after each (re)connection, for whatever was
-        announced while it was not listening."""
+        announced while it was not listening. Stopping it is a notification of its own."""
         stopping = threading.Event()
+        farewell = f"stop:{uuid.uuid4().hex}"
         thread = threading.Thread(
-            target=self._listen, args=(wake, stopping), name="jit-store-listen", daemon=True
+            target=self._listen,
+            args=(wake, stopping, farewell),
+            name="jit-store-listen",
+            daemon=True,
         )
         thread.start()
 
         def stop() -> None:
+            if stopping.is_set():
+                return
             stopping.set()
+            try:
+                self.db.execute("SELECT pg_notify(?, ?)", [CHANNEL, farewell])
+            except StoreUnavailable:
+                pass  # it sees `stopping` within a second anyway
             thread.join(5)
 
         self._closers.append(stop)
         return stop
 
-    def _listen(self, wake: Callable[[], None], stopping: threading.Event) -> None:
+    def _listen(self, wake: Callable[[], None], stopping: threading.Event, farewell: str) -> None:
         pause = 0.5
         while not stopping.is_set():
             try:
@@ -288,7 +323,9 @@ class PostgresStore(Store):
                     pause = 0.5
                     while not stopping.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            if note.payload != self.origin:
+                            if note.payload == farewell:
+                                return
+                            if note.payload != self.origin and not note.payload.startswith("stop:"):
                                 wake()
             except psycopg.Error as exc:
                 log.warning("listening for other replicas failed (%s); again in %.1fs", exc, pause)

@@ -1,0 +1,167 @@
+"""The PostgreSQL store's own behaviour and faults (the SQLite file's are in test_store_faults.py):
+its server going down under a running broker (a 503 with a JSON error, nothing issued in
+OpenBao, nothing half-recorded, `/healthz` failing; recovery by itself when it is back, the
+reaper included), which of psycopg's errors mean "unavailable", the database's clock, and the
+liveness of broker processes held in the database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psycopg
+import psycopg_pool
+import pytest
+
+from broker.errors import InvalidRequest, StoreUnavailable
+from scripts.launchers import Postgres
+from tests.helpers import postgres_only, token_works, wait_for_status
+
+pytestmark = postgres_only
+
+ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-14 the database is down"}
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL cluster of this test's own, to stop and start again."""
+    server = Postgres.start()
+    yield server
+    server.stop()
+
+
+def accessors(openbao) -> set[str]:
+    return set(openbao.client().list("auth/token/accessors")["data"]["keys"])
+
+
+def test_the_database_down_under_a_running_broker_is_503_and_it_recovers_by_itself(
+    make_app, api_for, own_postgres, openbao
+):
+    app = make_app(storage={"url": own_postgres.dsn}, reaper={"enabled": True})
+    jit = app.extensions["jit"]
+    api = api_for(app)
+    before = api("POST", "/api/v1/requests", ASK)
+    assert before.status_code == 201, before.get_json()
+    held_before = accessors(openbao)
+
+    own_postgres.halt()
+    try:
+        started = time.monotonic()
+        refused = api("POST", "/api/v1/requests", ASK)
+        assert refused.status_code == 503, refused.get_json()
+        assert refused.get_json()["error"] == "broker_unhealthy"  # issuing fails closed
+        assert "database cannot be used now" in refused.get_json()["detail"]
+        # A write that health does not guard (release is never blocked) is a 503 too.
+        release = api("POST", f"/api/v1/requests/{before.get_json()['id']}/release")
+        assert release.status_code == 503, release.get_json()
+        assert release.get_json()["error"] == "store_unavailable"
+        assert api("GET", "/api/v1/requests?mine=1").status_code == 503  # reads too
+        health = app.test_client().get("/healthz")
+        assert health.status_code == 503 and health.get_json()["status"] == "failing"
+        assert "database cannot be used now" in health.get_json()["checks"]["store"]["error"]
+        assert time.monotonic() - started < 20  # each answer at once, not after a long wait
+        assert accessors(openbao) <= held_before  # nothing issued for a request not recorded
+    finally:
+        own_postgres.resume()
+
+    deadline = time.monotonic() + 30
+    while (answer := api("POST", "/api/v1/requests", ASK)).status_code != 201:
+        assert answer.status_code == 503, answer.get_json()
+        assert time.monotonic() < deadline, "the broker never recovered"
+        time.sleep(0.5)
+    rows = jit.grants.store.db.execute("SELECT status, handle FROM grants ORDER BY rowid")
+    assert [(row["status"], bool(row["handle"])) for row in rows] == [("active", True)] * 2
+
+    # The refused release left the grant as it was; the reaper went on by itself.
+    grant_id = before.get_json()["id"]
+    assert jit.grants.store.get_grant(grant_id).status == "active"
+    assert token_works(openbao, before.get_json()["credential"]["token"])
+    assert api("POST", f"/api/v1/requests/{grant_id}/release").status_code == 200
+    wait_for_status(jit.grants, grant_id, "revoked", timeout=30)
+
+
+def test_only_errors_that_mean_unavailable_become_503():
+    from broker.store.postgres import _unavailable
+
+    assert _unavailable(psycopg.OperationalError("server closed the connection")) is not None
+    assert _unavailable(psycopg_pool.PoolTimeout("no connection in 5 s")) is not None
+    assert _unavailable(psycopg.InterfaceError("the connection is closed")) is not None
+    assert _unavailable(psycopg.errors.AdminShutdown("terminating connection")) is not None
+    assert _unavailable(psycopg.errors.DiskFull("no space left")) is not None
+    assert _unavailable(psycopg.errors.ReadOnlySqlTransaction("read-only")) is not None
+    # The broker's own bugs stay plain errors (500s): bad SQL, a broken constraint.
+    assert _unavailable(psycopg.errors.UndefinedColumn("no such column")) is None
+    assert _unavailable(psycopg.errors.UniqueViolation("duplicate key")) is None
+    assert _unavailable(psycopg.errors.SyntaxError("syntax error")) is None
+
+
+def test_a_server_out_of_reach_is_store_unavailable_and_bad_sql_is_not(make_store, own_postgres):
+    from broker.store.postgres import PostgresStore
+
+    store = PostgresStore(own_postgres.dsn, wait=1)
+    store.migrate()
+    with pytest.raises(psycopg.errors.UndefinedColumn):
+        store.db.execute("SELECT no_such_column FROM grants")
+    with pytest.raises(InvalidRequest):  # no stored text holds NUL: a 400, never a 500
+        store.get_grant("g\x00")
+    own_postgres.halt()
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            store.get_grant("x")
+        assert raised.value.status == 503
+        with pytest.raises(StoreUnavailable), store.transaction() as tx:
+            tx.append("t", "lost", {}, "g1", {})
+    finally:
+        own_postgres.resume()
+        store.close()
+
+
+def test_deadlines_are_decided_by_the_databases_clock(make_store):
+    store = make_store()
+    store.migrate()
+    server_now = store.db.execute("SELECT now() AS now").fetchone()["now"]
+    assert abs((store.now() - server_now).total_seconds()) < 5
+    assert store.now().utcoffset().total_seconds() == 0
+
+
+KILLED_BROKER = """
+import os, signal, sys
+from broker.store.postgres import PostgresStore
+
+store = PostgresStore(sys.argv[1])
+processes = store.processes()
+print(processes.id, flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_broker_process_is_alive_while_it_runs_and_dead_once_killed(make_store):
+    """Liveness held in the database (a session advisory lock per process), so replicas on other
+    machines see it too; the server drops it the moment the process dies, even by SIGKILL."""
+    store = make_store()
+    store.migrate()
+    mine = store.processes()
+    other = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BROKER, store.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        other_id = other.stdout.readline().strip()
+        assert len(other_id) == 32, other.stderr.read()
+        assert mine.is_alive(mine.id) and mine.is_alive(other_id)
+        other.stdin.write("die\n")
+        other.stdin.flush()
+        other.wait(30)
+    finally:
+        if other.poll() is None:
+            other.kill()
+    deadline = time.monotonic() + 10
+    while mine.is_alive(other_id):
+        assert time.monotonic() < deadline, "a killed process still looks alive"
+        time.sleep(0.1)
+    assert not mine.is_alive("not-an-id") and not mine.is_alive("0" * 32)
