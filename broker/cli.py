@@ -19,6 +19,7 @@ from .audit.log import AuditLog
 from .backends import POLICY_KINDS
 from .config import ConfigError, Settings, load_settings
 from .durations import parse_duration
+from .errors import StoreUnavailable
 from .models import Principal, Task, isoformat, parse_time, utcnow
 from .policy import Policy, PolicyError, decide, explain, load_policy
 from .store import Store, open_store
@@ -368,3 +369,6 @@ def run() -> None:
     except ConfigError as exc:
         click.echo(f"jit: {exc}", err=True)
         sys.exit(2)
+    except StoreUnavailable as exc:  # the database server out of reach: one line, exit 1
+        click.echo(f"jit: {exc.detail}", err=True)
+        sys.exit(1)

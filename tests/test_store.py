@@ -318,3 +318,19 @@ def test_an_older_file_at_any_version_keeps_every_row(tmp_path, version):
     store.migrate()
     assert [store.get_grant(f"g{i}").handle for i in range(3)] == ["h0", "h1", "h2"]
     assert len(list(store.audit_entries())) == 3 and audit.verify(store.audit_entries()).ok
+
+
+def test_audit_entries_are_read_in_pages_and_limits_hold_across_them(make_store, monkeypatch):
+    from broker.store import base
+
+    monkeypatch.setattr(base, "AUDIT_PAGE", 3)
+    store = make_store()
+    store.migrate()
+    with store.transaction() as tx:
+        for n in range(10):
+            tx.append("t", "step", {}, "g1" if n % 2 else "g2", {"n": n})
+    assert [e["seq"] for e in store.audit_entries()] == list(range(1, 11))
+    assert [e["seq"] for e in store.audit_entries(after=2, limit=7)] == list(range(3, 10))
+    assert [e["seq"] for e in store.audit_entries("g1")] == [2, 4, 6, 8, 10]
+    assert [e["seq"] for e in store.audit_entries("g2", after=3, limit=2)] == [5, 7]
+    assert list(store.audit_entries(after=10)) == [] and list(store.audit_entries(limit=0)) == []

@@ -6,6 +6,8 @@ liveness of broker processes held in the database."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -165,3 +167,53 @@ def test_a_broker_process_is_alive_while_it_runs_and_dead_once_killed(make_store
         assert time.monotonic() < deadline, "a killed process still looks alive"
         time.sleep(0.1)
     assert not mine.is_alive("not-an-id") and not mine.is_alive("0" * 32)
+
+
+STOPPED_IN_A_TRANSACTION = """
+import sys
+from broker.store.postgres import PostgresStore
+
+store = PostgresStore(sys.argv[1])
+try:
+    with store.transaction() as tx:
+        tx.append("2026-01-01T00:00:00Z", "half", {}, "g1", {})
+        print("holding the write lock", flush=True)
+        sys.stdin.readline()  # SIGSTOP lands here
+    print("committed", flush=True)
+except Exception as exc:
+    print(type(exc).__name__, flush=True)
+"""
+
+
+def test_a_replica_stopped_inside_a_transaction_holds_the_others_up_only_briefly(make_store):
+    """A replica SIGSTOPped while it holds the write lock: the server ends its session once it
+    has idled in its transaction for IDLE_IN_TRANSACTION, so the lock is free and the others
+    write; resumed, its transaction is gone and nothing of it was recorded."""
+    from broker.store.postgres import IDLE_IN_TRANSACTION
+
+    store = make_store()
+    store.migrate()
+    stopped = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_IN_A_TRANSACTION, store.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert stopped.stdout.readline().strip() == "holding the write lock", stopped.stderr.read()
+        os.kill(stopped.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with store.transaction() as tx:  # waits for the lock, then goes on
+            tx.append("2026-01-01T00:00:01Z", "other", {}, "g2", {})
+        waited = time.monotonic() - started
+        assert waited < int(IDLE_IN_TRANSACTION.removesuffix("s")) + 10, waited
+        os.kill(stopped.pid, signal.SIGCONT)
+        out, err = stopped.communicate("go on\n", timeout=30)
+    finally:
+        if stopped.poll() is None:
+            os.kill(stopped.pid, signal.SIGCONT)
+            stopped.kill()
+    assert out.strip() == "StoreUnavailable", (out, err)
+    entries = list(store.audit_entries())
+    assert [entry["type"] for entry in entries] == ["other"]

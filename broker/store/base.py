@@ -24,6 +24,7 @@ GRANT_COLUMNS = [f.name for f in fields(Grant)]
 CREDENTIAL_COLUMNS = [f.name for f in fields(Credential)]
 # Named, not `*`: a PostgreSQL table has its `rowid` column besides (schema.Dialect).
 SELECT_GRANT = f"SELECT {', '.join(GRANT_COLUMNS)} FROM grants"  # noqa: S608
+AUDIT_PAGE = 1000  # entries read at a time
 SELECT_CREDENTIAL = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"  # noqa: S608
 
 
@@ -393,15 +394,22 @@ class Store(ABC):
     def audit_entries(
         self, grant_id: str | None = None, after: int = 0, limit: int = -1
     ) -> Iterator[dict]:
-        """Entries in sequence order: all, one grant's, or the next `limit` after seq `after`."""
-        where, params = "seq > ?", list[object]([after])
-        if grant_id is not None:
-            where, params = "grant_id = ? AND seq > ?", [grant_id, after]
-        sql = f"SELECT * FROM audit WHERE {where} ORDER BY seq"  # noqa: S608
-        if limit >= 0:
-            sql, params = sql + " LIMIT ?", [*params, limit]
-        for row in self.db.execute(sql, params):
-            yield _entry(row)
+        """Entries in sequence order: all, one grant's, or the next `limit` after seq `after`.
+        Read in pages by seq: memory stays at one page (a PostgreSQL result is read whole), and
+        no read stays open while the caller works (on SQLite it would hold back the WAL)."""
+        grant_clause = "" if grant_id is None else "grant_id = ? AND "
+        sql = f"SELECT * FROM audit WHERE {grant_clause}seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
+        left = limit
+        while left != 0:
+            page = AUDIT_PAGE if left < 0 else min(left, AUDIT_PAGE)
+            params = [after, page] if grant_id is None else [grant_id, after, page]
+            rows = list(self.db.execute(sql, params))
+            for row in rows:
+                yield _entry(row)
+            if len(rows) < page:
+                return
+            after = rows[-1]["seq"]
+            left = left - len(rows) if left > 0 else left
 
     def audit_entries_containing(self, text: str) -> Iterator[dict]:
         """Entries whose data holds `text` (an HMAC fingerprint): a scan, for rare lookups."""

@@ -42,9 +42,11 @@ IDLE_IN_TRANSACTION = "10s"
 DOWN_FOR, DOWN_WAIT = 1.0, 0.25  # seconds the server counts as down after a failure; wait then
 # SQLSTATE classes that mean "the database cannot be used now", not "the broker's SQL is wrong":
 # connection exception, insufficient resources, operator intervention (shutdown, cancel), system
-# error; and a read-only transaction (a standby, or default_transaction_read_only).
+# error.
 UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
-UNAVAILABLE_STATES = frozenset({"25006", "55P03"})  # read-only transaction, lock not available
+# A read-only transaction, a session ended for idling in its transaction (a paused replica), a
+# lock not had within lock_timeout.
+UNAVAILABLE_STATES = frozenset({"25006", "25P03", "55P03"})
 
 
 def _unavailable(exc: psycopg.Error) -> StoreUnavailable | None:
