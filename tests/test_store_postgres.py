@@ -75,6 +75,19 @@ def test_the_database_down_under_a_running_broker_is_503_and_it_recovers_by_itse
     rows = jit.grants.store.db.execute("SELECT status, handle FROM grants ORDER BY rowid")
     assert [(row["status"], bool(row["handle"])) for row in rows] == [("active", True)] * 2
 
+    # The restart ended every session, the liveness lock's too: the broker took it again.
+    from broker.store.postgres import PostgresStore
+
+    onlooker = PostgresStore(own_postgres.dsn)
+    try:
+        seen = onlooker.processes()
+        deadline = time.monotonic() + 30
+        while not seen.is_alive(jit.grants.process_id):
+            assert time.monotonic() < deadline, "the broker never took its liveness lock again"
+            time.sleep(0.2)
+    finally:
+        onlooker.close()
+
     # The refused release left the grant as it was; the reaper went on by itself.
     grant_id = before.get_json()["id"]
     assert jit.grants.store.get_grant(grant_id).status == "active"

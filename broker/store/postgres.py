@@ -156,6 +156,9 @@ class PostgresStore(Store):
         self._local = threading.local()
         self._pooled = _Pooled(self)
         self._closers: list[Callable[[], None]] = []
+        # Called by the listener each time it (re)connects: a server restart ends every session,
+        # and what a session held (the liveness lock) must be taken again.
+        self._on_connect: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return "PostgresStore(...)"  # the URL may hold a password
@@ -238,7 +241,7 @@ class PostgresStore(Store):
         if self._held() is not None:
             raise RuntimeError("a store transaction is already open in this thread")
         with self.translated(), self._connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK])
+            conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", [WRITE_LOCK])
             held = self._local.tx = _Connection(self, conn)
             try:
                 yield Transaction(held)
@@ -321,6 +324,8 @@ class PostgresStore(Store):
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                    for renew in self._on_connect:
+                        renew()
                     wake()
                     pause = 0.5
                     while not stopping.is_set():
@@ -329,7 +334,7 @@ class PostgresStore(Store):
                                 return
                             if note.payload != self.origin and not note.payload.startswith("stop:"):
                                 wake()
-            except psycopg.Error as exc:
+            except (psycopg.Error, StoreUnavailable) as exc:
                 log.warning("listening for other replicas failed (%s); again in %.1fs", exc, pause)
                 stopping.wait(pause)
                 pause = min(pause * 2, 10.0)
@@ -338,6 +343,7 @@ class PostgresStore(Store):
         """This process's liveness, held for as long as the store is open."""
         processes = PostgresProcesses(self)
         self._closers.append(processes.close)
+        self._on_connect.append(processes.renew)
         return processes
 
 
@@ -361,12 +367,26 @@ class PostgresProcesses:
     def _hold(self) -> None:
         with self._lock:
             if self._conn is not None and not self._conn.closed:
-                return
+                return  # (a connection lost without our noticing: renew() finds it)
             with self._store.translated():
                 conn = psycopg.connect(self._store.url, autocommit=True, connect_timeout=10)
                 key = [LIVENESS_CLASS, self._key(self.id)]
-                conn.execute("SELECT pg_advisory_lock(%s, %s)", key)
+                conn.execute("SELECT pg_advisory_lock(%s::integer, %s::integer)", key)
             self._conn = conn
+
+    def renew(self) -> None:
+        """Take the lock again if the server dropped it with the session (a restart)."""
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            try:
+                conn.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                with self._lock:
+                    self._conn = None
+                conn.close()
+        self._hold()
 
     def is_alive(self, process_id: str) -> bool:
         """False only when the process is certainly gone: no session holds its lock."""
