@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -146,10 +147,27 @@ class SqliteStore(Store):
                     self.path, isolation_level=None, timeout=self.timeout, factory=_Connection
                 )
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._use_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             db = self._local.db = sqlite_utils.Database(conn)
         return db
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL (it stays so). On a new file that another broker is opening at
+        the same moment, SQLite answers SQLITE_BUSY at once rather than waiting out the busy
+        timeout: so wait here, as long as that timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except StoreUnavailable as exc:
+                busy = isinstance(exc.__cause__, sqlite3.OperationalError) and (
+                    getattr(exc.__cause__, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+                )
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     def migrate(self) -> None:
         """Create or upgrade the schema; `PRAGMA user_version` says which version the file has.
