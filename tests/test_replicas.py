@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from broker import audit
 from broker.cli import main as jit
-from broker.grants.base import REVOCATION_LEASE
+from broker.grants.base import REVOCATION_LEASE, TAKEOVER_CHECK
 from broker.models import parse_time, utcnow
 from broker.store import SCHEMA_VERSION
 from tests.helpers import (
@@ -145,6 +145,12 @@ def test_a_reaper_paused_past_its_claim_records_nothing_over_the_next_claims_wor
         assert in_vault.wait(30)
         claimed = a.store.get_grant(grant.id)
         assert (claimed.status, claimed.attempts) == ("revoking", 1)
+        assert claimed.issuing_process == a.process_id  # the claim's holder
+        # B leaves a live replica's claim alone, but looks again soon, in case A dies.
+        now = utcnow()
+        next_look = b.reap_due(now)
+        assert next_look <= now + TAKEOVER_CHECK
+        assert b.store.get_grant(grant.id).attempts == 1
 
         later = utcnow() + REVOCATION_LEASE + timedelta(seconds=5)  # A's claim has lapsed
         b.reap_due(later)
@@ -160,6 +166,84 @@ def test_a_reaper_paused_past_its_claim_records_nothing_over_the_next_claims_wor
     assert [(e["type"], e["data"]["attempt"]) for e in removals] == [("revoke", 2), ("verify", 2)]
     assert not token_works(openbao, credential.secret)
     assert audit.verify(a.store.audit_entries()).ok
+
+
+# A broker process whose four reaper threads each claim a grant and then hang in Vault's revoke,
+# until the test kills it (-9) with its claims held.
+STUCK_BROKER = """
+import sys, threading
+from broker import create_app
+from broker.config import load_settings
+from broker.models import parse_time
+
+jit = create_app(load_settings(sys.argv[1], environ={})).extensions["jit"]
+backend = jit.grants.backends["vault_token"]
+lock = threading.Lock()
+
+def hang(handle):
+    with lock:
+        print("claimed", flush=True)
+    threading.Event().wait()
+
+backend.revoke = hang
+for _ in range(4):
+    threading.Thread(target=jit.grants.reap_due, args=(parse_time(sys.argv[2]),)).start()
+threading.Event().wait()
+"""
+
+
+def test_the_claims_of_a_replica_killed_mid_burst_are_taken_over_at_once(
+    tmp_path, make_app, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    """Three replica processes reaping one burst; one is SIGKILLed holding claims. The other two
+    take its grants over in the same pass (its liveness lock died with it), long before the
+    claims' lease (60 s) would have lapsed: every grant revoked and verified once."""
+    one = make_app().extensions["jit"].grants
+    start = utcnow()
+    one.clock = lambda: start
+    issued = [one.request(ALICE, "kv-read", "10m", f"burst {i}") for i in range(120)]
+    (end,) = {grant.window_end for grant, _ in issued}
+    config = config_file(tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret)
+
+    def broker(script):
+        return subprocess.Popen(
+            [sys.executable, "-c", script, str(config), end],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    stuck, other = broker(STUCK_BROKER), broker(REAPING_BROKER)
+    try:
+        for _ in range(4):
+            assert stuck.stdout.readline().strip() == "claimed", stuck.stderr.read()
+        assert other.stdout.readline().strip() == "ready", other.stderr.read()
+        held = [g for g, _ in issued if one.store.get_grant(g.id).status == "revoking"]
+        assert len(held) == 4
+        stuck.kill()  # SIGKILL, claims held
+        stuck.wait(30)
+        started = time.monotonic()
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        one.reap_due(parse_time(end))
+        out, err = other.communicate(timeout=120)
+        assert other.returncode == 0 and out.strip() == "done", err
+    finally:
+        for process in (stuck, other):
+            if process.poll() is None:
+                process.kill()
+    assert time.monotonic() - started < REVOCATION_LEASE.total_seconds() / 2
+
+    for grant, _ in issued:
+        reaped = one.store.get_grant(grant.id)
+        assert reaped.status == "revoked", grant.id
+        assert reaped.attempts == (2 if grant in held else 1), grant.id
+        steps = types(one, grant.id)
+        assert steps == ["request", "decision", "issue", "expire", "revoke", "verify"], steps
+    for _, credential in issued[::10]:
+        assert not token_works(openbao, credential.secret)
+    assert audit.verify(one.store.audit_entries()).ok
 
 
 # Brokers starting together: each migrates the store when it is built.

@@ -46,6 +46,9 @@ MAX_REASON = 1000
 MAX_TICKET = 200
 REAP_BATCH = 200
 REVOCATION_LEASE = timedelta(seconds=60)  # a crash mid-revocation is retried after this
+# While another live broker process holds removal claims, the reaper looks again this soon: should
+# that process die (kill -9), its claims are taken over within seconds, not at the lease's end.
+TAKEOVER_CHECK = timedelta(seconds=5)
 OPEN = (PENDING, APPROVED, ISSUING, ACTIVE)  # what counts against an entitlement's limit
 AWAITING = (PENDING, APPROVED)  # requests that expire unapproved (or unactivated) at due_at
 DEFAULT_REQUEST_TTL = timedelta(hours=24)

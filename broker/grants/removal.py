@@ -37,6 +37,7 @@ from .base import (
     REAP_BATCH,
     REAPER,
     REVOCATION_LEASE,
+    TAKEOVER_CHECK,
     GrantsBase,
     log,
 )
@@ -151,8 +152,30 @@ class Removing(GrantsBase):
                 self._reap(grant, now)
             if len(due) < REAP_BATCH:
                 break
+        held_elsewhere = self._take_over_dead_claims(now)
         deadline = self.store.next_deadline()
-        return parse_time(deadline) if deadline else None
+        next_look = parse_time(deadline) if deadline else None
+        if held_elsewhere:
+            soon = now + TAKEOVER_CHECK
+            next_look = soon if next_look is None else min(next_look, soon)
+        return next_look
+
+    def _take_over_dead_claims(self, now: datetime) -> bool:
+        """Removals claimed by a broker process that has died since (kill -9 mid-revocation) are
+        taken over now rather than when their lease lapses. True while another live process holds
+        claims: the reaper looks again within TAKEOVER_CHECK, in case that one dies too."""
+        if self.processes is None:
+            return False
+        held_elsewhere = False
+        for grant in self.store.grants_in((REVOKING,)):
+            claimer = grant.issuing_process
+            if not claimer or claimer == self.process_id:
+                continue  # a claim from before processes were stamped, or this process's own
+            if self._dead(claimer):
+                self._reap(grant, now)
+            else:
+                held_elsewhere = True
+        return held_elsewhere
 
     def _reap(self, grant: Grant, now: datetime) -> None:
         if grant.status in AWAITING:
@@ -253,6 +276,7 @@ class Removing(GrantsBase):
                 TO_REAP,
                 if_attempts=grant.attempts,
                 status=REVOKING,
+                issuing_process=self.process_id,  # the claim's holder, while it is `revoking`
                 attempts=attempt,
                 due_at=isoformat(now + REVOCATION_LEASE),
                 updated_at=self._now(),
