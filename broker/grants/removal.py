@@ -166,12 +166,14 @@ class Removing(GrantsBase):
         claims: the reaper looks again within TAKEOVER_CHECK, in case that one dies too."""
         if self.processes is None:
             return False
-        held_elsewhere = False
+        held_elsewhere, dead = False, {}
         for grant in self.store.grants_in((REVOKING,)):
             claimer = grant.issuing_process
             if not claimer or claimer == self.process_id:
                 continue  # a claim from before processes were stamped, or this process's own
-            if self._dead(claimer):
+            if claimer not in dead:  # asked once per process and pass
+                dead[claimer] = self._dead(claimer)
+            if dead[claimer]:
                 self._reap(grant, now)
             else:
                 held_elsewhere = True
