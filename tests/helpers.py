@@ -188,7 +188,7 @@ postgres_only = pytest.mark.skipif(STORE != "postgres", reason="the PostgreSQL s
 # The test PostgreSQL's superuser DSN (conftest's `store_under_test` sets it when the suite runs on
 # PostgreSQL), the database the suite's brokers use, and the schemas made in it so far.
 _postgres: dict[str, object] = {"dsn": "", "made": set()}
-TEST_DATABASE = "jit_tests"
+TEST_DATABASE = f"jit_tests_{os.getpid()}"  # a session's own, should two share one server
 
 
 def use_postgres(dsn: str) -> None:
@@ -197,7 +197,6 @@ def use_postgres(dsn: str) -> None:
     _postgres["dsn"] = dsn
     with psycopg.connect(dsn, autocommit=True) as admin:
         database = psycopg.sql.Identifier(TEST_DATABASE)
-        admin.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
         admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(database))
 
 

@@ -29,6 +29,8 @@ def test_settings_without_what_serving_needs_load_and_serving_names_what_is_miss
         ("oauth", {"signing_key": "../sys/policy"}, "oauth.signing_key"),
         ("oauth", {"transit_mount": ""}, "oauth.transit_mount"),
         ("storage", {"synchronous": "off"}, "storage.synchronous"),
+        ("storage", {"url": "mysql://db.example/jit"}, "storage.url"),
+        ("storage", {"pool_size": 0}, "storage.pool_size"),
         ("oauth", {"key_publish_delay": -1}, "oauth.key_publish_delay"),
     ],
 )
@@ -58,3 +60,17 @@ def test_the_access_token_issuer_defaults_to_the_base_url():
         "transit",
         "jit-broker-tokens",
     )
+
+
+def test_the_store_is_sqlite_unless_a_postgresql_url_is_given(tmp_path):
+    from broker.store import SqliteStore, open_store
+    from broker.store.postgres import PostgresStore
+
+    sqlite = load_settings(overrides={"server": {"data_dir": str(tmp_path)}}, environ={})
+    store = open_store(sqlite)
+    assert isinstance(store, SqliteStore) and store.path == tmp_path / "broker.db"
+    url = "postgresql://jit:s3cr3t@db.example/jit"
+    postgres = load_settings(environ={"JIT_STORAGE_URL": url, "JIT_STORAGE_POOL_SIZE": "4"})
+    store = open_store(postgres)  # connects only when first used
+    assert isinstance(store, PostgresStore) and store.pool_size == 4
+    assert "s3cr3t" not in repr(store)
