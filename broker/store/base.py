@@ -36,14 +36,6 @@ class Row(Protocol):
     def keys(self) -> Iterable[str]: ...
 
 
-class Cursor(Protocol):
-    rowcount: int
-
-    def fetchone(self) -> Any: ...
-
-    def __iter__(self) -> Iterator[Any]: ...
-
-
 class Executor(Protocol):
     """Whatever runs one statement: a SQLite connection, or a PostgreSQL one (or its pool)."""
 
