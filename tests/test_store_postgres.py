@@ -135,12 +135,24 @@ def test_a_server_out_of_reach_is_store_unavailable_and_bad_sql_is_not(make_stor
         store.close()
 
 
-def test_deadlines_are_decided_by_the_databases_clock(make_store):
+def test_deadlines_are_decided_by_the_databases_clock(make_store, monkeypatch):
+    """The server's clock, read once per CLOCK_RESYNC and carried forward by the monotonic clock:
+    a replica whose own wall clock is off still decides by the server's."""
+    from broker.store import postgres
+
     store = make_store()
     store.migrate()
-    server_now = store.db.execute("SELECT now() AS now").fetchone()["now"]
-    assert abs((store.now() - server_now).total_seconds()) < 5
-    assert store.now().utcoffset().total_seconds() == 0
+    server_now = store.db.execute("SELECT clock_timestamp() AS now").fetchone()["now"]
+    first = store.now()
+    assert abs((first - server_now).total_seconds()) < 1
+    assert first.utcoffset().total_seconds() == 0
+    real = time.monotonic
+    monkeypatch.setattr(postgres.time, "monotonic", lambda: real() + 3)
+    assert 2.5 < (store.now() - first).total_seconds() < 4  # carried forward, no query
+    monkeypatch.setattr(postgres.time, "monotonic", lambda: real() + 60)
+    again = store.now()  # past CLOCK_RESYNC: read from the server again
+    server_now = store.db.execute("SELECT clock_timestamp() AS now").fetchone()["now"]
+    assert abs((again - server_now).total_seconds()) < 1
 
 
 KILLED_BROKER = """

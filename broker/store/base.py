@@ -69,6 +69,7 @@ class Transaction:
 
     def __init__(self, db: Any):
         self.db = db
+        self._head: dict | None = None  # the last entry this transaction appended
 
     def get_grant(self, grant_id: str) -> Grant | None:
         """Read inside the transaction: under the write lock, so what it says still holds."""
@@ -174,14 +175,17 @@ class Transaction:
     def append(self, at: str, type_: str, actor: dict, grant_id: str | None, data: dict) -> dict:
         """Seal the entry over the head and append it. The head cannot move meanwhile (the write
         lock), and `seq` is the primary key, so two writers could never both append seq N."""
-        row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        prev = _entry(row) if row else None
+        prev = self._head
+        if prev is None:  # the head as committed; after this transaction's first, its own
+            row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            prev = _entry(row) if row else None
         entry = audit.seal(prev, at, type_, actor, grant_id, data)
         _insert(
             self.db,
             "audit",
             dict(entry, actor=json.dumps(entry["actor"]), data=json.dumps(entry["data"])),
         )
+        self._head = entry
         return entry
 
 

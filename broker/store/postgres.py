@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import psycopg
@@ -39,6 +39,7 @@ CHANNEL = "jit_broker_wake"  # NOTIFY channel: deadlines changed on some replica
 # A replica stopped (SIGSTOP, a pause) inside a transaction must not hold the write lock for
 # ever: the server ends such a session, its transaction rolls back and the lock is free.
 IDLE_IN_TRANSACTION = "10s"
+CLOCK_RESYNC = 5.0  # seconds between reads of the server's clock (now())
 DOWN_FOR, DOWN_WAIT = 1.0, 0.25  # seconds the server counts as down after a failure; wait then
 # SQLSTATE classes that mean "the database cannot be used now", not "the broker's SQL is wrong":
 # connection exception, insufficient resources, operator intervention (shutdown, cancel), system
@@ -150,6 +151,7 @@ class PostgresStore(Store):
         # While the server is known to be out of reach, a request waits only briefly for a
         # connection: a 503 at once, not after `wait`, as the pool reconnects in the background.
         self._down_until = 0.0
+        self._clock: tuple[datetime, float] | None = None  # (the server's time, monotonic then)
         self.origin = uuid.uuid4().hex  # this store's announcements, which it does not hear
         self._pool: psycopg_pool.ConnectionPool | None = None
         self._pool_lock = threading.Lock()
@@ -281,10 +283,22 @@ class PostgresStore(Store):
             )
 
     def now(self) -> datetime:
-        """The database's clock: every replica decides what is due by the same one."""
+        """The database's clock: every replica decides what is due by the same one. Read from
+        the server every CLOCK_RESYNC seconds and carried forward by this process's monotonic
+        clock meanwhile (a step of its wall clock changes nothing), so that the many times a
+        request asks cost no round trip each."""
+        synced = self._clock
+        if synced is not None:
+            elapsed = time.monotonic() - synced[1]
+            if elapsed < CLOCK_RESYNC:
+                return synced[0] + timedelta(seconds=elapsed)
+        before = time.monotonic()
         row = self.db.execute("SELECT clock_timestamp() AS now").fetchone()
-        moment: datetime = row["now"]
-        return moment.astimezone(UTC)
+        after = time.monotonic()
+        moment: datetime = row["now"].astimezone(UTC)
+        # The server read its clock somewhere in the round trip: take the middle.
+        self._clock = (moment, (before + after) / 2)
+        return moment + timedelta(seconds=after - (before + after) / 2)
 
     # --- replicas: wake-ups and liveness -------------------------------------------------------
 
