@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,9 +53,11 @@ DEFAULTS: dict[str, dict] = {
     },
     "vault": {"addr": "http://127.0.0.1:8200", "token": "", "timeout": 10},
     "policy": {"path": "policy.toml"},
-    # synchronous: "normal" (a commit survives the broker's crash; the last ones may roll back
-    # on power loss) or "full" (every commit synced). See broker/store.py.
-    "storage": {"path": "", "synchronous": "normal"},
+    # url: "postgresql://..." for several replicas on PostgreSQL (empty: the SQLite file at
+    # path, default data_dir/broker.db). synchronous (SQLite's): "normal" (a commit survives the
+    # broker's crash; the last ones may roll back on power loss) or "full" (every commit synced).
+    # pool_size: PostgreSQL connections per broker process. See broker/store/.
+    "storage": {"path": "", "synchronous": "normal", "url": "", "pool_size": 10},
     "reaper": {
         "enabled": True,
         "retry_min": 5,
@@ -166,13 +169,25 @@ class Settings:
         return path if path.is_absolute() else self.root / path
 
     def secret_file(self, name: str, nbytes: int = 32) -> bytes:
-        """A random key in the data directory, made on first use, readable by the owner only."""
+        """A random key in the data directory, made on first use, readable by the owner only.
+        Several processes may start together (gunicorn's workers, replicas on one directory):
+        each writes a whole key to a file of its own and links it into place, so exactly one
+        key wins and nobody ever reads half of one."""
         path = self.data_dir / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(secrets.token_bytes(nbytes))
+            fd, partial = tempfile.mkstemp(prefix=f".{name}.", dir=path.parent)  # mode 0600
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(secrets.token_bytes(nbytes))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    os.link(partial, path)  # fails if another process's key is in place
+                except FileExistsError:
+                    pass
+            finally:
+                os.unlink(partial)
         return path.read_bytes()
 
 
@@ -265,6 +280,7 @@ def check_settings(settings: Settings) -> None:
             f"storage.synchronous must be one of {', '.join(SYNCHRONOUS)}, "
             f"not {settings.storage['synchronous']!r}"
         )
+    _check_storage(settings.storage)
     _check_sessions(settings.server)
     _check_serving(settings.server)
     _check_count("reaper.removal_workers", settings.reaper["removal_workers"])
@@ -403,6 +419,15 @@ def _check_serving(server: dict) -> None:
 def _check_count(key: str, value: object, least: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ConfigError(f"{key} must be a whole number >= {least}, not {value!r}")
+
+
+def _check_storage(storage: dict) -> None:
+    url = storage["url"]
+    if url and urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError("storage.url must be a postgresql:// URL (empty: the SQLite file)")
+    size = storage["pool_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1000:
+        raise ConfigError("storage.pool_size must be a whole number from 1 to 1000")
 
 
 def _check_sessions(server: dict) -> None:

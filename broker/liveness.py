@@ -12,6 +12,7 @@ import os
 import re
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 SUFFIX = ".lock"
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -64,3 +65,13 @@ class Liveness:
 
     def _path(self, process_id: str) -> Path:
         return self.directory / f"{process_id}{SUFFIX}"
+
+
+class Processes(Protocol):
+    """What grants/ asks of liveness, whichever store keeps it (PostgreSQL keeps its own: its
+    replicas need not share a host)."""
+
+    @property
+    def id(self) -> str: ...
+
+    def is_alive(self, process_id: str) -> bool: ...

@@ -274,7 +274,8 @@ class Grant:
     reviewed_at: str = ""
     reviewed_by: str = ""
     # The broker process that took it to `issuing` (liveness.py): while that process lives the
-    # issuance may be in flight; once it is dead, whatever it left is settled at once.
+    # issuance may be in flight; once it is dead, whatever it left is settled at once. Once it is
+    # `revoking`: the process that holds the removal's claim, taken over at once if it dies.
     issuing_process: str = ""
     requester_email: str = ""  # verified, lower-cased, at request time ("" if none; schema v4)
     # A task grant (schema v5): the agent it is for, its tools and scopes as canonical JSON

@@ -132,8 +132,11 @@ class Reaper:
         """One pass; returns the seconds until the next deadline. Only a completed pass beats."""
         try:
             deadline = self.grants.reap_due()
+            # By the clock that decides what is due (the database's, on PostgreSQL): a replica
+            # whose own clock runs ahead would otherwise wake early and spin until it caught up.
+            pause = None if deadline is None else (deadline - self.grants.clock()).total_seconds()
         except Exception:
             log.exception("reaper pass failed; trying again in %ss", ERROR_PAUSE)
             return ERROR_PAUSE
         self.last_run = utcnow()
-        return self.heartbeat_every if deadline is None else (deadline - utcnow()).total_seconds()
+        return self.heartbeat_every if pause is None else pause

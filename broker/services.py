@@ -4,6 +4,7 @@ it must never import Flask, and nothing here runs at import time."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import audit
@@ -20,7 +21,6 @@ from .config import Settings, check_service_settings
 from .errors import StoreUnavailable
 from .grants import Grants
 from .identity import BearerVerifier, ProviderMetadata
-from .liveness import Liveness
 from .metrics import Metrics, Reading
 from .models import isoformat, utcnow
 from .notify import Notifier
@@ -29,7 +29,7 @@ from .oauth.clients import AgentClients
 from .own_token import OwnToken
 from .policy import PolicyFile
 from .reaper import Reaper
-from .store import Store
+from .store import Store, open_store
 
 
 @dataclass
@@ -48,16 +48,19 @@ class Services:
     forwarder: Forwarder
     audit_search: AuditSearch
     own_token: OwnToken
+    store: Store
+    wake: Callable[[], None]  # this process's reaper and forwarder, when another replica changed
     signer: TokenSigner
     metrics: Metrics
     agent_clients: AgentClients  # the agents that authenticate with private_key_jwt
     _state: str = field(default="built", init=False, repr=False)  # -> running -> stopped
+    _stop_listening: Callable[[], None] = field(default=lambda: None, init=False, repr=False)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         """Check what serving needs, then build every part; starts no thread."""
         check_service_settings(settings)
-        store = Store(settings.database_path, synchronous=settings.storage["synchronous"])
+        store = open_store(settings)
         store.migrate()
         policy = PolicyFile(settings.policy_path, POLICY_KINDS)
         notifier = Notifier(settings.notify["webhook_url"], timeout=settings.notify["timeout"])
@@ -92,7 +95,8 @@ class Services:
             vault_health=lambda: vault_health(vault, token=own_token.health),
             auditor_groups=tuple(settings.audit["auditor_groups"]),
             # Held for the broker's life: other processes on the same store see this one as alive.
-            processes=Liveness.beside(settings.database_path),
+            processes=store.processes(),
+            clock=store.now,  # deadlines by the database's clock (each replica's would differ)
             metrics=metrics,
         )
         audit_log = AuditLog(
@@ -129,9 +133,16 @@ class Services:
             batch=audit_settings["forward_batch"],
         )
 
-        def on_change() -> None:  # the reaper's deadlines, and new audit entries to forward
+        def wake() -> None:  # the reaper's deadlines, and new audit entries to forward
             reaper.wake()
             forwarder.wake()
+
+        def on_change() -> None:  # and those of every other replica on the store
+            wake()
+            try:
+                store.announce()
+            except StoreUnavailable:
+                pass  # the others' reapers still find it at their next pass
 
         grants.on_change = on_change
         if reaper_settings["enabled"]:
@@ -154,6 +165,8 @@ class Services:
             forwarder,
             AuditSearch(audit_log, settings.audit["auditor_groups"]),
             own_token,
+            store,
+            wake,
             # Reads the transit key only when asked: a missing key degrades /readyz, no crash.
             TokenSigner(
                 vault,
@@ -176,6 +189,7 @@ class Services:
             self.reaper.start()
         self.forwarder.start()
         self.notifier.start()
+        self._stop_listening = self.store.listen(self.wake)
 
     def stop(self) -> None:
         """Stop every thread, in order: the reaper first, which signs a last checkpoint over
@@ -185,9 +199,11 @@ class Services:
         if self._state == "stopped":
             return
         self._state = "stopped"
+        self._stop_listening()
         self.reaper.stop()
         self.forwarder.stop()
         self.notifier.stop()
+        self.store.close()
 
 
 def _reading(store: Store, reaper: Reaper, notifier: Notifier, forwarder: Forwarder) -> Reading:
@@ -197,7 +213,7 @@ def _reading(store: Store, reaper: Reaper, notifier: Notifier, forwarder: Forwar
     age = (utcnow() - beat).total_seconds() if beat is not None else None
     lag = forwarder.health().get("lag") if forwarder.enabled else None
     try:
-        grants, due = store.count_by_state(), store.count_due(isoformat(utcnow()))
+        grants, due = store.count_by_state(), store.count_due(isoformat(store.now()))
     except StoreUnavailable:
         grants, due = {}, None
     return Reading(grants, due, age, notifier.pending(), lag if isinstance(lag, int) else None)

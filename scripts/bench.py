@@ -27,8 +27,8 @@ from broker.grants import Grants  # noqa: E402
 from broker.models import Principal  # noqa: E402
 from broker.oauth.signing import TokenSigner  # noqa: E402
 from broker.policy import PolicyFile  # noqa: E402
-from broker.store import Store  # noqa: E402
-from scripts.launchers import OpenBao, configure_transit_engine  # noqa: E402
+from broker.store import SqliteStore, Store  # noqa: E402
+from scripts.launchers import OpenBao, Postgres, configure_transit_engine  # noqa: E402
 
 POLICY = """
 [entitlements.bench]
@@ -76,7 +76,9 @@ def peak_bytes(step, count: int) -> int:
     return peak // count
 
 
-def main(count: int) -> None:
+def main(count: int, postgres: Postgres | None = None) -> None:
+    """With `postgres`, the broker's store is that server (the clock the database's, as for
+    replicas); else a SQLite file."""
     workdir = Path(tempfile.mkdtemp(prefix="jit-bench-"))
     bao = OpenBao.start(workdir=workdir)
     try:
@@ -85,11 +87,19 @@ def main(count: int) -> None:
         client = bao.client(bao.make_broker_token(["default"]))
         signer = TokenSigner(client, "https://bench")
         (workdir / "policy.toml").write_text(POLICY)
+        store: Store
+        if postgres is not None:
+            from broker.store.postgres import PostgresStore
+
+            store = PostgresStore(postgres.dsn)
+        else:
+            store = SqliteStore(workdir / "broker.db")
         grants = Grants(
-            Store(workdir / "broker.db"),
+            store,
             PolicyFile(workdir / "policy.toml", POLICY_KINDS).current,
             make_backends(client),
             fingerprint_key=b"k" * 32,
+            clock=store.now,
         )
         grants.store.migrate()
 
@@ -158,7 +168,10 @@ def main(count: int) -> None:
             ("token exchange (-> signed)", raw_sign_s, broker_exchange_s),
         ]
         print(f"jit-broker bench: {count} grants against OpenBao at {bao.addr}")
-        print(f"store: SQLite (WAL, synchronous={grants.store.synchronous}) in {workdir}\n")
+        if isinstance(store, SqliteStore):
+            print(f"store: SQLite (WAL, synchronous={store.synchronous}) in {workdir}\n")
+        else:
+            print("store: PostgreSQL (the launcher's throwaway cluster, on this machine)\n")
         print(f"{'':32}{'raw Vault':>12}{'broker':>12}{'ratio':>9}")
         for name, raw, broker in rows:
             print(f"{name:32}{raw * 1000:>10.2f}ms{broker * 1000:>10.2f}ms{broker / raw:>8.2f}x")
@@ -172,4 +185,13 @@ def main(count: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
+    args = [arg for arg in sys.argv[1:] if arg != "--postgres"]
+    count = int(args[0]) if args else 200
+    if "--postgres" not in sys.argv:
+        main(count)
+    else:
+        server = Postgres.from_env_or_start()
+        try:
+            main(count, server)
+        finally:
+            server.stop()

@@ -815,6 +815,7 @@ class Postgres:
             dbname,
         )
         self.datadir = datadir
+        self.options = ""  # the server options a cluster we started runs with (resume())
 
     @property
     def dsn(self) -> str:
@@ -876,10 +877,41 @@ class Postgres:
             ]
         )
         pwfile.unlink()
-        options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base}"
+        # A throwaway cluster: nothing in it must survive a power loss (fsync off), and the
+        # suite on the PostgreSQL store opens a few connections per broker under test.
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} "
+            "-c fsync=off -c max_connections=300"
+        )
         run([pg_ctl, "-D", str(datadir), "-l", str(base / "postgres.log"), "-o", options,
              "-w", "-t", str(int(timeout)), "start"])  # fmt: skip
-        return cls("127.0.0.1", port, POSTGRES_SUPERUSER, password, "postgres", datadir)
+        server = cls("127.0.0.1", port, POSTGRES_SUPERUSER, password, "postgres", datadir)
+        server.options = options
+        return server
+
+    def _pg_ctl(self, *args: str, timeout: float = 60) -> None:
+        if self.datadir is None:
+            raise ServiceError("only a cluster the launcher started can be stopped and started")
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        pg_ctl = _postgres_binary("pg_ctl")
+        result = subprocess.run(
+            [*as_user, pg_ctl, "-D", str(self.datadir), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.datadir.parent,
+        )
+        if result.returncode != 0:
+            raise ServiceError(f"pg_ctl {args[-1]} failed:\n{result.stdout}{result.stderr}")
+
+    def halt(self) -> None:
+        """Shut the server down (fast: open sessions are ended), keeping its data."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start a halted server again, on the same port and data."""
+        log = str(self.datadir.parent / "postgres.log") if self.datadir else ""
+        self._pg_ctl("-l", log, "-o", self.options, "-w", "-t", "30", "start")
 
     @classmethod
     def from_env_or_start(cls) -> Postgres:

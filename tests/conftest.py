@@ -31,8 +31,12 @@ pytest.register_assert_rewrite("tests.helpers")
 
 from tests.helpers import (  # noqa: E402 (after the rewrite hook)
     EXPIRING_AGENT,
+    STORE,
     UI_POLICY,
     broker_settings,
+    drop_test_databases,
+    store_at,
+    use_postgres,
 )
 
 # What the tests' entitlements grant: the token role admits these and nothing else.
@@ -61,6 +65,33 @@ def postgres() -> Iterator[Postgres]:
     server = Postgres.from_env_or_start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def store_under_test(request):
+    """JIT_TEST_STORE=postgres: every broker and store of the suite on the test PostgreSQL, each
+    test's on a database of its own (tests.helpers.store_url); dropped at the end."""
+    if STORE != "postgres":
+        yield STORE
+        return
+    use_postgres(request.getfixturevalue("postgres").dsn)
+    yield STORE
+    drop_test_databases()
+
+
+@pytest.fixture
+def make_store(tmp_path):
+    """A store under test of this test's own (`name` tells several apart), closed at the end."""
+    made = []
+
+    def make(name: str = "broker.db"):
+        store = store_at(tmp_path / name)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ module imports another."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import re
 import secrets
 import threading
@@ -16,17 +18,19 @@ from collections.abc import Callable
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import hvac
 import hvac.exceptions
 import jwt
 import psycopg
+import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.config import load_settings
 from broker.models import Principal, utcnow
+from broker.store import SqliteStore, Store
 from scripts.launchers import follow_login
 
 # --- who asks, and when ---------------------------------------------------------------------------
@@ -225,6 +229,74 @@ tools = { github = ["issues:read", "issues:write"], wiki = ["pages:read"] }
 """
 
 
+# --- the store under test: JIT_TEST_STORE=sqlite (the default) or postgres ---------------------
+
+STORE = os.environ.get("JIT_TEST_STORE", "sqlite")
+if STORE not in ("sqlite", "postgres"):
+    raise RuntimeError(f"JIT_TEST_STORE must be sqlite or postgres, not {STORE!r}")
+sqlite_only = pytest.mark.skipif(STORE != "sqlite", reason="a SQLite file's own behaviour")
+postgres_only = pytest.mark.skipif(STORE != "postgres", reason="the PostgreSQL store's own")
+
+# The test PostgreSQL's superuser DSN (conftest's `store_under_test` sets it when the suite runs on
+# PostgreSQL), the database the suite's brokers use, and the schemas made in it so far.
+_postgres: dict[str, object] = {"dsn": "", "made": set()}
+TEST_DATABASE = f"jit_tests_{os.getpid()}"  # a session's own, should two share one server
+
+
+def use_postgres(dsn: str) -> None:
+    """One database for the session (a CREATE DATABASE per test is dear): each test's brokers
+    get a schema of their own in it (`store_url`)."""
+    _postgres["dsn"] = dsn
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        database = psycopg.sql.Identifier(TEST_DATABASE)
+        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(database))
+
+
+def store_url(workdir: Path) -> str:
+    """An empty schema of its own for each broker data directory, made on first use (the URL
+    puts it first on the search path): every test (its tmp_path) starts on an empty store, and
+    brokers sharing a data directory share it."""
+    dsn = str(_postgres["dsn"])
+    assert dsn, "the PostgreSQL store is not in use (JIT_TEST_STORE=postgres)"
+    name = "jit_" + hashlib.sha256(str(Path(workdir).resolve()).encode()).hexdigest()[:24]
+    url = urlunsplit(urlsplit(dsn)._replace(path=f"/{TEST_DATABASE}"))
+    made = _postgres["made"]
+    assert isinstance(made, set)
+    if name not in made:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(psycopg.sql.SQL("CREATE SCHEMA {}").format(psycopg.sql.Identifier(name)))
+        made.add(name)
+    return f"{url}?options=-csearch_path%3D{name}"
+
+
+def drop_test_databases() -> None:
+    with psycopg.connect(str(_postgres["dsn"]), autocommit=True) as admin:
+        admin.execute(
+            psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                psycopg.sql.Identifier(TEST_DATABASE)
+            )
+        )
+    made = _postgres["made"]
+    assert isinstance(made, set)
+    made.clear()
+
+
+def store_at(path: Path) -> Store:
+    """The store under test for a database file `path` (on PostgreSQL: the database of the data
+    directory for `broker.db`, as a broker on that directory would use; else one of its own)."""
+    if STORE == "sqlite":
+        return SqliteStore(path)
+    from broker.store.postgres import PostgresStore
+
+    path = Path(path)
+    return PostgresStore(store_url(path.parent if path.name == "broker.db" else path))
+
+
+def storage_section(workdir: Path) -> dict:
+    """`[storage]` of a broker on `workdir` under the store under test."""
+    return {"url": store_url(workdir)} if STORE == "postgres" else {}
+
+
 # --- the broker under test ------------------------------------------------------------------------
 
 
@@ -242,6 +314,7 @@ def broker_sections(
         },
         "vault": {"addr": openbao.addr, "token": openbao.broker_token},
         "policy": {"path": str(workdir / "policy.toml")},
+        **({"storage": storage_section(workdir)} if STORE == "postgres" else {}),
     }
 
 

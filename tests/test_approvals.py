@@ -191,7 +191,7 @@ def test_policy_rules_refuse_with_the_rule_named(api, app, body, error):
     response = api("alice", "POST", "/requests", request)
     assert response.status_code == 422, response.json
     assert response.json["error"] == error and response.json["detail"]
-    count = grants_of(app).store.db.execute("SELECT count(*) FROM grants").fetchone()[0]
+    count = grants_of(app).store.db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"]
     assert count == 0
 
 

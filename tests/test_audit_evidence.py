@@ -5,7 +5,6 @@ file and named by `jit audit verify` as an auditor runs it."""
 
 import json
 import shutil
-import sqlite3
 import uuid
 import zipfile
 from datetime import timedelta
@@ -23,9 +22,15 @@ from broker.audit.transit_signing import TransitCheckpointSigner
 from broker.audit.witness import KvWitness
 from broker.cli import main as jit
 from broker.models import isoformat, utcnow
-from broker.store import Store
 from scripts.launchers import AUDIT_KEY, configure_witness, free_port
-from tests.helpers import APPROVAL_POLICY, HttpReceiver, health, wait_until
+from tests.helpers import (
+    APPROVAL_POLICY,
+    HttpReceiver,
+    health,
+    storage_section,
+    store_at,
+    wait_until,
+)
 
 ALICE = {"iss": "https://idp", "sub": "alice"}
 SIGNED_AT = (2, 5, 8, 10)  # the sizes the fixture's log is signed at
@@ -41,7 +46,7 @@ class Log:
         self.witness_path = f"evidence/{uuid.uuid4().hex}"
         root = openbao.client()
         configure_witness(root, self.witness_path)
-        self.store = Store(path / "broker.db")
+        self.store = store_at(path / "broker.db")
         self.store.migrate()
         (path / "audit-hmac.key").write_bytes(b"k" * 32)
         self.moment = [utcnow()]
@@ -73,6 +78,7 @@ class Log:
         return {
             "JIT_CONFIG": "",
             "JIT_SERVER_DATA_DIR": str(self.path),
+            **{f"JIT_STORAGE_{k.upper()}": v for k, v in storage_section(self.path).items()},
             "JIT_VAULT_ADDR": self.openbao.addr,
             "JIT_VAULT_TOKEN": token or self.openbao.root_token,
             "JIT_AUDIT_CHECKPOINT_EVERY": "60",
@@ -81,9 +87,12 @@ class Log:
         }
 
     def sql(self, *statements):
-        with sqlite3.connect(self.path / "broker.db") as db:
+        """An intruder's writes, straight into the database (whichever store is under test)."""
+        with self.store.transaction() as tx:
             for statement in statements:
-                db.execute(*statement) if isinstance(statement, tuple) else db.execute(statement)
+                tx.db.execute(*statement) if isinstance(statement, tuple) else tx.db.execute(
+                    statement
+                )
 
     def entry(self, seq):
         return self.store.audit_entry(seq)
@@ -426,7 +435,8 @@ def test_a_witness_version_that_is_not_a_checkpoint_is_one_readable_error(signed
 def run_verify(app, token):
     settings = app.extensions["jit"].settings
     env = {"JIT_CONFIG": "", "JIT_SERVER_DATA_DIR": str(settings.data_dir),
-           "JIT_VAULT_ADDR": settings.vault["addr"], "JIT_VAULT_TOKEN": token}  # fmt: skip
+           "JIT_VAULT_ADDR": settings.vault["addr"], "JIT_VAULT_TOKEN": token,
+           "JIT_STORAGE_URL": settings.storage["url"]}  # fmt: skip
     result = CliRunner().invoke(jit, ["audit", "verify"], env=env)
     return result.exit_code, result.output.strip()
 

@@ -6,7 +6,6 @@ CLI a checkpoint interval that owes nothing; absence itself is tested in test_au
 
 import json
 import shutil
-import sqlite3
 import zipfile
 
 import pytest
@@ -17,7 +16,7 @@ from broker import audit
 from broker.audit.bundle import OcsfMapper
 from broker.audit.log import AuditLog
 from broker.cli import main as jit
-from broker.store import Store
+from tests.helpers import storage_section, store_at
 
 ALICE = {"iss": "https://idp", "sub": "alice"}
 
@@ -25,7 +24,7 @@ ALICE = {"iss": "https://idp", "sub": "alice"}
 @pytest.fixture
 def data_dir(tmp_path):
     """Ten entries; a signed checkpoint after entry 5 and another after entry 8."""
-    store = Store(tmp_path / "broker.db")
+    store = store_at(tmp_path / "broker.db")
     store.migrate()
     key = audit.load_or_create_key(tmp_path / "audit-signing.key")
     (tmp_path / "audit-hmac.key").write_bytes(b"k" * 32)
@@ -44,6 +43,9 @@ A_LONG_INTERVAL = str(10**9)  # seconds: no checkpoint is ever owed
 def run(data_dir, *args, every=A_LONG_INTERVAL):
     env = {"JIT_SERVER_DATA_DIR": str(data_dir), "JIT_CONFIG": "", "JIT_VAULT_TOKEN": "",
            "JIT_AUDIT_CHECKPOINT_EVERY": every}  # fmt: skip
+    env.update(
+        {f"JIT_STORAGE_{key.upper()}": value for key, value in storage_section(data_dir).items()}
+    )
     return CliRunner().invoke(jit, list(args), env=env)
 
 
@@ -53,15 +55,23 @@ def verify(data_dir, *args, every=A_LONG_INTERVAL):
 
 
 def sql(data_dir, *statements):
-    with sqlite3.connect(data_dir / "broker.db") as db:
+    """What someone with write access to the database does behind the broker's back."""
+    store = store_at(data_dir / "broker.db")
+    try:
         for statement in statements:
-            db.execute(*statement) if isinstance(statement, tuple) else db.execute(statement)
+            store.db.execute(*statement) if isinstance(statement, tuple) else store.db.execute(
+                statement
+            )
+    finally:
+        store.close()
 
 
 def row(data_dir, seq):
-    with sqlite3.connect(data_dir / "broker.db") as db:
-        db.row_factory = sqlite3.Row
-        entry = dict(db.execute("SELECT * FROM audit WHERE seq = ?", [seq]).fetchone())
+    store = store_at(data_dir / "broker.db")
+    try:
+        entry = dict(store.db.execute("SELECT * FROM audit WHERE seq = ?", [seq]).fetchone())
+    finally:
+        store.close()
     return dict(entry, actor=json.loads(entry["actor"]), data=json.loads(entry["data"]))
 
 
@@ -167,7 +177,7 @@ def test_a_replaced_key_that_re_signed_everything_fails_against_the_pinned_key(d
     (data_dir / "audit-signing.key").unlink()
     (data_dir / "audit-checkpoints.jsonl").unlink()
     new_key = audit.load_or_create_key(data_dir / "audit-signing.key")
-    store = Store(data_dir / "broker.db")
+    store = store_at(data_dir / "broker.db")
     for checkpoint in store.checkpoints():
         store.add_checkpoint(
             audit.sign_checkpoint(new_key, checkpoint["size"], checkpoint["head"], checkpoint["at"])
@@ -354,7 +364,7 @@ def test_export_refuses_to_overwrite_and_bad_times_are_readable(data_dir):
 
 
 def test_lookup_finds_a_value_only_by_its_hmac(data_dir):
-    store = Store(data_dir / "broker.db")
+    store = store_at(data_dir / "broker.db")
     mark = audit.fingerprint(b"k" * 32, "accessor-abc")
     with store.transaction() as tx:
         tx.append("2026-11-03T00:00:00Z", "issue", ALICE, "g2", {"identifiers": {"accessor": mark}})

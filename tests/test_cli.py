@@ -1,5 +1,6 @@
 """`jit audit` on a real database file: intact, tampered with, missing; a broken config."""
 
+import os
 import subprocess
 import sys
 
@@ -8,16 +9,16 @@ from click.testing import CliRunner
 
 from broker.cli import main as jit
 from broker.models import Grant, isoformat, utcnow
-from broker.store import Store
+from tests.helpers import STORE
 
 STEPS = ["request", "decision", "issue", "release", "revoke", "verify"]
 
 
 @pytest.fixture
-def database(tmp_path):
+def database(make_store):
     """One grant's whole life, written just now (younger than one checkpoint interval, so no
     checkpoint is owed yet), with the row its chain says."""
-    store = Store(tmp_path / "broker.db")
+    store = make_store()
     store.migrate()
     now = isoformat(utcnow())
     said = {"issue": {"handle": "hmac-sha256:h"}, "release": {"window_end": now},
@@ -32,7 +33,9 @@ def database(tmp_path):
 
 
 def invoke(database, *args):
-    return CliRunner().invoke(jit, list(args), env={"JIT_STORAGE_PATH": str(database.path)})
+    env = {"JIT_STORAGE_URL": database.url} if STORE == "postgres" else {}
+    env.setdefault("JIT_STORAGE_PATH", str(getattr(database, "path", "")))
+    return CliRunner().invoke(jit, list(args), env=env)
 
 
 def test_verify_an_intact_chain(database):
@@ -96,3 +99,21 @@ def test_a_broken_config_is_one_readable_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"jit: {config}: unknown setting vault.tokn"
+
+
+def test_a_database_server_out_of_reach_is_one_readable_line(tmp_path):
+    """`[storage] url` naming a PostgreSQL server nobody answers at: exit 1, no traceback."""
+    from scripts.launchers import free_port
+
+    url = f"postgresql://jit:secret@127.0.0.1:{free_port()}/jit"
+    result = subprocess.run(
+        [sys.executable, "-c", "from broker.cli import run; run()", "audit", "verify"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "JIT_STORAGE_URL": url, "JIT_SERVER_DATA_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the pool's own warnings, if any
+    assert last.startswith("jit: the broker's database cannot be used now"), result.stderr
+    assert "Traceback" not in result.stderr and "secret" not in result.stderr

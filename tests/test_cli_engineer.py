@@ -147,6 +147,8 @@ class Jit:
         )
 
     def start(self, *args: str) -> subprocess.Popen:
+        """As a command typed at a terminal: SIGINT at its default (scripts/test runs the suite
+        in the background, where the shell makes its children ignore SIGINT, as jit then does)."""
         return subprocess.Popen(
             [JIT, *args],
             env=self.env,
@@ -154,6 +156,7 @@ class Jit:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
         )
 
     def json(self, *args: str) -> object:

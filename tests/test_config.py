@@ -1,6 +1,9 @@
 """Settings are checked once, when they are loaded: a wrong value is one ConfigError naming the
 key, whatever the command; only what serving alone needs waits for check_service_settings."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from broker.config import check_service_settings, load_settings
@@ -30,6 +33,8 @@ def test_settings_without_what_serving_needs_load_and_serving_names_what_is_miss
         ("oauth", {"signing_key": "../sys/policy"}, "oauth.signing_key"),
         ("oauth", {"transit_mount": ""}, "oauth.transit_mount"),
         ("storage", {"synchronous": "off"}, "storage.synchronous"),
+        ("storage", {"url": "mysql://db.example/jit"}, "storage.url"),
+        ("storage", {"pool_size": 0}, "storage.pool_size"),
         ("oauth", {"key_publish_delay": -1}, "oauth.key_publish_delay"),
         ("reaper", {"removal_workers": 0}, "reaper.removal_workers"),
         ("server", {"workers": 0}, "server.workers"),
@@ -133,3 +138,34 @@ def test_a_short_rsa_key_is_refused():
         load_settings(
             overrides={"oauth": {"clients": {"a": {"jwks": {"keys": [key]}}}}}, environ={}
         )
+
+
+def test_the_store_is_sqlite_unless_a_postgresql_url_is_given(tmp_path):
+    from broker.store import SqliteStore, open_store
+    from broker.store.postgres import PostgresStore
+
+    sqlite = load_settings(overrides={"server": {"data_dir": str(tmp_path)}}, environ={})
+    store = open_store(sqlite)
+    assert isinstance(store, SqliteStore) and store.path == tmp_path / "broker.db"
+    url = "postgresql://jit:s3cr3t@db.example/jit"
+    postgres = load_settings(environ={"JIT_STORAGE_URL": url, "JIT_STORAGE_POOL_SIZE": "4"})
+    store = open_store(postgres)  # connects only when first used
+    assert isinstance(store, PostgresStore) and store.pool_size == 4
+    assert "s3cr3t" not in repr(store)
+
+
+def test_a_secret_file_made_by_many_at_once_is_one_key_read_whole(tmp_path):
+    """gunicorn's workers (or replicas on one directory) start together on a new data directory:
+    each gets the same key, and no one fails because another made it first."""
+    settings = load_settings(overrides={"server": {"data_dir": str(tmp_path)}}, environ={})
+    start = threading.Barrier(16)
+
+    def make():
+        start.wait()
+        return settings.secret_file("audit-hmac.key")
+
+    with ThreadPoolExecutor(16) as pool:
+        keys = set(pool.map(lambda _: make(), range(16)))
+    assert len(keys) == 1 and len(next(iter(keys))) == 32
+    assert (tmp_path / "audit-hmac.key").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["audit-hmac.key"]  # no partial files left

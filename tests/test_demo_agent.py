@@ -177,8 +177,8 @@ def test_the_demo_agent_walks_the_whole_path(make_app, oidc_provider, oidc_clien
     )
     assert "resource_metadata=" in lines[6]
     (grant,) = grants_of(app).store.db.execute("SELECT id, status, task_agent FROM grants")
-    assert grant[1:] == ("released", "ci-agent")
-    kinds = [entry["type"] for entry in grants_of(app).chain(grant[0])]
+    assert (grant["status"], grant["task_agent"]) == ("released", "ci-agent")
+    kinds = [entry["type"] for entry in grants_of(app).chain(grant["id"])]
     assert "token_issued" in kinds
 
 
@@ -205,7 +205,7 @@ def test_a_failed_exchange_is_one_line_and_the_task_is_released(
     assert "invalid_target" in lines[3]
     assert lines[4] == "[6] alice releases the task after the failure: the grant is released"
     (grant,) = grants_of(app).store.db.execute("SELECT id, status, task_agent FROM grants")
-    assert grant[1:] == ("released", "ci-agent")
+    assert (grant["status"], grant["task_agent"]) == ("released", "ci-agent")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from broker.backends import make_backends
 from broker.backends.vault import make_client
 from broker.models import Principal, isoformat, parse_time, utcnow
 from scripts.launchers import free_port
-from tests.helpers import browser, health, token_works
+from tests.helpers import browser, health, sqlite_only, token_works
 
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-9 health"}
 
@@ -88,6 +88,7 @@ def test_a_stale_heartbeat_refuses_issuing(app, jit, api):
     assert health(app)[1]["status"] == "failing"
 
 
+@sqlite_only  # SQLite's write lock held by another process (PostgreSQL: test_store_postgres)
 def test_an_audit_log_that_cannot_be_written_refuses_issuing(app, jit, api):
     """Another process holds the database's write lock past the wait: the request's record
     cannot be committed, so Vault is never asked; /readyz says the store cannot be written."""
@@ -226,5 +227,5 @@ def test_a_credential_that_cannot_be_recorded_is_revoked_at_once(jit, api, openb
     assert refused.status_code == 503, refused.get_json()
     assert "revoked at once" in refused.get_json()["detail"]
     assert len(issued) == 1 and not token_works(openbao, issued[0].secret)
-    grant = jit.grants.store.db.execute("SELECT * FROM grants").fetchall()[-1]
+    grant = jit.grants.store.db.execute("SELECT * FROM grants ORDER BY rowid").fetchall()[-1]
     assert grant["status"] == "issuing" and grant["handle"] == ""  # the reconciler settles it

@@ -648,7 +648,7 @@ def test_any_authorization_bytes_are_401_json_over_http(broker, value):
 def _live_footprint(broker):
     db = broker.grants.store.db
     return (
-        db.execute("SELECT count(*) FROM grants").fetchone()[0],
+        db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"],
         broker.grants.store.audit_head(),
     )
 
@@ -746,7 +746,7 @@ def test_fuzz_client_assertions_and_subject_tokens_never_5xx(token_app, tokens, 
     assert_sendable_headers(response)
     if response.status_code >= 400:
         assert isinstance(response.json["error"], str), response.json
-    assert store.db.execute("SELECT COUNT(*) FROM access_tokens").fetchone()[0] == 0
+    assert store.db.execute("SELECT COUNT(*) AS n FROM access_tokens").fetchone()["n"] == 0
     assert store.audit_head() == head
 
 

@@ -69,7 +69,7 @@ def test_login_request_use_and_release_through_the_browser(broker, openbao):
 
 def test_a_form_without_its_csrf_token_is_refused(broker):
     session, home = login(broker, "alice")
-    count = broker.grants.store.db.execute("SELECT count(*) FROM grants").fetchone()[0]
+    count = broker.grants.store.db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"]
     response = session.post(
         broker.url + "/requests",
         data={"entitlement": "kv-read", "duration": "10m", "reason": "forged"},
@@ -77,12 +77,14 @@ def test_a_form_without_its_csrf_token_is_refused(broker):
     )
     assert response.status_code == 400
     assert "CSRF" in response.text
-    assert broker.grants.store.db.execute("SELECT count(*) FROM grants").fetchone()[0] == count
+    assert (
+        broker.grants.store.db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"] == count
+    )
 
 
 def test_a_refused_form_says_why_and_issues_nothing(broker):
     session, home = login(broker, "alice")
-    count = broker.grants.store.db.execute("SELECT count(*) FROM grants").fetchone()[0]
+    count = broker.grants.store.db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"]
     response = session.post(
         broker.url + "/requests",
         data={
@@ -95,7 +97,9 @@ def test_a_refused_form_says_why_and_issues_nothing(broker):
     )
     assert response.status_code == 422
     assert "longer than the maximum 1h" in response.text
-    assert broker.grants.store.db.execute("SELECT count(*) FROM grants").fetchone()[0] == count
+    assert (
+        broker.grants.store.db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"] == count
+    )
 
 
 def test_someone_eligible_for_nothing_is_told_so(broker):

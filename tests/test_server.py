@@ -19,9 +19,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import audit
-from broker.store import Store
 from scripts.launchers import ROOT, BrokerProcess, free_port
-from tests.helpers import TEST_POLICY, token_works, wait_until
+from tests.helpers import TEST_POLICY, storage_section, store_at, token_works, wait_until
 
 JIT = str(Path(sys.executable).parent / "jit")
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-14 gunicorn"}
@@ -42,6 +41,7 @@ def served(tmp_path, openbao, oidc_provider, oidc_client_secret, vault_setup):
         JIT_SERVER_THREADS="4",
         JIT_SERVER_GRACEFUL_TIMEOUT="10",
         JIT_SERVER_LOG_FORMAT="json",
+        **{f"JIT_STORAGE_{k.upper()}": v for k, v in storage_section(tmp_path).items()},
     )
     try:
         yield broker.process.popen, broker.url, broker.env, tmp_path
@@ -114,7 +114,7 @@ def test_two_workers_each_run_one_of_each_thread_and_stop_cleanly_on_sigterm(ser
         timeout=30,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    store = Store(workdir / "broker.db")
+    store = store_at(workdir / "broker.db")
     head = store.audit_head()["seq"]
     assert f"signed through seq {head}" in verify.stdout  # the last checkpoint covers all
     claimed = store.grants_in(("issuing", "revoking"))
@@ -147,7 +147,7 @@ def test_windows_closing_together_under_two_workers_are_removed_once_each(served
 
     with ThreadPoolExecutor(8) as pool:
         granted = list(pool.map(issue, range(40)))
-    store = Store(workdir / "broker.db")
+    store = store_at(workdir / "broker.db")
     assert wait_until(
         lambda: all(store.get_grant(g["id"]).status == "revoked" for g in granted), timeout=30
     )

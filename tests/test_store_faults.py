@@ -17,9 +17,13 @@ import requests
 from werkzeug.serving import make_server
 
 from broker.errors import StoreUnavailable
-from broker.store import Store
+from broker.store import SqliteStore as Store
 from scripts.launchers import follow_login, free_port
-from tests.helpers import browser, csrf, token_works, wait_for_status
+from tests.helpers import browser, csrf, sqlite_only, token_works, wait_for_status
+
+# Every fault here is a SQLite file's own (a full filesystem, an immutable file, a file that is
+# no database); tests/test_store_postgres.py has the PostgreSQL store's (the server unreachable).
+pytestmark = sqlite_only
 
 ASK = {"entitlement": "kv-read", "duration": "10m", "reason": "INC-10 store faults"}
 
@@ -92,7 +96,7 @@ def held_grant_ids(jit) -> set[str]:
 
 
 def grant_count(jit) -> int:
-    return jit.grants.store.db.execute("SELECT count(*) FROM grants").fetchone()[0]
+    return jit.grants.store.db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"]
 
 
 def test_a_full_disk_gives_503_fails_health_and_recovers_when_space_returns(
@@ -248,7 +252,7 @@ def test_the_store_translates_only_what_means_unavailable(tmp_path):
     store.migrate()
     store.check_writable()
     store.check_writable()
-    assert store.db.execute("SELECT writes FROM write_check").fetchone()[0] == 2  # committed
+    assert store.db.execute("SELECT writes FROM write_check").fetchone()["writes"] == 2
     with pytest.raises(Exception) as bug:  # the broker's own bad SQL stays a plain error (500)
         store.db.execute("SELECT no_such_column FROM grants")
     assert not isinstance(bug.value, StoreUnavailable)

@@ -62,7 +62,7 @@ def sessions_in(app):
 
 def grant_count(app):
     store = app.extensions["jit"].grants.store
-    return store.db.execute("SELECT count(*) FROM grants").fetchone()[0]
+    return store.db.execute("SELECT count(*) AS n FROM grants").fetchone()["n"]
 
 
 def home_csrf(client):
@@ -86,7 +86,7 @@ def pending_id(app):
     rows = app.extensions["jit"].grants.store.db.execute(
         "SELECT id FROM grants WHERE status = 'pending' ORDER BY created_at DESC, rowid DESC"
     )
-    return rows.fetchone()[0]
+    return rows.fetchone()["id"]
 
 
 # --- the cookie -----------------------------------------------------------------------------------

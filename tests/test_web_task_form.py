@@ -56,7 +56,7 @@ def app(make_app):
 
 
 def count(app, table="grants"):
-    return grants_of(app).store.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+    return grants_of(app).store.db.execute(f"SELECT count(*) AS n FROM {table}").fetchone()["n"]  # noqa: S608
 
 
 def post(client, home, **fields):

@@ -11,6 +11,7 @@ import click
 
 from ..client.errors import ClientError
 from ..config import ConfigError, load_settings
+from ..errors import StoreUnavailable
 from . import account, admin, approvals, execute, grants
 from .admin import run_server as run_server
 
@@ -73,3 +74,6 @@ def run() -> None:
     except ConfigError as exc:
         click.echo(f"jit: {exc}", err=True)
         sys.exit(2)
+    except StoreUnavailable as exc:  # the database server out of reach: one line, exit 1
+        click.echo(f"jit: {exc.detail}", err=True)
+        sys.exit(1)

@@ -27,7 +27,7 @@ from ..durations import parse_duration
 from ..errors import ConfigError
 from ..models import Principal, Task, isoformat, parse_time, utcnow
 from ..policy import Policy, PolicyError, decide, explain, load_policy
-from ..store import Store
+from ..store import Store, open_store
 
 
 class _NoQueryStrings(logging.Filter):
@@ -67,9 +67,10 @@ def run_server(app: Flask) -> None:
 
 
 def _store(settings: Settings) -> Store:
-    if not settings.database_path.exists():
+    """The broker's store, read as it is (never migrated from here)."""
+    if not settings.storage["url"] and not settings.database_path.exists():
         raise click.ClickException(f"no broker database at {settings.database_path}")
-    return Store(settings.database_path)
+    return open_store(settings)
 
 
 @click.command()

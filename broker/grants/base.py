@@ -17,7 +17,7 @@ from ..errors import (
     InvalidRequest,
     PolicyRefused,
 )
-from ..liveness import Liveness
+from ..liveness import Processes
 from ..metrics import Metrics
 from ..models import (
     ACTIVE,
@@ -47,6 +47,9 @@ MAX_REASON = 1000
 MAX_TICKET = 200
 REAP_BATCH = 200
 REVOCATION_LEASE = timedelta(seconds=60)  # a crash mid-revocation is retried after this
+# While another live broker process holds removal claims, the reaper looks again this soon: should
+# that process die (kill -9), its claims are taken over within seconds, not at the lease's end.
+TAKEOVER_CHECK = timedelta(seconds=5)
 OPEN = (PENDING, APPROVED, ISSUING, ACTIVE)  # what counts against an entitlement's limit
 AWAITING = (PENDING, APPROVED)  # requests that expire unapproved (or unactivated) at due_at
 DEFAULT_REQUEST_TTL = timedelta(hours=24)
@@ -85,7 +88,7 @@ class GrantsBase:
         removal_workers: int = 8,
         vault_health: Callable[[], dict] | None = None,
         auditor_groups: tuple[str, ...] = (),
-        processes: Liveness | None = None,
+        processes: Processes | None = None,
         metrics: Metrics | None = None,
     ):
         self.store = store

@@ -38,6 +38,7 @@ from .base import (
     REAP_BATCH,
     REAPER,
     REVOCATION_LEASE,
+    TAKEOVER_CHECK,
     GrantsBase,
     log,
 )
@@ -161,8 +162,32 @@ class Removing(GrantsBase):
                     self._reap(grant, now)
             if len(due) < REAP_BATCH:
                 break
+        held_elsewhere = self._take_over_dead_claims(now)
         deadline = self.store.next_deadline()
-        return parse_time(deadline) if deadline else None
+        next_look = parse_time(deadline) if deadline else None
+        if held_elsewhere:
+            soon = now + TAKEOVER_CHECK
+            next_look = soon if next_look is None else min(next_look, soon)
+        return next_look
+
+    def _take_over_dead_claims(self, now: datetime) -> bool:
+        """Removals claimed by a broker process that has died since (kill -9 mid-revocation) are
+        taken over now rather than when their lease lapses. True while another live process holds
+        claims: the reaper looks again within TAKEOVER_CHECK, in case that one dies too."""
+        if self.processes is None:
+            return False
+        held_elsewhere, dead = False, {}
+        for grant in self.store.grants_in((REVOKING,)):
+            claimer = grant.issuing_process
+            if not claimer or claimer == self.process_id:
+                continue  # a claim from before processes were stamped, or this process's own
+            if claimer not in dead:  # asked once per process and pass
+                dead[claimer] = self._dead(claimer)
+            if dead[claimer]:
+                self._reap(grant, now)
+            else:
+                held_elsewhere = True
+        return held_elsewhere
 
     def _reap(self, grant: Grant, now: datetime) -> None:
         if grant.status in AWAITING:
@@ -181,6 +206,14 @@ class Removing(GrantsBase):
             if held.handle and not held.gone_at
         ]
         with self.store.transaction() as tx:
+            # The fence: still this attempt's claim? A reaper paused past REVOCATION_LEASE
+            # (GC, SIGSTOP, a network stall) may find another has claimed the grant since; it
+            # records nothing over that one's work (what it revoked meanwhile stays revoked).
+            if not tx.move_grant(grant.id, REVOKING, if_attempts=attempt, attempts=attempt):
+                log.warning(
+                    "grant %s: claim %d was taken over, nothing recorded", grant.id, attempt
+                )
+                return
             for handle, outcome in outcomes:
                 self._log_removal(tx, grant, backend, handle, outcome, attempt=attempt)
                 if outcome.gone:
@@ -249,7 +282,10 @@ class Removing(GrantsBase):
             self.metrics.revocation_lag.labels(grant.backend).observe(max(lag, 0.0))
 
     def _claim_for_removal(self, grant: Grant, now: datetime, attempt: int) -> bool:
-        """Move the grant to revoking; False when someone else moved it first."""
+        """Move the grant to revoking; False when someone else moved it first. Conditional on
+        the attempt count read with the grant: a grant already `revoking` is in TO_REAP too (a
+        lapsed claim is taken over), so the status alone would let two reapers that read it
+        before either claimed both claim it. The count is the claim's fencing token."""
         with self.store.transaction() as tx:
             if grant.status == ACTIVE:
                 if not tx.move_grant(grant.id, ACTIVE, status=EXPIRED, updated_at=self._now()):
@@ -258,7 +294,9 @@ class Removing(GrantsBase):
             return tx.move_grant(
                 grant.id,
                 TO_REAP,
+                if_attempts=grant.attempts,
                 status=REVOKING,
+                issuing_process=self.process_id,  # the claim's holder, while it is `revoking`
                 attempts=attempt,
                 due_at=isoformat(now + REVOCATION_LEASE),
                 updated_at=self._now(),

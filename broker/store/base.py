@@ -1,0 +1,577 @@
+"""What both stores share, written once: the write `Transaction` (state changes and the audit
+entries that record them, always together) and every read and small write of the `Store`, in the
+SQL SQLite and PostgreSQL both speak (`?` marks parameters; the PostgreSQL store passes them on
+as psycopg's own). Knows rows, not rules; never opens a connection itself: each store's module
+says how statements run, how transactions begin and lock, and how its failures become
+`StoreUnavailable`."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import fields
+from datetime import datetime
+from typing import Any, Protocol, Unpack
+
+from .. import audit
+from ..audit.storage import GrantFilters
+from ..liveness import Processes
+from ..models import Approval, Credential, Grant, utcnow
+
+GRANT_COLUMNS = [f.name for f in fields(Grant)]
+GRANT_FIELDS = frozenset(GRANT_COLUMNS)
+CREDENTIAL_COLUMNS = [f.name for f in fields(Credential)]
+# Named, not `*`: a PostgreSQL table has its `rowid` column besides (schema.Dialect).
+# Every column: a file an older broker left, read as it is (`jit audit` never migrates), lacks
+# the newer ones, which then take the Grant's defaults (`_grant`); PostgreSQL's rowid is dropped.
+SELECT_GRANT = "SELECT * FROM grants"
+AUDIT_PAGE = 1000  # entries read at a time
+SELECT_CREDENTIAL = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"  # noqa: S608
+
+
+class Row(Protocol):
+    """A row as both drivers give it: by column name (sqlite3.Row, psycopg's dict_row)."""
+
+    def __getitem__(self, key: str) -> Any: ...
+
+    def keys(self) -> Iterable[str]: ...
+
+
+class Executor(Protocol):
+    """Whatever runs one statement: a SQLite connection, or a PostgreSQL one (or its pool)."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+
+def _insert(db: Executor, table: str, row: Mapping[str, object], upsert_key: str = "") -> None:
+    """One plain INSERT of scalar columns (sqlite-utils' insert reads the schema and wraps the
+    statement in a savepoint: five statements for one row, too dear on the paths that run for
+    every grant and every token). With `upsert_key`, a row already there under that key is
+    replaced."""
+    names = list(row)
+    sql = (
+        f"INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 - names are the store's own
+        f"VALUES ({', '.join('?' * len(names))})"
+    )
+    if upsert_key:
+        updates = ", ".join(f"{name} = excluded.{name}" for name in names if name != upsert_key)
+        sql += f" ON CONFLICT ({upsert_key}) DO UPDATE SET {updates}"
+    db.execute(sql, [row[name] for name in names])
+
+
+def _grant(row: Row | None) -> Grant | None:
+    return _row_grant(row) if row is not None else None
+
+
+def _row_grant(row: Row) -> Grant:
+    return Grant(**{name: row[name] for name in row.keys() if name in GRANT_FIELDS})
+
+
+class Transaction:
+    """One write transaction: state changes and the audit entries that record them. Each store
+    begins it holding the write lock (SQLite's BEGIN IMMEDIATE, an advisory lock on PostgreSQL),
+    so what it reads still holds when it writes, and the chain's head cannot move between."""
+
+    def __init__(self, db: Any):
+        self.db = db
+        self._head: dict | None = None  # the last entry this transaction appended
+        self.committed: list[Callable[[], None]] = []
+
+    def after_commit(self, call: Callable[[], None]) -> None:
+        """Run `call` once this transaction has committed (never if it rolls back): for what
+        must count only what was recorded, such as the metrics. Each store runs them."""
+        self.committed.append(call)
+
+    def use_assertion_jti(self, key: str, until: int, now: float) -> bool:
+        """Record a client assertion's jti (by `key`, a hash) as used until `until` (epoch
+        seconds); False when it was recorded already. The primary key decides between racing
+        requests, in this process or another replica; rows past their `until` go first (an
+        assertion past it is refused by its exp, used or not)."""
+        self.db.execute("DELETE FROM assertion_jtis WHERE until < ?", [now])
+        cursor = self.db.execute(
+            "INSERT INTO assertion_jtis (key, until) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            [key, until],
+        )
+        return bool(cursor.rowcount == 1)
+
+    def get_grant(self, grant_id: str) -> Grant | None:
+        """Read inside the transaction: under the write lock, so what it says still holds."""
+        return _grant(self.db.execute(f"{SELECT_GRANT} WHERE id = ?", [grant_id]).fetchone())
+
+    def insert_grant(self, grant: Grant) -> None:
+        _insert(self.db, "grants", {name: getattr(grant, name) for name in GRANT_COLUMNS})
+
+    def move_grant(
+        self,
+        grant_id: str,
+        from_status: tuple[str, ...] | str,
+        if_handle: str | None = None,
+        if_attempts: int | None = None,
+        **changes: object,
+    ) -> bool:
+        """Change a grant only if it is still in one of `from_status` (and, given `if_handle`,
+        still holds that credential: a change that replaces a credential must not replace one
+        it never saw; given `if_attempts`, is still the claim of that attempt: the fence that
+        keeps a reaper paused past its claim from recording over the next claim's work); False
+        means someone else moved it first, so the caller must not act."""
+        from_status = (from_status,) if isinstance(from_status, str) else from_status
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        marks = ", ".join("?" for _ in from_status)
+        params: list[object] = [*changes.values(), grant_id, *from_status]
+        where = f"id = ? AND status IN ({marks})"
+        if if_handle is not None:
+            where += " AND handle = ?"
+            params.append(if_handle)
+        if if_attempts is not None:
+            where += " AND attempts = ?"
+            params.append(if_attempts)
+        cursor = self.db.execute(
+            f"UPDATE grants SET {assignments} WHERE {where}",  # noqa: S608
+            params,
+        )
+        return bool(cursor.rowcount == 1)
+
+    def credentials_of(self, grant_id: str) -> list[Credential]:
+        """Every credential the grant holds or held, oldest first (under the write lock here)."""
+        rows = self.db.execute(
+            f"{SELECT_CREDENTIAL} WHERE grant_id = ? ORDER BY issued_at, rowid", [grant_id]
+        )
+        return [Credential(**dict(row)) for row in rows]
+
+    def add_credential(self, credential: Credential) -> None:
+        _insert(
+            self.db, "credentials", {name: getattr(credential, name) for name in CREDENTIAL_COLUMNS}
+        )
+
+    def record_handle(self, credential_id: str, handle: str) -> None:
+        """Vault answered an extension's claim: the claim becomes the credential it issued."""
+        self.db.execute("UPDATE credentials SET handle = ? WHERE id = ?", [handle, credential_id])
+
+    def drop_claim(self, credential_id: str) -> None:
+        """Vault issued nothing for this claim: there is nothing to remember."""
+        self.db.execute("DELETE FROM credentials WHERE id = ? AND handle = ''", [credential_id])
+
+    def mark_gone(self, grant_id: str, handle: str, at: str) -> None:
+        """Its removal was verified: it no longer keeps its grant from being `revoked`."""
+        self.db.execute(
+            "UPDATE credentials SET gone_at = ? WHERE grant_id = ? AND handle = ? AND gone_at = ''",
+            [at, grant_id, handle],
+        )
+
+    def add_approval(self, grant_id: str, approval: Approval) -> bool:
+        """Record one person's approval; False when that person had already approved."""
+        cursor = self.db.execute(
+            "INSERT INTO approvals (grant_id, issuer, subject, display, groups, at, email) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [
+                grant_id,
+                approval.issuer,
+                approval.subject,
+                approval.display,
+                json.dumps(list(approval.groups)),
+                approval.at,
+                approval.email,
+            ],
+        )
+        return bool(cursor.rowcount == 1)
+
+    def add_access_token(self, **row: object) -> None:
+        _insert(self.db, "access_tokens", row)
+
+    def revoke_access_token(self, jti_hash: str, client_id: str, at: str) -> str | None:
+        """Mark the agent's token revoked; its grant id, or None when there was nothing to revoke
+        (unknown, another agent's, or revoked already)."""
+        row = self.db.execute(
+            "SELECT grant_id FROM access_tokens "
+            "WHERE jti_hash = ? AND agent = ? AND revoked_at = ''",
+            [jti_hash, client_id],
+        ).fetchone()
+        if row is None:
+            return None
+        moved = self.db.execute(
+            "UPDATE access_tokens SET revoked_at = ? "
+            "WHERE jti_hash = ? AND agent = ? AND revoked_at = ''",
+            [at, jti_hash, client_id],
+        ).rowcount
+        return str(row["grant_id"]) if moved == 1 else None
+
+    def append(self, at: str, type_: str, actor: dict, grant_id: str | None, data: dict) -> dict:
+        """Seal the entry over the head and append it. The head cannot move meanwhile (the write
+        lock), and `seq` is the primary key, so two writers could never both append seq N."""
+        prev = self._head
+        if prev is None:  # the head as committed; after this transaction's first, its own
+            row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            prev = _entry(row) if row else None
+        entry = audit.seal(prev, at, type_, actor, grant_id, data)
+        _insert(
+            self.db,
+            "audit",
+            dict(entry, actor=json.dumps(entry["actor"]), data=json.dumps(entry["data"])),
+        )
+        self._head = entry
+        return entry
+
+
+class Store(ABC):
+    """The broker's store: the reads and small writes both databases answer alike. A subclass
+    gives `db` (what runs one statement now), `transaction`, the schema version, the clock that
+    decides deadlines, and the durability and wake-up hooks."""
+
+    # Whether entries' data holds a text: SQLite's instr, PostgreSQL's strpos.
+    CONTAINS = "instr(data, ?) > 0"
+
+    @property
+    @abstractmethod
+    def db(self) -> Any:
+        """What runs one statement for the calling thread (inside its open transaction, if any)."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Transaction]:
+        """A write transaction holding the store's write lock from its first statement."""
+
+    @abstractmethod
+    def migrate(self) -> None:
+        """Create or upgrade the schema (schema.py), once, whoever else starts at the same time."""
+
+    @abstractmethod
+    def schema_version(self) -> int: ...
+
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Raise unless a write can be committed now (it commits one)."""
+
+    def make_durable(self) -> None:  # noqa: B027 (a hook: nothing to do unless said)
+        """Make every transaction committed so far survive a power loss (before anything leaves
+        the machine on the strength of the log). A commit is durable already unless said."""
+
+    def now(self) -> datetime:
+        """The clock that decides deadlines (window ends, due grants, claim leases): the
+        process's for SQLite (one machine), the database's for PostgreSQL (every replica the
+        same)."""
+        return utcnow()
+
+    def announce(self) -> None:  # noqa: B027 (a hook: nothing to do unless said)
+        """Tell the other broker processes on this store that deadlines changed (a new grant, a
+        release): SQLite's brokers share one machine and poll, PostgreSQL's are notified."""
+
+    def listen(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call `wake` whenever another process announces; returns what stops listening."""
+        return lambda: None
+
+    @abstractmethod
+    def processes(self) -> Processes:
+        """This process's claim to be alive, for as long as it runs, and the test of another's
+        (liveness.py): a lock file beside a SQLite database, a lock in PostgreSQL."""
+
+    def close(self) -> None:  # noqa: B027 (a hook: nothing to do unless said)
+        """Give back what the store holds open (it opens again when next used)."""
+
+    # --- grants ----------------------------------------------------------------------------------
+
+    def get_grant(self, grant_id: str) -> Grant | None:
+        return Transaction(self.db).get_grant(grant_id)
+
+    def credentials_of(self, grant_id: str) -> list[Credential]:
+        return Transaction(self.db).credentials_of(grant_id)
+
+    def access_token(self, jti_hash: str) -> dict | None:
+        """The record of an access token the broker issued, by the SHA-256 of its jti."""
+        row = self.db.execute(
+            "SELECT * FROM access_tokens WHERE jti_hash = ?", [jti_hash]
+        ).fetchone()
+        return dict(row) if row else None
+
+    def grant_holding(self, backend: str, handle: str) -> Grant | None:
+        """The grant whose current credential of `backend` is `handle` (a task's subject token
+        hash), whatever its state."""
+        return _grant(
+            self.db.execute(
+                f"{SELECT_GRANT} WHERE handle = ? AND backend = ? AND handle != ''",
+                [handle, backend],
+            ).fetchone()
+        )
+
+    def task_honoured(self, handle: str) -> bool:
+        """Whether a task's subject token (by its hash) still names an `active` grant: the one
+        fact that proves it dead once false (broker/backends/tool_task.py)."""
+        row = self.db.execute(
+            "SELECT 1 AS found FROM grants "
+            "WHERE handle = ? AND backend = 'tool_task' AND status = 'active'",
+            [handle],
+        ).fetchone()
+        return row is not None
+
+    def grants_of(self, issuer: str, subject: str, limit: int = 100) -> list[Grant]:
+        rows = self.db.execute(
+            f"{SELECT_GRANT} WHERE requester_iss = ? AND requester_sub = ? "
+            "ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            [issuer, subject, limit],
+        )
+        return [_row_grant(row) for row in rows]
+
+    def due_grants(self, now: str, limit: int = 200) -> list[Grant]:
+        """Grants the reaper must look at now: windows closed, requests gone stale, retries due."""
+        rows = self.db.execute(
+            f"{SELECT_GRANT} WHERE due_at != '' AND due_at <= ? ORDER BY due_at LIMIT ?",
+            [now, limit],
+        )
+        return [_row_grant(row) for row in rows]
+
+    def active_tasks_for(self, issuer: str, subject: str, agent: str) -> list[Grant]:
+        """The active task grants a person started for themselves for `agent`, whatever their
+        window end says (the caller compares it with its clock)."""
+        rows = self.db.execute(
+            f"{SELECT_GRANT} WHERE requester_iss = ? AND requester_sub = ? "
+            "AND backend = 'tool_task' AND status = 'active' AND task_agent = ? "
+            "AND task_started_by = 'person'",
+            [issuer, subject, agent],
+        )
+        return [_row_grant(row) for row in rows]
+
+    def count_due(self, now: str) -> int:
+        """How many deadlines (window ends, stale requests, retries) are due and not yet handled."""
+        row = self.db.execute(
+            "SELECT COUNT(*) AS due FROM grants WHERE due_at != '' AND due_at <= ?", [now]
+        ).fetchone()
+        return int(row["due"])
+
+    def count_by_state(self) -> dict[tuple[str, str], int]:
+        """Grants by (status, backend), for the metrics."""
+        rows = self.db.execute(
+            "SELECT status, backend, COUNT(*) AS n FROM grants GROUP BY status, backend"
+        )
+        return {(str(row["status"]), str(row["backend"])): int(row["n"]) for row in rows}
+
+    def next_deadline(self) -> str | None:
+        row = self.db.execute("SELECT MIN(due_at) AS due FROM grants WHERE due_at != ''").fetchone()
+        return row["due"] if row else None
+
+    def count_open(
+        self,
+        issuer: str,
+        subject: str,
+        entitlement: str,
+        statuses: tuple[str, ...],
+        excluding: str = "",
+    ) -> int:
+        marks = ", ".join("?" for _ in statuses)
+        row = self.db.execute(
+            "SELECT count(*) AS n FROM grants WHERE requester_iss = ? AND requester_sub = ? "  # noqa: S608
+            f"AND entitlement = ? AND status IN ({marks}) AND id != ?",
+            [issuer, subject, entitlement, *statuses, excluding],
+        ).fetchone()
+        return int(row["n"])
+
+    def grants_in(self, statuses: tuple[str, ...], limit: int = 500) -> list[Grant]:
+        marks = ", ".join("?" for _ in statuses)
+        rows = self.db.execute(
+            f"{SELECT_GRANT} WHERE status IN ({marks}) ORDER BY created_at LIMIT ?",
+            [*statuses, limit],
+        )
+        return [_row_grant(row) for row in rows]
+
+    def search_grants(
+        self,
+        person: str = "",
+        entitlement: str = "",
+        status: str = "",
+        break_glass: bool | None = None,
+        since: str = "",
+        until: str = "",
+        before: tuple[str, str] | None = None,
+        limit: int = 50,
+    ) -> list[Grant]:
+        """Grants matching every filter given, newest first (created_at, then id). `person` is
+        the requester as displayed or their subject; `since` is inclusive, `until` exclusive.
+        Keyset pagination: `before` is the (created_at, id) of the last row of the previous page.
+        Each filter has an index on (column, created_at) (schema v3)."""
+        where, params = _grant_filters(
+            person, entitlement, status, break_glass, since, until, before
+        )
+        rows = self.db.execute(
+            f"{SELECT_GRANT} {where} ORDER BY created_at DESC, id DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [_row_grant(row) for row in rows]
+
+    def iter_grants(self, batch: int = 500, **filters: Unpack[GrantFilters]) -> Iterator[Grant]:
+        """Every grant `search_grants(**filters)` would find, page after page: memory stays at
+        one batch, and no read transaction stays open while the caller works (a long one would
+        keep SQLite's WAL from being checkpointed)."""
+        before: tuple[str, str] | None = None
+        while True:
+            page = self.search_grants(**filters, before=before, limit=batch)
+            yield from page
+            if len(page) < batch:
+                return
+            before = (page[-1].created_at, page[-1].id)
+
+    def reviews_overdue(self, now: str, limit: int = 100) -> list[str]:
+        """Break-glass grants whose review is past due: their ids, oldest deadline first."""
+        rows = self.db.execute(
+            "SELECT id FROM grants WHERE break_glass = 1 AND reviewed_at = '' "
+            "AND review_due != '' AND review_due <= ? ORDER BY review_due LIMIT ?",
+            [now, limit],
+        )
+        return [row["id"] for row in rows]
+
+    def approvals_of(self, grant_id: str) -> list[Approval]:
+        rows = self.db.execute(  # every column: a file older than v4 has no email
+            "SELECT * FROM approvals WHERE grant_id = ? ORDER BY at, rowid", [grant_id]
+        )
+        return [
+            Approval(
+                row["issuer"],
+                row["subject"],
+                row["display"],
+                tuple(json.loads(row["groups"])),
+                row["at"],
+                row["email"] if "email" in row.keys() else "",
+            )
+            for row in rows
+        ]
+
+    # --- the audit log (broker/audit/storage.py's AuditStore) ------------------------------------
+
+    def audit_entries(
+        self, grant_id: str | None = None, after: int = 0, limit: int = -1
+    ) -> Iterator[dict]:
+        """Entries in sequence order: all, one grant's, or the next `limit` after seq `after`.
+        Read in pages by seq: memory stays at one page (a PostgreSQL result is read whole), and
+        no read stays open while the caller works (on SQLite it would hold back the WAL)."""
+        grant_clause = "" if grant_id is None else "grant_id = ? AND "
+        sql = f"SELECT * FROM audit WHERE {grant_clause}seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
+        left = limit
+        while left != 0:
+            page = AUDIT_PAGE if left < 0 else min(left, AUDIT_PAGE)
+            params = [after, page] if grant_id is None else [grant_id, after, page]
+            rows = list(self.db.execute(sql, params))
+            for row in rows:
+                yield _entry(row)
+            if len(rows) < page:
+                return
+            after = rows[-1]["seq"]
+            left = left - len(rows) if left > 0 else left
+
+    def audit_entries_containing(self, text: str) -> Iterator[dict]:
+        """Entries whose data holds `text` (an HMAC fingerprint): a scan, for rare lookups."""
+        rows = self.db.execute(
+            f"SELECT * FROM audit WHERE {self.CONTAINS} ORDER BY seq",  # noqa: S608
+            [text],
+        )
+        for row in rows:
+            yield _entry(row)
+
+    def audit_entry(self, seq: int) -> dict | None:
+        row = self.db.execute("SELECT * FROM audit WHERE seq = ?", [seq]).fetchone()
+        return _entry(row) if row else None
+
+    def audit_head(self) -> dict | None:
+        row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return _entry(row) if row else None
+
+    def audit_seq_range(self, since: str = "", until: str = "") -> tuple[int, int]:
+        """The first and last seq of the entries written in [since, until) (0, 0: none)."""
+        row = self.db.execute(
+            "SELECT MIN(seq) AS first, MAX(seq) AS last FROM audit "
+            "WHERE at >= ? AND (? = '' OR at < ?)",
+            [since, until, until],
+        ).fetchone()
+        return (row["first"] or 0, row["last"] or 0)
+
+    def add_checkpoint(self, checkpoint: dict) -> None:
+        _insert(self.db, "checkpoints", checkpoint, upsert_key="size")
+
+    def checkpoints(self, first: int = 0, last: int | None = None) -> list[dict]:
+        """Signed checkpoints whose size lies in [first, last], smallest first."""
+        if self.schema_version() < 3:  # a copy of an older broker's database: none were signed
+            return []
+        sql, params = "SELECT * FROM checkpoints WHERE size >= ?", [first]
+        if last is not None:
+            sql, params = sql + " AND size <= ?", [first, last]
+        rows = self.db.execute(sql + " ORDER BY size", params)
+        # A v1 checkpoint has no key_version, previous or legacy_key_id: not null, absent.
+        return [{k: v for k, v in dict(row).items() if v is not None} for row in rows]
+
+    def cursor(self, name: str) -> int:
+        """A consumer's position in the audit log (the last seq it has taken)."""
+        row = self.db.execute("SELECT seq FROM cursors WHERE name = ?", [name]).fetchone()
+        return int(row["seq"]) if row else 0
+
+    def set_cursor(self, name: str, seq: int) -> None:
+        self.db.execute(
+            "INSERT INTO cursors (name, seq) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+            [name, seq],
+        )
+
+    # --- browser sessions (broker/web/sessions.py): rows, not rules -----------------------------
+
+    def web_session(self, key: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM web_sessions WHERE key = ?", [key]).fetchone()
+        return dict(row) if row else None
+
+    def insert_web_session(self, key: str, **columns: object) -> None:
+        _insert(self.db, "web_sessions", dict(columns, key=key))
+
+    def update_web_session(self, key: str, **changes: object) -> bool:
+        """Change the columns given; False when the session is gone (ended meanwhile)."""
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        cursor = self.db.execute(
+            f"UPDATE web_sessions SET {assignments} WHERE key = ?",  # noqa: S608
+            [*changes.values(), key],
+        )
+        return bool(cursor.rowcount == 1)
+
+    def delete_web_session(self, key: str) -> bool:
+        return bool(self.db.execute("DELETE FROM web_sessions WHERE key = ?", [key]).rowcount == 1)
+
+    def purge_web_sessions(self, now: float) -> int:
+        """Delete every session past its idle or absolute deadline; how many went."""
+        cursor = self.db.execute("DELETE FROM web_sessions WHERE expires_at <= ?", [now])
+        return int(cursor.rowcount)
+
+
+def _grant_filters(
+    person: str,
+    entitlement: str,
+    status: str,
+    break_glass: bool | None,
+    since: str,
+    until: str,
+    before: tuple[str, str] | None,
+) -> tuple[str, list]:
+    """The WHERE clause of a grant search: fixed clauses, values only as parameters, and only
+    the clauses whose filter is set (a "? = '' OR column = ?" clause would defeat the index)."""
+    clauses: list[str] = []
+    params: list = []
+    if person:
+        clauses.append("(requester = ? OR requester_sub = ?)")
+        params += [person, person]
+    for column, value in (("entitlement", entitlement), ("status", status)):
+        if value:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if break_glass is not None:
+        clauses.append("break_glass = ?")
+        params.append(1 if break_glass else 0)
+    if since:
+        clauses.append("created_at >= ?")
+        params.append(since)
+    if until:
+        clauses.append("created_at < ?")
+        params.append(until)
+    if before is not None:
+        # (created_at, id) < before, written so that created_at bounds an index range
+        clauses.append("created_at <= ? AND (created_at < ? OR id < ?)")
+        params += [before[0], before[0], before[1]]
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _entry(row: Row) -> dict:
+    entry = dict(row)
+    entry["actor"] = json.loads(entry["actor"])
+    entry["data"] = json.loads(entry["data"])
+    return entry

@@ -1,0 +1,231 @@
+"""The embedded store: one SQLite file in WAL mode, for one machine. One connection per thread;
+BEGIN IMMEDIATE is the write lock every transaction takes first, which is also what serialises
+several broker processes on one file. SQLite's failures become `StoreUnavailable` here, at the
+connection, so every path (reads included) answers 503 rather than an unexplained 500. A file on
+a network filesystem is not supported: WAL needs shared memory on one host."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Self, TypeVar, overload
+
+import sqlite_utils
+
+from ..config import SYNCHRONOUS
+from ..errors import StoreUnavailable
+from ..liveness import Liveness
+from . import schema
+from .base import Store, Transaction
+
+# SQLite's primary result codes that mean "the database cannot be used now" rather than "the
+# broker's SQL is wrong": busy/locked past the timeout, out of memory, read-only, I/O error,
+# corrupt, full, cannot open, lock protocol, not a database, no permission.
+UNAVAILABLE_CODES = frozenset({3, 5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
+
+
+def _unavailable(exc: sqlite3.Error) -> StoreUnavailable | None:
+    """The broker error for `exc` when it means the store cannot be used now; None for the
+    errors that are the broker's own bugs (bad SQL, a broken constraint), which stay 500s."""
+    if not isinstance(exc, sqlite3.OperationalError) and type(exc) is not sqlite3.DatabaseError:
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF not in UNAVAILABLE_CODES:
+        return None
+    name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
+    return StoreUnavailable(f"the broker's database cannot be used now: {exc} ({name})")
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        unavailable = _unavailable(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from exc
+
+
+class _Cursor(sqlite3.Cursor):
+    """Rows are read lazily, so a failing read can surface while iterating: translated too."""
+
+    # The arguments pass through unchanged: sqlite3.Cursor's own signature types them.
+    def execute(self, *args: Any) -> Self:
+        with _translated():
+            return super().execute(*args)
+
+    def executemany(self, *args: Any) -> Self:
+        with _translated():
+            return super().executemany(*args)
+
+    def fetchone(self) -> Any:
+        with _translated():
+            return super().fetchone()
+
+    def fetchmany(self, *args: Any) -> list[Any]:
+        with _translated():
+            return super().fetchmany(*args)
+
+    def fetchall(self) -> list[Any]:
+        with _translated():
+            return super().fetchall()
+
+    def __next__(self) -> Any:
+        with _translated():
+            return super().__next__()
+
+
+_CursorT = TypeVar("_CursorT", bound=sqlite3.Cursor)
+
+
+class _Connection(sqlite3.Connection):
+    """The one boundary where SQLite failures become broker errors: every statement of the
+    store (and of sqlite-utils on its behalf) runs through here, so a full disk, a read-only
+    file, an I/O error or a lock held past the timeout is a `StoreUnavailable` (503) on every
+    path, reads included, instead of an unexplained 500."""
+
+    @overload
+    def cursor(self, factory: None = None) -> sqlite3.Cursor: ...
+    @overload
+    def cursor(self, factory: Callable[[sqlite3.Connection], _CursorT]) -> _CursorT: ...
+    def cursor(
+        self, factory: Callable[[sqlite3.Connection], sqlite3.Cursor] | None = _Cursor
+    ) -> sqlite3.Cursor:
+        return super().cursor(factory)
+
+    # The arguments pass through unchanged: sqlite3.Connection's own signature types them.
+    def execute(self, *args: Any) -> sqlite3.Cursor:
+        with _translated():
+            return super().execute(*args)
+
+    def executemany(self, *args: Any) -> sqlite3.Cursor:
+        with _translated():
+            return super().executemany(*args)
+
+    def executescript(self, *args: Any) -> sqlite3.Cursor:
+        with _translated():
+            return super().executescript(*args)
+
+    def commit(self) -> None:
+        with _translated():
+            return super().commit()
+
+
+class SqliteStore(Store):
+    """One SQLite file; one connection per thread (the web server's and the reaper's).
+
+    `synchronous` is SQLite's durability setting for the WAL. "normal" (the default): a
+    committed transaction survives the broker's crash (kill -9) but may roll back if the machine
+    loses power before the next sync; "full" syncs at every commit (about 0.15 ms each here).
+    Whatever leaves the machine on the strength of the log (a signed checkpoint, an entry sent
+    to the SIEM) is made durable first (`make_durable`), so no witness holds what a power loss
+    could take back."""
+
+    def __init__(self, path: Path | str, timeout: float = 30, synchronous: str = "normal"):
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
+        self.path = Path(path)
+        self.timeout = timeout  # seconds to wait for another writer's lock before giving up
+        self.synchronous = synchronous
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _translated():
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, timeout=self.timeout, factory=_Connection
+                )
+            conn.row_factory = sqlite3.Row
+            self._use_wal(conn)
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            db = self._local.db = sqlite_utils.Database(conn)
+        return db
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL (it stays so). On a new file that another broker is opening at
+        the same moment, SQLite answers SQLITE_BUSY at once rather than waiting out the busy
+        timeout: so wait here, as long as that timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except StoreUnavailable as exc:
+                busy = isinstance(exc.__cause__, sqlite3.OperationalError) and (
+                    getattr(exc.__cause__, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+                )
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema; `PRAGMA user_version` says which version the file has.
+        BEGIN IMMEDIATE: a second broker starting at the same moment waits, then finds it done."""
+        with self.transaction() as tx:
+            for statement in schema.pending(self.schema_version(), schema.SQLITE):
+                tx.db.execute(statement)
+            tx.db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """BEGIN IMMEDIATE takes the write lock up front, so the audit chain's head cannot move
+        between reading it and appending to it."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        tx = Transaction(db)
+        try:
+            yield tx
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        for call in tx.committed:
+            call()
+
+    def check_writable(self) -> None:
+        """Raise unless a write can be committed now. It commits one: beginning a transaction
+        and rolling it back writes nothing, so a full disk or a read-only file would pass."""
+        with self.transaction() as tx:
+            tx.db.execute(
+                "UPDATE write_check SET writes = writes + 1, at = strftime('%Y-%m-%dT%H:%M:%fZ')"
+            )
+
+    def make_durable(self) -> None:
+        """Sync every transaction committed so far to disk: one small write committed with
+        synchronous=FULL syncs the whole write-ahead log, earlier commits included."""
+        if self.synchronous == "full":
+            return
+        db = self.db
+        db.execute("PRAGMA synchronous = FULL")
+        try:
+            self.check_writable()
+        finally:
+            db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def processes(self) -> Liveness:
+        """Processes on one SQLite file share its host: a lock file each, beside it."""
+        return Liveness.beside(self.path)
+
+
+def _rollback(db: sqlite_utils.Database) -> None:
+    """Roll back what is still open. SQLite has already rolled back by itself after some
+    failures (a full disk at COMMIT), and a second error must not hide the first."""
+    if db.conn.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except StoreUnavailable:
+            pass
