@@ -141,8 +141,10 @@ class Removing(GrantsBase):
                 window_end=now,
                 credential_valid_until=None if revocable else due,
             )
+            # What this call did: the reaper, woken below, may move it on before anyone reads.
+            released = self._current(grant.id, tx)
         self.on_change()
-        return self._current(grant.id)
+        return released
 
     def reap_due(self, now: datetime | None = None) -> datetime | None:
         """Remove every credential whose window has closed; return when the next one closes.
