@@ -12,7 +12,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 SUFFIX = ".lock"
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -75,3 +75,31 @@ class Processes(Protocol):
     def id(self) -> str: ...
 
     def is_alive(self, process_id: str) -> bool: ...
+
+
+class FileLeadership:
+    """One process of those sharing a SQLite file does a job (the audit forwarder): the one
+    holding an exclusive lock on `path`. The kernel drops it when the holder dies, however it
+    dies, and the next `holds()` of another process takes it over."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file: TextIO | None = None
+
+    def holds(self) -> bool:
+        if self._file is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a")  # noqa: SIM115 (kept open, and locked, while it leads)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._file = handle
+        return True
+
+    def close(self) -> None:
+        handle, self._file = self._file, None
+        if handle is not None:
+            handle.close()

@@ -125,12 +125,15 @@ class Services:
             renew_token=own_token.renew_if_due,
         )
         audit_settings = settings.audit
+        forwarding = store.leadership("forward")  # one forwarder for all processes
         forwarder = Forwarder(
             store,
             audit_settings["forward_url"],
             token=audit_settings["forward_token"],
             timeout=audit_settings["forward_timeout"],
             batch=audit_settings["forward_batch"],
+            lead=forwarding.holds,
+            resign=forwarding.close,
         )
 
         def wake() -> None:  # the reaper's deadlines, and new audit entries to forward

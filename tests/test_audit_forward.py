@@ -399,3 +399,35 @@ def test_forward_settings_come_from_the_environment_too():
     )
     assert settings.audit["forward_url"] == "https://siem.example/x"
     assert settings.audit["forward_batch"] == 7
+
+
+def test_of_several_processes_one_forwards_and_another_takes_over_when_it_stops(
+    store, receiver, forwarder
+):
+    """Three brokers on one store (three forwarders, each with its own hold on the store's
+    "forward" leadership, as separate processes have): one forwards, so the receiver gets each
+    entry once; when that one stops, another takes over from the shared cursor."""
+    endpoint = receiver()
+    holds = [store.leadership("forward") for _ in range(3)]
+    fwds = [
+        forwarder(store, endpoint.url, batch=7, lead=hold.holds, resign=hold.close)
+        for hold in holds
+    ]
+    append(store, 30)
+    for fwd in fwds:
+        fwd.start()
+    assert wait_until(caught_up(store), timeout=10)
+    leaders = [fwd for fwd in fwds if fwd.leading]
+    assert len(leaders) == 1
+    seqs = [entry["seq"] for entry in endpoint.entries()]
+    assert seqs == list(range(1, 31))  # each once, in order
+
+    leaders[0].stop(timeout=2)
+    append(store, 5)
+    for fwd in fwds:
+        fwd.wake()
+    assert wait_until(caught_up(store), timeout=10)
+    assert sum(fwd.leading for fwd in fwds if fwd is not leaders[0]) == 1
+    assert [entry["seq"] for entry in endpoint.entries()] == list(range(1, 36))
+    for hold in holds:
+        hold.close()

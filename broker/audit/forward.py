@@ -48,8 +48,14 @@ class Forwarder:
         backoff_max: float = BACKOFF_MAX,
         poll_every: float = POLL_EVERY,
         post: Callable[..., requests.Response] | None = None,
+        lead: Callable[[], bool] = lambda: True,
+        resign: Callable[[], None] = lambda: None,
     ):
         self.store = store
+        # Whether this process is the one that forwards (store.leadership): the cursor is shared,
+        # so forwarders of several processes at once would send entries twice.
+        self.lead, self.resign = lead, resign
+        self.leading = False
         self.url = url or ""
         # Scheme and host only: the one part of the URL that may be logged (a path can be secret).
         self.target = loggable_target(self.url, "audit.forward_url") if self.url else ""
@@ -99,12 +105,17 @@ class Forwarder:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(self.timeout + 1 if timeout is None else timeout)
+        self.resign()  # another process (or a later start) forwards from here
+        self.leading = False
 
     def forward_once(self) -> int:
         """Deliver the next batch after the cursor and save the cursor; the number of entries
         delivered (0: nothing to send). Raises ForwardFailed with the reason, cursor unmoved."""
         if self._post is None:
             self._post = requests.Session().post
+        self.leading = self.lead()
+        if not self.leading:
+            return 0  # another process forwards; this one takes over if that one dies
         try:
             cursor = self.store.cursor(CURSOR)
             entries = list(self.store.audit_entries(after=cursor, limit=self.batch))
@@ -165,6 +176,7 @@ class Forwarder:
             last_error=self.last_error or None,
             last_error_at=isoformat(self.last_error_at) if self.last_error_at else None,
             failures=self.failures,
+            leading=self.leading,  # False: another process of this store forwards
         )
         if self.failures:
             check["retry_in"] = self.retry_in

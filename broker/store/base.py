@@ -45,6 +45,14 @@ class Executor(Protocol):
     def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
 
 
+class Leadership(Protocol):
+    """One process's hold on a job only one of them may do at a time."""
+
+    def holds(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 def _insert(db: Executor, table: str, row: Mapping[str, object], upsert_key: str = "") -> None:
     """One plain INSERT of scalar columns (sqlite-utils' insert reads the schema and wraps the
     statement in a savepoint: five statements for one row, too dear on the paths that run for
@@ -259,6 +267,11 @@ class Store(ABC):
     def listen(self, wake: Callable[[], None]) -> Callable[[], None]:
         """Call `wake` whenever another process announces; returns what stops listening."""
         return lambda: None
+
+    @abstractmethod
+    def leadership(self, job: str) -> Leadership:
+        """Whether this process is the one (of all sharing the store) that does `job`; taken
+        over by another when the holder dies."""
 
     @abstractmethod
     def processes(self) -> Processes:

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # and the class of the locks that say "this broker process is alive".
 WRITE_LOCK = 0x6A69_7462_726B_0001  # "jitbrk" 1
 LIVENESS_CLASS = 0x6A69_7401  # the high 32 bits of a process's liveness key
+LEADER_CLASS = 0x6A69_7402  # and of a job's leadership (one replica forwards the audit log)
 CHANNEL = "jit_broker_wake"  # NOTIFY channel: deadlines changed on some replica
 # A replica stopped (SIGSTOP, a pause) inside a transaction must not hold the write lock for
 # ever: the server ends such a session, its transaction rolls back and the lock is free.
@@ -356,6 +358,11 @@ class PostgresStore(Store):
                 stopping.wait(pause)
                 pause = min(pause * 2, 10.0)
 
+    def leadership(self, job: str) -> PostgresLeadership:
+        leadership = PostgresLeadership(self, job)
+        self._closers.append(leadership.close)
+        return leadership
+
     def processes(self) -> PostgresProcesses:
         """This process's liveness, held for as long as the store is open."""
         processes = PostgresProcesses(self)
@@ -419,6 +426,47 @@ class PostgresProcesses:
             [LIVENESS_CLASS, self._key(process_id)],
         ).fetchone()
         return bool(row["n"])
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class PostgresLeadership:
+    """One replica does `job` (the audit forwarder): the one whose connection holds a session
+    advisory lock (LEADER_CLASS, the job's key). The server drops it with the session when the
+    replica dies, and another's next `holds()` takes it; a holder whose connection was lost
+    (a server restart) is no longer the leader until it takes the lock again."""
+
+    def __init__(self, store: PostgresStore, job: str):
+        self._store = store
+        self._key = [LEADER_CLASS, zlib.crc32(job.encode()) & 0x7FFF_FFFF]
+        self._conn: psycopg.Connection | None = None
+        self._lock = threading.Lock()
+
+    def holds(self) -> bool:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.execute("SELECT 1")
+                    return True
+                except psycopg.Error:
+                    self._conn.close()
+                    self._conn = None
+            try:
+                conn = psycopg.connect(self._store.url, autocommit=True, connect_timeout=10)
+            except psycopg.Error:
+                return False
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s::integer, %s::integer)", self._key
+            ).fetchone()
+            if row is None or not row[0]:
+                conn.close()
+                return False
+            self._conn = conn
+            return True
 
     def close(self) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ import sqlite_utils
 
 from ..config import SYNCHRONOUS
 from ..errors import StoreUnavailable
-from ..liveness import Liveness
+from ..liveness import FileLeadership, Liveness
 from . import schema
 from .base import Store, Transaction
 
@@ -215,6 +215,10 @@ class SqliteStore(Store):
 
     def schema_version(self) -> int:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def leadership(self, job: str) -> FileLeadership:
+        """A lock file beside the database: every process sharing it shares this host."""
+        return FileLeadership(self.path.with_name(f"{self.path.name}-lead-{job}"))
 
     def processes(self) -> Liveness:
         """Processes on one SQLite file share its host: a lock file each, beside it."""
