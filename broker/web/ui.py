@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
+from pathlib import Path
 from typing import ParamSpec
 
 from flask import (
@@ -27,7 +28,6 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 
-from .. import HERE
 from ..durations import format_duration
 from ..errors import BrokerError
 from ..grants.base import AWAITING, OPEN
@@ -38,7 +38,8 @@ from .auth import current_principal, fresh_principal, safe_next
 
 # The stylesheet, the script and the icon: served by the broker itself (an installed wheel carries
 # them as broker/static; a checkout keeps them at the top, beside templates/).
-STATIC = HERE / "static" if (HERE / "static").is_dir() else HERE.parent / "static"
+PACKAGE = Path(__file__).resolve().parent.parent
+STATIC = PACKAGE / "static" if (PACKAGE / "static").is_dir() else PACKAGE.parent / "static"
 
 # At /assets: the app keeps Flask's own /static route (to a folder the broker does not have).
 bp = Blueprint("ui", __name__, static_folder=str(STATIC), static_url_path="/assets")
