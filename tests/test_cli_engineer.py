@@ -76,6 +76,19 @@ groups = ["engineers"]
 [entitlements.db-read.database]
 role = "readonly"
 connect = "postgresql://{host}:{port}/{dbname}"
+
+[entitlements.ssh-deploy]
+default_duration = "10m"
+description = "Log in to the deploy hosts"
+backend = "ssh"
+max_duration = "1h"
+
+[entitlements.ssh-deploy.requesters]
+groups = ["engineers"]
+
+[entitlements.ssh-deploy.ssh]
+role = "jit-users"
+principals = ["deploy"]
 """
 
 
@@ -90,7 +103,7 @@ def _toml(sections: dict[str, dict]) -> str:
 @pytest.fixture(scope="module")
 def cli_broker(
     tmp_path_factory, openbao, oidc_provider, oidc_client_secret, vault_setup, database_engine,
-    postgres, inventory,
+    postgres, inventory, ssh_engine,
 ):  # fmt: skip
     """`jit serve` as its own process, publishing the CLI's login (client jit-cli)."""
     workdir = tmp_path_factory.mktemp("cli-broker")
@@ -302,7 +315,7 @@ def test_ls_lists_what_i_may_request_and_with_all_what_not_and_why(alice):
     listed = alice.run("ls")
     assert listed.returncode == 0, listed.stderr
     lines = {line.split()[0]: line for line in listed.stdout.splitlines() if line[:1].strip()}
-    assert set(lines) == {"kv-read", "kv-approved", "db-read"}
+    assert set(lines) == {"kv-read", "kv-approved", "db-read", "ssh-deploy"}
     assert "up to 1 h" in lines["kv-read"] and "no approval needed" in lines["kv-read"]
     assert "needs 1 approval from members of security" in lines["kv-approved"]
     everything = alice.run("ls", "--all").stdout
@@ -587,3 +600,32 @@ def test_the_chain_of_someone_elses_grant_is_a_404_and_mine_has_no_data(make_app
     assert [e["type"] for e in entries][:3] == ["request", "decision", "issue"]
     assert all(set(e) == {"seq", "at", "type", "actor"} for e in entries)
     assert call("POST", f"/api/v1/requests/{grant['id']}/release").status_code == 200
+
+
+# What the command sees of an SSH credential: the key's directory and mode, and the certificate's
+# principals and end, read with cryptography (no sshd needed to check what ssh would present).
+SSH_PROBE = """
+import os
+from cryptography.hazmat.primitives.serialization import load_ssh_public_identity
+key, cert = os.environ["JIT_SSH_KEY"], os.environ["JIT_SSH_CERT"]
+identity = load_ssh_public_identity(open(cert, "rb").read())
+print(key)
+print(oct(os.stat(os.path.dirname(key)).st_mode & 0o777), oct(os.stat(key).st_mode & 0o777))
+print(",".join(p.decode() for p in identity.valid_principals), identity.valid_before)
+"""
+
+
+def test_exec_with_an_ssh_certificate_hands_over_a_key_and_certificate_then_removes_them(alice):
+    started = time.time()
+    done = alice.run(
+        "exec", "ssh-deploy", "--reason", "INC-9 deploy", "--", sys.executable, "-c", SSH_PROBE
+    )
+    assert done.returncode == 0, done.stderr
+    key, modes, certificate = done.stdout.strip().splitlines()
+    principals, valid_before = certificate.split()
+    assert modes == "0o700 0o600"  # a private directory, a private key
+    assert principals == "deploy"
+    assert started < int(valid_before) <= started + 10 * 60 + 60  # the window's end
+    assert "ssh -i" in done.stderr and "CertificateFile=" in done.stderr
+    assert not Path(key).exists() and not Path(key).parent.exists()  # removed afterwards
+    assert "released grant" in done.stderr
