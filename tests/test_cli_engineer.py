@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from scripts.launchers import ManagedProcess, follow_login, free_port, wait_for_http
-from tests.helpers import broker_sections, role_exists, storage_section, token_works, wait_until
+from tests.helpers import broker_sections, role_exists, token_works, wait_until
 
 JIT = str(Path(sys.executable).parent / "jit")
 
@@ -115,8 +115,6 @@ def cli_broker(
     sections["reaper"] = {"retry_min": 1, "retry_max": 2}
     sections["postgres"] = {"dsn": postgres.dsn}
     sections["cli"] = {"client_id": "jit-cli"}
-    if storage_section(workdir):  # the broker on the store under test
-        sections["storage"] = storage_section(workdir)
     config = workdir / "config.toml"
     config.write_text(_toml(sections))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_", "JIT_"))}
