@@ -3,11 +3,13 @@ into a Principal. Pinned algorithms, exact issuer and audience, required claims 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import jwt
 import requests
@@ -24,6 +26,8 @@ KEY_SOURCE_HEADERS = frozenset({"jku", "jwk", "x5u", "x5c"})
 # Far above any real access token, far below what would cost us to parse.
 MAX_TOKEN_LENGTH = 16 * 1024
 # Seconds the JWKS is kept: (at least, when the provider names no max-age, at most).
+# Verified tokens remembered at once (by hash): far more than the live tokens of any deployment.
+VERIFIED_CACHE_SIZE = 10_000
 JWKS_LIFETIME = (60.0, 600.0, 86400.0)
 # Claims about the token or the login, not about the person: never policy material.
 PROTOCOL_CLAIMS = frozenset(
@@ -243,9 +247,18 @@ class BearerVerifier:
         self.algorithms = list(algorithms)
         self.groups_claim = groups_claim
         self.leeway = leeway
+        self._verified: dict[bytes, _Verified] = {}  # by the token's SHA-256
 
     def verify(self, token: str) -> Principal:
-        """Return the Principal the token vouches for, or raise Unauthenticated saying why."""
+        """Return the Principal the token vouches for, or raise Unauthenticated saying why.
+        A token already verified is not checked again (the signature is most of a request's
+        own cost): its claims cannot change, so only its `exp`, and whether the key that signed
+        it is still the provider's, are looked at again."""
+        digest = hashlib.sha256(token.encode()).digest()
+        known = self._verified.get(digest)
+        if known is not None and time.time() < known.exp + self.leeway:
+            if self.keys.get(known.kid) is known.key:  # still listed (fetched again: re-verify)
+                return known.principal
         header = checked_header(token, self.algorithms)
         key = self.keys.get(header["kid"])
         if key is None:
@@ -272,7 +285,33 @@ class BearerVerifier:
         # A client acting for itself (client credentials: sub == client_id, RFC 9068 §2.2) is an
         # agent; a token obtained by someone logging in is a human's.
         kind = "agent" if claims["sub"] == client_id else "human"
-        return principal_from_claims(claims, self.groups_claim, kind)
+        principal = principal_from_claims(claims, self.groups_claim, kind)
+        self._remember(digest, _Verified(principal, header["kid"], key, float(claims["exp"])))
+        return principal
+
+    def _remember(self, digest: bytes, verified: _Verified) -> None:
+        """Bounded: when full, the expired go first, then the oldest. Dict operations are atomic
+        under the GIL, so request threads share it without a lock."""
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            now = time.time() - self.leeway
+            for stale in [d for d, v in list(self._verified.items()) if v.exp < now]:
+                self._verified.pop(stale, None)
+            while len(self._verified) >= VERIFIED_CACHE_SIZE:
+                try:
+                    del self._verified[next(iter(self._verified))]
+                except (StopIteration, KeyError, RuntimeError):  # emptied by another thread
+                    break
+        self._verified[digest] = verified
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What a verified token vouched for, and what must still hold to take it again."""
+
+    principal: Principal
+    kid: str
+    key: jwt.PyJWK
+    exp: float
 
 
 def checked_header(token: str, algorithms: list[str]) -> dict:

@@ -148,6 +148,7 @@ class Services:
                 pass  # the others' reapers still find it at their next pass
 
         grants.on_change = on_change
+        grants.on_record = forwarder.wake
         if reaper_settings["enabled"]:
             grants.heartbeat = reaper.heartbeat  # no reaper, no issuing; unless it is switched off
         metrics.read_gauges_from(lambda: _reading(store, reaper, notifier, forwarder))

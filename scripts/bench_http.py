@@ -1,13 +1,15 @@
 """`scripts/bench --http`: the broker over HTTP under `jit serve` (gunicorn), side by side in one
 run with the raw OpenBao calls over HTTP a team would script instead, from keep-alive clients:
 issue (POST /api/v1/requests -> a token) against a bare token create, at 1 and N concurrent
-clients (p50, p99, throughput), release -> verified revoked against a bare revoke and lookup,
+clients (p50, p99, throughput, the worker's CPU per grant), release -> verified revoked
+(?wait=verified) against a bare revoke and lookup,
 and the broker worker's memory with the grants still live. Starts its own OpenBao, OIDC
 provider and broker; prints ratios and flags any run with errors. A measurement, not a test."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 import tempfile
@@ -102,6 +104,12 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU the process has used so far (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _ratio(ours: float, raw: float) -> float:
     return ours / raw if raw else 0.0
 
@@ -176,13 +184,16 @@ def main(argv: list[str]) -> None:
         warm = concurrently(1, 20, broker_client)
         rows: list[tuple[str, Run, Run]] = []
         live: list[str] = list(warm.results)
+        worker = requests.get(f"{url}/healthz", timeout=5).json()["process"]
+        cpu: dict[int, float] = {}
         for clients in sorted({1, args.clients}):
             raw = concurrently(clients, args.count, raw_client)
+            before = cpu_seconds(worker)
             ours = concurrently(clients, args.count, broker_client)
+            cpu[clients] = (cpu_seconds(worker) - before) / max(len(ours.latencies), 1)
             live += ours.results
             rows.append((f"issue, {clients} client(s)", raw, ours))
 
-        worker = requests.get(f"{url}/healthz", timeout=5).json()["process"]
         memory = rss_mib(worker)
 
         # Release -> verified revoked, one at a time: the reaper is woken by the release.
@@ -190,19 +201,24 @@ def main(argv: list[str]) -> None:
         to_release = iter(live)
 
         def release_verified() -> None:
+            """?wait=verified: the answer comes once the token is verified gone; should the
+            reaper's claim have won, the bench polls as a client would."""
             grant_id = next(to_release)
             answer = session.post(
-                f"{url}/api/v1/requests/{grant_id}/release", headers=bearer, timeout=30
+                f"{url}/api/v1/requests/{grant_id}/release?wait=verified",
+                headers=bearer,
+                timeout=30,
             )
             if answer.status_code != 200:
                 raise RuntimeError(f"release: HTTP {answer.status_code}")
-            while (
-                session.get(f"{url}/api/v1/requests/{grant_id}", headers=bearer, timeout=30).json()[
-                    "status"
-                ]
-                != "revoked"
-            ):
+            status = answer.json()["status"]
+            while status != "revoked":
+                if status == "revoke_failed":
+                    raise RuntimeError("the removal was not verified")
                 time.sleep(0.001)
+                status = session.get(
+                    f"{url}/api/v1/requests/{grant_id}", headers=bearer, timeout=30
+                ).json()["status"]
 
         accessors = iter(concurrently(1, 100, raw_client).results)
         raw_client_remove = bao.client(broker_token)
@@ -242,7 +258,11 @@ def main(argv: list[str]) -> None:
                     else ""
                 )
             )
-        print(f"\nbroker worker RSS with {len(live)} grants issued: {memory:.0f} MiB")
+        print(
+            "\nbroker worker CPU per grant issued: "
+            + ", ".join(f"{ms * 1e3:.2f} ms at {n} client(s)" for n, ms in cpu.items())
+        )
+        print(f"broker worker RSS with {len(live)} grants issued: {memory:.0f} MiB")
         if flagged:
             print("\nTHIS RUN HAD ERRORS: its figures are not comparable.")
     finally:

@@ -11,7 +11,7 @@ import responses
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.errors import ProviderUnavailable, Unauthenticated
-from broker.identity import BearerVerifier, ProviderMetadata
+from broker.identity import BearerVerifier, ProviderKeys, ProviderMetadata
 from broker.models import Principal
 
 ISSUER = "https://idp.test"
@@ -128,3 +128,39 @@ def test_other_identity_claims_are_kept_and_protocol_claims_are_not(verifier):
     for dropped in ("aud", "exp", "iat", "nonce", "level"):
         assert dropped not in claims
     assert Principal.from_claims(claims) == principal
+
+
+def test_a_token_verified_once_is_not_verified_again(verifier, monkeypatch):
+    """Issue 15: its claims cannot change, so the signature is checked once per token."""
+    good = token()
+    first = verifier.verify(good)
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: pytest.fail("verified again"))
+    assert verifier.verify(good) == first
+
+
+def test_a_remembered_token_is_refused_once_it_expires(verifier):
+    soon = token(exp=int(time.time()) + 1)
+    verifier.verify(soon)
+    time.sleep(2.1)  # past exp (leeway 0): the remembered verification no longer counts
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(soon)
+
+
+def test_a_remembered_token_is_refused_once_its_key_is_withdrawn():
+    """The provider stops listing the key: the next fetch drops it, and what it signed with it,
+    remembered or not, is refused."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(
+            f"{ISSUER}/.well-known/openid-configuration",
+            json={"issuer": ISSUER, "jwks_uri": f"{ISSUER}/jwks"},
+        )
+        mock.get(f"{ISSUER}/jwks", json=jwks())
+        other = jwt.algorithms.RSAAlgorithm.to_jwk(OTHER_KEY.public_key(), as_dict=True)
+        mock.get(f"{ISSUER}/jwks", json={"keys": [dict(other, kid="k2", alg="RS256")]})
+        metadata = ProviderMetadata(ISSUER)
+        keys = ProviderKeys(metadata, cooldown=0, lifetime=(0, 0, 0))  # fetched on every use
+        verifier = BearerVerifier(metadata, AUDIENCE, ["RS256"], leeway=0, keys=keys)
+        good = token()
+        verifier.verify(good)
+        with pytest.raises(Unauthenticated, match="not signed by a key of the provider"):
+            verifier.verify(good)

@@ -155,3 +155,36 @@ def test_windows_closing_together_are_removed_several_at_a_time_each_once(grants
         assert chain.count("revoke") == 1 and chain.count("verify") == 1
         assert not token_works(openbao, credential.secret)
     assert audit.verify(grants.store.audit_entries()).ok
+
+
+def test_releases_waiting_for_removal_race_the_reaper_and_each_is_removed_once(grants, openbao):
+    """Issue 15: a release with wait removes in the caller's thread, claimed as the reaper
+    claims: with reaper passes running meanwhile, each token is revoked and verified once."""
+    made = [grants.request(ALICE, "kv-read", "10m", f"race {n}") for n in range(12)]
+    answers, stop = {}, threading.Event()
+
+    def reaping():
+        while not stop.is_set():
+            grants.reap_due()
+
+    def release(grant_id):
+        answers[grant_id] = grants.release(ALICE, grant_id, wait=True).status
+
+    reaper = threading.Thread(target=reaping)
+    reaper.start()
+    releases = [threading.Thread(target=release, args=(grant.id,)) for grant, _ in made]
+    for thread in releases:
+        thread.start()
+    for thread in releases:
+        thread.join()
+    stop.set()
+    reaper.join()
+    grants.reap_due()
+
+    for grant, credential in made:
+        assert answers[grant.id] == "revoked"  # the reaper's claim won: its verdict awaited
+        assert grants.store.get_grant(grant.id).status == "revoked"
+        chain = types(grants, grant.id)
+        assert chain.count("revoke") == 1 and chain.count("verify") == 1
+        assert not token_works(openbao, credential.secret)
+    assert audit.verify(grants.store.audit_entries()).ok

@@ -128,6 +128,31 @@ def test_release_revokes_at_once(broker, tokens, openbao):
     assert again.json()["error"] == "conflict"
 
 
+def test_release_waiting_for_verified_answers_once_the_token_is_gone(broker, tokens, openbao):
+    """Issue 15: ?wait=verified removes in the request, claimed as the reaper claims, and
+    answers `revoked` only once OpenBao no longer knows the token."""
+    response = ask(broker, tokens("alice"), "1h", "done early")
+    grant_id, secret = response.json()["id"], response.json()["credential"]["token"]
+    released = call(
+        broker, tokens("alice"), "POST", f"/api/v1/requests/{grant_id}/release?wait=verified"
+    )
+    assert released.status_code == 200, released.text
+    assert released.json()["status"] == "revoked"
+    assert not token_works(openbao, secret)
+    assert types(broker.grants, grant_id)[-3:] == ["release", "revoke", "verify"]
+
+
+def test_release_refuses_an_unknown_wait(broker, tokens):
+    response = ask(broker, tokens("alice"), "1h", "done early")
+    grant_id = response.json()["id"]
+    released = call(broker, tokens("alice"), "POST", f"/api/v1/requests/{grant_id}/release?wait=1")
+    assert released.status_code == 400
+    assert (
+        call(broker, tokens("alice"), "GET", f"/api/v1/requests/{grant_id}").json()["status"]
+        == "active"
+    )
+
+
 def test_nobody_sees_or_releases_another_persons_grant(broker, tokens):
     grant_id = ask(broker, tokens("alice"), "5m", "mine").json()["id"]
     assert call(broker, tokens("bob"), "GET", f"/api/v1/requests/{grant_id}").status_code == 404

@@ -78,6 +78,7 @@ class GrantsBase:
         backends: dict[str, Backend],
         fingerprint_key: bytes,
         on_change: Callable[[], None] = lambda: None,
+        on_record: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = utcnow,
         retry_min: int = 5,
         retry_max: int = 300,
@@ -96,6 +97,7 @@ class GrantsBase:
         self.backends = backends
         self.fingerprint_key = fingerprint_key
         self.on_change = on_change  # the reaper's wake-up
+        self.on_record = on_record  # new audit entries: the forwarder's wake-up
         self.clock = clock
         self.retry_min, self.retry_max = retry_min, retry_max
         self.notify = notify
@@ -210,9 +212,9 @@ class GrantsBase:
 
     def describe(self, grant: Grant) -> dict:
         """A grant as the API shows it, with who approved and what is still missing."""
-        approvals = self.store.approvals_of(grant.id)
         view = grant.as_json()
         if grant.approvals_required:
+            approvals = self.store.approvals_of(grant.id)
             policy = self.policy()
             missing = (
                 policy.approval_progress(grant.entitlement, approvals)[1]
@@ -269,6 +271,15 @@ class GrantsBase:
 
     def _now(self) -> str:
         return isoformat(self.clock())
+
+    def _changed(self, due: str = "") -> None:
+        """Something was recorded: the forwarder hears at once (new entries); the reapers only
+        when `due` (the grant's next deadline; "": now) falls before their next pass anyway,
+        which comes within a heartbeat: a grant issued for an hour wakes nothing, so request
+        threads do not hand the reaper a pass (and the GIL) per grant."""
+        self.on_record()
+        if not due or parse_time(due) - self.clock() <= timedelta(seconds=self.heartbeat_every):
+            self.on_change()
 
     def _fingerprint(self, handle: str) -> str:
         return audit.fingerprint(self.fingerprint_key, handle)

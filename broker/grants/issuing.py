@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 
 from .. import notify
@@ -82,7 +83,7 @@ class Issuing(Removing, Health):
         policy = self.policy()
         if break_glass:
             return self._break_glass(policy, principal, entitlement, seconds, reason, public_key)
-        open_now = self.store.count_open(principal.issuer, principal.subject, entitlement, OPEN)
+        open_now = self._open_now(policy, principal, entitlement)
         decision = policy.evaluate(
             principal,
             entitlement,
@@ -111,9 +112,21 @@ class Issuing(Removing, Health):
                 audience="approvers",
                 fields={"approvers": ", ".join(decision.approvers)},
             )
-            self.on_change()  # the reaper must expire it if nobody approves
+            self._changed(grant.due_at)  # the reaper must expire it if nobody approves
             return grant, None
         return self._issue(principal, grant, chosen, public_key)
+
+    def _open_now(
+        self, policy: Policy, principal: Principal, entitlement: str, excluding: str = ""
+    ) -> int:
+        """The principal's open grants of the entitlement, for its `max_active`; counted only
+        when it has one (nothing else reads it): a read saved on every request."""
+        found = policy.entitlements.get(entitlement)
+        if found is None or found.max_active is None:
+            return 0
+        return self.store.count_open(
+            principal.issuer, principal.subject, entitlement, OPEN, excluding=excluding
+        )
 
     def _check_request(self, chosen: Entitlement, public_key: object) -> None:
         """What the backend needs from the requester, checked before anything is recorded."""
@@ -251,9 +264,7 @@ class Issuing(Removing, Health):
         policy = self.policy()
         if grant.entitlement in policy.entitlements:
             self._check_request(policy.entitlements[grant.entitlement], public_key)
-        open_now = self.store.count_open(
-            principal.issuer, principal.subject, grant.entitlement, OPEN, excluding=grant.id
-        )
+        open_now = self._open_now(policy, principal, grant.entitlement, excluding=grant.id)
         decision = policy.evaluate(
             principal,
             grant.entitlement,
@@ -323,16 +334,25 @@ class Issuing(Removing, Health):
                 )
             self.metrics.issue_failures.labels(chosen.backend).inc()
             raise
+        # The grant as this issuance leaves it: what the answer shows, read from nowhere again.
+        issued = replace(
+            grant,
+            status=ACTIVE,
+            handle=credential.handle,
+            credential_expires_at=isoformat(credential.expires_at),
+            due_at=_first_look(grant),
+            updated_at=self._now(),
+        )
         try:
             with self.store.transaction() as tx:
                 if not tx.move_grant(
                     grant.id,
                     ISSUING,
-                    status=ACTIVE,
-                    handle=credential.handle,
-                    credential_expires_at=isoformat(credential.expires_at),
-                    due_at=_first_look(grant),
-                    updated_at=self._now(),
+                    status=issued.status,
+                    handle=issued.handle,
+                    credential_expires_at=issued.credential_expires_at,
+                    due_at=issued.due_at,
+                    updated_at=issued.updated_at,
                 ):
                     # The reconciler gave it up as abandoned: what Vault just issued must go.
                     raise GrantConflict(f"grant {grant.id} stopped issuing while Vault answered")
@@ -365,8 +385,8 @@ class Issuing(Removing, Health):
                 "the issued credential could not be recorded in the audit log, "
                 "so it was revoked at once; nothing was issued"
             ) from exc
-        self.on_change()
-        return self._current(grant.id), credential
+        self._changed(issued.due_at)
+        return issued, credential
 
     def extend(
         self, principal: Principal, grant_id: str, extra: object, public_key: object = ""

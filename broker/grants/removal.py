@@ -4,6 +4,7 @@ backoff and alerted on."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -42,6 +43,9 @@ from .base import (
     GrantsBase,
     log,
 )
+
+# How long a release that waits for the verdict waits on another reaper's claim of its grant.
+WAIT_FOR_REMOVAL = 10.0
 
 
 class Removing(GrantsBase):
@@ -117,10 +121,13 @@ class Removing(GrantsBase):
             **context,
         )
 
-    def release(self, principal: Principal, grant_id: str) -> Grant:
+    def release(self, principal: Principal, grant_id: str, wait: bool = False) -> Grant:
         """End the window now; the reaper, woken at once, removes and verifies. A credential
         nothing can revoke (its backend says `revocable = False`) stays valid until its own
-        expiry: the release records the end, and the reaper looks (and verifies) only then."""
+        expiry: the release records the end, and the reaper looks (and verifies) only then.
+        With `wait`, the caller's own thread removes and verifies it first, claimed exactly as
+        the reaper claims (so no grant is removed twice), and gets the grant as that left it:
+        `revoked`, or `revoke_failed` with the reaper retrying."""
         grant = self.get(principal, grant_id, owner_only=True)
         now = self._now()
         backend = self.backends.get(grant.backend)
@@ -143,8 +150,22 @@ class Removing(GrantsBase):
             )
             # What this call did: the reaper, woken below, may move it on before anyone reads.
             released = self._current(grant.id, tx)
+        if not (wait and revocable):
+            self.on_change()
+            return released
+        self._reap(released, self.clock())  # a claim lost to another reaper: that one removes it
         self.on_change()
-        return released
+        return self._settled(grant.id)
+
+    def _settled(self, grant_id: str) -> Grant:
+        """The grant once its removal has a verdict (`revoked`, `revoke_failed`): when another
+        reaper won the claim, its work is awaited, for at most WAIT_FOR_REMOVAL."""
+        deadline = time.monotonic() + WAIT_FOR_REMOVAL
+        while True:
+            grant = self._current(grant_id)
+            if grant.status not in (RELEASED, REVOKING) or time.monotonic() >= deadline:
+                return grant
+            time.sleep(0.005)
 
     def reap_due(self, now: datetime | None = None) -> datetime | None:
         """Remove every credential whose window has closed; return when the next one closes.

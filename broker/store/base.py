@@ -210,8 +210,10 @@ class Transaction:
         lock), and `seq` is the primary key, so two writers could never both append seq N."""
         prev = self._head
         if prev is None:  # the head as committed; after this transaction's first, its own
-            row = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-            prev = _entry(row) if row else None
+            # Only what sealing needs: the head's data is not decoded on every write.
+            head = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+            row = self.db.execute(head).fetchone()
+            prev = {"seq": row["seq"], "hash": row["hash"]} if row else None
         entry = audit.seal(prev, at, type_, actor, grant_id, data)
         _insert(
             self.db,

@@ -189,6 +189,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE checkpoints ADD COLUMN legacy_key_id TEXT",
         ),
     ),
+    Migration(
+        9,
+        # A requester's open grants of one entitlement (its max_active), counted through an
+        # index of their own rather than by scanning every grant the requester ever had.
+        "The index behind counting a requester's open grants (issue 15).",
+        (_index("grants", "requester_iss", "requester_sub", "entitlement", "status"),),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

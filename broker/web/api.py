@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, g, jsonify, request
 
 from ..backends.database import database_options
-from ..errors import Unauthenticated
+from ..errors import InvalidRequest, Unauthenticated
 from ..models import Grant, IssuedCredential
 from ..policy import Entitlement
 from . import services
@@ -188,8 +188,13 @@ def extend(grant_id: str) -> Response:
 
 @bp.post("/requests/<grant_id>/release")
 def release(grant_id: str) -> dict[str, object]:
+    """`?wait=verified`: answer once the credential is verified gone (status `revoked`), rather
+    than at once (`released`, the reaper removing it)."""
+    wait = request.args.get("wait")
+    if wait not in (None, "verified"):
+        raise InvalidRequest("wait may only be 'verified'")
     grants = services().grants
-    return grants.describe(grants.release(g.principal, grant_id))
+    return grants.describe(grants.release(g.principal, grant_id, wait=wait == "verified"))
 
 
 def _with_credential(grant: Grant, credential: IssuedCredential | None) -> Response:
