@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -21,12 +21,12 @@ from ..models import isoformat, utcnow
 from . import chain, signing
 from .absence import Cadence
 from .bundle import write_bundle
-from .lines import sealed_entries
+from .lines import quick_walk, sealed_entries
 from .signing import FileKeySigner, Keyring, is_legacy
 from .state import grant_problems
 from .storage import AuditStore
 from .transit_signing import CheckpointSigningFailed
-from .verify import Verification, as_keyring, verify
+from .verify import QuickWalk, Verification, as_keyring, verify
 from .witness import KvWitness, WitnessError
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,17 @@ class AuditLog:
             cadence=self.cadence if absence else None,
             now=self.clock(),
             witnesses=witnesses,
+            quick=self._quick(0, chain.GENESIS),
         )
+
+    def _quick(self, after: int, head: str, limit: int | None = None) -> QuickWalk:
+        """The tight walk over the stored lines after seq `after` (lines.py)."""
+
+        def run(*noting: Any) -> chain.Walk | None:
+            lines = itertools.islice(self.store.audit_lines(after=after), limit)
+            return quick_walk(lines, self.store.audit_entry, after + 1, head, *noting)
+
+        return run
 
     def grant_problems(self) -> list[str]:
         """Each grant row that is not what its chain says (state.py), by grant and field."""
@@ -318,6 +328,7 @@ class AuditLog:
                 self.keyring(),
                 first_seq=seq + 1,
                 first_prev=head,
+                quick=self._quick(seq, head, limit),
             )
             self.broken = None if result.ok else result
             if result.ok and result.checked:
