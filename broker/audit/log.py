@@ -256,10 +256,11 @@ class AuditLog:
 
     def grant_problems(self) -> list[str]:
         """Each grant row that is not what its chain says (state.py), by grant and field."""
+        approvals = self.store.approvals_by_grant()
         return grant_problems(
             self.store.iter_grants(),
-            self.store.audit_entries(),
-            self.store.approvals_of,
+            self.store.audit_grant_entries(),
+            lambda grant_id: approvals.get(grant_id, []),
             self.fingerprint_key,
         )
 

@@ -488,17 +488,14 @@ class Store(ABC):
         rows = self.db.execute(  # every column: a file older than v4 has no email
             "SELECT * FROM approvals WHERE grant_id = ? ORDER BY at, rowid", [grant_id]
         )
-        return [
-            Approval(
-                row["issuer"],
-                row["subject"],
-                row["display"],
-                tuple(json.loads(row["groups"])),
-                row["at"],
-                row["email"] if "email" in row.keys() else "",
-            )
-            for row in rows
-        ]
+        return [_approval(row) for row in rows]
+
+    def approvals_by_grant(self) -> dict[str, list[Approval]]:
+        """Every approval, by grant: one read for `jit audit verify`, not one a grant."""
+        found: dict[str, list[Approval]] = {}
+        for row in self.db.execute("SELECT * FROM approvals ORDER BY at, rowid"):
+            found.setdefault(row["grant_id"], []).append(_approval(row))
+        return found
 
     # --- the audit log (broker/audit/storage.py's AuditStore) ------------------------------------
 
@@ -533,6 +530,23 @@ class Store(ABC):
             rows = list(self.db.execute(sql, [after, AUDIT_PAGE]))
             for row in rows:
                 yield row["seq"], row["at"], row["prev"], row["hash"], row["line"]
+            if len(rows) < AUDIT_PAGE:
+                return
+            after = rows[-1]["seq"]
+
+    def audit_grant_entries(self) -> Iterator[dict]:
+        """seq, grant_id, type, actor and data of every entry of a grant, in sequence order,
+        actor and data as stored (JSON text): for the state check, which decodes only what it
+        reads."""
+        sql = (
+            "SELECT seq, grant_id, type, actor, data FROM audit "
+            "WHERE seq > ? AND grant_id IS NOT NULL ORDER BY seq LIMIT ?"
+        )
+        after = 0
+        while True:
+            rows = list(self.db.execute(sql, [after, AUDIT_PAGE]))
+            for row in rows:
+                yield dict(row)
             if len(rows) < AUDIT_PAGE:
                 return
             after = rows[-1]["seq"]
@@ -672,6 +686,17 @@ def _grant_filters(
         clauses.append("created_at <= ? AND (created_at < ? OR id < ?)")
         params += [before[0], before[0], before[1]]
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _approval(row: Row) -> Approval:
+    return Approval(
+        row["issuer"],
+        row["subject"],
+        row["display"],
+        tuple(json.loads(row["groups"])),
+        row["at"],
+        row["email"] if "email" in row.keys() else "",
+    )
 
 
 def _entry(row: Row) -> dict:
