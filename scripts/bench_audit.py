@@ -12,6 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,11 +20,13 @@ sys.path.insert(0, str(ROOT))
 
 from broker import audit  # noqa: E402
 from broker.audit.log import AuditLog  # noqa: E402
+from broker.models import isoformat  # noqa: E402
 from broker.store import SqliteStore, Store  # noqa: E402
 from broker.store.base import _insert  # noqa: E402
 from scripts.launchers import Postgres  # noqa: E402
 
 KEY = b"k" * 32
+START = datetime(2026, 1, 1, tzinfo=UTC)
 BATCH = 5000  # entries a transaction while filling
 ACTOR = {"iss": "https://idp.example.com", "sub": "alice", "email": "alice@example.com"}
 BROKER = {"iss": "jit-broker", "sub": "broker"}
@@ -32,12 +35,12 @@ BROKER = {"iss": "jit-broker", "sub": "broker"}
 def fill(store: Store, count: int) -> list[str]:
     """`count` entries, five a grant; the token accessors used (looked up afterwards)."""
     accessors: list[str] = []
-    n = 0
+    n, ended = 0, ""
     while n < count:
         with store.transaction() as tx:
             for _ in range(min(BATCH, count - n)):
                 grant, step = f"g-{n // 5:08d}", n % 5
-                at = f"2026-11-{1 + (n // 86400) % 28:02d}T{(n // 3600) % 24:02d}:00:00Z"
+                at = isoformat(START + timedelta(seconds=n))  # an entry a second
                 if step == 0:
                     data = {"entitlement": "db-read", "reason": "CHG-1234 investigate slow query",
                             "duration": 3600, "ticket": "CHG-1234"}  # fmt: skip
@@ -51,11 +54,13 @@ def fill(store: Store, count: int) -> list[str]:
                     tx.append(at, "issue", BROKER, grant, data)
                 elif step == 3:
                     tx.append(at, "release", ACTOR, grant, {"window_end": at})
+                    ended = at
                 else:
                     data = {"gone": True, "handle": audit.fingerprint(KEY, accessors[-1])}
                     tx.append(at, "verify", BROKER, grant, data)
                     row = {"id": grant, "entitlement": "db-read", "status": "revoked",
-                           "window_end": at, "handle": accessors[-1], "created_at": at}  # fmt: skip
+                           "window_end": ended, "handle": accessors[-1],
+                           "created_at": at}  # fmt: skip
                     _insert(tx.db, "grants", row)
                 n += 1
     return accessors
@@ -115,6 +120,14 @@ def main(count: int, store: Store, label: str) -> None:
         ok = ok and (len(found) == 2) == (not value.startswith("absent"))
     print(f"{'lookup p50 / p99':44}{statistics.median(durations) * 1000:.2f} ms / "
           f"{percentile(durations, 0.99) * 1000:.2f} ms ({len(durations)} lookups)")  # fmt: skip
+
+    scans = []
+    for value in picks[:20]:
+        started = time.perf_counter()
+        list(store.db.execute(f"SELECT seq FROM audit WHERE {store.CONTAINS}",  # noqa: S608
+                              [audit.fingerprint(KEY, value)]))  # fmt: skip
+        scans.append(time.perf_counter() - started)
+    print(f"{'lookup as before (scan), p50':44}{statistics.median(scans) * 1000:.2f} ms")
 
     started = time.perf_counter()
     advanced = log.advance()
