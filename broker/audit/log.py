@@ -294,8 +294,9 @@ class AuditLog:
         with self._lock:
             known_mark, known = self._signed
             if mark != known_mark:
-                sizes = [c["size"] for c in self.store.checkpoints(first=known, last=mark)]
-                self._signed = (mark, max(sizes, default=known if mark >= known else 0))
+                since = known if mark > known_mark else 0  # a mark set back: read from the start
+                sizes = [c["size"] for c in self.store.checkpoints(first=since, last=mark)]
+                self._signed = (mark, max(sizes, default=since))
             return self._signed[1]
 
     def checkpoint_and_advance(self) -> dict | None:
