@@ -120,7 +120,7 @@ class Services:
             grants,
             reaper_settings["heartbeat"],
             reaper_settings["reconcile_every"],
-            checkpoint=audit_log.checkpoint,
+            checkpoint=audit_log.checkpoint_and_advance,
             checkpoint_every=settings.audit["checkpoint_every"],
             renew_token=own_token.renew_if_due,
         )

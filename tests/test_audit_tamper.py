@@ -373,3 +373,20 @@ def test_lookup_finds_a_value_only_by_its_hmac(data_dir):
     assert "accessor-abc" not in found.output
     missing = run(data_dir, "audit", "lookup", "accessor-xyz")
     assert missing.exit_code == 1 and missing.output.startswith("not found")
+
+
+def test_an_edit_behind_the_pages_verified_mark_is_named_by_jit_audit_verify(data_dir):
+    """The pages' background verification moves on from its mark; `jit audit verify` reads the
+    whole log again, so an entry edited behind the mark is still named (issue 15)."""
+    store = store_at(data_dir / "broker.db")
+    try:
+        log = AuditLog(store, b"k" * 32, audit.load_or_create_key(data_dir / "audit-signing.key"))
+        assert log.advance().ok and store.verified_mark()[0] == 10
+        store.db.execute("""UPDATE audit SET data = '{"n":42}' WHERE seq = 4""")
+        with store.transaction() as tx:
+            tx.append("2026-11-03T00:00:00Z", "step", ALICE, "g1", {"n": 11})
+        assert log.advance().ok and store.verified_mark()[0] == 11  # on from the mark
+    finally:
+        store.close()
+    code, output = verify(data_dir)
+    assert code == 1 and output.startswith("FAILED at seq 4: entry 4 was edited"), output

@@ -272,7 +272,7 @@ def test_a_version_3_database_gets_empty_verified_emails(tmp_path):
             at="t",
         )
     store.migrate()
-    assert store.schema_version() == SCHEMA_VERSION == 9
+    assert store.schema_version() == SCHEMA_VERSION == 10
     assert store.get_grant("g1").requester_email == ""
     assert store.approvals_of("g1") == [Approval("i", "s", "d", (), "t", email="")]
 
@@ -303,7 +303,7 @@ def test_a_version_3_database_lists_each_grants_credential(tmp_path):
                 attempts=0,
             )
     store.migrate()
-    assert store.schema_version() == SCHEMA_VERSION == 9
+    assert store.schema_version() == SCHEMA_VERSION == 10
     (live,) = store.credentials_of("live")
     assert (live.handle, live.backend, live.gone_at) == ("acc-live", "vault_token", "")
     assert live.issuing_process == ""  # no process known: judged by the grace period

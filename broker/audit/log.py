@@ -6,13 +6,14 @@ writes only checkpoints and the witness's cursor, never an entry (entries are wr
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -20,15 +21,17 @@ from ..models import isoformat, utcnow
 from . import chain, signing
 from .absence import Cadence
 from .bundle import write_bundle
+from .lines import quick_walk, sealed_entries
 from .signing import FileKeySigner, Keyring, is_legacy
 from .state import grant_problems
 from .storage import AuditStore
 from .transit_signing import CheckpointSigningFailed
-from .verify import Verification, as_keyring, verify
+from .verify import QuickWalk, Verification, as_keyring, verify
 from .witness import KvWitness, WitnessError
 
 log = logging.getLogger(__name__)
 
+ADVANCE_STEP = 100_000  # entries verified per turn of the reaper thread, at most
 WITNESS_CURSOR = "witness"  # the largest checkpoint size the KV witness holds
 
 
@@ -76,7 +79,8 @@ class AuditLog:
         self.cadence = cadence or Cadence()
         self.witness = witness
         self._lock = threading.Lock()
-        self._verified = (0, chain.GENESIS, 0)  # (seq, hash, signed size) checked so far
+        self._signed = (0, 0)  # (verified mark, largest checkpoint size within it) last read
+        self.broken: Verification | None = None  # what `advance` last found, if broken
         self._newest: dict | None = None  # the newest checkpoint known (after a first read)
         self.signing_error = ""
         self.failing_since: datetime | None = None
@@ -232,60 +236,108 @@ class AuditLog:
         `absence`, no checkpoint may be missing for the cadence; with `witnesses`, the log must
         agree with what each holds."""
         return verify(
-            self.store.audit_entries(),
+            sealed_entries(self.store.audit_lines(), self.store.audit_entry),
             self.checkpoints(),
             as_keyring(keys) or self.keyring(),
             cadence=self.cadence if absence else None,
             now=self.clock(),
             witnesses=witnesses,
+            quick=self._quick(0, chain.GENESIS),
         )
+
+    def _quick(self, after: int, head: str, limit: int | None = None) -> QuickWalk:
+        """The tight walk over the stored lines after seq `after` (lines.py)."""
+
+        def run(*noting: Any) -> chain.Walk | None:
+            lines = itertools.islice(self.store.audit_lines(after=after), limit)
+            return quick_walk(lines, self.store.audit_entry, after + 1, head, *noting)
+
+        return run
 
     def grant_problems(self) -> list[str]:
         """Each grant row that is not what its chain says (state.py), by grant and field."""
+        approvals = self.store.approvals_by_grant()
         return grant_problems(
             self.store.iter_grants(),
-            self.store.audit_entries(),
-            self.store.approvals_of,
+            self.store.audit_grant_entries(),
+            lambda grant_id: approvals.get(grant_id, []),
             self.fingerprint_key,
         )
 
     def timeline(self, grant_id: str) -> Timeline:
-        """One grant's entries. The log is verified in full once, then only what was appended
-        since; the grant's own entries are checked again each time, hash and link."""
+        """One grant's entries, never verifying the whole log on a page load: the grant's own
+        entries are checked (hash, and link to the entry before), and the whole log stands as
+        far as the persisted mark `advance` moves in the background (`last_seq`), or as broken
+        where `advance` last found it broken."""
         entries = list(self.store.audit_entries(grant_id))
-        verification = self._verify_since_last()
-        if verification.ok:
-            verification = self._recheck(entries, verification)
-        return Timeline(entries, verification)
-
-    def _verify_since_last(self) -> Verification:
-        with self._lock:
-            seq, head, signed_size = self._verified
-            checkpoints = self.checkpoints(first=seq + 1)
-            result = verify(
-                self.store.audit_entries(after=seq),
-                checkpoints,
-                self.keyring(),
-                first_seq=seq + 1,
-                first_prev=head,
-            )
-            if not result.ok:
-                return result
-            if result.checked:
-                last = self.store.audit_entry(result.last_seq)
-                assert last is not None  # just verified, so it is there
-                signed_size = result.signed_size or signed_size
-                self._verified = (result.last_seq, last["hash"], signed_size)
-            total = self._verified[0]
-            return Verification(True, total, signed_size=signed_size, last_seq=total)
-
-    def _recheck(self, entries: list[dict], whole: Verification) -> Verification:
+        if self.broken is not None:
+            return Timeline(entries, self.broken)
         for entry in entries:
             before = self.store.audit_entry(entry["seq"] - 1)
             link = before["hash"] if before else chain.GENESIS
             if chain.entry_hash(entry) != entry["hash"] or entry["prev"] != link:
-                return self.verify()
-        return whole
+                return Timeline(entries, self._around(entry["seq"]))
+        mark, _ = self.store.verified_mark()
+        return Timeline(entries, Verification(True, mark, signed_size=self._signed_through(mark),
+                                              last_seq=mark))  # fmt: skip
+
+    def _around(self, seq: int) -> Verification:
+        """The chain walked from the entry before `seq` to the one after: the break in the words
+        of a whole verification, for the price of three entries."""
+        first = max(1, seq - 1)
+        before = self.store.audit_entry(first - 1)
+        entries = self.store.audit_entries(after=first - 1, limit=seq + 2 - first)
+        return verify(entries, first_seq=first, first_prev=before["hash"] if before else None)
+
+    def _signed_through(self, mark: int) -> int:
+        """The largest checkpoint size within the verified mark (read on from the last answer)."""
+        with self._lock:
+            known_mark, known = self._signed
+            if mark != known_mark:
+                since = known if mark > known_mark else 0  # a mark set back: read from the start
+                sizes = [c["size"] for c in self.store.checkpoints(first=since, last=mark)]
+                self._signed = (mark, max(sizes, default=since))
+            return self._signed[1]
+
+    def checkpoint_and_advance(self) -> dict | None:
+        """The reaper thread's audit work: sign a checkpoint, then move the verified mark on by
+        at most ADVANCE_STEP entries (a long backlog is caught up over several turns, never
+        holding up reaping for long). A failure to verify is logged; the pages show a break."""
+        checkpoint = self.checkpoint()
+        try:
+            result = self.advance(ADVANCE_STEP)
+        except Exception:
+            log.exception("verifying the audit log in the background failed; trying again")
+            return checkpoint
+        if not result.ok:
+            log.error("the audit log does not verify: %s", result)
+        return checkpoint
+
+    def advance(self, limit: int | None = None) -> Verification:
+        """Verify what was appended since the persisted "verified through" mark and move the
+        mark (the reaper thread's job, after each checkpoint; never a page's). A mark whose entry
+        no longer has the hash it had means the log behind it was rewritten: verify it all
+        again. A break leaves the mark, and is what the pages show until a later run passes."""
+        with self._lock:
+            seq, head = self.store.verified_mark()
+            marked = self.store.audit_entry(seq) if seq else None
+            if marked is None or marked["hash"] != head:
+                seq, head = 0, chain.GENESIS
+            lines = itertools.islice(self.store.audit_lines(after=seq), limit)
+            result = verify(
+                sealed_entries(lines, self.store.audit_entry),
+                self.checkpoints(first=seq + 1, last=None if limit is None else seq + limit),
+                self.keyring(),
+                first_seq=seq + 1,
+                first_prev=head,
+                quick=self._quick(seq, head, limit),
+            )
+            self.broken = None if result.ok else result
+            if result.ok and result.checked:
+                last = self.store.audit_entry(result.last_seq)
+                assert last is not None  # just verified, so it is there
+                self.store.set_verified_mark(result.last_seq, last["hash"])
+            return result
 
     def export(self, path: Path, fmt: str, since: str = "", until: str = "") -> dict:
         """A bundle of the entries written in [since, until) with the checkpoints over them."""

@@ -6,6 +6,7 @@ given."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,17 @@ from .events import Entry
 
 ENDED = (RELEASED, EXPIRED, REVOKING, REVOKE_FAILED)
 WINDOW_ENTRIES = (Entry.BREAK_GLASS, Entry.EXTEND, Entry.RELEASE, Entry.EXPIRE)
+READS_DATA = frozenset((Entry.ISSUE, Entry.VERIFY, Entry.RECONCILE, *WINDOW_ENTRIES))
+
+
+def _decoded(value: object) -> dict:
+    """A JSON object as stored, or already decoded; anything else as empty."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass
@@ -46,7 +58,10 @@ class ChainSays:
     approvers: set[tuple[str, str]] = field(default_factory=set)
 
     def read(self, entry: dict) -> None:
-        kind, data = entry.get("type"), entry.get("data") or {}
+        """`entry`'s actor and data decoded, or as stored (JSON text): then decoded only for
+        the kinds of entry whose content is read."""
+        kind = entry.get("type")
+        data = _decoded(entry.get("data")) if kind in READS_DATA else {}
         if kind == Entry.REQUEST:
             self.requested = True
         elif kind == Entry.DENIAL:
@@ -62,7 +77,7 @@ class ChainSays:
         elif kind in (Entry.VERIFY, Entry.RECONCILE) and data.get("gone") is True:
             self.gone.add(str(data.get("handle")))
         elif kind == Entry.APPROVAL:
-            actor = entry.get("actor") or {}
+            actor = _decoded(entry.get("actor"))
             self.approvers.add((str(actor.get("iss")), str(actor.get("sub"))))
         if kind in (Entry.RELEASE, Entry.EXPIRE):
             self.ended_by = str(kind)

@@ -8,6 +8,7 @@ says how statements run, how transactions begin and lock, and how its failures b
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -28,6 +29,9 @@ CREDENTIAL_COLUMNS = [f.name for f in fields(Credential)]
 # the newer ones, which then take the Grant's defaults (`_grant`); PostgreSQL's rowid is dropped.
 SELECT_GRANT = "SELECT * FROM grants"
 AUDIT_PAGE = 1000  # entries read at a time
+# An HMAC fingerprint (audit.fingerprint) in an entry's data: what `audit_refs` indexes.
+FINGERPRINT = re.compile(r"hmac-sha256:[0-9a-f]{64}")
+REFS_SINCE = 10  # the schema version that has audit_refs and the verification mark
 SELECT_CREDENTIAL = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"  # noqa: S608
 
 
@@ -215,13 +219,60 @@ class Transaction:
             row = self.db.execute(head).fetchone()
             prev = {"seq": row["seq"], "hash": row["hash"]} if row else None
         entry = audit.seal(prev, at, type_, actor, grant_id, data)
+        # Canonical JSON in the columns: the store can then give back the exact bytes the hash
+        # covers (Store.LINE), and verification hashes them without decoding (audit/lines.py).
+        data_text = audit.canonical(entry["data"]).decode()
         _insert(
             self.db,
             "audit",
-            dict(entry, actor=json.dumps(entry["actor"]), data=json.dumps(entry["data"])),
+            dict(entry, actor=audit.canonical(entry["actor"]).decode(), data=data_text),
         )
+        for found in sorted(set(FINGERPRINT.findall(data_text))):
+            self.db.execute(
+                "INSERT INTO audit_refs (fingerprint, seq) VALUES (?, ?)", [found, entry["seq"]]
+            )
         self._head = entry
         return entry
+
+
+def fill_audit_refs(db: Executor) -> None:
+    """The lookup index for entries written before it existed (migration 10), page by page."""
+    after = 0
+    while True:
+        rows = list(
+            db.execute(
+                "SELECT seq, data FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                [after, AUDIT_PAGE],
+            )
+        )
+        for row in rows:
+            for found in sorted(set(FINGERPRINT.findall(row["data"] or ""))):
+                db.execute(
+                    "INSERT INTO audit_refs (fingerprint, seq) VALUES (?, ?)", [found, row["seq"]]
+                )
+        if len(rows) < AUDIT_PAGE:
+            return
+        after = rows[-1]["seq"]
+
+
+def line_sql(quote: str) -> str:
+    """The canonical line of an entry (chain.canonical of its fields: sorted keys, no spaces)
+    composed in SQL from its columns, `quote` making a JSON string of a text column. Equal to
+    the bytes its hash covers when actor and data are stored canonical (every entry written since
+    migration 10); any column edited since changes it."""
+    fields = [
+        ("actor", "actor"),
+        ("at", quote.format("at")),
+        ("data", "data"),
+        ("grant_id", quote.format("grant_id")),
+        ("prev", quote.format("prev")),
+        ("seq", "CAST(seq AS TEXT)"),
+        ("type", quote.format("type")),
+    ]
+    parts = " || ".join(
+        f"'{',' if i else '{'}\"{name}\":' || {sql}" for i, (name, sql) in enumerate(fields)
+    )
+    return f"{parts} || '}}'"
 
 
 class Store(ABC):
@@ -231,6 +282,7 @@ class Store(ABC):
 
     # Whether entries' data holds a text: SQLite's instr, PostgreSQL's strpos.
     CONTAINS = "instr(data, ?) > 0"
+    QUOTE = "json_quote({})"  # a text column as a JSON string (NULL as null)
 
     @property
     @abstractmethod
@@ -436,17 +488,14 @@ class Store(ABC):
         rows = self.db.execute(  # every column: a file older than v4 has no email
             "SELECT * FROM approvals WHERE grant_id = ? ORDER BY at, rowid", [grant_id]
         )
-        return [
-            Approval(
-                row["issuer"],
-                row["subject"],
-                row["display"],
-                tuple(json.loads(row["groups"])),
-                row["at"],
-                row["email"] if "email" in row.keys() else "",
-            )
-            for row in rows
-        ]
+        return [_approval(row) for row in rows]
+
+    def approvals_by_grant(self) -> dict[str, list[Approval]]:
+        """Every approval, by grant: one read for `jit audit verify`, not one a grant."""
+        found: dict[str, list[Approval]] = {}
+        for row in self.db.execute("SELECT * FROM approvals ORDER BY at, rowid"):
+            found.setdefault(row["grant_id"], []).append(_approval(row))
+        return found
 
     # --- the audit log (broker/audit/storage.py's AuditStore) ------------------------------------
 
@@ -470,14 +519,68 @@ class Store(ABC):
             after = rows[-1]["seq"]
             left = left - len(rows) if left > 0 else left
 
-    def audit_entries_containing(self, text: str) -> Iterator[dict]:
-        """Entries whose data holds `text` (an HMAC fingerprint): a scan, for rare lookups."""
-        rows = self.db.execute(
-            f"SELECT * FROM audit WHERE {self.CONTAINS} ORDER BY seq",  # noqa: S608
-            [text],
+    def audit_lines(self, after: int = 0) -> Iterator[tuple[int, str, str, str, str | None]]:
+        """(seq, at, prev, hash, canonical line) of each entry after seq `after`, paged like
+        `audit_entries`; the line is composed from the columns (`line_sql`)."""
+        sql = (
+            f"SELECT seq, at, prev, hash, {line_sql(self.QUOTE)} AS line FROM audit "  # noqa: S608
+            "WHERE seq > ? ORDER BY seq LIMIT ?"
         )
+        while True:
+            rows = list(self.db.execute(sql, [after, AUDIT_PAGE]))
+            for row in rows:
+                yield row["seq"], row["at"], row["prev"], row["hash"], row["line"]
+            if len(rows) < AUDIT_PAGE:
+                return
+            after = rows[-1]["seq"]
+
+    def audit_grant_entries(self) -> Iterator[dict]:
+        """seq, grant_id, type, actor and data of every entry of a grant, in sequence order,
+        actor and data as stored (JSON text): for the state check, which decodes only what it
+        reads."""
+        sql = (
+            "SELECT seq, grant_id, type, actor, data FROM audit "
+            "WHERE seq > ? AND grant_id IS NOT NULL ORDER BY seq LIMIT ?"
+        )
+        after = 0
+        while True:
+            rows = list(self.db.execute(sql, [after, AUDIT_PAGE]))
+            for row in rows:
+                yield dict(row)
+            if len(rows) < AUDIT_PAGE:
+                return
+            after = rows[-1]["seq"]
+
+    def audit_entries_containing(self, text: str) -> Iterator[dict]:
+        """Entries whose data holds `text`: an HMAC fingerprint through the `audit_refs` index;
+        anything else, or a database an older broker left (`jit audit` never migrates), a scan."""
+        if FINGERPRINT.fullmatch(text) and self.schema_version() >= REFS_SINCE:
+            rows = self.db.execute(
+                "SELECT a.* FROM audit_refs r JOIN audit a ON a.seq = r.seq "
+                "WHERE r.fingerprint = ? ORDER BY r.seq",
+                [text],
+            )
+        else:
+            rows = self.db.execute(
+                f"SELECT * FROM audit WHERE {self.CONTAINS} ORDER BY seq",  # noqa: S608
+                [text],
+            )
         for row in rows:
             yield _entry(row)
+
+    def verified_mark(self) -> tuple[int, str]:
+        """The persisted "verified through" mark: (seq, its hash), (0, "") before any."""
+        if self.schema_version() < REFS_SINCE:
+            return 0, ""
+        row = self.db.execute("SELECT seq, hash FROM cursors WHERE name = 'verified'").fetchone()
+        return (int(row["seq"]), str(row["hash"])) if row else (0, "")
+
+    def set_verified_mark(self, seq: int, hash_: str) -> None:
+        self.db.execute(
+            "INSERT INTO cursors (name, seq, hash) VALUES ('verified', ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            [seq, hash_],
+        )
 
     def audit_entry(self, seq: int) -> dict | None:
         row = self.db.execute("SELECT * FROM audit WHERE seq = ?", [seq]).fetchone()
@@ -583,6 +686,17 @@ def _grant_filters(
         clauses.append("created_at <= ? AND (created_at < ? OR id < ?)")
         params += [before[0], before[0], before[1]]
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _approval(row: Row) -> Approval:
+    return Approval(
+        row["issuer"],
+        row["subject"],
+        row["display"],
+        tuple(json.loads(row["groups"])),
+        row["at"],
+        row["email"] if "email" in row.keys() else "",
+    )
 
 
 def _entry(row: Row) -> dict:

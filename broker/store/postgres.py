@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from ..errors import InvalidRequest, StoreUnavailable
 from ..models import isoformat, utcnow
 from . import schema
-from .base import Store, Transaction
+from .base import REFS_SINCE, Store, Transaction, fill_audit_refs
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ class PostgresStore(Store):
     """Any number of broker replicas on one PostgreSQL database (`url`, a libpq URI)."""
 
     CONTAINS = "strpos(data, ?) > 0"
+    QUOTE = "COALESCE(to_json({})::text, 'null')"
 
     def __init__(self, url: str, pool_size: int = 10, timeout: float = 30, wait: float = 5):
         self.url = url
@@ -265,6 +266,8 @@ class PostgresStore(Store):
             if statements:  # in one round trip: the statements are the code's own, no parameters
                 with self.translated():
                     tx.db.conn.execute(";\n".join(statements))
+            if 0 < version < REFS_SINCE:
+                fill_audit_refs(tx.db)
             if version != schema.SCHEMA_VERSION:
                 tx.db.execute("DELETE FROM schema_version")
                 tx.db.execute(

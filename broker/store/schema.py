@@ -196,6 +196,19 @@ MIGRATIONS: tuple[Migration, ...] = (
         "The index behind counting a requester's open grants (issue 15).",
         (_index("grants", "requester_iss", "requester_sub", "entitlement", "status"),),
     ),
+    Migration(
+        10,
+        # Each HMAC fingerprint an entry's data holds, with the entry's seq, so that `jit audit
+        # lookup` is an index read (filled for earlier entries by the store's migrate, in
+        # Python: SQL cannot find them portably). The hash beside the `verified` cursor: the
+        # auditor pages' "verified through" mark, advanced in the background.
+        "The audit lookup index and the persisted verification mark (issue 15).",
+        (
+            "CREATE TABLE audit_refs (fingerprint TEXT NOT NULL, seq {int} NOT NULL)",
+            _index("audit_refs", "fingerprint", "seq"),
+            *_text_columns("cursors", "hash"),
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -20,7 +20,7 @@ from ..config import SYNCHRONOUS
 from ..errors import StoreUnavailable
 from ..liveness import FileLeadership, Liveness
 from . import schema
-from .base import Store, Transaction
+from .base import REFS_SINCE, Store, Transaction, fill_audit_refs
 
 # SQLite's primary result codes that mean "the database cannot be used now" rather than "the
 # broker's SQL is wrong": busy/locked past the timeout, out of memory, read-only, I/O error,
@@ -173,8 +173,11 @@ class SqliteStore(Store):
         """Create or upgrade the schema; `PRAGMA user_version` says which version the file has.
         BEGIN IMMEDIATE: a second broker starting at the same moment waits, then finds it done."""
         with self.transaction() as tx:
-            for statement in schema.pending(self.schema_version(), schema.SQLITE):
+            version = self.schema_version()
+            for statement in schema.pending(version, schema.SQLITE):
                 tx.db.execute(statement)
+            if 0 < version < REFS_SINCE:
+                fill_audit_refs(tx.db)
             tx.db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")
 
     @contextmanager

@@ -90,6 +90,8 @@ def show_grant(grant_id: str) -> str:
     entries = found.timeline.entries
     seqs = [entry["seq"] for entry in entries]
     unsigned = [seq for seq in seqs if seq > verification.signed_size]
+    # The whole log is verified in the background up to a mark; past it, only entry by entry.
+    unverified = [seq for seq in seqs if seq > verification.last_seq]
     return render_template(
         "audit_grant.html",
         grant=found.grant,
@@ -98,6 +100,7 @@ def show_grant(grant_id: str) -> str:
         steps=words.steps(entries, found.grant, found.approvals),
         verification=verification,
         unsigned=unsigned,
+        unverified=unverified,
         review=next((e for e in entries if e["type"] == "review"), None),
         checkpoint_every=services().settings.audit["checkpoint_every"],
     )

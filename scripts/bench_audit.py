@@ -1,0 +1,161 @@
+"""The audit log at scale (issue 15): `jit audit verify`'s work against a plain SHA-256 loop over
+the same stored bytes, the chain walk as it was before (every entry decoded and encoded again),
+`jit audit lookup` through its index, and an auditor page's timeline. Fills a store with N
+entries shaped like the broker's (a grant's request, decision, issue with a token accessor's
+HMAC, release, verified removal); no OpenBao. Prints figures; asserts nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from broker import audit  # noqa: E402
+from broker.audit.log import AuditLog  # noqa: E402
+from broker.models import isoformat  # noqa: E402
+from broker.store import SqliteStore, Store  # noqa: E402
+from broker.store.base import _insert  # noqa: E402
+from scripts.launchers import Postgres  # noqa: E402
+
+KEY = b"k" * 32
+START = datetime(2026, 1, 1, tzinfo=UTC)
+BATCH = 5000  # entries a transaction while filling
+ACTOR = {"iss": "https://idp.example.com", "sub": "alice", "email": "alice@example.com"}
+BROKER = {"iss": "jit-broker", "sub": "broker"}
+
+
+def fill(store: Store, count: int) -> list[str]:
+    """`count` entries, five a grant; the token accessors used (looked up afterwards)."""
+    accessors: list[str] = []
+    n, ended = 0, ""
+    while n < count:
+        with store.transaction() as tx:
+            for _ in range(min(BATCH, count - n)):
+                grant, step = f"g-{n // 5:08d}", n % 5
+                at = isoformat(START + timedelta(seconds=n))  # an entry a second
+                if step == 0:
+                    data = {"entitlement": "db-read", "reason": "CHG-1234 investigate slow query",
+                            "duration": 3600, "ticket": "CHG-1234"}  # fmt: skip
+                    tx.append(at, "request", ACTOR, grant, data)
+                elif step == 1:
+                    tx.append(at, "decision", BROKER, grant, {"approved": True, "reasons": []})
+                elif step == 2:
+                    accessors.append(f"accessor-{n}")
+                    mark = audit.fingerprint(KEY, accessors[-1])
+                    data = {"backend": "vault", "handle": mark, "window_end": at}
+                    tx.append(at, "issue", BROKER, grant, data)
+                elif step == 3:
+                    tx.append(at, "release", ACTOR, grant, {"window_end": at})
+                    ended = at
+                else:
+                    data = {"gone": True, "handle": audit.fingerprint(KEY, accessors[-1])}
+                    tx.append(at, "verify", BROKER, grant, data)
+                    row = {"id": grant, "entitlement": "db-read", "status": "revoked",
+                           "window_end": ended, "handle": accessors[-1],
+                           "created_at": at}  # fmt: skip
+                    _insert(tx.db, "grants", row)
+                n += 1
+    return accessors
+
+
+def rate(count: int, seconds: float) -> str:
+    return f"{count / seconds / 1000:,.0f}k entries/s ({seconds:.2f} s)"
+
+
+def percentile(values: list[float], p: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(len(values) * p))]
+
+
+def main(count: int, store: Store, label: str) -> None:
+    store.migrate()
+    started = time.perf_counter()
+    accessors = fill(store, count)
+    print(f"jit-broker audit bench: {count:,} entries, store {label}")
+    print(f"filled in {time.perf_counter() - started:.1f} s\n")
+    log = AuditLog(store, KEY)
+
+    lines = [line.encode() for *_, line in store.audit_lines() if line is not None]
+    started = time.perf_counter()
+    for line in lines:
+        hashlib.sha256(line).hexdigest()
+    plain = time.perf_counter() - started
+    print(f"{'plain sha256 over the stored lines':44}{rate(len(lines), plain)}")
+
+    started = time.perf_counter()
+    result = log.verify()
+    chain_s = time.perf_counter() - started
+    ratio = chain_s / plain
+    print(f"{'chain verify (stored lines)':44}{rate(count, chain_s)}, {ratio:.1f}x the plain loop")
+
+    started = time.perf_counter()
+    problems = log.grant_problems()
+    state_s = time.perf_counter() - started
+    print(f"{'grants table against the chain':44}{rate(count, state_s)}")
+    whole = chain_s + state_s
+    print(
+        f"{'jit audit verify (both)':44}{rate(count, whole)}, {whole / plain:.1f}x the plain loop"
+    )
+
+    started = time.perf_counter()
+    before = audit.verify(store.audit_entries())
+    before_s = time.perf_counter() - started
+    print(f"{'chain verify as before (decode, re-encode)':44}{rate(count, before_s)}")
+    ok = result.ok and before.ok and not problems
+    print(f"  verified: {result}; as before: {before}; grant problems: {len(problems)}\n")
+
+    picks = random.Random(1).sample(accessors, min(1000, len(accessors)))  # noqa: S311
+    durations = []
+    for value in [*picks, *(f"absent-{i}" for i in range(100))]:
+        started = time.perf_counter()
+        found = log.lookup(value)
+        durations.append(time.perf_counter() - started)
+        ok = ok and (len(found) == 2) == (not value.startswith("absent"))
+    print(f"{'lookup p50 / p99':44}{statistics.median(durations) * 1000:.2f} ms / "
+          f"{percentile(durations, 0.99) * 1000:.2f} ms ({len(durations)} lookups)")  # fmt: skip
+
+    scans = []
+    for value in picks[:20]:
+        started = time.perf_counter()
+        list(store.db.execute(f"SELECT seq FROM audit WHERE {store.CONTAINS}",  # noqa: S608
+                              [audit.fingerprint(KEY, value)]))  # fmt: skip
+        scans.append(time.perf_counter() - started)
+    print(f"{'lookup as before (scan), p50':44}{statistics.median(scans) * 1000:.2f} ms")
+
+    started = time.perf_counter()
+    advanced = log.advance()
+    took = time.perf_counter() - started
+    print(f"{'background verification, first turn':44}{rate(advanced.checked, took)}")
+    grants = random.Random(2).sample(range(count // 5), min(200, count // 5))  # noqa: S311
+    durations = []
+    for n in grants:
+        started = time.perf_counter()
+        log.timeline(f"g-{n:08d}")
+        durations.append(time.perf_counter() - started)
+    p50, p95 = statistics.median(durations) * 1000, percentile(durations, 0.95) * 1000
+    print(f"{'grant timeline (page backend) p50 / p95':44}{p50:.2f} ms / {p95:.2f} ms")
+    print("\nall answers as expected" if ok else "\nERRORS: an answer was not as expected")
+
+
+if __name__ == "__main__":
+    args = [arg for arg in sys.argv[1:] if arg not in ("--audit", "--postgres", "--scale")]
+    count = 1_000_000 if "--scale" in sys.argv else int(args[0]) if args else 100_000
+    if "--postgres" in sys.argv:
+        from broker.store.postgres import PostgresStore
+
+        server = Postgres.from_env_or_start()
+        try:
+            main(count, PostgresStore(server.dsn), "PostgreSQL (the launcher's throwaway cluster)")
+        finally:
+            server.stop()
+    else:
+        path = Path(tempfile.mkdtemp(prefix="jit-bench-audit-")) / "broker.db"
+        sqlite = SqliteStore(path)
+        main(count, sqlite, f"SQLite (WAL, synchronous={sqlite.synchronous}) at {path}")
