@@ -172,10 +172,8 @@ class Removing(GrantsBase):
 
     def reap_due(self, now: datetime | None = None) -> datetime | None:
         """Remove every credential whose window has closed; return when the next one closes.
-        Due grants are shared out in chunks among `removal_workers` threads: each waits mostly
-        on Vault, claims its chunk in one transaction and records it in one more (each grant
-        still claimed conditionally and fenced on its own), so none is removed twice and a
-        burst pays two transactions per chunk rather than two per grant."""
+        Due grants are shared out among `removal_workers` kept threads: each waits mostly on
+        Vault, and each grant is claimed on its own (conditionally), so none is removed twice."""
         now = now or self.clock()
         while True:
             due = self.store.due_grants(isoformat(now), limit=REAP_BATCH)
@@ -237,43 +235,33 @@ class Removing(GrantsBase):
         self._reap_all([grant], now)
 
     def _reap_all(self, grants: list[Grant], now: datetime) -> None:
-        """Look at each grant: expire a stale request, warn of a window closing soon, or remove
-        what a closed window held. The removals are claimed in one transaction, revoked and
-        verified one by one, and recorded in one more, each behind its own fence."""
-        closed = []
+        """Look at each grant in turn: expire a stale request, warn of a window closing soon, or
+        remove what a closed window held."""
         for grant in grants:
             if grant.status in AWAITING:
                 self._expire_unapproved(grant)
             elif grant.status == ACTIVE and parse_time(grant.window_end) > now:
                 self._warn_of_expiry(grant, now)
             else:
-                closed.append(grant)
-        if not closed:
-            return
+                self._remove_closed(grant, now)
+
+    def _remove_closed(self, grant: Grant, now: datetime) -> None:
+        """Claim one grant (conditionally), revoke and verify what it holds, record it behind the
+        fence. One grant at a time: a claim is held only while its own removal runs."""
+        attempt = grant.attempts + 1
         with self.store.transaction() as tx:
-            claimed = [
-                (grant, grant.attempts + 1)
-                for grant in closed
-                if self._claim(tx, grant, now, grant.attempts + 1)
-            ]
-        done = []
-        for grant, attempt in claimed:
-            backend = self.backends[grant.backend]
-            outcomes = [
-                (held.handle, self._remove(backend, held.handle))
-                for held in self.store.credentials_of(grant.id)
-                if held.handle and not held.gone_at
-            ]
-            done.append((grant, attempt, backend, outcomes))
-        if not done:
-            return
-        failed: list[tuple[Grant, int, str, str]] = []
+            if not self._claim(tx, grant, now, attempt):
+                return
+        backend = self.backends[grant.backend]
+        outcomes = [
+            (held.handle, self._remove(backend, held.handle))
+            for held in self.store.credentials_of(grant.id)
+            if held.handle and not held.gone_at
+        ]
         with self.store.transaction() as tx:
-            for grant, attempt, backend, outcomes in done:
-                failure = self._record(tx, grant, attempt, backend, outcomes, now)
-                if failure:
-                    failed.append((grant, attempt, *failure))
-        for grant, attempt, error, retry_at in failed:
+            failure = self._record(tx, grant, attempt, backend, outcomes, now)
+        if failure:
+            error, retry_at = failure
             log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
             self.notify(
                 "revoke_failed",
