@@ -74,6 +74,7 @@ class Reaper:
             if thread is not None:
                 thread.join(timeout)
         self._thread = self._reconciler = None
+        self.grants.close_removal_pool()
         self._checkpoint()
 
     @property

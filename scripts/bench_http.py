@@ -3,7 +3,8 @@ run with the raw OpenBao calls over HTTP a team would script instead, from keep-
 issue (POST /api/v1/requests -> a token) against a bare token create, at 1 and N concurrent
 clients (p50, p99, throughput, the worker's CPU per grant), release -> verified revoked
 (?wait=verified) against a bare revoke and lookup,
-and the broker worker's memory with the grants still live. Starts its own OpenBao, OIDC
+and the broker worker's memory with the grants still live (`--scale`: windows closing by the
+thousand, scripts/bench_scale.py). Starts its own OpenBao, OIDC
 provider and broker; prints ratios and flags any run with errors. A measurement, not a test."""
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ def _ratio(ours: float, raw: float) -> float:
 
 
 def main(argv: list[str]) -> None:
+    if "--scale" in argv:  # reaping at scale: a run of its own
+        from scripts import bench_scale
+
+        bench_scale.main(argv)
+        return
     parser = argparse.ArgumentParser(prog="scripts/bench --http")
     parser.add_argument("--http", action="store_true")
     parser.add_argument("--count", type=int, default=400, help="issues per measurement")

@@ -188,3 +188,31 @@ def test_releases_waiting_for_removal_race_the_reaper_and_each_is_removed_once(g
         assert chain.count("revoke") == 1 and chain.count("verify") == 1
         assert not token_works(openbao, credential.secret)
     assert audit.verify(grants.store.audit_entries()).ok
+
+
+def test_a_burst_reaped_by_two_racing_passes_is_removed_once_each_by_a_kept_pool(grants, openbao):
+    """Issue 15: a few hundred windows ending at once, two reaper passes racing over them (as
+    two replicas would): the chunks' claims are conditional and each record fenced, so every
+    grant is revoked, each token verified gone once and dead in OpenBao, and the chain verifies.
+    The removal threads are one kept pool, not new threads (and store connections) per pass."""
+    grants.removal_workers = 8
+    made = [grants.request(ALICE, "kv-read", "10m", f"burst {n}") for n in range(240)]
+    end = max(parse_time(grant.window_end) for grant, _ in made)
+    passes = [threading.Thread(target=grants.reap_due, args=(end,)) for _ in range(2)]
+    for thread in passes:
+        thread.start()
+    for thread in passes:
+        thread.join()
+    grants.reap_due(end)
+
+    for grant, credential in made:
+        assert grants.store.get_grant(grant.id).status == "revoked"
+        chain = types(grants, grant.id)
+        assert chain.count("revoke") == 1 and chain.count("verify") == 1
+        assert "revoke_failed" not in chain
+        assert not token_works(openbao, credential.secret)
+    assert audit.verify(grants.store.audit_entries()).ok
+    threads = set(grants._removal_pool._threads)
+    assert 0 < len(threads) <= 8
+    grants.close_removal_pool()
+    assert grants._removal_pool is None and not any(t.is_alive() for t in threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from .. import audit
@@ -107,6 +108,7 @@ class GrantsBase:
         self.heartbeat_every = heartbeat_every
         self.behind_after = behind_after  # a deadline this overdue: the reaper is behind
         self.removal_workers = removal_workers  # grants removed at once by one reaper pass
+        self._removal_pool: ThreadPoolExecutor | None = None  # made at the first burst, kept
         self.vault_health = vault_health
         self.auditor_groups = tuple(auditor_groups)  # may review any break-glass grant
         # Which broker processes sharing the store are alive; None: unknown, so an issuance left

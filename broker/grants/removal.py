@@ -4,6 +4,7 @@ backoff and alerted on."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,8 @@ from .base import (
     GrantsBase,
     log,
 )
+
+_POOL_LOCK = threading.Lock()  # the reaper and a release waiting for its verdict may both start it
 
 # How long a release that waits for the verdict waits on another reaper's claim of its grant.
 WAIT_FOR_REMOVAL = 10.0
@@ -169,20 +172,19 @@ class Removing(GrantsBase):
 
     def reap_due(self, now: datetime | None = None) -> datetime | None:
         """Remove every credential whose window has closed; return when the next one closes.
-        Several due grants are removed `removal_workers` at a time: each waits mostly on Vault,
-        and each is claimed on its own (conditionally), so none is removed twice."""
+        Due grants are shared out among `removal_workers` kept threads: each waits mostly on
+        Vault, and each grant is claimed on its own (conditionally), so none is removed twice."""
         now = now or self.clock()
         while True:
             due = self.store.due_grants(isoformat(now), limit=REAP_BATCH)
             workers = min(self.removal_workers, len(due))
             if workers > 1:
-                with ThreadPoolExecutor(workers, thread_name_prefix="reaper-pool") as pool:
-                    removals = [pool.submit(self._reap, grant, now) for grant in due]
+                chunks = [due[i::workers] for i in range(workers)]
+                removals = [self._pool().submit(self._reap_all, c, now) for c in chunks]
                 for removal in removals:
                     removal.result()  # the first failure, once all have finished
             else:
-                for grant in due:
-                    self._reap(grant, now)
+                self._reap_all(due, now)
             if len(due) < REAP_BATCH:
                 break
         held_elsewhere = self._take_over_dead_claims(now)
@@ -192,6 +194,23 @@ class Removing(GrantsBase):
             soon = now + TAKEOVER_CHECK
             next_look = soon if next_look is None else min(next_look, soon)
         return next_look
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """The reaper's removal threads, made once and kept: a pool made for every pass left a
+        store connection behind for each thread it ever ran (memory that never came back)."""
+        with _POOL_LOCK:
+            if self._removal_pool is None:
+                self._removal_pool = ThreadPoolExecutor(
+                    self.removal_workers, thread_name_prefix="reaper-pool"
+                )
+            return self._removal_pool
+
+    def close_removal_pool(self) -> None:
+        """Let the removal threads end (the reaper has stopped); a later pass makes new ones."""
+        with _POOL_LOCK:
+            pool, self._removal_pool = self._removal_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _take_over_dead_claims(self, now: datetime) -> bool:
         """Removals claimed by a broker process that has died since (kill -9 mid-revocation) are
@@ -213,15 +232,26 @@ class Removing(GrantsBase):
         return held_elsewhere
 
     def _reap(self, grant: Grant, now: datetime) -> None:
-        if grant.status in AWAITING:
-            self._expire_unapproved(grant)
-            return
-        if grant.status == ACTIVE and parse_time(grant.window_end) > now:
-            self._warn_of_expiry(grant, now)
-            return
+        self._reap_all([grant], now)
+
+    def _reap_all(self, grants: list[Grant], now: datetime) -> None:
+        """Look at each grant in turn: expire a stale request, warn of a window closing soon, or
+        remove what a closed window held."""
+        for grant in grants:
+            if grant.status in AWAITING:
+                self._expire_unapproved(grant)
+            elif grant.status == ACTIVE and parse_time(grant.window_end) > now:
+                self._warn_of_expiry(grant, now)
+            else:
+                self._remove_closed(grant, now)
+
+    def _remove_closed(self, grant: Grant, now: datetime) -> None:
+        """Claim one grant (conditionally), revoke and verify what it holds, record it behind the
+        fence. One grant at a time: a claim is held only while its own removal runs."""
         attempt = grant.attempts + 1
-        if not self._claim_for_removal(grant, now, attempt):
-            return
+        with self.store.transaction() as tx:
+            if not self._claim(tx, grant, now, attempt):
+                return
         backend = self.backends[grant.backend]
         outcomes = [
             (held.handle, self._remove(backend, held.handle))
@@ -229,74 +259,88 @@ class Removing(GrantsBase):
             if held.handle and not held.gone_at
         ]
         with self.store.transaction() as tx:
-            # The fence: still this attempt's claim? A reaper paused past REVOCATION_LEASE
-            # (GC, SIGSTOP, a network stall) may find another has claimed the grant since; it
-            # records nothing over that one's work (what it revoked meanwhile stays revoked).
-            if not tx.move_grant(grant.id, REVOKING, if_attempts=attempt, attempts=attempt):
-                log.warning(
-                    "grant %s: claim %d was taken over, nothing recorded", grant.id, attempt
-                )
-                return
-            for handle, outcome in outcomes:
-                self._log_removal(tx, grant, backend, handle, outcome, attempt=attempt)
-                if outcome.gone:
-                    tx.mark_gone(grant.id, handle, self._now())
-            # Read again under the write lock: a racing extension may have added one meanwhile.
-            left = [
-                held
-                for held in tx.credentials_of(grant.id)
-                if not held.gone_at and (held.handle or self._in_flight(held, self.clock()))
-            ]
-            if not left:
-                if tx.move_grant(
-                    grant.id,
-                    REVOKING,
-                    status=REVOKED,
-                    due_at="",
-                    last_error="",
-                    updated_at=self._now(),
-                ):
-                    tx.after_commit(lambda: self._count_revoked(grant))
-                return
-            error = "; ".join(dict.fromkeys(o.error for _, o in outcomes if not o.gone))
-            if not error:
-                # Only what a racing extension is issuing (or has just added) is left: not a
-                # failure, so no alert; look again soon.
-                tx.move_grant(
-                    grant.id,
-                    REVOKING,
-                    due_at=isoformat(now + timedelta(seconds=self.retry_min)),
-                    updated_at=self._now(),
-                )
-                return
-            backoff = min(self.retry_max, self.retry_min * 2 ** (attempt - 1))
-            retry_at = isoformat(now + timedelta(seconds=backoff))
+            failure = self._record(tx, grant, attempt, backend, outcomes, now)
+        if failure:
+            error, retry_at = failure
+            log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
+            self.notify(
+                "revoke_failed",
+                f"Removal of {grant.entitlement} for {grant.requester} could "
+                f"not be verified (attempt {attempt}): {error}. Retrying at {retry_at}.",
+                grant_id=grant.id,
+                audience="security",
+            )
+
+    def _record(
+        self,
+        tx: Transaction,
+        grant: Grant,
+        attempt: int,
+        backend: Backend,
+        outcomes: list[tuple[str, Removal]],
+        now: datetime,
+    ) -> tuple[str, str] | None:
+        """Write one grant's removal: `revoked` only when every credential is verified gone;
+        otherwise a retry with backoff. Returns (error, retry_at) for a failure to alert on."""
+        # The fence: still this attempt's claim? A reaper paused past REVOCATION_LEASE
+        # (GC, SIGSTOP, a network stall) may find another has claimed the grant since; it
+        # records nothing over that one's work (what it revoked meanwhile stays revoked).
+        if not tx.move_grant(grant.id, REVOKING, if_attempts=attempt, attempts=attempt):
+            log.warning("grant %s: claim %d was taken over, nothing recorded", grant.id, attempt)
+            return None
+        for handle, outcome in outcomes:
+            self._log_removal(tx, grant, backend, handle, outcome, attempt=attempt)
+            if outcome.gone:
+                tx.mark_gone(grant.id, handle, self._now())
+        # Read again under the write lock: a racing extension may have added one meanwhile.
+        left = [
+            held
+            for held in tx.credentials_of(grant.id)
+            if not held.gone_at and (held.handle or self._in_flight(held, self.clock()))
+        ]
+        if not left:
+            if tx.move_grant(
+                grant.id,
+                REVOKING,
+                status=REVOKED,
+                due_at="",
+                last_error="",
+                updated_at=self._now(),
+            ):
+                tx.after_commit(lambda: self._count_revoked(grant))
+            return None
+        error = "; ".join(dict.fromkeys(o.error for _, o in outcomes if not o.gone))
+        if not error:
+            # Only what a racing extension is issuing (or has just added) is left: not a
+            # failure, so no alert; look again soon.
             tx.move_grant(
                 grant.id,
                 REVOKING,
-                status=REVOKE_FAILED,
-                last_error=error,
-                due_at=retry_at,
+                due_at=isoformat(now + timedelta(seconds=self.retry_min)),
                 updated_at=self._now(),
             )
-            self._log(
-                tx,
-                Entry.REVOKE_FAILED,
-                REAPER,
-                grant.id,
-                attempt=attempt,
-                error=error,
-                next_attempt_at=retry_at,
-            )
-            tx.after_commit(self.metrics.revoke_failures.labels(grant.backend).inc)
-        log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
-        self.notify(
-            "revoke_failed",
-            f"Removal of {grant.entitlement} for {grant.requester} could "
-            f"not be verified (attempt {attempt}): {error}. Retrying at {retry_at}.",
-            grant_id=grant.id,
-            audience="security",
+            return None
+        backoff = min(self.retry_max, self.retry_min * 2 ** (attempt - 1))
+        retry_at = isoformat(now + timedelta(seconds=backoff))
+        tx.move_grant(
+            grant.id,
+            REVOKING,
+            status=REVOKE_FAILED,
+            last_error=error,
+            due_at=retry_at,
+            updated_at=self._now(),
         )
+        self._log(
+            tx,
+            Entry.REVOKE_FAILED,
+            REAPER,
+            grant.id,
+            attempt=attempt,
+            error=error,
+            next_attempt_at=retry_at,
+        )
+        tx.after_commit(self.metrics.revoke_failures.labels(grant.backend).inc)
+        return error, retry_at
 
     def _count_revoked(self, grant: Grant) -> None:
         self.metrics.revoked.labels(grant.backend).inc()
@@ -304,26 +348,25 @@ class Removing(GrantsBase):
             lag = (self.clock() - parse_time(grant.window_end)).total_seconds()
             self.metrics.revocation_lag.labels(grant.backend).observe(max(lag, 0.0))
 
-    def _claim_for_removal(self, grant: Grant, now: datetime, attempt: int) -> bool:
+    def _claim(self, tx: Transaction, grant: Grant, now: datetime, attempt: int) -> bool:
         """Move the grant to revoking; False when someone else moved it first. Conditional on
         the attempt count read with the grant: a grant already `revoking` is in TO_REAP too (a
         lapsed claim is taken over), so the status alone would let two reapers that read it
         before either claimed both claim it. The count is the claim's fencing token."""
-        with self.store.transaction() as tx:
-            if grant.status == ACTIVE:
-                if not tx.move_grant(grant.id, ACTIVE, status=EXPIRED, updated_at=self._now()):
-                    return False
-                self._log(tx, Entry.EXPIRE, REAPER, grant.id, window_end=grant.window_end)
-            return tx.move_grant(
-                grant.id,
-                TO_REAP,
-                if_attempts=grant.attempts,
-                status=REVOKING,
-                issuing_process=self.process_id,  # the claim's holder, while it is `revoking`
-                attempts=attempt,
-                due_at=isoformat(now + REVOCATION_LEASE),
-                updated_at=self._now(),
-            )
+        if grant.status == ACTIVE:
+            if not tx.move_grant(grant.id, ACTIVE, status=EXPIRED, updated_at=self._now()):
+                return False
+            self._log(tx, Entry.EXPIRE, REAPER, grant.id, window_end=grant.window_end)
+        return tx.move_grant(
+            grant.id,
+            TO_REAP,
+            if_attempts=grant.attempts,
+            status=REVOKING,
+            issuing_process=self.process_id,  # the claim's holder, while it is `revoking`
+            attempts=attempt,
+            due_at=isoformat(now + REVOCATION_LEASE),
+            updated_at=self._now(),
+        )
 
     def _warn_of_expiry(self, grant: Grant, now: datetime) -> None:
         """Tell the requester the window closes soon; then look again at the window end."""
