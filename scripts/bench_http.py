@@ -16,7 +16,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,28 +112,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _ratio(ours: float, raw: float) -> float:
-    return ours / raw if raw else 0.0
+@dataclass
+class Stack:
+    """OpenBao, the OIDC provider and `jit serve`, started for one bench run: the broker's own
+    OpenBao token, alice's bearer header for its API, and where it all lives."""
+
+    bao: OpenBao
+    broker: BrokerProcess
+    broker_token: str
+    bearer: dict[str, str]
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return self.broker.url
+
+    def raw_issuer(self, tag: str = "bench") -> Callable[[], object]:
+        """A bare token create with the broker's token and role, as a team would script it."""
+        client = self.bao.client(self.broker_token)
+        return lambda: client.auth.token.create(
+            role_name=TOKEN_ROLE,
+            policies=[VAULT_POLICY],
+            ttl="600s",
+            explicit_max_ttl="600s",
+            renewable=False,
+            meta={"jit_grant_id": tag},
+        )["auth"]["accessor"]
 
 
-def main(argv: list[str]) -> None:
-    if "--scale" in argv:  # reaping at scale: a run of its own
-        from scripts import bench_scale
-
-        bench_scale.main(argv)
-        return
-    parser = argparse.ArgumentParser(prog="scripts/bench --http")
-    parser.add_argument("--http", action="store_true")
-    parser.add_argument("--count", type=int, default=400, help="issues per measurement")
-    parser.add_argument("--clients", type=int, default=32, help="the concurrent run's clients")
-    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
-    parser.add_argument("--threads", type=int, default=32, help="threads per worker")
-    args = parser.parse_args(argv)
-
-    workdir = Path(tempfile.mkdtemp(prefix="jit-bench-http-"))
+@contextmanager
+def served(prefix: str, **settings: str) -> Iterator[Stack]:
+    """Start the stack (`settings`: more JIT_* values for `jit serve`); stop it all after."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     bao = OpenBao.start(workdir=workdir / "openbao")
-    provider = None
-    broker = None
+    provider = broker = None
     try:
         root = bao.client()
         root.sys.create_or_update_policy(
@@ -156,21 +169,44 @@ def main(argv: list[str]) -> None:
             provider,
             secret,
             workdir / "policy.toml",
-            JIT_SERVER_WORKERS=str(args.workers),
-            JIT_SERVER_THREADS=str(args.threads),
+            **settings,
         )
-        url = broker.url
+        yield Stack(bao, broker, broker_token, bearer, workdir)
+    finally:
+        if broker is not None:
+            broker.stop()
+        if provider is not None:
+            provider.stop()
+        bao.stop()
+
+
+def _ratio(ours: float, raw: float) -> float:
+    return ours / raw if raw else 0.0
+
+
+def main(argv: list[str]) -> None:
+    if "--scale" in argv:  # reaping at scale: a run of its own
+        from scripts import bench_scale
+
+        bench_scale.main(argv)
+        return
+    parser = argparse.ArgumentParser(prog="scripts/bench --http")
+    parser.add_argument("--http", action="store_true")
+    parser.add_argument("--count", type=int, default=400, help="issues per measurement")
+    parser.add_argument("--clients", type=int, default=32, help="the concurrent run's clients")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
+    parser.add_argument("--threads", type=int, default=32, help="threads per worker")
+    args = parser.parse_args(argv)
+
+    with served(
+        "jit-bench-http-",
+        JIT_SERVER_WORKERS=str(args.workers),
+        JIT_SERVER_THREADS=str(args.threads),
+    ) as stack:
+        bao, broker_token, bearer, url = stack.bao, stack.broker_token, stack.bearer, stack.url
 
         def raw_client() -> Callable[[], object]:
-            client = bao.client(broker_token)  # hvac keeps one keep-alive session
-            return lambda: client.auth.token.create(
-                role_name=TOKEN_ROLE,
-                policies=[VAULT_POLICY],
-                ttl="600s",
-                explicit_max_ttl="600s",
-                renewable=False,
-                meta={"jit_grant_id": "bench"},
-            )["auth"]["accessor"]
+            return stack.raw_issuer()  # hvac keeps one keep-alive session per client
 
         def broker_client() -> Callable[[], object]:
             session = requests.Session()
@@ -271,12 +307,6 @@ def main(argv: list[str]) -> None:
         print(f"broker worker RSS with {len(live)} grants issued: {memory:.0f} MiB")
         if flagged:
             print("\nTHIS RUN HAD ERRORS: its figures are not comparable.")
-    finally:
-        if broker is not None:
-            broker.stop()
-        if provider is not None:
-            provider.stop()
-        bao.stop()
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import secrets
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,27 +24,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.backends.vault import TOKEN_ROLE  # noqa: E402
-from scripts.bench_http import Run, concurrently, rss_mib  # noqa: E402
-from scripts.launchers import (  # noqa: E402
-    BrokerProcess,
-    OidcProvider,
-    OpenBao,
-    Postgres,
-    configure_transit_engine,
-    free_port,
-    provider_config,
-    user_access_token,
-)
-
-VAULT_POLICY = "jit-bench-read"
-POLICY = f"""
-[entitlements.bench]
-vault_policies = ["{VAULT_POLICY}"]
-max_duration = "1h"
-[entitlements.bench.requesters]
-groups = ["engineers"]
-"""
+from scripts.bench_http import Run, Stack, concurrently, rss_mib, served  # noqa: E402
+from scripts.launchers import Postgres  # noqa: E402
 
 
 class Revocations:
@@ -182,22 +161,10 @@ def run_scenario(
     scenario.rss_after = rss_mib(worker)
 
 
-def raw_sequential(bao: OpenBao, token: str, count: int, clients: int) -> Run:
+def raw_sequential(stack: Stack, count: int, clients: int) -> Run:
     """Tokens made in parallel, then revoked and looked up one at a time: the raw rate."""
-
-    def maker() -> Callable[[], object]:
-        client = bao.client(token)
-        return lambda: client.auth.token.create(
-            role_name=TOKEN_ROLE,
-            policies=[VAULT_POLICY],
-            ttl="600s",
-            explicit_max_ttl="600s",
-            renewable=False,
-            meta={"jit_grant_id": "bench-raw"},
-        )["auth"]["accessor"]
-
-    accessors = iter(concurrently(clients, count, maker).results)
-    client = bao.client(token)
+    accessors = iter(concurrently(clients, count, lambda: stack.raw_issuer("bench-raw")).results)
+    client = stack.bao.client(stack.broker_token)
 
     def remove() -> None:
         accessor = next(accessors)
@@ -224,119 +191,92 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--only", default="", help="spread,1000,burst (default: all)")
     args = parser.parse_args(argv)
 
-    workdir = Path(tempfile.mkdtemp(prefix="jit-bench-scale-"))
-    bao = OpenBao.start(workdir=workdir / "openbao")
-    provider = broker = postgres = None
+    settings = {"JIT_SERVER_WORKERS": "1", "JIT_SERVER_THREADS": str(args.threads)}
+    if args.removal_workers:
+        settings["JIT_REAPER_REMOVAL_WORKERS"] = str(args.removal_workers)
+    postgres = Postgres.start() if args.postgres else None
+    dsn = postgres.dsn if postgres is not None else None
+    if dsn:
+        settings["JIT_STORAGE_URL"] = dsn
     try:
-        root = bao.client()
-        root.sys.create_or_update_policy(
-            VAULT_POLICY, 'path "secret/data/bench/*" { capabilities = ["read"] }'
-        )
-        configure_transit_engine(root)
-        broker_token = bao.make_broker_token([VAULT_POLICY])
-        secret = secrets.token_urlsafe(24)
-        port = free_port()
-        provider = OidcProvider.start(
-            provider_config(free_port(), f"http://127.0.0.1:{port}/auth/callback", secret),
-            workdir / "oidc",
-        )
-        bearer = {"Authorization": f"Bearer {user_access_token(provider, 'alice')}"}
-        (workdir / "policy.toml").write_text(POLICY)
-        settings = {"JIT_SERVER_WORKERS": "1", "JIT_SERVER_THREADS": str(args.threads)}
-        if args.removal_workers:
-            settings["JIT_REAPER_REMOVAL_WORKERS"] = str(args.removal_workers)
-        dsn = None
-        if args.postgres:
-            postgres = Postgres.start()
-            dsn = postgres.dsn
-            settings["JIT_STORAGE_URL"] = dsn
-        broker = BrokerProcess.start(
-            workdir / "broker",
-            port,
-            bao,
-            broker_token,
-            provider,
-            secret,
-            workdir / "policy.toml",
-            **settings,
-        )
-        url = broker.url
-        worker = requests.get(f"{url}/healthz", timeout=5).json()["process"]
-        watch = Revocations(None if dsn else workdir / "broker" / "broker.db", dsn)
-
-        # Warm the broker (connections, caches) and measure its issue rate for the timing.
-        warm = Scenario("warm-up", 200, 0, None)
-        run_scenario(warm, url, bearer, args.clients, 50, watch, worker)
-        issue_rate = warm.issue.rate or 50
-        idle = rss_mib(worker)
-
-        raw = raw_sequential(bao, broker_token, args.raw, args.clients)
-        raw_rate = raw.rate
-
-        wanted = set(args.only.split(",")) if args.only else {"spread", "1000", "burst"}
-        scenarios = [
-            s
-            for key, s in (
-                ("spread", Scenario("200 over a minute", 200, 60, 1.0)),
-                ("1000", Scenario("1,000 in one second", 1000, 0, 2.0)),
-                ("burst", Scenario(f"{args.count:,} in one second", args.count, 0, None)),
-            )
-            if key in wanted
-        ]
-        for scenario in scenarios:
-            print(f"... {scenario.name}", flush=True)
-            run_scenario(scenario, url, bearer, args.clients, issue_rate, watch, worker)
-            issue_rate = scenario.issue.rate or issue_rate
-
-        store = "PostgreSQL" if dsn else "SQLite WAL"
-        print(
-            f"\njit-broker bench --http --scale: jit serve (gunicorn, 1 worker x {args.threads} "
-            f"threads, {store}, removal_workers {args.removal_workers or 'default'}) and "
-            f"OpenBao {bao.addr}, one run\n"
-        )
-        print(
-            f"raw sequential revoke + lookup: {raw_rate:.0f}/s "
-            f"(p50 {raw.p(0.5) * 1e3:.2f} ms, {len(raw.latencies)} tokens)"
-            + (f"  ERRORS {raw.errors}" if raw.errors else "")
-        )
-        print(f"broker worker RSS idle (after the warm-up's 200 grants): {idle:.0f} MiB\n")
-        print(
-            f"{'':24}{'issued/s':>9}{'lag p50':>9}{'p99':>8}{'max':>8}{'revoked/s':>11}"
-            f"{'vs raw':>8}{'RSS live':>10}{'after':>7}  verdict"
-        )
-        flagged = bool(raw.errors)
-        for s in scenarios:
-            errors = s.issue.errors + s.unrevoked + s.failures + s.late_issues
-            flagged = flagged or bool(errors)
-            if s.target_p99 is not None:
-                ok = _p(s.lags, 0.99) <= s.target_p99
-                verdict = f"p99 <= {s.target_p99:.0f} s: {'met' if ok else 'NOT met'}"
-            else:
-                ok = s.rate >= 2 * raw_rate
-                verdict = f">= 2x raw: {'met' if ok else 'NOT met'}"
-                verdict += f"; RSS <= 150 MiB: {'met' if s.rss_live <= 150 else 'NOT met'}"
-            print(
-                f"{s.name:24}{s.issue.rate:>9.0f}{_p(s.lags, 0.5):>8.2f}s{_p(s.lags, 0.99):>7.2f}s"
-                f"{max(s.lags, default=float('nan')):>7.2f}s{s.rate:>11.0f}"
-                f"{s.rate / raw_rate if raw_rate else 0:>7.2f}x{s.rss_live:>8.0f}Mi"
-                f"{s.rss_after:>5.0f}Mi  {verdict}"
-                + (
-                    f"  ERRORS issue {s.issue.errors}, unrevoked {s.unrevoked}, "
-                    f"revoke_failed {s.failures}, late {s.late_issues}"
-                    if errors
-                    else ""
-                )
-            )
-        if flagged:
-            print("\nTHIS RUN HAD ERRORS: its figures are not comparable.")
+        with served("jit-bench-scale-", **settings) as stack:
+            measure(args, stack, dsn)
     finally:
-        if broker is not None:
-            broker.stop()
-        if provider is not None:
-            provider.stop()
         if postgres is not None:
             postgres.stop()
-        bao.stop()
+
+
+def measure(args: argparse.Namespace, stack: Stack, dsn: str | None) -> None:
+    """The scenarios of one run, against the started stack, and their report."""
+    bao, bearer, url, workdir = stack.bao, stack.bearer, stack.url, stack.workdir
+    worker = requests.get(f"{url}/healthz", timeout=5).json()["process"]
+    watch = Revocations(None if dsn else workdir / "broker" / "broker.db", dsn)
+
+    # Warm the broker (connections, caches) and measure its issue rate for the timing.
+    warm = Scenario("warm-up", 200, 0, None)
+    run_scenario(warm, url, bearer, args.clients, 50, watch, worker)
+    issue_rate = warm.issue.rate or 50
+    idle = rss_mib(worker)
+
+    raw = raw_sequential(stack, args.raw, args.clients)
+    raw_rate = raw.rate
+
+    wanted = set(args.only.split(",")) if args.only else {"spread", "1000", "burst"}
+    scenarios = [
+        s
+        for key, s in (
+            ("spread", Scenario("200 over a minute", 200, 60, 1.0)),
+            ("1000", Scenario("1,000 in one second", 1000, 0, 2.0)),
+            ("burst", Scenario(f"{args.count:,} in one second", args.count, 0, None)),
+        )
+        if key in wanted
+    ]
+    for scenario in scenarios:
+        print(f"... {scenario.name}", flush=True)
+        run_scenario(scenario, url, bearer, args.clients, issue_rate, watch, worker)
+        issue_rate = scenario.issue.rate or issue_rate
+
+    store = "PostgreSQL" if dsn else "SQLite WAL"
+    print(
+        f"\njit-broker bench --http --scale: jit serve (gunicorn, 1 worker x {args.threads} "
+        f"threads, {store}, removal_workers {args.removal_workers or 'default'}) and "
+        f"OpenBao {bao.addr}, one run\n"
+    )
+    print(
+        f"raw sequential revoke + lookup: {raw_rate:.0f}/s "
+        f"(p50 {raw.p(0.5) * 1e3:.2f} ms, {len(raw.latencies)} tokens)"
+        + (f"  ERRORS {raw.errors}" if raw.errors else "")
+    )
+    print(f"broker worker RSS idle (after the warm-up's 200 grants): {idle:.0f} MiB\n")
+    print(
+        f"{'':24}{'issued/s':>9}{'lag p50':>9}{'p99':>8}{'max':>8}{'revoked/s':>11}"
+        f"{'vs raw':>8}{'RSS live':>10}{'after':>7}  verdict"
+    )
+    flagged = bool(raw.errors)
+    for s in scenarios:
+        errors = s.issue.errors + s.unrevoked + s.failures + s.late_issues
+        flagged = flagged or bool(errors)
+        if s.target_p99 is not None:
+            ok = _p(s.lags, 0.99) <= s.target_p99
+            verdict = f"p99 <= {s.target_p99:.0f} s: {'met' if ok else 'NOT met'}"
+        else:
+            ok = s.rate >= 2 * raw_rate
+            verdict = f">= 2x raw: {'met' if ok else 'NOT met'}"
+            verdict += f"; RSS <= 150 MiB: {'met' if s.rss_live <= 150 else 'NOT met'}"
+        print(
+            f"{s.name:24}{s.issue.rate:>9.0f}{_p(s.lags, 0.5):>8.2f}s{_p(s.lags, 0.99):>7.2f}s"
+            f"{max(s.lags, default=float('nan')):>7.2f}s{s.rate:>11.0f}"
+            f"{s.rate / raw_rate if raw_rate else 0:>7.2f}x{s.rss_live:>8.0f}Mi"
+            f"{s.rss_after:>5.0f}Mi  {verdict}"
+            + (
+                f"  ERRORS issue {s.issue.errors}, unrevoked {s.unrevoked}, "
+                f"revoke_failed {s.failures}, late {s.late_issues}"
+                if errors
+                else ""
+            )
+        )
+    if flagged:
+        print("\nTHIS RUN HAD ERRORS: its figures are not comparable.")
 
 
 if __name__ == "__main__":
