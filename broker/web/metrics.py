@@ -53,17 +53,13 @@ def count_dependency_error(exc: BrokerError) -> None:
 
 
 def init_app(app: Flask) -> None:
+    """After request_ids.init_app: a request's start is stamped there, once."""
     app.register_blueprint(bp)
-    app.before_request(_started)
     app.after_request(_answered)
 
 
-def _started() -> None:
-    g.jit_started = time.perf_counter()
-
-
 def _answered(response: Response) -> Response:
-    started = g.pop("jit_started", None)
+    started = g.get("request_began")
     jit = current_app.extensions.get("jit")
     if started is None or jit is None:
         return response
