@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from ..backends import Backend
 from ..errors import (
     BrokerError,
     GrantConflict,
+    GrantNotFound,
 )
 from ..models import (
     ACTIVE,
@@ -131,19 +133,21 @@ class Removing(GrantsBase):
         With `wait`, the caller's own thread removes and verifies it first, claimed exactly as
         the reaper claims (so no grant is removed twice), and gets the grant as that left it:
         `revoked`, or `revoke_failed` with the reaper retrying. The release and the claim are
-        one transaction, the removal's record a second: two write transactions, not three."""
-        grant = self.get(principal, grant_id, owner_only=True)
+        one transaction, the removal's record a second: two write transactions, not three. The
+        grant is read inside the first, under the write lock, so what it says still holds."""
         now = self._now()
-        backend = self.backends.get(grant.backend)
-        revocable = backend is None or backend.revocable
-        due = now if revocable else max(now, grant.credential_expires_at or now)
         claimed, handles = 0, []
         with self.store.transaction() as tx:
-            if not tx.move_grant(
+            grant = tx.get_grant(grant_id)
+            if grant is None or not grant.owned_by(principal):
+                raise GrantNotFound(f"no grant {grant_id} of yours")
+            backend = self.backends.get(grant.backend)
+            revocable = backend is None or backend.revocable
+            due = now if revocable else max(now, grant.credential_expires_at or now)
+            if grant.status != ACTIVE or not tx.move_grant(
                 grant.id, ACTIVE, status=RELEASED, window_end=now, due_at=due, updated_at=now
             ):
-                current = self._current(grant.id, tx)
-                raise GrantConflict(f"grant {grant.id} is {current.status}, not active")
+                raise GrantConflict(f"grant {grant.id} is {grant.status}, not active")
             self._log(
                 tx,
                 Entry.RELEASE,
@@ -154,7 +158,7 @@ class Removing(GrantsBase):
                 credential_valid_until=None if revocable else due,
             )
             # What this call did: the reaper, woken below, may move it on before anyone reads.
-            released = self._current(grant.id, tx)
+            released = replace(grant, status=RELEASED, window_end=now, due_at=due, updated_at=now)
             if wait and backend is not None and backend.revocable:
                 # Claimed as the reaper claims (conditional on the attempt count), before the
                 # commit: no reaper pass can take it between the release and the claim.
