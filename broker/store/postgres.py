@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 WRITE_LOCK = 0x6A69_7462_726B_0001  # "jitbrk" 1
 LIVENESS_CLASS = 0x6A69_7401  # the high 32 bits of a process's liveness key
 LEADER_CLASS = 0x6A69_7402  # and of a job's leadership (one replica forwards the audit log)
+BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"  # the key is the broker's own
 CHANNEL = "jit_broker_wake"  # NOTIFY channel: deadlines changed on some replica
 # A replica stopped (SIGSTOP, a pause) inside a transaction must not hold the write lock for
 # ever: the server ends such a session, its transaction rolls back and the lock is free.
@@ -91,6 +92,19 @@ def _params(values: Any) -> Sequence[object]:
             raise InvalidRequest("text with a NUL character")
         params.append(value)
     return params
+
+
+def _rollback(conn: psycopg.Connection) -> None:
+    """Roll back what is still open; a connection already broken goes back to the pool as it is
+    (the pool discards it), and a second error must not hide the first."""
+    if conn.info.transaction_status in (
+        psycopg.pq.TransactionStatus.INTRANS,
+        psycopg.pq.TransactionStatus.INERROR,
+    ):
+        try:
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
+            pass
 
 
 class _Result:
@@ -245,12 +259,18 @@ class PostgresStore(Store):
         across every replica, as on SQLite, so a transaction's reads still hold when it writes."""
         if self._held() is not None:
             raise RuntimeError("a store transaction is already open in this thread")
-        with self.translated(), self._connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", [WRITE_LOCK])
+        with self.translated(), self._connection() as conn:
+            # BEGIN and the lock in one round trip (no parameters: one simple query), where
+            # psycopg's conn.transaction() would send BEGIN on its own first.
+            conn.execute(BEGIN_LOCKED)
             held = self._local.tx = _Connection(self, conn)
             tx = Transaction(held)
             try:
                 yield tx
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
             finally:
                 self._local.tx = None
         for call in tx.committed:  # committed: the transaction's block ended without raising
