@@ -95,16 +95,13 @@ def _params(values: Any) -> Sequence[object]:
 
 
 def _rollback(conn: psycopg.Connection) -> None:
-    """Roll back what is still open; a connection already broken goes back to the pool as it is
-    (the pool discards it), and a second error must not hide the first."""
-    if conn.info.transaction_status in (
-        psycopg.pq.TransactionStatus.INTRANS,
-        psycopg.pq.TransactionStatus.INERROR,
-    ):
-        try:
-            conn.execute("ROLLBACK")
-        except psycopg.Error:
-            pass
+    """Roll back what is still open (psycopg sends ROLLBACK only then); a connection already
+    broken goes back to the pool as it is (the pool discards it), and a second error must not
+    hide the first."""
+    try:
+        conn.rollback()
+    except psycopg.Error:
+        pass
 
 
 class _Result:
@@ -267,7 +264,7 @@ class PostgresStore(Store):
             tx = Transaction(held)
             try:
                 yield tx
-                conn.execute("COMMIT")
+                conn.commit()  # sends COMMIT: the server is in the transaction BEGIN opened
             except BaseException:
                 _rollback(conn)
                 raise
