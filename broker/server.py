@@ -98,7 +98,7 @@ class LingeringThreadWorker(ThreadWorker):
     back-to-back API calls. It lingers only while no other connection waits for a thread, so
     a busy worker shares its threads as gthread does; a client that says nothing within
     LINGER_MS goes back to the poller as before. On a gunicorn whose `handle` answers otherwise
-    than True for a kept-alive connection (before 23), it is plain gthread."""
+    than True for a kept-alive connection (older ones answer a tuple), it is plain gthread."""
 
     def handle(self, conn: Any) -> Any:
         kept = super().handle(conn)

@@ -257,12 +257,12 @@ class PostgresStore(Store):
         if self._held() is not None:
             raise RuntimeError("a store transaction is already open in this thread")
         with self.translated(), self._connection() as conn:
-            # BEGIN and the lock in one round trip (no parameters: one simple query), where
-            # psycopg's conn.transaction() would send BEGIN on its own first.
-            conn.execute(BEGIN_LOCKED)
-            held = self._local.tx = _Connection(self, conn)
-            tx = Transaction(held)
             try:
+                # BEGIN and the lock in one round trip (no parameters: one simple query), where
+                # psycopg's conn.transaction() would send BEGIN on its own first.
+                conn.execute(BEGIN_LOCKED)
+                held = self._local.tx = _Connection(self, conn)
+                tx = Transaction(held)
                 yield tx
                 conn.commit()  # sends COMMIT: the server is in the transaction BEGIN opened
             except BaseException:
