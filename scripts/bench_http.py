@@ -31,6 +31,7 @@ from scripts.launchers import (  # noqa: E402
     BrokerProcess,
     OidcProvider,
     OpenBao,
+    Postgres,
     configure_transit_engine,
     free_port,
     provider_config,
@@ -196,117 +197,126 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--clients", type=int, default=32, help="the concurrent run's clients")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=32, help="threads per worker")
+    parser.add_argument("--postgres", action="store_true", help="the broker on PostgreSQL")
     args = parser.parse_args(argv)
 
-    with served(
-        "jit-bench-http-",
-        JIT_SERVER_WORKERS=str(args.workers),
-        JIT_SERVER_THREADS=str(args.threads),
-    ) as stack:
-        bao, broker_token, bearer, url = stack.bao, stack.broker_token, stack.bearer, stack.url
+    settings = {"JIT_SERVER_WORKERS": str(args.workers), "JIT_SERVER_THREADS": str(args.threads)}
+    postgres = Postgres.start() if args.postgres else None
+    if postgres is not None:
+        settings["JIT_STORAGE_URL"] = postgres.dsn
+    try:
+        with served("jit-bench-http-", **settings) as stack:
+            measure(args, stack)
+    finally:
+        if postgres is not None:
+            postgres.stop()
 
-        def raw_client() -> Callable[[], object]:
-            return stack.raw_issuer()  # hvac keeps one keep-alive session per client
 
-        def broker_client() -> Callable[[], object]:
-            session = requests.Session()
+def measure(args: argparse.Namespace, stack: Stack) -> None:
+    """The issue and release runs of one bench, against the started stack, and their report."""
+    bao, broker_token, bearer, url = stack.bao, stack.broker_token, stack.bearer, stack.url
 
-            def issue() -> str:
-                answer = session.post(
-                    f"{url}/api/v1/requests", json=ASK, headers=bearer, timeout=60
-                )
-                if answer.status_code != 201:
-                    raise RuntimeError(f"HTTP {answer.status_code}: {answer.text[:200]}")
-                return str(answer.json()["id"])
+    def raw_client() -> Callable[[], object]:
+        return stack.raw_issuer()  # hvac keeps one keep-alive session per client
 
-            return issue
-
-        # Warm both sides (connections, the broker's caches), then measure.
-        concurrently(1, 20, raw_client)
-        warm = concurrently(1, 20, broker_client)
-        rows: list[tuple[str, Run, Run]] = []
-        live: list[str] = list(warm.results)
-        worker = requests.get(f"{url}/healthz", timeout=5).json()["process"]
-        cpu: dict[int, float] = {}
-        for clients in sorted({1, args.clients}):
-            raw = concurrently(clients, args.count, raw_client)
-            before = cpu_seconds(worker)
-            ours = concurrently(clients, args.count, broker_client)
-            cpu[clients] = (cpu_seconds(worker) - before) / max(len(ours.latencies), 1)
-            live += ours.results
-            rows.append((f"issue, {clients} client(s)", raw, ours))
-
-        memory = rss_mib(worker)
-
-        # Release -> verified revoked, one at a time: the reaper is woken by the release.
+    def broker_client() -> Callable[[], object]:
         session = requests.Session()
-        to_release = iter(live)
 
-        def release_verified() -> None:
-            """?wait=verified: the answer comes once the token is verified gone; should the
-            reaper's claim have won, the bench polls as a client would."""
-            grant_id = next(to_release)
-            answer = session.post(
-                f"{url}/api/v1/requests/{grant_id}/release?wait=verified",
-                headers=bearer,
-                timeout=30,
+        def issue() -> str:
+            answer = session.post(f"{url}/api/v1/requests", json=ASK, headers=bearer, timeout=60)
+            if answer.status_code != 201:
+                raise RuntimeError(f"HTTP {answer.status_code}: {answer.text[:200]}")
+            return str(answer.json()["id"])
+
+        return issue
+
+    # Warm both sides (connections, the broker's caches), then measure.
+    concurrently(1, 20, raw_client)
+    warm = concurrently(1, 20, broker_client)
+    rows: list[tuple[str, Run, Run]] = []
+    live: list[str] = list(warm.results)
+    worker = requests.get(f"{url}/healthz", timeout=5).json()["process"]
+    cpu: dict[int, float] = {}
+    for clients in sorted({1, args.clients}):
+        raw = concurrently(clients, args.count, raw_client)
+        before = cpu_seconds(worker)
+        ours = concurrently(clients, args.count, broker_client)
+        cpu[clients] = (cpu_seconds(worker) - before) / max(len(ours.latencies), 1)
+        live += ours.results
+        rows.append((f"issue, {clients} client(s)", raw, ours))
+
+    memory = rss_mib(worker)
+
+    # Release -> verified revoked, one at a time: the reaper is woken by the release.
+    session = requests.Session()
+    to_release = iter(live)
+
+    def release_verified() -> None:
+        """?wait=verified: the answer comes once the token is verified gone; should the
+        reaper's claim have won, the bench polls as a client would."""
+        grant_id = next(to_release)
+        answer = session.post(
+            f"{url}/api/v1/requests/{grant_id}/release?wait=verified",
+            headers=bearer,
+            timeout=30,
+        )
+        if answer.status_code != 200:
+            raise RuntimeError(f"release: HTTP {answer.status_code}")
+        status = answer.json()["status"]
+        while status != "revoked":
+            if status == "revoke_failed":
+                raise RuntimeError("the removal was not verified")
+            time.sleep(0.001)
+            status = session.get(
+                f"{url}/api/v1/requests/{grant_id}", headers=bearer, timeout=30
+            ).json()["status"]
+
+    accessors = iter(concurrently(1, 100, raw_client).results)
+    raw_client_remove = bao.client(broker_token)
+
+    def raw_remove() -> None:
+        accessor = next(accessors)
+        raw_client_remove.auth.token.revoke_accessor(accessor)
+        try:
+            raw_client_remove.auth.token.lookup_accessor(accessor)
+        except Exception:  # noqa: BLE001 - gone is the expected answer
+            return
+        raise RuntimeError("the token survived its revocation")
+
+    removal_raw = concurrently(1, 100, lambda: raw_remove)
+    removal = concurrently(1, 100, lambda: release_verified)
+    rows.append(("release -> verified revoked", removal_raw, removal))
+
+    print(
+        f"jit-broker bench --http: jit serve (gunicorn, {args.workers} worker(s) x "
+        f"{args.threads} threads, {'PostgreSQL' if args.postgres else 'SQLite WAL'}) and "
+        f"OpenBao {bao.addr}, one run\n"
+    )
+    print(
+        f"{'':30}{'raw p50/p99 ms':>18}{'broker p50/p99 ms':>20}{'ratio p50/p99':>16}"
+        f"{'raw/s':>9}{'broker/s':>10}{'ratio':>7}"
+    )
+    flagged = False
+    for name, raw, ours in rows:
+        flagged = flagged or bool(raw.errors or ours.errors)
+        print(
+            f"{name:30}{raw.p(0.5) * 1e3:>8.2f} /{raw.p(0.99) * 1e3:>7.2f}"
+            f"{ours.p(0.5) * 1e3:>10.2f} /{ours.p(0.99) * 1e3:>7.2f}"
+            f"{ours.p(0.5) / raw.p(0.5):>8.2f}x/{ours.p(0.99) / raw.p(0.99):>5.2f}x"
+            f"{raw.rate:>9.0f}{ours.rate:>10.0f}{_ratio(ours.rate, raw.rate):>6.2f}x"
+            + (
+                f"  ERRORS raw {raw.errors} broker {ours.errors}"
+                if raw.errors or ours.errors
+                else ""
             )
-            if answer.status_code != 200:
-                raise RuntimeError(f"release: HTTP {answer.status_code}")
-            status = answer.json()["status"]
-            while status != "revoked":
-                if status == "revoke_failed":
-                    raise RuntimeError("the removal was not verified")
-                time.sleep(0.001)
-                status = session.get(
-                    f"{url}/api/v1/requests/{grant_id}", headers=bearer, timeout=30
-                ).json()["status"]
-
-        accessors = iter(concurrently(1, 100, raw_client).results)
-        raw_client_remove = bao.client(broker_token)
-
-        def raw_remove() -> None:
-            accessor = next(accessors)
-            raw_client_remove.auth.token.revoke_accessor(accessor)
-            try:
-                raw_client_remove.auth.token.lookup_accessor(accessor)
-            except Exception:  # noqa: BLE001 - gone is the expected answer
-                return
-            raise RuntimeError("the token survived its revocation")
-
-        removal_raw = concurrently(1, 100, lambda: raw_remove)
-        removal = concurrently(1, 100, lambda: release_verified)
-        rows.append(("release -> verified revoked", removal_raw, removal))
-
-        print(
-            f"jit-broker bench --http: jit serve (gunicorn, {args.workers} worker(s) x "
-            f"{args.threads} threads, SQLite WAL) and OpenBao {bao.addr}, one run\n"
         )
-        print(
-            f"{'':30}{'raw p50/p99 ms':>18}{'broker p50/p99 ms':>20}{'ratio p50/p99':>16}"
-            f"{'raw/s':>9}{'broker/s':>10}{'ratio':>7}"
-        )
-        flagged = False
-        for name, raw, ours in rows:
-            flagged = flagged or bool(raw.errors or ours.errors)
-            print(
-                f"{name:30}{raw.p(0.5) * 1e3:>8.2f} /{raw.p(0.99) * 1e3:>7.2f}"
-                f"{ours.p(0.5) * 1e3:>10.2f} /{ours.p(0.99) * 1e3:>7.2f}"
-                f"{ours.p(0.5) / raw.p(0.5):>8.2f}x/{ours.p(0.99) / raw.p(0.99):>5.2f}x"
-                f"{raw.rate:>9.0f}{ours.rate:>10.0f}{_ratio(ours.rate, raw.rate):>6.2f}x"
-                + (
-                    f"  ERRORS raw {raw.errors} broker {ours.errors}"
-                    if raw.errors or ours.errors
-                    else ""
-                )
-            )
-        print(
-            "\nbroker worker CPU per grant issued: "
-            + ", ".join(f"{ms * 1e3:.2f} ms at {n} client(s)" for n, ms in cpu.items())
-        )
-        print(f"broker worker RSS with {len(live)} grants issued: {memory:.0f} MiB")
-        if flagged:
-            print("\nTHIS RUN HAD ERRORS: its figures are not comparable.")
+    print(
+        "\nbroker worker CPU per grant issued: "
+        + ", ".join(f"{ms * 1e3:.2f} ms at {n} client(s)" for n, ms in cpu.items())
+    )
+    print(f"broker worker RSS with {len(live)} grants issued: {memory:.0f} MiB")
+    if flagged:
+        print("\nTHIS RUN HAD ERRORS: its figures are not comparable.")
 
 
 if __name__ == "__main__":

@@ -190,6 +190,71 @@ def test_releases_waiting_for_removal_race_the_reaper_and_each_is_removed_once(g
     assert audit.verify(grants.store.audit_entries()).ok
 
 
+def test_a_waited_release_is_two_write_transactions_and_a_failed_one_is_the_reapers(
+    grants, openbao, monkeypatch
+):
+    """Issue 15: ?wait=verified releases and claims in one transaction and records the
+    removal in a second. A removal it cannot verify answers `revoke_failed`, due for the
+    reaper's retry, which then finishes it (each attempt in the chain)."""
+    grant, credential = grants.request(ALICE, "kv-read", "10m", "two transactions")
+    store, opened = grants.store, []
+    real_transaction = store.transaction
+
+    def counted():
+        opened.append(1)
+        return real_transaction()
+
+    monkeypatch.setattr(store, "transaction", counted)
+    released = grants.release(ALICE, grant.id, wait=True)
+    assert (released.status, released.attempts, len(opened)) == ("revoked", 1, 2)
+    assert types(grants, grant.id)[-3:] == ["release", "revoke", "verify"]
+    assert not token_works(openbao, credential.secret)
+    monkeypatch.undo()
+
+    failing, failing_credential = grants.request(ALICE, "kv-read", "10m", "vault says no")
+    backend = grants.backends["vault_token"]
+
+    def unreachable(handle):
+        raise OSError("Vault is unreachable")
+
+    monkeypatch.setattr(backend, "revoke", unreachable)
+    monkeypatch.setattr(backend, "is_gone", lambda handle: False)
+    answered = grants.release(ALICE, failing.id, wait=True)
+    assert (answered.status, answered.attempts) == ("revoke_failed", 1)
+    assert token_works(openbao, failing_credential.secret)
+    monkeypatch.undo()
+    assert grants.reap_due(parse_time(answered.due_at)) is None
+    retried = grants.store.get_grant(failing.id)
+    assert (retried.status, retried.attempts) == ("revoked", 2)
+    assert not token_works(openbao, failing_credential.secret)
+    assert types(grants, failing.id).count("verify") == 2
+    assert audit.verify(grants.store.audit_entries()).ok
+
+
+def test_many_waited_releases_at_once_each_remove_their_own_once(grants, openbao):
+    """32 threads each releasing their own grant with wait, at the same moment: every token
+    revoked and verified once, every answer `revoked`, the chain whole."""
+    made = [grants.request(ALICE, "kv-read", "10m", f"many {n}") for n in range(32)]
+    answers: dict[str, str] = {}
+    start = threading.Barrier(len(made))
+
+    def release(grant_id):
+        start.wait()
+        answers[grant_id] = grants.release(ALICE, grant_id, wait=True).status
+
+    threads = [threading.Thread(target=release, args=(grant.id,)) for grant, _ in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for grant, credential in made:
+        assert answers[grant.id] == "revoked"
+        chain = types(grants, grant.id)
+        assert chain.count("revoke") == chain.count("verify") == 1
+        assert not token_works(openbao, credential.secret)
+    assert audit.verify(grants.store.audit_entries()).ok
+
+
 def test_a_burst_reaped_by_two_racing_passes_is_removed_once_each_by_a_kept_pool(grants, openbao):
     """Issue 15: a few hundred windows ending at once, two reaper passes racing over them (as
     two replicas would): the chunks' claims are conditional and each record fenced, so every

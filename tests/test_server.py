@@ -156,3 +156,30 @@ def test_windows_closing_together_under_two_workers_are_removed_once_each(served
         assert chain.count("revoke") == 1 and chain.count("verify") == 1, chain
         assert not token_works(openbao, grant["credential"]["token"])
     assert audit.verify(store.audit_entries()).ok
+
+
+def test_more_kept_alive_clients_than_threads_are_all_answered(served, tokens):
+    """The worker's threads linger on a kept-alive connection for its next request only while
+    no other connection waits: 24 keep-alive clients against 2 workers x 4 threads, each
+    issuing and releasing over its own connection, all answered, none starved."""
+    _, url, _, _ = served
+    bearer = {"Authorization": f"Bearer {tokens('alice')}"}
+
+    def client(n: int) -> list[int]:
+        statuses = []
+        with requests.Session() as session:
+            for _ in range(3):
+                made = session.post(f"{url}/api/v1/requests", json=ASK, headers=bearer, timeout=60)
+                statuses.append(made.status_code)
+                if made.status_code == 201:
+                    gone = session.post(
+                        f"{url}/api/v1/requests/{made.json()['id']}/release?wait=verified",
+                        headers=bearer,
+                        timeout=60,
+                    )
+                    statuses.append(200 if gone.json().get("status") == "revoked" else -1)
+        return statuses
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(client, range(24)))
+    assert answers == [[201, 200] * 3] * 24

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import audit
 from broker.audit.log import AuditLog
+from broker.errors import StoreUnavailable
 from broker.models import Approval
 from broker.store import SCHEMA_VERSION, SqliteStore
 from broker.store.base import _insert
@@ -351,3 +352,63 @@ def test_audit_entries_are_read_in_pages_and_limits_hold_across_them(make_store,
     assert [e["seq"] for e in store.audit_entries("g1")] == [2, 4, 6, 8, 10]
     assert [e["seq"] for e in store.audit_entries("g2", after=3, limit=2)] == [5, 7]
     assert list(store.audit_entries(after=10)) == [] and list(store.audit_entries(limit=0)) == []
+
+
+@sqlite_only
+def test_writers_of_one_process_queue_for_the_sqlite_lock_and_all_commit(tmp_path):
+    """Issue 15: 32 threads writing at once each get the write lock in turn (an in-process
+    queue before BEGIN IMMEDIATE, not SQLite's busy handler polling), every append lands, and
+    the chain is one unbroken line."""
+    store = SqliteStore(tmp_path / "queue.db", timeout=30)
+    store.migrate()
+    failures: list[BaseException] = []
+    start = threading.Barrier(32)
+
+    def write(n):
+        start.wait()
+        try:
+            for i in range(10):
+                with store.transaction() as tx:
+                    tx.append("t", "write", {}, f"g{n}", {"i": i})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    entries = list(store.audit_entries())
+    assert [e["seq"] for e in entries] == list(range(1, 321))
+    assert audit.verify(entries).ok
+
+
+@sqlite_only
+def test_a_writer_held_past_the_timeout_is_refused_and_a_nested_one_fails_at_once(tmp_path):
+    """The in-process queue keeps SQLite's answers: a writer kept waiting past the busy timeout
+    gets StoreUnavailable (a 503), and a transaction opened inside another one on the same
+    thread is SQLite's error at once, never a wait on itself."""
+    store = SqliteStore(tmp_path / "held.db", timeout=0.2)
+    store.migrate()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with store.transaction():
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(10)
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"), store.transaction():
+            pass
+    finally:
+        release.set()
+        holder.join()
+    with store.transaction(), pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+        with store.transaction():
+            pass
+    with store.transaction() as tx:  # the lock was given back each time
+        tx.append("t", "after", {}, None, {})

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from ..backends import Backend
 from ..errors import (
     BrokerError,
     GrantConflict,
+    GrantNotFound,
 )
 from ..models import (
     ACTIVE,
@@ -130,18 +132,22 @@ class Removing(GrantsBase):
         expiry: the release records the end, and the reaper looks (and verifies) only then.
         With `wait`, the caller's own thread removes and verifies it first, claimed exactly as
         the reaper claims (so no grant is removed twice), and gets the grant as that left it:
-        `revoked`, or `revoke_failed` with the reaper retrying."""
-        grant = self.get(principal, grant_id, owner_only=True)
+        `revoked`, or `revoke_failed` with the reaper retrying. The release and the claim are
+        one transaction, the removal's record a second: two write transactions, not three. The
+        grant is read inside the first, under the write lock, so what it says still holds."""
         now = self._now()
-        backend = self.backends.get(grant.backend)
-        revocable = backend is None or backend.revocable
-        due = now if revocable else max(now, grant.credential_expires_at or now)
+        claimed, handles = 0, []
         with self.store.transaction() as tx:
-            if not tx.move_grant(
+            grant = tx.get_grant(grant_id)
+            if grant is None or not grant.owned_by(principal):
+                raise GrantNotFound(f"no grant {grant_id} of yours")
+            backend = self.backends.get(grant.backend)
+            revocable = backend is None or backend.revocable
+            due = now if revocable else max(now, grant.credential_expires_at or now)
+            if grant.status != ACTIVE or not tx.move_grant(
                 grant.id, ACTIVE, status=RELEASED, window_end=now, due_at=due, updated_at=now
             ):
-                current = self._current(grant.id, tx)
-                raise GrantConflict(f"grant {grant.id} is {current.status}, not active")
+                raise GrantConflict(f"grant {grant.id} is {grant.status}, not active")
             self._log(
                 tx,
                 Entry.RELEASE,
@@ -152,12 +158,43 @@ class Removing(GrantsBase):
                 credential_valid_until=None if revocable else due,
             )
             # What this call did: the reaper, woken below, may move it on before anyone reads.
-            released = self._current(grant.id, tx)
+            released = replace(grant, status=RELEASED, window_end=now, due_at=due, updated_at=now)
+            if wait and backend is not None and backend.revocable:
+                # Claimed as the reaper claims (conditional on the attempt count), before the
+                # commit: no reaper pass can take it between the release and the claim.
+                attempt = released.attempts + 1
+                if self._claim(tx, released, self.clock(), attempt):
+                    claimed = attempt
+                    handles = [
+                        held.handle
+                        for held in tx.credentials_of(grant.id)
+                        if held.handle and not held.gone_at
+                    ]
         if not (wait and revocable):
             self.on_change()
             return released
-        self._reap(released, self.clock())  # a claim lost to another reaper: that one removes it
-        self.on_change()
+        if not claimed or backend is None:  # no backend known: as the reaper would have it
+            self._reap(released, self.clock())
+            self.on_change()
+            return self._settled(grant.id)
+        outcomes = [(handle, self._remove(backend, handle)) for handle in handles]
+        with self.store.transaction() as tx:
+            failure = self._record(tx, released, claimed, backend, outcomes, self.clock())
+            settled = self._current(grant.id, tx)
+        if failure:
+            error, retry_at = failure
+            log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, claimed, error)
+            self.notify(
+                "revoke_failed",
+                f"Removal of {grant.entitlement} for {grant.requester} could "
+                f"not be verified (attempt {claimed}): {error}. Retrying at {retry_at}.",
+                grant_id=grant.id,
+                audience="security",
+            )
+        if settled.status == REVOKED:
+            self.on_record()  # nothing is due: only the new entries are news (the forwarder)
+            return settled
+        self.on_change()  # a retry is due (or another reaper took the claim over)
         return self._settled(grant.id)
 
     def _settled(self, grant_id: str) -> Grant:

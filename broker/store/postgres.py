@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 WRITE_LOCK = 0x6A69_7462_726B_0001  # "jitbrk" 1
 LIVENESS_CLASS = 0x6A69_7401  # the high 32 bits of a process's liveness key
 LEADER_CLASS = 0x6A69_7402  # and of a job's leadership (one replica forwards the audit log)
+BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"  # the key is the broker's own
 CHANNEL = "jit_broker_wake"  # NOTIFY channel: deadlines changed on some replica
 # A replica stopped (SIGSTOP, a pause) inside a transaction must not hold the write lock for
 # ever: the server ends such a session, its transaction rolls back and the lock is free.
@@ -91,6 +92,16 @@ def _params(values: Any) -> Sequence[object]:
             raise InvalidRequest("text with a NUL character")
         params.append(value)
     return params
+
+
+def _rollback(conn: psycopg.Connection) -> None:
+    """Roll back what is still open (psycopg sends ROLLBACK only then); a connection already
+    broken goes back to the pool as it is (the pool discards it), and a second error must not
+    hide the first."""
+    try:
+        conn.rollback()
+    except psycopg.Error:
+        pass
 
 
 class _Result:
@@ -245,12 +256,18 @@ class PostgresStore(Store):
         across every replica, as on SQLite, so a transaction's reads still hold when it writes."""
         if self._held() is not None:
             raise RuntimeError("a store transaction is already open in this thread")
-        with self.translated(), self._connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", [WRITE_LOCK])
-            held = self._local.tx = _Connection(self, conn)
-            tx = Transaction(held)
+        with self.translated(), self._connection() as conn:
             try:
+                # BEGIN and the lock in one round trip (no parameters: one simple query), where
+                # psycopg's conn.transaction() would send BEGIN on its own first.
+                conn.execute(BEGIN_LOCKED)
+                held = self._local.tx = _Connection(self, conn)
+                tx = Transaction(held)
                 yield tx
+                conn.commit()  # sends COMMIT: the server is in the transaction BEGIN opened
+            except BaseException:
+                _rollback(conn)
+                raise
             finally:
                 self._local.tx = None
         for call in tx.committed:  # committed: the transaction's block ended without raising
