@@ -21,7 +21,7 @@ from ..models import isoformat, utcnow
 from . import chain, signing
 from .absence import Cadence
 from .bundle import write_bundle
-from .lines import quick_walk, sealed_entries
+from .lines import database_walk, sealed_entries
 from .signing import FileKeySigner, Keyring, is_legacy
 from .state import grant_problems
 from .storage import AuditStore
@@ -246,11 +246,10 @@ class AuditLog:
         )
 
     def _quick(self, after: int, head: str, limit: int | None = None) -> QuickWalk:
-        """The tight walk over the stored lines after seq `after` (lines.py)."""
+        """The walk done in the database over the entries after seq `after` (lines.py)."""
 
         def run(*noting: Any) -> chain.Walk | None:
-            lines = itertools.islice(self.store.audit_lines(after=after), limit)
-            return quick_walk(lines, self.store.audit_entry, after + 1, head, *noting)
+            return database_walk(self.store, after + 1, head, limit, *noting)
 
         return run
 

@@ -145,6 +145,7 @@ class PostgresStore(Store):
 
     CONTAINS = "strpos(data, ?) > 0"
     QUOTE = "COALESCE(to_json({})::text, 'null')"
+    HASH = "encode(sha256(convert_to({}, 'UTF8')), 'hex')"  # built in since PostgreSQL 11
 
     def __init__(self, url: str, pool_size: int = 10, timeout: float = 30, wait: float = 5):
         self.url = url
