@@ -23,7 +23,7 @@ from .absence import Cadence
 from .bundle import write_bundle
 from .lines import database_walk, sealed_entries
 from .signing import FileKeySigner, Keyring, is_legacy
-from .state import grant_problems
+from .state import READS, GrantState, grant_problems
 from .storage import AuditStore
 from .transit_signing import CheckpointSigningFailed
 from .verify import QuickWalk, Verification, as_keyring, verify
@@ -257,8 +257,8 @@ class AuditLog:
         """Each grant row that is not what its chain says (state.py), by grant and field."""
         approvals = self.store.approvals_by_grant()
         return grant_problems(
-            self.store.iter_grants(),
-            self.store.audit_grant_entries(),
+            (GrantState(*row) for row in self.store.grant_states()),
+            self.store.audit_grant_entries([str(kind) for kind in sorted(READS)]),
             lambda grant_id: approvals.get(grant_id, []),
             self.fingerprint_key,
         )

@@ -4,7 +4,7 @@ below it (the store imports the chain to seal entries)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Protocol, TypedDict, Unpack
 
 from ..models import Approval, Grant
@@ -42,8 +42,13 @@ class AuditStore(Protocol):
 
     def audit_marks(self, seqs: Iterable[int]) -> dict[int, tuple[str, str]]: ...
 
-    # A grant's entries with actor and data as stored (JSON text): the state check's read.
-    def audit_grant_entries(self) -> Iterator[dict]: ...
+    # (grant_id, type, actor, data) of the grants' entries of `kinds`, actor and data as stored
+    # (JSON text), and (id, status, window_end, handle) of every grant: the state check's reads.
+    def audit_grant_entries(
+        self, kinds: Collection[str]
+    ) -> Iterator[tuple[str | None, str, str | None, str | None]]: ...
+
+    def grant_states(self) -> Iterator[tuple[str, str, str, str]]: ...
 
     def audit_entry(self, seq: int) -> dict | None: ...
 

@@ -229,6 +229,9 @@ class PostgresStore(Store):
     def db(self) -> Any:
         return self._pooled
 
+    def tuples(self, sql: str, params: list[object]) -> list[tuple]:
+        return [tuple(row.values()) for row in self.db.execute(sql, params)]  # dict_row: ordered
+
     def close(self) -> None:
         """Stop listening, give up this process's liveness lock, and close the pool."""
         while self._closers:

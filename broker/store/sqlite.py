@@ -154,6 +154,11 @@ class SqliteStore(Store):
             db = self._local.db = sqlite_utils.Database(conn)
         return db
 
+    def tuples(self, sql: str, params: list[object]) -> list[tuple]:
+        cursor = self.db.conn.cursor()  # a _Cursor: its failures are translated
+        cursor.row_factory = None  # plain tuples, not sqlite3.Row
+        return cursor.execute(sql, params).fetchall()
+
     def _use_wal(self, conn: sqlite3.Connection) -> None:
         """Switch the file to WAL (it stays so). On a new file that another broker is opening at
         the same moment, SQLite answers SQLITE_BUSY at once rather than waiting out the busy
