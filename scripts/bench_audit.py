@@ -1,19 +1,26 @@
 """The audit log at scale (issue 15): `jit audit verify`'s work against a plain SHA-256 loop over
 the same stored bytes, the chain walk as it was before (every entry decoded and encoded again),
-`jit audit lookup` through its index, and an auditor page's timeline. Fills a store with N
+`jit audit lookup` through its index, an auditor page's timeline, and the auditor pages
+themselves over HTTP: `jit serve` (with OpenBao and the OIDC provider) on the very store, frank
+(an auditor) logged in through the provider's form, each page GET timed. Fills the store with N
 entries shaped like the broker's (a grant's request, decision, issue with a token accessor's
-HMAC, release, verified removal); no OpenBao. Prints figures; asserts nothing."""
+HMAC, release, verified removal), one a second up to now (so the dashboard's 14 days hold them).
+Prints figures; asserts nothing."""
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 import statistics
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urljoin
+
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -23,24 +30,26 @@ from broker.audit.log import AuditLog  # noqa: E402
 from broker.models import isoformat  # noqa: E402
 from broker.store import SqliteStore, Store  # noqa: E402
 from broker.store.base import _insert  # noqa: E402
-from scripts.launchers import Postgres  # noqa: E402
+from scripts.bench_http import Stack, served  # noqa: E402
+from scripts.launchers import Postgres, follow_login  # noqa: E402
 
 KEY = b"k" * 32
-START = datetime(2026, 1, 1, tzinfo=UTC)
 BATCH = 5000  # entries a transaction while filling
 ACTOR = {"iss": "https://idp.example.com", "sub": "alice", "email": "alice@example.com"}
 BROKER = {"iss": "jit-broker", "sub": "broker"}
 
 
 def fill(store: Store, count: int) -> list[str]:
-    """`count` entries, five a grant; the token accessors used (looked up afterwards)."""
+    """`count` entries, five a grant, one a second ending now; the token accessors used (looked
+    up afterwards)."""
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=count)
     accessors: list[str] = []
     n, ended = 0, ""
     while n < count:
         with store.transaction() as tx:
             for _ in range(min(BATCH, count - n)):
                 grant, step = f"g-{n // 5:08d}", n % 5
-                at = isoformat(START + timedelta(seconds=n))  # an entry a second
+                at = isoformat(start + timedelta(seconds=n))  # an entry a second
                 if step == 0:
                     data = {"entitlement": "db-read", "reason": "CHG-1234 investigate slow query",
                             "duration": 3600, "ticket": "CHG-1234"}  # fmt: skip
@@ -59,8 +68,11 @@ def fill(store: Store, count: int) -> list[str]:
                     data = {"gone": True, "handle": audit.fingerprint(KEY, accessors[-1])}
                     tx.append(at, "verify", BROKER, grant, data)
                     row = {"id": grant, "entitlement": "db-read", "status": "revoked",
-                           "window_end": ended, "handle": accessors[-1],
-                           "created_at": at}  # fmt: skip
+                           "window_end": ended, "handle": accessors[-1], "created_at": at,
+                           "requester_iss": ACTOR["iss"], "requester_sub": ACTOR["sub"],
+                           "requester": ACTOR["email"], "reason": "CHG-1234", "duration": 3600,
+                           "window_start": at, "backend": "vault_token", "policy_hash": "0" * 64,
+                           "updated_at": at}  # fmt: skip
                     _insert(tx.db, "grants", row)
                 n += 1
     return accessors
@@ -74,7 +86,53 @@ def percentile(values: list[float], p: float) -> float:
     return sorted(values)[min(len(values) - 1, int(len(values) * p))]
 
 
-def main(count: int, store: Store, label: str) -> None:
+NEXT_PAGE = re.compile(r'<a id="next-page" href="([^"]+)">')
+
+
+def pages(stack: Stack, count: int) -> bool:
+    """The auditor pages over HTTP, as frank opens them: the grant list (first page, a filter,
+    the next page), a grant's page, the dashboard; p50 / p95 of each, and of all together."""
+    session = requests.Session()
+    start = session.get(stack.url + "/auth/login", allow_redirects=False, timeout=10)
+    follow_login(session, start, "frank")
+    ok = True
+    grants = random.Random(3).sample(range(count // 5), min(100, count // 5))  # noqa: S311
+
+    def timed(path: str) -> tuple[float, str]:
+        nonlocal ok
+        started = time.perf_counter()
+        response = session.get(urljoin(stack.url, path), timeout=60)
+        took = time.perf_counter() - started
+        if response.status_code != 200 or "/auth/login" in response.url:
+            print(f"  {path}: HTTP {response.status_code} at {response.url}")
+            ok = False
+        return took, response.text
+
+    first = timed("/audit")[1]
+    found = NEXT_PAGE.search(first)
+    following = found.group(1).replace("&amp;", "&") if found else "/audit"
+    if found is None:
+        print("  /audit: no next page link")
+        ok = False
+    kinds = {
+        "grant list, first page": ["/audit"] * 20,
+        "grant list, filtered": ["/audit?status=revoked&entitlement=db-read"] * 20,
+        "grant list, next page": [following] * 20,
+        "a grant's page": [f"/audit/grants/g-{n:08d}" for n in grants],
+        "dashboard (14 days)": ["/audit/dashboard"] * 5,
+    }
+    every: list[float] = []
+    for kind, paths in kinds.items():
+        durations = [timed(path)[0] for path in paths]
+        every += durations
+        p50, p95 = statistics.median(durations) * 1000, percentile(durations, 0.95) * 1000
+        print(f"{'page: ' + kind + ' p50 / p95':60}{p50:8.1f} ms / {p95:8.1f} ms")
+    p50, p95 = statistics.median(every) * 1000, percentile(every, 0.95) * 1000
+    print(f"{'pages, all of the above p50 / p95':60}{p50:8.1f} ms / {p95:8.1f} ms")
+    return ok
+
+
+def main(count: int, store: Store, label: str, stack: Stack | None = None) -> None:
     store.migrate()
     started = time.perf_counter()
     accessors = fill(store, count)
@@ -141,20 +199,37 @@ def main(count: int, store: Store, label: str) -> None:
         durations.append(time.perf_counter() - started)
     p50, p95 = statistics.median(durations) * 1000, percentile(durations, 0.95) * 1000
     print(f"{'grant timeline (page backend) p50 / p95':44}{p50:.2f} ms / {p95:.2f} ms")
+    if stack is not None:
+        print(f"\nthe auditor pages over HTTP: jit serve at {stack.url}, frank logged in")
+        ok = pages(stack, count) and ok
     print("\nall answers as expected" if ok else "\nERRORS: an answer was not as expected")
 
 
 if __name__ == "__main__":
     args = [arg for arg in sys.argv[1:] if arg not in ("--audit", "--postgres", "--scale")]
+    args = [arg for arg in args if arg != "--no-pages"]
     count = 1_000_000 if "--scale" in sys.argv else int(args[0]) if args else 100_000
+    # jit serve on the bench's store, its reaper off: nothing else verifies or signs meanwhile.
+    quiet = {"JIT_REAPER_ENABLED": "false"}
+    with_pages = "--no-pages" not in sys.argv
     if "--postgres" in sys.argv:
         from broker.store.postgres import PostgresStore
 
         server = Postgres.from_env_or_start()
         try:
-            main(count, PostgresStore(server.dsn), "PostgreSQL (the launcher's throwaway cluster)")
+            label = "PostgreSQL (the launcher's throwaway cluster)"
+            if with_pages:
+                with served("jit-bench-audit-", JIT_STORAGE_URL=server.dsn, **quiet) as stack:
+                    main(count, PostgresStore(server.dsn), label, stack)
+            else:
+                main(count, PostgresStore(server.dsn), label)
         finally:
             server.stop()
+    elif with_pages:
+        with served("jit-bench-audit-", **quiet) as stack:
+            path = stack.workdir / "broker" / "broker.db"  # the file jit serve uses
+            sqlite = SqliteStore(path)
+            main(count, sqlite, f"SQLite (WAL, synchronous={sqlite.synchronous}) at {path}", stack)
     else:
         path = Path(tempfile.mkdtemp(prefix="jit-bench-audit-")) / "broker.db"
         sqlite = SqliteStore(path)

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from broker import audit
-from broker.audit.lines import sealed_entries
+from broker.audit.lines import database_walk, sealed_entries
 from broker.audit.log import AuditLog
 from broker.store.base import _insert
 from tests.helpers import sqlite_only
@@ -173,3 +173,87 @@ def test_the_verified_mark_advances_and_a_tamper_behind_it_is_caught_in_full(sto
     again = log.advance()
     assert not again.ok and again.bad_seq == 2
     assert log.timeline("g2").verification.bad_seq == 2  # the pages show the break found
+
+
+def walked(store, first_seq=1, first_prev=audit.chain.GENESIS, limit=None, signed=None):
+    """`database_walk` as `verify` calls it: a Walk when the database vouches, else None."""
+    times: dict = {}
+    return database_walk(store, first_seq, first_prev, limit, signed or {}, set(), times, set(), {})
+
+
+def test_the_database_vouches_for_an_intact_log_old_entries_and_new(store):
+    old_style(store, 2)
+    new_style(store, 4)
+    walk = walked(store)
+    assert walk is not None and (walk.checked, walk.last_seq) == (6, 6)
+    assert (
+        walked(store, first_seq=3, first_prev=store.audit_entry(2)["hash"], limit=2).last_seq == 4
+    )
+    head = store.audit_entry(6)["hash"]
+    assert walked(store, signed={6: head}) is not None
+    assert walked(store, first_seq=7, first_prev=head).checked == 0  # nothing after
+
+
+def swap(store, a, b):
+    """Entries a and b change places (their seqs swapped, through a free seq)."""
+    store.db.execute("UPDATE audit SET seq = -1 WHERE seq = ?", [a])
+    store.db.execute("UPDATE audit SET seq = ? WHERE seq = ?", [a, b])
+    store.db.execute("UPDATE audit SET seq = ? WHERE seq = -1", [b])
+
+
+def insert_copy(store, at_seq):
+    """An entry inserted at `at_seq`, the ones from there renumbered up by one."""
+    entry = dict(store.db.execute("SELECT * FROM audit WHERE seq = ?", [at_seq]).fetchone())
+    top = store.audit_head()["seq"]
+    for seq in range(top, at_seq - 1, -1):
+        store.db.execute("UPDATE audit SET seq = ? WHERE seq = ?", [seq + 1, seq])
+    _insert(store.db, "audit", dict(entry, data='{"n":1000}'))
+
+
+@pytest.mark.parametrize(
+    "tamper, bad_seq",
+    [
+        (lambda s: s.db.execute("UPDATE audit SET data = '{\"n\":3}' WHERE seq = 4"), 4),
+        (
+            lambda s: s.db.execute(
+                "UPDATE audit SET at = replace(at, '2026', '2027') WHERE seq = 2"
+            ),
+            2,
+        ),
+        (lambda s: s.db.execute("UPDATE audit SET hash = ? WHERE seq = 3", ["a" * 64]), 3),
+        (lambda s: s.db.execute("UPDATE audit SET prev = ? WHERE seq = 5", ["b" * 64]), 5),
+        (lambda s: s.db.execute("DELETE FROM audit WHERE seq = 3"), 3),
+        (lambda s: s.db.execute("DELETE FROM audit WHERE seq = 1"), 1),
+        (lambda s: insert_copy(s, 3), 3),
+        (lambda s: swap(s, 2, 3), 2),
+        (lambda s: swap(s, 5, 6), 5),
+    ],
+    ids=[
+        "byte-in-data",
+        "byte-in-at",
+        "hash",
+        "prev",
+        "deleted",
+        "first-deleted",
+        "inserted",
+        "swapped",
+        "swapped-new",
+    ],  # fmt: skip
+)
+def test_the_database_vouches_for_nothing_tampered_and_verify_names_it(store, tamper, bad_seq):
+    """Each kind of change makes the walk in the database give up (so the slow walk names it,
+    by seq), on the store under test; entries 1-2 written before schema 10, 3-6 after."""
+    old_style(store, 2)
+    new_style(store, 4)
+    tamper(store)
+    assert walked(store) is None
+    result = AuditLog(store, KEY).verify()
+    assert not result.ok and result.bad_seq == bad_seq, str(result)
+
+
+def test_the_database_holds_the_first_link_and_the_signed_heads(store):
+    new_style(store, 4)
+    assert walked(store, first_seq=3, first_prev="c" * 64) is None
+    assert walked(store, first_seq=3, first_prev=None) is not None  # a range: any first link
+    assert walked(store, signed={2: "d" * 64}) is None
+    assert walked(store, limit=3, signed={4: "d" * 64}).last_seq == 3  # beyond: verify's to say

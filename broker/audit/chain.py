@@ -15,6 +15,7 @@ ENTRY_FIELDS = ("seq", "at", "type", "actor", "grant_id", "data", "prev")
 # Set (by lines.py, never from stored data) on an entry whose stored canonical line was found to
 # hash to its hash: its content is checked, and only its place and link are left to the walk.
 SEALED = "_sealed"
+FINGERPRINT_PREFIX = "hmac-sha256:"
 
 
 def canonical(value: object) -> bytes:
@@ -46,7 +47,7 @@ def seal(
 def fingerprint(key: bytes, value: str) -> str:
     """An HMAC of an identifier (token accessor, lease id): lets an auditor match a known value
     against the log without the log holding it."""
-    return "hmac-sha256:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
+    return FINGERPRINT_PREFIX + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)

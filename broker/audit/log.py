@@ -21,9 +21,9 @@ from ..models import isoformat, utcnow
 from . import chain, signing
 from .absence import Cadence
 from .bundle import write_bundle
-from .lines import quick_walk, sealed_entries
+from .lines import database_walk, sealed_entries
 from .signing import FileKeySigner, Keyring, is_legacy
-from .state import grant_problems
+from .state import READS, GrantState, grant_problems
 from .storage import AuditStore
 from .transit_signing import CheckpointSigningFailed
 from .verify import QuickWalk, Verification, as_keyring, verify
@@ -246,11 +246,10 @@ class AuditLog:
         )
 
     def _quick(self, after: int, head: str, limit: int | None = None) -> QuickWalk:
-        """The tight walk over the stored lines after seq `after` (lines.py)."""
+        """The walk done in the database over the entries after seq `after` (lines.py)."""
 
         def run(*noting: Any) -> chain.Walk | None:
-            lines = itertools.islice(self.store.audit_lines(after=after), limit)
-            return quick_walk(lines, self.store.audit_entry, after + 1, head, *noting)
+            return database_walk(self.store, after + 1, head, limit, *noting)
 
         return run
 
@@ -258,8 +257,8 @@ class AuditLog:
         """Each grant row that is not what its chain says (state.py), by grant and field."""
         approvals = self.store.approvals_by_grant()
         return grant_problems(
-            self.store.iter_grants(),
-            self.store.audit_grant_entries(),
+            (GrantState(*row) for row in self.store.grant_states()),
+            self.store.audit_grant_entries([str(kind) for kind in sorted(READS)]),
             lambda grant_id: approvals.get(grant_id, []),
             self.fingerprint_key,
         )

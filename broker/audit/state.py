@@ -6,9 +6,11 @@ given."""
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 from ..models import (
     ACTIVE,
@@ -25,14 +27,57 @@ from ..models import (
     REVOKED,
     REVOKING,
     Approval,
-    Grant,
 )
-from .chain import fingerprint
+from .chain import FINGERPRINT_PREFIX
 from .events import Entry
 
 ENDED = (RELEASED, EXPIRED, REVOKING, REVOKE_FAILED)
 WINDOW_ENTRIES = (Entry.BREAK_GLASS, Entry.EXTEND, Entry.RELEASE, Entry.EXPIRE)
 READS_DATA = frozenset((Entry.ISSUE, Entry.VERIFY, Entry.RECONCILE, *WINDOW_ENTRIES))
+# The kinds of entry that change what a chain says: the only ones the state check reads.
+READS = frozenset(
+    (Entry.REQUEST, Entry.DENIAL, Entry.CANCEL, Entry.EXPIRE_UNAPPROVED, Entry.ISSUE_FAILED,
+     Entry.APPROVAL, *READS_DATA)
+)  # fmt: skip
+# The kinds as plain strings, for the comparisons made for every entry read (a StrEnum
+# member's lookup and comparison cost several times a str's).
+_REQUEST, _APPROVAL, _ISSUE_FAILED = (
+    str(Entry.REQUEST),
+    str(Entry.APPROVAL),
+    str(Entry.ISSUE_FAILED),
+)
+_CLOSING = {str(Entry.DENIAL): DENIED, str(Entry.CANCEL): CANCELLED,
+            str(Entry.EXPIRE_UNAPPROVED): EXPIRED_UNAPPROVED}  # fmt: skip
+_ISSUING = frozenset((str(Entry.ISSUE), str(Entry.EXTEND)))
+_GONE = frozenset((str(Entry.VERIFY), str(Entry.RECONCILE)))
+_ENDING = frozenset((str(Entry.RELEASE), str(Entry.EXPIRE)))
+_WINDOW = frozenset(str(kind) for kind in WINDOW_ENTRIES)
+_READS_DATA = frozenset(str(kind) for kind in READS_DATA)
+
+
+class GrantRow(Protocol):
+    """What the state check reads of a grant row (a `Grant`, or the store's `grant_states`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def window_end(self) -> str: ...
+
+    @property
+    def handle(self) -> str: ...
+
+
+class GrantState(NamedTuple):
+    """A grant row's fields the chain speaks of, as `Store.grant_states` reads them."""
+
+    id: str
+    status: str
+    window_end: str
+    handle: str
 
 
 def _decoded(value: object) -> dict:
@@ -45,7 +90,7 @@ def _decoded(value: object) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-@dataclass
+@dataclass(slots=True)
 class ChainSays:
     """What one grant's entries, read in order, establish."""
 
@@ -57,32 +102,33 @@ class ChainSays:
     window_end: str = ""  # the newest window end an entry states
     approvers: set[tuple[str, str]] = field(default_factory=set)
 
-    def read(self, entry: dict) -> None:
-        """`entry`'s actor and data decoded, or as stored (JSON text): then decoded only for
-        the kinds of entry whose content is read."""
-        kind = entry.get("type")
-        data = _decoded(entry.get("data")) if kind in READS_DATA else {}
-        if kind == Entry.REQUEST:
+    def read(self, kind: str, actor: object, data: object) -> None:
+        """One entry: its `actor` and `data` decoded, or as stored (JSON text), decoded only
+        for the kinds of entry whose content is read."""
+        if kind == _REQUEST:
             self.requested = True
-        elif kind == Entry.DENIAL:
-            self.closed = DENIED
-        elif kind == Entry.CANCEL:
-            self.closed = CANCELLED
-        elif kind == Entry.EXPIRE_UNAPPROVED:
-            self.closed = EXPIRED_UNAPPROVED
-        elif kind == Entry.ISSUE_FAILED and not self.issued:
-            self.closed = ISSUE_FAILED
-        elif kind in (Entry.ISSUE, Entry.EXTEND) and isinstance(data.get("handle"), str):
-            self.issued.append(data["handle"])
-        elif kind in (Entry.VERIFY, Entry.RECONCILE) and data.get("gone") is True:
-            self.gone.add(str(data.get("handle")))
-        elif kind == Entry.APPROVAL:
-            actor = _decoded(entry.get("actor"))
-            self.approvers.add((str(actor.get("iss")), str(actor.get("sub"))))
-        if kind in (Entry.RELEASE, Entry.EXPIRE):
-            self.ended_by = str(kind)
-        if kind in WINDOW_ENTRIES and isinstance(data.get("window_end"), str):
-            self.window_end = data["window_end"]
+            return
+        if kind in _CLOSING:
+            self.closed = _CLOSING[kind]
+        elif kind == _ISSUE_FAILED:
+            if not self.issued:
+                self.closed = ISSUE_FAILED
+        elif kind == _APPROVAL:
+            who = _decoded(actor)
+            self.approvers.add((str(who.get("iss")), str(who.get("sub"))))
+        if kind not in _READS_DATA:
+            return
+        content = _decoded(data)
+        if kind in _ISSUING:
+            if isinstance(content.get("handle"), str):
+                self.issued.append(content["handle"])
+        elif kind in _GONE:
+            if content.get("gone") is True:
+                self.gone.add(str(content.get("handle")))
+        if kind in _ENDING:
+            self.ended_by = kind
+        if kind in _WINDOW and isinstance(content.get("window_end"), str):
+            self.window_end = content["window_end"]
 
     def statuses(self) -> tuple[tuple[str, ...], str]:
         """The statuses the row may have, and why, in words."""
@@ -100,17 +146,22 @@ class ChainSays:
 
 
 def grant_problems(
-    grants: Iterable[Grant],
-    entries: Iterable[dict],
+    grants: Iterable[GrantRow],
+    entries: Iterable[tuple[str | None, str, object, object]],
     approvals_of: Callable[[str], list[Approval]],
     fingerprint_key: bytes,
 ) -> list[str]:
-    """Every disagreement between the grants table and the chain, "grant <id>: <field> ..."."""
+    """Every disagreement between the grants table and the chain, "grant <id>: <field> ...".
+    `entries`: (grant_id, type, actor, data) of the grants' entries in sequence order (those of
+    the kinds in READS suffice: the others say nothing here)."""
     chains: dict[str, ChainSays] = {}
-    for entry in entries:
-        grant_id = entry.get("grant_id")
+    found = chains.get
+    for grant_id, kind, actor, data in entries:
         if isinstance(grant_id, str) and grant_id:
-            chains.setdefault(grant_id, ChainSays()).read(entry)
+            says = found(grant_id)
+            if says is None:
+                says = chains[grant_id] = ChainSays()
+            says.read(kind, actor, data)
     problems: list[str] = []
     seen: set[str] = set()
     for grant in grants:
@@ -127,7 +178,7 @@ def grant_problems(
 
 
 def _row_against(
-    grant: Grant, says: ChainSays, approvals: list[Approval], fingerprint_key: bytes
+    grant: GrantRow, says: ChainSays, approvals: list[Approval], fingerprint_key: bytes
 ) -> list[str]:
     found = []
     allowed, why = says.statuses()
@@ -142,7 +193,7 @@ def _row_against(
         )
     if fingerprint_key:
         newest = says.issued[-1] if says.issued else ""
-        held = fingerprint(fingerprint_key, grant.handle) if grant.handle else ""
+        held = _fingerprint(fingerprint_key, grant.handle) if grant.handle else ""
         if held != newest:
             found.append(
                 f"grant {grant.id}: credential handle "
@@ -166,3 +217,8 @@ def _row_against(
             f"({issuer}) that the table does not hold"
         )
     return found
+
+
+def _fingerprint(key: bytes, value: str) -> str:
+    """chain.fingerprint, by hmac's one-shot digest (a fraction of hmac.new's cost a grant)."""
+    return FINGERPRINT_PREFIX + hmac.digest(key, value.encode(), "sha256").hex()

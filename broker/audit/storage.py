@@ -4,7 +4,7 @@ below it (the store imports the chain to seal entries)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Protocol, TypedDict, Unpack
 
 from ..models import Approval, Grant
@@ -32,8 +32,23 @@ class AuditStore(Protocol):
 
     def audit_entries_containing(self, text: str) -> Iterator[dict]: ...
 
-    # A grant's entries with actor and data as stored (JSON text): the state check's read.
-    def audit_grant_entries(self) -> Iterator[dict]: ...
+    # The chain hashed and linked in the database (lines.database_walk): how many entries in a
+    # range, those it cannot vouch for, and (at, hash) at the seqs a verification notes.
+    def audit_span(self, after: int = 0, last: int | None = None) -> tuple[int, int]: ...
+
+    def audit_suspects(
+        self, after: int, last: int
+    ) -> Iterator[tuple[int, str, str, bool, bool]]: ...
+
+    def audit_marks(self, seqs: Iterable[int]) -> dict[int, tuple[str, str]]: ...
+
+    # (grant_id, type, actor, data) of the grants' entries of `kinds`, actor and data as stored
+    # (JSON text), and (id, status, window_end, handle) of every grant: the state check's reads.
+    def audit_grant_entries(
+        self, kinds: Collection[str]
+    ) -> Iterator[tuple[str | None, str, str | None, str | None]]: ...
+
+    def grant_states(self) -> Iterator[tuple[str, str, str, str]]: ...
 
     def audit_entry(self, seq: int) -> dict | None: ...
 

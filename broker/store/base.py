@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import fields
 from datetime import datetime
@@ -29,6 +29,7 @@ CREDENTIAL_COLUMNS = [f.name for f in fields(Credential)]
 # the newer ones, which then take the Grant's defaults (`_grant`); PostgreSQL's rowid is dropped.
 SELECT_GRANT = "SELECT * FROM grants"
 AUDIT_PAGE = 1000  # entries read at a time
+GRANT_PAGE = 5000  # rows read at a time by the state check, a few fields each
 # An HMAC fingerprint (audit.fingerprint) in an entry's data: what `audit_refs` indexes.
 FINGERPRINT = re.compile(r"hmac-sha256:[0-9a-f]{64}")
 REFS_SINCE = 10  # the schema version that has audit_refs and the verification mark
@@ -255,19 +256,19 @@ def fill_audit_refs(db: Executor) -> None:
         after = rows[-1]["seq"]
 
 
-def line_sql(quote: str) -> str:
+def line_sql(quote: str, table: str = "") -> str:
     """The canonical line of an entry (chain.canonical of its fields: sorted keys, no spaces)
-    composed in SQL from its columns, `quote` making a JSON string of a text column. Equal to
-    the bytes its hash covers when actor and data are stored canonical (every entry written since
-    migration 10); any column edited since changes it."""
+    composed in SQL from its columns (of `table`, given as "a."), `quote` making a JSON string of
+    a text column. Equal to the bytes its hash covers when actor and data are stored canonical
+    (every entry written since migration 10); any column edited since changes it."""
     fields = [
-        ("actor", "actor"),
-        ("at", quote.format("at")),
-        ("data", "data"),
-        ("grant_id", quote.format("grant_id")),
-        ("prev", quote.format("prev")),
-        ("seq", "CAST(seq AS TEXT)"),
-        ("type", quote.format("type")),
+        ("actor", f"{table}actor"),
+        ("at", quote.format(f"{table}at")),
+        ("data", f"{table}data"),
+        ("grant_id", quote.format(f"{table}grant_id")),
+        ("prev", quote.format(f"{table}prev")),
+        ("seq", f"CAST({table}seq AS TEXT)"),
+        ("type", quote.format(f"{table}type")),
     ]
     parts = " || ".join(
         f"'{',' if i else '{'}\"{name}\":' || {sql}" for i, (name, sql) in enumerate(fields)
@@ -283,11 +284,19 @@ class Store(ABC):
     # Whether entries' data holds a text: SQLite's instr, PostgreSQL's strpos.
     CONTAINS = "instr(data, ?) > 0"
     QUOTE = "json_quote({})"  # a text column as a JSON string (NULL as null)
+    # SHA-256 of a text, as lowercase hex, computed by the database: on SQLite the function
+    # sqlite.py registers on each connection (over the text's UTF-8 bytes, as a blob).
+    HASH = "jit_sha256(CAST({} AS BLOB))"
 
     @property
     @abstractmethod
     def db(self) -> Any:
         """What runs one statement for the calling thread (inside its open transaction, if any)."""
+
+    def tuples(self, sql: str, params: list[object]) -> list[tuple]:
+        """Every row of one statement as a plain tuple, in the order of its columns: for the
+        reads that go through every row (a named row costs more to make and to read)."""
+        return [tuple(row[name] for name in row.keys()) for row in self.db.execute(sql, params)]
 
     @abstractmethod
     def transaction(self) -> AbstractContextManager[Transaction]:
@@ -534,22 +543,90 @@ class Store(ABC):
                 return
             after = rows[-1]["seq"]
 
-    def audit_grant_entries(self) -> Iterator[dict]:
-        """seq, grant_id, type, actor and data of every entry of a grant, in sequence order,
-        actor and data as stored (JSON text): for the state check, which decodes only what it
-        reads."""
+    def audit_span(self, after: int = 0, last: int | None = None) -> tuple[int, int]:
+        """How many entries there are with seq in (after, last], and the largest seq among them
+        (0, `after` when none): contiguous exactly when the largest is `after` + how many."""
+        sql = "SELECT COUNT(*) AS n, MAX(seq) AS top FROM audit WHERE seq > ?"
+        params: list[object] = [after]
+        if last is not None:
+            sql, params = sql + " AND seq <= ?", [after, last]
+        row = self.db.execute(sql, params).fetchone()
+        return int(row["n"]), int(row["top"] if row["top"] is not None else after)
+
+    def audit_suspects(self, after: int, last: int) -> Iterator[tuple[int, str, str, bool, bool]]:
+        """(seq, prev, hash, sealed, linked) of the entries in (after, last] that the database
+        cannot vouch for, hashing each stored line (`line_sql`, `HASH`) and joining each entry to
+        the one before: `sealed`, the line hashes to the entry's hash; `linked`, its prev is the
+        hash of the entry at seq - 1. The first entry of the range always comes, whatever its
+        link (what it must link to is the caller's to say). Only these rows leave the database,
+        page by page, so an intact log costs one scan and no row read through the driver."""
+        line = self.HASH.format(line_sql(self.QUOTE, "a."))
         sql = (
-            "SELECT seq, grant_id, type, actor, data FROM audit "
-            "WHERE seq > ? AND grant_id IS NOT NULL ORDER BY seq LIMIT ?"
+            "SELECT seq, prev, hash, sealed, linked FROM ("  # noqa: S608 - the store's own SQL
+            "SELECT a.seq AS seq, a.prev AS prev, a.hash AS hash, "
+            f"COALESCE({line} = a.hash, FALSE) AS sealed, "
+            "COALESCE(b.hash = a.prev, FALSE) AS linked "
+            "FROM audit a LEFT JOIN audit b ON b.seq = a.seq - 1 "
+            "WHERE a.seq > ? AND a.seq <= ?) checked "
+            "WHERE seq = ? OR NOT (sealed AND linked) ORDER BY seq LIMIT ?"
+        )
+        cursor = after
+        while True:
+            rows = list(self.db.execute(sql, [cursor, last, after + 1, AUDIT_PAGE]))
+            for row in rows:
+                yield (row["seq"], row["prev"], row["hash"], bool(row["sealed"]),
+                       bool(row["linked"]))  # fmt: skip
+            if len(rows) < AUDIT_PAGE:
+                return
+            cursor = rows[-1]["seq"]
+
+    def audit_marks(self, seqs: Iterable[int]) -> dict[int, tuple[str, str]]:
+        """(at, hash) of the entries at `seqs` (those there are), read a page of seqs at a time."""
+        wanted = sorted(set(seqs))
+        found: dict[int, tuple[str, str]] = {}
+        for start in range(0, len(wanted), AUDIT_PAGE):
+            page = wanted[start : start + AUDIT_PAGE]
+            marks = ", ".join("?" for _ in page)
+            rows = self.db.execute(
+                f"SELECT seq, at, hash FROM audit WHERE seq IN ({marks})",  # noqa: S608
+                page,
+            )
+            for row in rows:
+                found[int(row["seq"])] = (row["at"], row["hash"])
+        return found
+
+    def audit_grant_entries(
+        self, kinds: Collection[str]
+    ) -> Iterator[tuple[str | None, str, str | None, str | None]]:
+        """(grant_id, type, actor, data) of every entry of a grant whose type is one of `kinds`,
+        in sequence order, actor and data as stored (JSON text): for the state check, which
+        decodes only what it reads. Plain tuples, a page at a time: a row costs what the driver
+        charges and no more."""
+        marks = ", ".join("?" for _ in kinds)
+        sql = (
+            "SELECT seq, grant_id, type, actor, data FROM audit "  # noqa: S608
+            f"WHERE seq > ? AND grant_id IS NOT NULL AND type IN ({marks}) ORDER BY seq LIMIT ?"
         )
         after = 0
         while True:
-            rows = list(self.db.execute(sql, [after, AUDIT_PAGE]))
+            rows = self.tuples(sql, [after, *kinds, GRANT_PAGE])
             for row in rows:
-                yield dict(row)
-            if len(rows) < AUDIT_PAGE:
+                yield row[1:]
+            if len(rows) < GRANT_PAGE:
                 return
-            after = rows[-1]["seq"]
+            after = rows[-1][0]
+
+    def grant_states(self) -> Iterator[tuple[str, str, str, str]]:
+        """(id, status, window_end, handle) of every grant, by id, a page at a time: the state
+        check's read of the table (a whole `Grant` a row costs several times as much)."""
+        sql = "SELECT id, status, window_end, handle FROM grants WHERE id > ? ORDER BY id LIMIT ?"
+        after = ""
+        while True:
+            rows = self.tuples(sql, [after, GRANT_PAGE])
+            yield from rows
+            if len(rows) < GRANT_PAGE:
+                return
+            after = rows[-1][0]
 
     def audit_entries_containing(self, text: str) -> Iterator[dict]:
         """Entries whose data holds `text`: an HMAC fingerprint through the `audit_refs` index;

@@ -156,6 +156,7 @@ class PostgresStore(Store):
 
     CONTAINS = "strpos(data, ?) > 0"
     QUOTE = "COALESCE(to_json({})::text, 'null')"
+    HASH = "encode(sha256(convert_to({}, 'UTF8')), 'hex')"  # built in since PostgreSQL 11
 
     def __init__(self, url: str, pool_size: int = 10, timeout: float = 30, wait: float = 5):
         self.url = url
@@ -238,6 +239,9 @@ class PostgresStore(Store):
     @property
     def db(self) -> Any:
         return self._pooled
+
+    def tuples(self, sql: str, params: list[object]) -> list[tuple]:
+        return [tuple(row.values()) for row in self.db.execute(sql, params)]  # dict_row: ordered
 
     def close(self) -> None:
         """Stop listening, give up this process's liveness lock, and close the pool."""

@@ -6,6 +6,7 @@ a network filesystem is not supported: WAL needs shared memory on one host."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 import time
@@ -149,10 +150,16 @@ class SqliteStore(Store):
                     self.path, isolation_level=None, timeout=self.timeout, factory=_Connection
                 )
             conn.row_factory = sqlite3.Row
+            conn.create_function("jit_sha256", 1, _sha256_hex, deterministic=True)
             self._use_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             db = self._local.db = sqlite_utils.Database(conn)
         return db
+
+    def tuples(self, sql: str, params: list[object]) -> list[tuple]:
+        cursor = self.db.conn.cursor()  # a _Cursor: its failures are translated
+        cursor.row_factory = None  # plain tuples, not sqlite3.Row
+        return cursor.execute(sql, params).fetchall()
 
     def _use_wal(self, conn: sqlite3.Connection) -> None:
         """Switch the file to WAL (it stays so). On a new file that another broker is opening at
@@ -251,6 +258,12 @@ class SqliteStore(Store):
     def processes(self) -> Liveness:
         """Processes on one SQLite file share its host: a lock file each, beside it."""
         return Liveness.beside(self.path)
+
+
+def _sha256_hex(content: bytes | None) -> str | None:
+    """SQLite's `jit_sha256(blob)` (Store.HASH): verification hashes each stored line inside
+    the database, so an intact log's rows never travel through the driver one by one."""
+    return None if content is None else hashlib.sha256(content).hexdigest()
 
 
 def _rollback(db: sqlite_utils.Database) -> None:
