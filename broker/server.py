@@ -9,7 +9,6 @@ claimed."""
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import sys
 import tempfile
@@ -17,12 +16,9 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
-from gunicorn.workers.gthread import ThreadWorker
 
 from .config import Settings
 
-# How long a thread that answered a kept-alive request waits for that connection's next one.
-LINGER_MS = 20
 # Where gunicorn's heartbeat file lives: the worker touches it on every turn of its loop, cheaper
 # on a memory filesystem than on a disk's (gunicorn's own advice for containers).
 WORKER_TMP_DIR = "/dev/shm"  # noqa: S108 - gunicorn makes its file there with mkstemp
@@ -58,7 +54,7 @@ class BrokerServer(BaseApplication):
             "bind": f"{server['host']}:{server['port']}",
             "workers": server["workers"],
             "threads": server["threads"],
-            "worker_class": "broker.server.LingeringThreadWorker",
+            "worker_class": "gthread",
             "worker_tmp_dir": WORKER_TMP_DIR if os.path.isdir(WORKER_TMP_DIR) else None,
             "graceful_timeout": server["graceful_timeout"],
             "timeout": max(30, int(self.settings.vault["timeout"]) * 3),
@@ -87,39 +83,6 @@ class BrokerServer(BaseApplication):
         app = create_app(self.settings)
         app.config[ACCESS_LOG] = True
         return app
-
-
-class LingeringThreadWorker(ThreadWorker):
-    """gunicorn's gthread worker, but the thread that answered a kept-alive request waits up to
-    LINGER_MS for the same connection's next request and answers it too. gthread hands every
-    kept-alive connection back to its main thread's poller after each response, which hands it
-    to a pool thread again when the next request comes: two thread switches, a pipe write and
-    an epoll registration per request, a third of the worker's CPU in a profile with
-    back-to-back API calls. It lingers only while no other connection waits for a thread, so
-    a busy worker shares its threads as gthread does; a client that says nothing within
-    LINGER_MS goes back to the poller as before. On a gunicorn whose `handle` answers otherwise
-    than True for a kept-alive connection (older ones answer a tuple), it is plain gthread."""
-
-    def handle(self, conn: Any) -> Any:
-        kept = super().handle(conn)
-        while kept is True and self.alive and self._next_request_soon(conn):
-            kept = super().handle(conn)
-        return kept
-
-    def _next_request_soon(self, conn: Any) -> bool:
-        """Whether the connection's next request is here within LINGER_MS (False at once when
-        other connections wait for a thread, or when part of it was read already: gthread's
-        own path handles that)."""
-        queue = getattr(getattr(self, "tpool", None), "_work_queue", None)
-        if queue is None or queue.qsize():
-            return False
-        parser = getattr(conn, "parser", None)
-        unreader = getattr(parser, "unreader", None)
-        if unreader is None or unreader.buf.getvalue():
-            return False
-        poller = select.poll()
-        poller.register(conn.sock, select.POLLIN)
-        return bool(poller.poll(LINGER_MS))
 
 
 def _post_worker_init(worker: Any) -> None:

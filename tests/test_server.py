@@ -159,9 +159,8 @@ def test_windows_closing_together_under_two_workers_are_removed_once_each(served
 
 
 def test_more_kept_alive_clients_than_threads_are_all_answered(served, tokens):
-    """The worker's threads linger on a kept-alive connection for its next request only while
-    no other connection waits: 24 keep-alive clients against 2 workers x 4 threads, each
-    issuing and releasing over its own connection, all answered, none starved."""
+    """24 keep-alive clients against 2 workers x 4 threads, each issuing and releasing over its
+    own connection: all answered, none starved by connections kept open."""
     _, url, _, _ = served
     bearer = {"Authorization": f"Bearer {tokens('alice')}"}
 
