@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from functools import partial
 from typing import NamedTuple
 
 from .. import notify
@@ -28,6 +29,7 @@ from ..models import (
     REVOKED,
     REVOKING,
     TO_REAP,
+    Credential,
     Grant,
     Principal,
     isoformat,
@@ -49,6 +51,9 @@ _POOL_LOCK = threading.Lock()  # the reaper and a release waiting for its verdic
 
 # How long a release that waits for the verdict waits on another reaper's claim of its grant.
 WAIT_FOR_REMOVAL = 10.0
+# Due grants of one kind from which one bulk look at Vault (`Backend.gone_among`) beats a
+# lookup each.
+BULK_MIN = 32
 
 
 class Removing(GrantsBase):
@@ -172,19 +177,22 @@ class Removing(GrantsBase):
 
     def reap_due(self, now: datetime | None = None) -> datetime | None:
         """Remove every credential whose window has closed; return when the next one closes.
-        Due grants are shared out among `removal_workers` kept threads: each waits mostly on
-        Vault, and each grant is claimed on its own (conditionally), so none is removed twice."""
+        Many closing together are first checked in bulk (`_check_in_bulk`); what that cannot
+        prove gone, and everything else due, is shared out among `removal_workers` kept threads:
+        each waits mostly on Vault, and each grant is claimed on its own (conditionally), so
+        none is removed twice."""
         now = now or self.clock()
         while True:
             due = self.store.due_grants(isoformat(now), limit=REAP_BATCH)
-            workers = min(self.removal_workers, len(due))
+            work = self._remove_in_bulk(due, now)
+            workers = min(self.removal_workers, len(work))
             if workers > 1:
-                chunks = [due[i::workers] for i in range(workers)]
-                removals = [self._pool().submit(self._reap_all, c, now) for c in chunks]
+                chunks = [work[i::workers] for i in range(workers)]
+                removals = [self._pool().submit(self._work_through, c, now) for c in chunks]
                 for removal in removals:
                     removal.result()  # the first failure, once all have finished
             else:
-                self._reap_all(due, now)
+                self._work_through(work, now)
             if len(due) < REAP_BATCH:
                 break
         held_elsewhere = self._take_over_dead_claims(now)
@@ -194,6 +202,114 @@ class Removing(GrantsBase):
             soon = now + TAKEOVER_CHECK
             next_look = soon if next_look is None else min(next_look, soon)
         return next_look
+
+    def _work_through(self, work: list[Grant | Claimed], now: datetime) -> None:
+        """One removal thread's share: grants to look at, and grants the bulk check claimed but
+        could not prove gone, finished one at a time under their claim."""
+        for item in work:
+            if isinstance(item, Claimed):
+                self._finish_removal(item.grant, item.attempt, now, item.held)
+            else:
+                self._reap_all([item], now)
+
+    def _remove_in_bulk(self, due: list[Grant], now: datetime) -> list[Grant | Claimed]:
+        """Grants whose windows have closed, at least BULK_MIN of one kind whose backend can
+        answer for many at once, are checked in bulk; returns the work left for one at a time."""
+        closed: dict[str, list[Grant]] = {}
+        work: list[Grant | Claimed] = []
+        for grant in due:
+            backend = self.backends.get(grant.backend)
+            if backend is not None and backend.bulk_verify_method and _closed(grant, now):
+                closed.setdefault(grant.backend, []).append(grant)
+            else:
+                work.append(grant)
+        for kind, grants in closed.items():
+            if len(grants) < BULK_MIN:
+                work.extend(grants)
+            else:
+                work.extend(self._check_in_bulk(self.backends[kind], grants, now))
+        return work
+
+    def _check_in_bulk(
+        self, backend: Backend, grants: list[Grant], now: datetime
+    ) -> list[Grant | Claimed]:
+        """Claim the grants in one transaction (each conditional on its attempt count, as one
+        at a time), ask Vault once which of their credentials are gone (`gone_among`), and
+        record in one more every grant whose credentials are all proven gone. The claims are
+        held only over that one call. What is still there is returned, claimed, to be revoked
+        and verified one at a time; should the bulk call fail, all of it is."""
+        won: list[tuple[Grant, int]] = []
+        with self.store.transaction() as tx:
+            for grant in grants:
+                attempt = grant.attempts + 1
+                if self._claim(tx, grant, now, attempt):
+                    won.append((grant, attempt))
+            held = tx.credentials_of_many([grant.id for grant, _ in won])
+        claimed = [Claimed(grant, attempt, held[grant.id]) for grant, attempt in won]
+        asked = {c.handle for h in held.values() for c in h if c.handle and not c.gone_at}
+        try:
+            gone = backend.gone_among(asked) or set()
+        except Exception as exc:  # noqa: BLE001 - each is then verified on its own
+            log.warning("bulk check failed, %d grants verified alone: %s", len(claimed), exc)
+            return list(claimed)
+        proven = [item for item in claimed if _all_gone(item.held or [], gone)]
+        done = self._record_proven(backend, proven, gone) if proven else set()
+        changed = {item.grant.id for item in proven} - done  # read again by the one-at-a-time way
+        return [
+            item._replace(held=None) if item.grant.id in changed else item
+            for item in claimed
+            if item.grant.id not in done
+        ]
+
+    def _record_proven(self, backend: Backend, proven: list[Claimed], gone: set[str]) -> set[str]:
+        """Record each grant the bulk check proved clean, behind its claim's fence, with the
+        chain a one-at-a-time removal writes (revoke, then verify, for each credential): the
+        revoke entry says nothing was sent, since Vault had removed the credential already.
+        Returns the ids it is done with: recorded, or taken over by another claim. Any other
+        (its credentials changed since the check: a racing extension's) goes the one-at-a-time
+        way."""
+        done: set[str] = set()
+        with self.store.transaction() as tx:
+            at = self._now()
+            now_held = tx.credentials_of_many([item.grant.id for item in proven])
+            for grant, attempt, _ in proven:
+                if not _all_gone(now_held[grant.id], gone):
+                    continue
+                done.add(grant.id)
+                # The fence and the verdict in one: still this attempt's claim?
+                fence = (grant.id, attempt)
+                if not tx.move_grant(
+                    grant.id,
+                    REVOKING,
+                    if_attempts=attempt,
+                    status=REVOKED,
+                    due_at="",
+                    last_error="",
+                    updated_at=at,
+                ):
+                    log.warning("grant %s: claim %d was taken over, nothing recorded", *fence)
+                    continue
+                for credential in now_held[grant.id]:
+                    if not credential.gone_at:
+                        self._log_gone(tx, grant, backend, credential.handle, attempt, at)
+                        tx.mark_gone(grant.id, credential.handle, at)
+                tx.after_commit(partial(self._count_revoked, grant))
+        return done
+
+    def _log_gone(
+        self, tx: Transaction, grant: Grant, backend: Backend, handle: str, attempt: int, at: str
+    ) -> None:
+        """The revoke and verify entries of a credential Vault had already removed."""
+        marks = self._marks(backend, handle)
+        data = dict(marks, sent=False, reason="Vault had removed it already", attempt=attempt)
+        tx.append(at, Entry.REVOKE, REAPER, grant.id, data)
+        tx.append(
+            at,
+            Entry.VERIFY,
+            REAPER,
+            grant.id,
+            dict(marks, gone=True, method=backend.bulk_verify_method, attempt=attempt),
+        )
 
     def _pool(self) -> ThreadPoolExecutor:
         """The reaper's removal threads, made once and kept: a pool made for every pass left a
@@ -246,17 +362,24 @@ class Removing(GrantsBase):
                 self._remove_closed(grant, now)
 
     def _remove_closed(self, grant: Grant, now: datetime) -> None:
-        """Claim one grant (conditionally), revoke and verify what it holds, record it behind the
-        fence. One grant at a time: a claim is held only while its own removal runs."""
+        """Claim one grant (conditionally), then remove what it holds. One grant at a time: a
+        claim is held only while its own removal runs."""
         attempt = grant.attempts + 1
         with self.store.transaction() as tx:
             if not self._claim(tx, grant, now, attempt):
                 return
+        self._finish_removal(grant, attempt, now)
+
+    def _finish_removal(
+        self, grant: Grant, attempt: int, now: datetime, held: list[Credential] | None = None
+    ) -> None:
+        """Revoke and verify what the claimed grant holds (`held`: as read under the claim),
+        record it behind the claim's fence, and alert on a removal not verified."""
         backend = self.backends[grant.backend]
         outcomes = [
-            (held.handle, self._remove(backend, held.handle))
-            for held in self.store.credentials_of(grant.id)
-            if held.handle and not held.gone_at
+            (credential.handle, self._remove(backend, credential.handle))
+            for credential in (self.store.credentials_of(grant.id) if held is None else held)
+            if credential.handle and not credential.gone_at
         ]
         with self.store.transaction() as tx:
             failure = self._record(tx, grant, attempt, backend, outcomes, now)
@@ -402,6 +525,28 @@ class Removing(GrantsBase):
             grant_id=grant.id,
             audience="requester",
         )
+
+
+class Claimed(NamedTuple):
+    """A grant the bulk check claimed (attempt: the claim's fencing token) and the credentials
+    it held when claimed (None: read them again)."""
+
+    grant: Grant
+    attempt: int
+    held: list[Credential] | None
+
+
+def _closed(grant: Grant, now: datetime) -> bool:
+    """Whether the reaper would remove what the grant holds now (its window has closed)."""
+    if grant.status == ACTIVE:
+        return parse_time(grant.window_end) <= now
+    return grant.status in TO_REAP
+
+
+def _all_gone(held: list[Credential], gone: set[str]) -> bool:
+    """Whether every credential not yet verified gone is among `gone`. One with no handle yet
+    (an extension being issued) is not: it goes the one-at-a-time way, which waits for it."""
+    return all(c.gone_at or (c.handle and c.handle in gone) for c in held)
 
 
 class Removal(NamedTuple):
