@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from functools import partial
 from typing import NamedTuple
 
 from .. import notify
@@ -51,6 +50,8 @@ _POOL_LOCK = threading.Lock()  # the reaper and a release waiting for its verdic
 
 # How long a release that waits for the verdict waits on another reaper's claim of its grant.
 WAIT_FOR_REMOVAL = 10.0
+# What the revoke entry of a credential the bulk check found gone says instead of the answer.
+ALREADY_GONE = "nothing to revoke: Vault had removed it already (its TTL ends at the window end)"
 # Due grants of one kind from which one bulk look at Vault (`Backend.gone_among`) beats a
 # lookup each.
 BULK_MIN = 32
@@ -105,27 +106,22 @@ class Removing(GrantsBase):
         outcome: Removal,
         **context: object,
     ) -> None:
-        revoke_error, verify_error = outcome
         marks = self._marks(backend, handle)
-        self._log(
-            tx,
-            Entry.REVOKE,
-            REAPER,
-            grant.id,
-            **marks,
-            accepted=not revoke_error,
-            error=revoke_error or None,
-            **context,
+        sent: dict[str, object] = (
+            {"accepted": not outcome.revoke_error, "error": outcome.revoke_error or None}
+            if outcome.sent
+            else {"sent": False, "reason": ALREADY_GONE}
         )
+        self._log(tx, Entry.REVOKE, REAPER, grant.id, **marks, **sent, **context)
         self._log(
             tx,
             Entry.VERIFY,
             REAPER,
             grant.id,
             **marks,
-            gone=not verify_error,
-            method=backend.verify_method,
-            error=verify_error or None,
+            gone=not outcome.verify_error,
+            method=outcome.method or backend.verify_method,
+            error=outcome.verify_error or None,
             **context,
         )
 
@@ -252,64 +248,24 @@ class Removing(GrantsBase):
         except Exception as exc:  # noqa: BLE001 - each is then verified on its own
             log.warning("bulk check failed, %d grants verified alone: %s", len(claimed), exc)
             return list(claimed)
-        proven = [item for item in claimed if _all_gone(item.held or [], gone)]
-        done = self._record_proven(backend, proven, gone) if proven else set()
-        changed = {item.grant.id for item in proven} - done  # read again by the one-at-a-time way
-        return [
-            item._replace(held=None) if item.grant.id in changed else item
-            for item in claimed
-            if item.grant.id not in done
-        ]
+        proven = [item for item in claimed if _all_gone(item.held, gone)]
+        if proven:
+            self._record_proven(backend, proven, gone, now)
+        return [item for item in claimed if not _all_gone(item.held, gone)]
 
-    def _record_proven(self, backend: Backend, proven: list[Claimed], gone: set[str]) -> set[str]:
-        """Record each grant the bulk check proved clean, behind its claim's fence, with the
-        chain a one-at-a-time removal writes (revoke, then verify, for each credential): the
-        revoke entry says nothing was sent, since Vault had removed the credential already.
-        Returns the ids it is done with: recorded, or taken over by another claim. Any other
-        (its credentials changed since the check: a racing extension's) goes the one-at-a-time
-        way."""
-        done: set[str] = set()
-        with self.store.transaction() as tx:
-            at = self._now()
-            now_held = tx.credentials_of_many([item.grant.id for item in proven])
-            for grant, attempt, _ in proven:
-                if not _all_gone(now_held[grant.id], gone):
-                    continue
-                done.add(grant.id)
-                # The fence and the verdict in one: still this attempt's claim?
-                fence = (grant.id, attempt)
-                if not tx.move_grant(
-                    grant.id,
-                    REVOKING,
-                    if_attempts=attempt,
-                    status=REVOKED,
-                    due_at="",
-                    last_error="",
-                    updated_at=at,
-                ):
-                    log.warning("grant %s: claim %d was taken over, nothing recorded", *fence)
-                    continue
-                for credential in now_held[grant.id]:
-                    if not credential.gone_at:
-                        self._log_gone(tx, grant, backend, credential.handle, attempt, at)
-                        tx.mark_gone(grant.id, credential.handle, at)
-                tx.after_commit(partial(self._count_revoked, grant))
-        return done
-
-    def _log_gone(
-        self, tx: Transaction, grant: Grant, backend: Backend, handle: str, attempt: int, at: str
+    def _record_proven(
+        self, backend: Backend, proven: list[Claimed], gone: set[str], now: datetime
     ) -> None:
-        """The revoke and verify entries of a credential Vault had already removed."""
-        marks = self._marks(backend, handle)
-        data = dict(marks, sent=False, reason="Vault had removed it already", attempt=attempt)
-        tx.append(at, Entry.REVOKE, REAPER, grant.id, data)
-        tx.append(
-            at,
-            Entry.VERIFY,
-            REAPER,
-            grant.id,
-            dict(marks, gone=True, method=backend.bulk_verify_method, attempt=attempt),
-        )
+        """Record, in one transaction, each grant the bulk check proved clean, as a removal one
+        at a time records it (`_record`: behind the claim's fence, `revoked` only when nothing
+        is left): a revoke entry saying nothing needed revoking, and a verify entry saying how
+        it is known. Their credentials are read once for all, under the write lock."""
+        proof = Removal("", "", sent=False, method=backend.bulk_verify_method)
+        with self.store.transaction() as tx:
+            now_held = tx.credentials_of_many([item.grant.id for item in proven])
+            for grant, attempt, held in proven:
+                outcomes = [(c.handle, proof) for c in held if not c.gone_at]
+                self._record(tx, grant, attempt, backend, outcomes, now, now_held[grant.id])
 
     def _pool(self) -> ThreadPoolExecutor:
         """The reaper's removal threads, made once and kept: a pool made for every pass left a
@@ -402,24 +358,30 @@ class Removing(GrantsBase):
         backend: Backend,
         outcomes: list[tuple[str, Removal]],
         now: datetime,
+        held: list[Credential] | None = None,
     ) -> tuple[str, str] | None:
         """Write one grant's removal: `revoked` only when every credential is verified gone;
-        otherwise a retry with backoff. Returns (error, retry_at) for a failure to alert on."""
+        otherwise a retry with backoff. Returns (error, retry_at) for a failure to alert on.
+        `held`: its credentials as read under this transaction's write lock (None: read here)."""
         # The fence: still this attempt's claim? A reaper paused past REVOCATION_LEASE
         # (GC, SIGSTOP, a network stall) may find another has claimed the grant since; it
         # records nothing over that one's work (what it revoked meanwhile stays revoked).
         if not tx.move_grant(grant.id, REVOKING, if_attempts=attempt, attempts=attempt):
             log.warning("grant %s: claim %d was taken over, nothing recorded", grant.id, attempt)
             return None
+        gone = set()
         for handle, outcome in outcomes:
             self._log_removal(tx, grant, backend, handle, outcome, attempt=attempt)
             if outcome.gone:
                 tx.mark_gone(grant.id, handle, self._now())
+                gone.add(handle)
         # Read again under the write lock: a racing extension may have added one meanwhile.
         left = [
-            held
-            for held in tx.credentials_of(grant.id)
-            if not held.gone_at and (held.handle or self._in_flight(held, self.clock()))
+            c
+            for c in (tx.credentials_of(grant.id) if held is None else held)
+            if not c.gone_at
+            and c.handle not in gone
+            and (c.handle or self._in_flight(c, self.clock()))
         ]
         if not left:
             if tx.move_grant(
@@ -529,11 +491,11 @@ class Removing(GrantsBase):
 
 class Claimed(NamedTuple):
     """A grant the bulk check claimed (attempt: the claim's fencing token) and the credentials
-    it held when claimed (None: read them again)."""
+    it held when claimed."""
 
     grant: Grant
     attempt: int
-    held: list[Credential] | None
+    held: list[Credential]
 
 
 def _closed(grant: Grant, now: datetime) -> bool:
@@ -550,10 +512,14 @@ def _all_gone(held: list[Credential], gone: set[str]) -> bool:
 
 
 class Removal(NamedTuple):
-    """What went wrong revoking a credential and verifying it gone ("" for nothing)."""
+    """What went wrong revoking a credential and verifying it gone ("" for nothing); `sent`
+    False when nothing needed revoking (Vault had removed it), `method` how it was proven gone
+    when not the backend's `verify_method`."""
 
     revoke_error: str
     verify_error: str
+    sent: bool = True
+    method: str = ""
 
     @property
     def gone(self) -> bool:
@@ -561,7 +527,7 @@ class Removal(NamedTuple):
 
     @property
     def error(self) -> str:
-        return "; ".join(dict.fromkeys(e for e in self if e))
+        return "; ".join(dict.fromkeys(e for e in (self.revoke_error, self.verify_error) if e))
 
 
 def _failure_of(step: Callable, handle: str, want: object = None) -> str:
