@@ -3,6 +3,8 @@ accessors proves gone every token its own TTL removed, each such grant recorded 
 whole chain; a token still listed goes the one-at-a-time way (revoke, then verify), and nothing
 still listed is ever recorded gone without it. Against the real OpenBao, on either store."""
 
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -14,8 +16,9 @@ from broker import audit
 from broker.backends.token import VaultTokenBackend
 from broker.errors import VaultUnavailable
 from broker.grants.removal import BULK_MIN
-from broker.models import parse_time, utcnow
+from broker.models import isoformat, parse_time, utcnow
 from tests.helpers import ALICE, token_works, types
+from tests.test_replicas import config_file
 
 MANY = BULK_MIN + 8
 
@@ -75,8 +78,10 @@ def test_tokens_openbao_expired_are_proven_gone_by_one_listing_with_whole_chains
         (verify,) = entries(grants, grant.id, "verify")
         assert verify["gone"] is True
         assert verify["method"] == "Vault no longer lists the token's accessor"
-        assert verify["handle"] == revoke["handle"] == audit.fingerprint(
-            jit.audit_log.fingerprint_key, grant.handle
+        assert (
+            verify["handle"]
+            == revoke["handle"]
+            == audit.fingerprint(jit.audit_log.fingerprint_key, grant.handle)
         )
         assert not token_works(openbao, credential.secret)
         assert accessor_gone(openbao, grant.handle)
@@ -198,4 +203,54 @@ def test_a_failed_listing_leaves_every_grant_to_the_one_at_a_time_way(jit, openb
         assert types(grants, grant.id)[3:] == ["expire", "revoke", "verify"]
         (verify,) = entries(grants, grant.id, "verify")
         assert verify["method"] == VaultTokenBackend.verify_method
+    assert jit.audit_log.grant_problems() == []
+
+
+# A broker process that lists OpenBao's accessors for its bulk check and is SIGKILLed before it
+# can record anything: what it leaves behind must be nothing at all.
+KILLED_AFTER_LISTING = """
+import os, signal, sys
+from broker import create_app
+from broker.config import load_settings
+from broker.models import parse_time
+
+jit = create_app(load_settings(sys.argv[1], environ={})).extensions["jit"]
+backend = jit.grants.backends["vault_token"]
+listing = backend.gone_among
+
+def list_then_die(handles):
+    print(len(listing(handles)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+backend.gone_among = list_then_die
+jit.grants.reap_due(parse_time(sys.argv[2]))
+"""
+
+
+def test_a_broker_killed_in_its_bulk_check_leaves_no_claim_behind(
+    tmp_path, jit, openbao, oidc_provider, broker_port, oidc_client_secret
+):
+    """The bulk check claims nothing while it asks Vault: a broker killed then (kill -9) leaves
+    every grant as it was, and the next pass (another replica, or the restarted broker) removes
+    each once, at its first attempt."""
+    grants = jit.grants
+    made = expired_by_openbao(openbao, grants, MANY)
+    config = config_file(tmp_path, openbao, oidc_provider, broker_port, oidc_client_secret)
+    now = isoformat(utcnow() + timedelta(seconds=1))
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_LISTING, str(config), now],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert killed.stdout.strip() == str(MANY)  # it had proven them all gone
+    assert {grants.store.get_grant(g.id).status for g, _ in made} == {"active"}
+
+    grants.reap_due(parse_time(now))
+    for grant, _ in made:
+        reaped = grants.store.get_grant(grant.id)
+        assert (reaped.status, reaped.attempts) == ("revoked", 1)
+        assert types(grants, grant.id)[3:] == ["expire", "revoke", "verify"]
+    assert audit.verify(grants.store.audit_entries()).ok
     assert jit.audit_log.grant_problems() == []

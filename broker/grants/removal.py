@@ -180,15 +180,15 @@ class Removing(GrantsBase):
         now = now or self.clock()
         while True:
             due = self.store.due_grants(isoformat(now), limit=REAP_BATCH)
-            work = self._remove_in_bulk(due, now)
-            workers = min(self.removal_workers, len(work))
+            left = self._remove_in_bulk(due, now)
+            workers = min(self.removal_workers, len(left))
             if workers > 1:
-                chunks = [work[i::workers] for i in range(workers)]
-                removals = [self._pool().submit(self._work_through, c, now) for c in chunks]
+                chunks = [left[i::workers] for i in range(workers)]
+                removals = [self._pool().submit(self._reap_all, c, now) for c in chunks]
                 for removal in removals:
                     removal.result()  # the first failure, once all have finished
             else:
-                self._work_through(work, now)
+                self._reap_all(left, now)
             if len(due) < REAP_BATCH:
                 break
         held_elsewhere = self._take_over_dead_claims(now)
@@ -199,20 +199,11 @@ class Removing(GrantsBase):
             next_look = soon if next_look is None else min(next_look, soon)
         return next_look
 
-    def _work_through(self, work: list[Grant | Claimed], now: datetime) -> None:
-        """One removal thread's share: grants to look at, and grants the bulk check claimed but
-        could not prove gone, finished one at a time under their claim."""
-        for item in work:
-            if isinstance(item, Claimed):
-                self._finish_removal(item.grant, item.attempt, now, item.held)
-            else:
-                self._reap_all([item], now)
-
-    def _remove_in_bulk(self, due: list[Grant], now: datetime) -> list[Grant | Claimed]:
+    def _remove_in_bulk(self, due: list[Grant], now: datetime) -> list[Grant]:
         """Grants whose windows have closed, at least BULK_MIN of one kind whose backend can
-        answer for many at once, are checked in bulk; returns the work left for one at a time."""
+        answer for many at once, are checked in bulk; returns what is left for one at a time."""
         closed: dict[str, list[Grant]] = {}
-        work: list[Grant | Claimed] = []
+        work: list[Grant] = []
         for grant in due:
             backend = self.backends.get(grant.backend)
             if backend is not None and backend.bulk_verify_method and _closed(grant, now):
@@ -226,45 +217,45 @@ class Removing(GrantsBase):
                 work.extend(self._check_in_bulk(self.backends[kind], grants, now))
         return work
 
-    def _check_in_bulk(
-        self, backend: Backend, grants: list[Grant], now: datetime
-    ) -> list[Grant | Claimed]:
-        """Claim the grants in one transaction (each conditional on its attempt count, as one
-        at a time), ask Vault once which of their credentials are gone (`gone_among`), and
-        record in one more every grant whose credentials are all proven gone. The claims are
-        held only over that one call. What is still there is returned, claimed, to be revoked
-        and verified one at a time; should the bulk call fail, all of it is."""
-        won: list[tuple[Grant, int]] = []
-        with self.store.transaction() as tx:
-            for grant in grants:
-                attempt = grant.attempts + 1
-                if self._claim(tx, grant, now, attempt):
-                    won.append((grant, attempt))
-            held = tx.credentials_of_many([grant.id for grant, _ in won])
-        claimed = [Claimed(grant, attempt, held[grant.id]) for grant, attempt in won]
+    def _check_in_bulk(self, backend: Backend, grants: list[Grant], now: datetime) -> list[Grant]:
+        """Ask Vault once which of the grants' credentials are gone (`gone_among`), then claim
+        and record, in one transaction, every grant whose credentials all are. Nothing is
+        claimed while Vault is asked, so a broker killed meanwhile leaves nothing to take over.
+        Returns the grants with a credential still there (or all, should the bulk call fail),
+        to be claimed, revoked and verified one at a time."""
+        held = self.store.credentials_of_many([grant.id for grant in grants])
         asked = {c.handle for h in held.values() for c in h if c.handle and not c.gone_at}
         try:
             gone = backend.gone_among(asked) or set()
         except Exception as exc:  # noqa: BLE001 - each is then verified on its own
-            log.warning("bulk check failed, %d grants verified alone: %s", len(claimed), exc)
-            return list(claimed)
-        proven = [item for item in claimed if _all_gone(item.held, gone)]
+            log.warning("bulk check failed, %d grants verified alone: %s", len(grants), exc)
+            return grants
+        proven = [grant for grant in grants if _all_gone(held[grant.id], gone)]
         if proven:
-            self._record_proven(backend, proven, gone, now)
-        return [item for item in claimed if not _all_gone(item.held, gone)]
+            self._record_proven(backend, proven, held, now)
+        return [grant for grant in grants if not _all_gone(held[grant.id], gone)]
 
     def _record_proven(
-        self, backend: Backend, proven: list[Claimed], gone: set[str], now: datetime
+        self,
+        backend: Backend,
+        proven: list[Grant],
+        held: dict[str, list[Credential]],
+        now: datetime,
     ) -> None:
-        """Record, in one transaction, each grant the bulk check proved clean, as a removal one
-        at a time records it (`_record`: behind the claim's fence, `revoked` only when nothing
-        is left): a revoke entry saying nothing needed revoking, and a verify entry saying how
-        it is known. Their credentials are read once for all, under the write lock."""
+        """Claim each grant the bulk check proved clean (conditionally, as one at a time: a
+        grant another reaper moved meanwhile is left to it) and record its removal as one at a
+        time records it (`_record`: behind the claim's fence, `revoked` only when nothing is
+        left, read again under the write lock): per credential a revoke entry saying nothing
+        needed revoking, and a verify entry saying how it is known to be gone. `held`: the
+        credentials as read before Vault was asked; only those can the answer prove gone."""
         proof = Removal("", "", sent=False, method=backend.bulk_verify_method)
         with self.store.transaction() as tx:
-            now_held = tx.credentials_of_many([item.grant.id for item in proven])
-            for grant, attempt, held in proven:
-                outcomes = [(c.handle, proof) for c in held if not c.gone_at]
+            now_held = tx.credentials_of_many([grant.id for grant in proven])
+            for grant in proven:
+                attempt = grant.attempts + 1
+                if not self._claim(tx, grant, now, attempt):
+                    continue
+                outcomes = [(c.handle, proof) for c in held[grant.id] if not c.gone_at]
                 self._record(tx, grant, attempt, backend, outcomes, now, now_held[grant.id])
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -487,15 +478,6 @@ class Removing(GrantsBase):
             grant_id=grant.id,
             audience="requester",
         )
-
-
-class Claimed(NamedTuple):
-    """A grant the bulk check claimed (attempt: the claim's fencing token) and the credentials
-    it held when claimed."""
-
-    grant: Grant
-    attempt: int
-    held: list[Credential]
 
 
 def _closed(grant: Grant, now: datetime) -> bool:
