@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from functools import partial
 from typing import NamedTuple
 
 from .. import notify
@@ -106,24 +107,28 @@ class Removing(GrantsBase):
         outcome: Removal,
         **context: object,
     ) -> None:
+        for type_, data in self._removal_entries(backend, handle, outcome, **context):
+            self._log(tx, type_, REAPER, grant.id, **data)
+
+    def _removal_entries(
+        self, backend: Backend, handle: str, outcome: Removal, **context: object
+    ) -> list[tuple[Entry, dict]]:
+        """The revoke and verify entries of one credential's removal (type, data)."""
         marks = self._marks(backend, handle)
         sent: dict[str, object] = (
             {"accepted": not outcome.revoke_error, "error": outcome.revoke_error or None}
             if outcome.sent
             else {"sent": False, "reason": ALREADY_GONE}
         )
-        self._log(tx, Entry.REVOKE, REAPER, grant.id, **marks, **sent, **context)
-        self._log(
-            tx,
-            Entry.VERIFY,
-            REAPER,
-            grant.id,
-            **marks,
-            gone=not outcome.verify_error,
-            method=outcome.method or backend.verify_method,
-            error=outcome.verify_error or None,
-            **context,
-        )
+        verified = {
+            "gone": not outcome.verify_error,
+            "method": outcome.method or backend.verify_method,
+            "error": outcome.verify_error or None,
+        }
+        return [
+            (Entry.REVOKE, {**marks, **sent, **context}),
+            (Entry.VERIFY, {**marks, **verified, **context}),
+        ]
 
     def release(self, principal: Principal, grant_id: str, wait: bool = False) -> Grant:
         """End the window now; the reaper, woken at once, removes and verifies. A credential
@@ -231,32 +236,51 @@ class Removing(GrantsBase):
             log.warning("bulk check failed, %d grants verified alone: %s", len(grants), exc)
             return grants
         proven = [grant for grant in grants if _all_gone(held[grant.id], gone)]
-        if proven:
-            self._record_proven(backend, proven, held, now)
-        return [grant for grant in grants if not _all_gone(held[grant.id], gone)]
+        done = self._record_proven(backend, proven, gone) if proven else set()
+        return [grant for grant in grants if grant.id not in done]
 
-    def _record_proven(
-        self,
-        backend: Backend,
-        proven: list[Grant],
-        held: dict[str, list[Credential]],
-        now: datetime,
-    ) -> None:
-        """Claim each grant the bulk check proved clean (conditionally, as one at a time: a
-        grant another reaper moved meanwhile is left to it) and record its removal as one at a
-        time records it (`_record`: behind the claim's fence, `revoked` only when nothing is
-        left, read again under the write lock): per credential a revoke entry saying nothing
-        needed revoking, and a verify entry saying how it is known to be gone. `held`: the
-        credentials as read before Vault was asked; only those can the answer prove gone."""
+    def _record_proven(self, backend: Backend, proven: list[Grant], gone: set[str]) -> set[str]:
+        """In one transaction, claim and record each grant the bulk check proved clean: one
+        statement moves every grant still as it was read (status, attempt count: the fence the
+        one-at-a-time claim uses) straight to `revoked`, counting the attempt; each moved gets
+        the chain a one-at-a-time removal writes (expire, when its window was still `active`;
+        per credential a revoke entry saying nothing needed revoking and a verify entry saying
+        how it is known gone). Its credentials are read again under the write lock: only those
+        asked about can Vault's answer prove gone, so a grant holding another now (a racing
+        extension's) is left to the one-at-a-time way. Returns the ids it is done with: recorded,
+        or moved by another reaper first (its removal is that one's)."""
         proof = Removal("", "", sent=False, method=backend.bulk_verify_method)
         with self.store.transaction() as tx:
-            now_held = tx.credentials_of_many([grant.id for grant in proven])
-            for grant in proven:
-                attempt = grant.attempts + 1
-                if not self._claim(tx, grant, now, attempt):
-                    continue
-                outcomes = [(c.handle, proof) for c in held[grant.id] if not c.gone_at]
-                self._record(tx, grant, attempt, backend, outcomes, now, now_held[grant.id])
+            at = self._now()
+            held = tx.credentials_of_many([grant.id for grant in proven])
+            clean = [grant for grant in proven if _all_gone(held[grant.id], gone)]
+            moved = tx.move_grants(
+                [(g.id, g.status, g.attempts, g.window_end) for g in clean],
+                count_attempt=True,
+                status=REVOKED,
+                due_at="",
+                last_error="",
+                issuing_process=self.process_id,
+                updated_at=at,
+            )
+            entries: list[tuple[str, str, dict, str | None, dict]] = []
+            removed: list[str] = []
+            for grant in (g for g in clean if g.id in moved):
+                if grant.status == ACTIVE:
+                    window = {"window_end": grant.window_end}
+                    entries.append((at, Entry.EXPIRE, REAPER, grant.id, window))
+                for credential in held[grant.id]:
+                    if credential.gone_at:
+                        continue
+                    removal = self._removal_entries(
+                        backend, credential.handle, proof, attempt=grant.attempts + 1
+                    )
+                    entries += [(at, type_, REAPER, grant.id, data) for type_, data in removal]
+                    removed.append(credential.id)
+                tx.after_commit(partial(self._count_revoked, grant))
+            tx.append_many(entries)
+            tx.mark_gone_many(removed, at)
+        return {grant.id for grant in clean}
 
     def _pool(self) -> ThreadPoolExecutor:
         """The reaper's removal threads, made once and kept: a pool made for every pass left a
@@ -349,30 +373,24 @@ class Removing(GrantsBase):
         backend: Backend,
         outcomes: list[tuple[str, Removal]],
         now: datetime,
-        held: list[Credential] | None = None,
     ) -> tuple[str, str] | None:
         """Write one grant's removal: `revoked` only when every credential is verified gone;
-        otherwise a retry with backoff. Returns (error, retry_at) for a failure to alert on.
-        `held`: its credentials as read under this transaction's write lock (None: read here)."""
+        otherwise a retry with backoff. Returns (error, retry_at) for a failure to alert on."""
         # The fence: still this attempt's claim? A reaper paused past REVOCATION_LEASE
         # (GC, SIGSTOP, a network stall) may find another has claimed the grant since; it
         # records nothing over that one's work (what it revoked meanwhile stays revoked).
         if not tx.move_grant(grant.id, REVOKING, if_attempts=attempt, attempts=attempt):
             log.warning("grant %s: claim %d was taken over, nothing recorded", grant.id, attempt)
             return None
-        gone = set()
         for handle, outcome in outcomes:
             self._log_removal(tx, grant, backend, handle, outcome, attempt=attempt)
             if outcome.gone:
                 tx.mark_gone(grant.id, handle, self._now())
-                gone.add(handle)
         # Read again under the write lock: a racing extension may have added one meanwhile.
         left = [
-            c
-            for c in (tx.credentials_of(grant.id) if held is None else held)
-            if not c.gone_at
-            and c.handle not in gone
-            and (c.handle or self._in_flight(c, self.clock()))
+            held
+            for held in tx.credentials_of(grant.id)
+            if not held.gone_at and (held.handle or self._in_flight(held, self.clock()))
         ]
         if not left:
             if tx.move_grant(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import fields
 from datetime import datetime
@@ -145,6 +145,29 @@ class Transaction:
         )
         return bool(cursor.rowcount == 1)
 
+    def move_grants(
+        self,
+        read: Sequence[tuple[str, str, int, str]],
+        count_attempt: bool = False,
+        **changes: object,
+    ) -> set[str]:
+        """`move_grant` for many grants in one statement: change each grant still as it was
+        read, (id, status, attempts, window_end); with `count_attempt`, its attempt count goes up
+        by one (a claim's, whose fence the count is). Returns the ids changed: any other was
+        moved by someone else first, so the caller must not act on it."""
+        if not read:
+            return set()
+        assignments = [f"{name} = ?" for name in changes]
+        if count_attempt:
+            assignments.append("attempts = attempts + 1")
+        rows = ", ".join("(?, ?, ?, ?)" for _ in read)
+        cursor = self.db.execute(
+            f"UPDATE grants SET {', '.join(assignments)} "  # noqa: S608 - names are the store's
+            f"WHERE (id, status, attempts, window_end) IN (VALUES {rows}) RETURNING id",
+            [*changes.values(), *(value for row in read for value in row)],
+        )
+        return {str(row["id"]) for row in cursor}
+
     def credentials_of(self, grant_id: str) -> list[Credential]:
         """Every credential the grant holds or held, oldest first (under the write lock here)."""
         rows = self.db.execute(
@@ -186,6 +209,15 @@ class Transaction:
             "UPDATE credentials SET gone_at = ? WHERE grant_id = ? AND handle = ? AND gone_at = ''",
             [at, grant_id, handle],
         )
+
+    def mark_gone_many(self, credential_ids: Collection[str], at: str) -> None:
+        """`mark_gone` for many credentials at once, by their ids."""
+        if credential_ids:
+            marks = ", ".join("?" for _ in credential_ids)
+            self.db.execute(
+                f"UPDATE credentials SET gone_at = ? WHERE gone_at = '' AND id IN ({marks})",  # noqa: S608
+                [at, *credential_ids],
+            )
 
     def add_approval(self, grant_id: str, approval: Approval) -> bool:
         """Record one person's approval; False when that person had already approved."""
@@ -248,6 +280,45 @@ class Transaction:
             )
         self._head = entry
         return entry
+
+    def append_many(self, entries: Iterable[tuple[str, str, dict, str | None, dict]]) -> None:
+        """`append` for many entries (at, type, actor, grant_id, data): sealed one after the
+        other over the head, then written a few hundred rows to a statement, entries and their
+        fingerprints' index alike, rather than two statements an entry."""
+        prev = self._head
+        if prev is None:
+            head = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+            row = self.db.execute(head).fetchone()
+            prev = {"seq": row["seq"], "hash": row["hash"]} if row else None
+        rows: list[list[object]] = []
+        refs: list[list[object]] = []
+        for at, type_, actor, grant_id, data in entries:
+            entry = audit.seal(prev, at, type_, actor, grant_id, data)
+            data_text = audit.canonical(entry["data"]).decode()
+            actor_text = audit.canonical(entry["actor"]).decode()
+            seq, link, hash_ = entry["seq"], entry["prev"], entry["hash"]
+            rows.append([seq, at, entry["type"], actor_text, grant_id, data_text, link, hash_])
+            refs += [[found, seq] for found in sorted(set(FINGERPRINT.findall(data_text)))]
+            prev = self._head = entry
+        _insert_rows(self.db, "audit", AUDIT_COLUMNS, rows)
+        _insert_rows(self.db, "audit_refs", ("fingerprint", "seq"), refs)
+
+
+# The audit table's columns in the order `append_many` writes them.
+AUDIT_COLUMNS = ("seq", "at", "type", "actor", "grant_id", "data", "prev", "hash")
+ROWS_A_STATEMENT = 250  # well under either database's limit on parameters
+
+
+def _insert_rows(db: Executor, table: str, names: Sequence[str], rows: list[list[object]]) -> None:
+    """Plain multi-row INSERTs of `rows` (each the values of `names`, in order)."""
+    one = f"({', '.join('?' * len(names))})"
+    for start in range(0, len(rows), ROWS_A_STATEMENT):
+        part = rows[start : start + ROWS_A_STATEMENT]
+        db.execute(
+            f"INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 - names are the store's own
+            f"VALUES {', '.join([one] * len(part))}",
+            [value for row in part for value in row],
+        )
 
 
 def fill_audit_refs(db: Executor) -> None:
