@@ -333,24 +333,17 @@ class Removing(GrantsBase):
                 self._remove_closed(grant, now)
 
     def _remove_closed(self, grant: Grant, now: datetime) -> None:
-        """Claim one grant (conditionally), then remove what it holds. One grant at a time: a
-        claim is held only while its own removal runs."""
+        """Claim one grant (conditionally), revoke and verify what it holds, record it behind the
+        fence. One grant at a time: a claim is held only while its own removal runs."""
         attempt = grant.attempts + 1
         with self.store.transaction() as tx:
             if not self._claim(tx, grant, now, attempt):
                 return
-        self._finish_removal(grant, attempt, now)
-
-    def _finish_removal(
-        self, grant: Grant, attempt: int, now: datetime, held: list[Credential] | None = None
-    ) -> None:
-        """Revoke and verify what the claimed grant holds (`held`: as read under the claim),
-        record it behind the claim's fence, and alert on a removal not verified."""
         backend = self.backends[grant.backend]
         outcomes = [
-            (credential.handle, self._remove(backend, credential.handle))
-            for credential in (self.store.credentials_of(grant.id) if held is None else held)
-            if credential.handle and not credential.gone_at
+            (held.handle, self._remove(backend, held.handle))
+            for held in self.store.credentials_of(grant.id)
+            if held.handle and not held.gone_at
         ]
         with self.store.transaction() as tx:
             failure = self._record(tx, grant, attempt, backend, outcomes, now)
