@@ -31,9 +31,9 @@ def jit(make_app):
 
 
 def expired_by_openbao(openbao, grants, count, reason="ttl"):
-    """`count` grants of a two-second window, once OpenBao has removed their tokens itself (its
+    """`count` grants of a three-second window, once OpenBao has removed their tokens itself (its
     lookup no longer knows the accessor): what the reaper finds after a burst of window ends."""
-    made = [grants.request(ALICE, "kv-read", "2s", f"{reason} {n}") for n in range(count)]
+    made = [grants.request(ALICE, "kv-read", "3s", f"{reason} {n}") for n in range(count)]
     root = openbao.client()
     deadline = time.monotonic() + 30
     for grant, _ in made:
