@@ -306,19 +306,21 @@ class Transaction:
 
 # The audit table's columns in the order `append_many` writes them.
 AUDIT_COLUMNS = ("seq", "at", "type", "actor", "grant_id", "data", "prev", "hash")
-ROWS_A_STATEMENT = 250  # well under either database's limit on parameters
 
 
-def _insert_rows(db: Executor, table: str, names: Sequence[str], rows: list[list[object]]) -> None:
-    """Plain multi-row INSERTs of `rows` (each the values of `names`, in order)."""
-    one = f"({', '.join('?' * len(names))})"
-    for start in range(0, len(rows), ROWS_A_STATEMENT):
-        part = rows[start : start + ROWS_A_STATEMENT]
-        db.execute(
-            f"INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 - names are the store's own
-            f"VALUES {', '.join([one] * len(part))}",
-            [value for row in part for value in row],
-        )
+def _insert_rows(db: Any, table: str, names: Sequence[str], rows: list[list[object]]) -> None:
+    """One INSERT for many `rows` (each the values of `names`, in order), run by the driver's
+    executemany: psycopg's pipeline on PostgreSQL (the statement parsed once, where a long
+    multi-row statement costs psycopg more to parse than the server to run), sqlite3's own on
+    SQLite (whose `db` is sqlite-utils' wrapper of the connection)."""
+    if not rows:
+        return
+    sql = (
+        f"INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 - names are the store's own
+        f"VALUES ({', '.join('?' * len(names))})"
+    )
+    run = getattr(db, "executemany", None) or db.conn.executemany
+    run(sql, rows)
 
 
 def fill_audit_refs(db: Executor) -> None:
