@@ -283,8 +283,8 @@ class Transaction:
 
     def append_many(self, entries: Iterable[tuple[str, str, dict, str | None, dict]]) -> None:
         """`append` for many entries (at, type, actor, grant_id, data): sealed one after the
-        other over the head, then written a few hundred rows to a statement, entries and their
-        fingerprints' index alike, rather than two statements an entry."""
+        other over the head, then written by one INSERT run for all of them, and one for their
+        fingerprints' index, rather than two statements an entry."""
         prev = self._head
         if prev is None:
             head = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
