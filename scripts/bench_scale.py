@@ -4,12 +4,15 @@ issued over HTTP (parallel keep-alive clients) with durations chosen so that the
 for each grant's first `revoked` and reports the lag from its window end (p50/p99/max) and the
 burst's rate, beside the raw *sequential* revoke rate of the same run (revoke-accessor + lookup,
 one at a time, on tokens made for it), and the broker worker's RSS idle, with the grants live and
-after they are all revoked. Prints ratios and targets; flags errors. A measurement, not a test."""
+after they are all revoked. With `--postgres --replicas N`, N `jit serve` processes share the
+store (each serving and reaping; the clients issue to them in turn). Prints ratios and targets;
+flags errors. A measurement, not a test."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sqlite3
 import sys
 import threading
@@ -25,7 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench_http import Run, Stack, concurrently, rss_mib, served  # noqa: E402
-from scripts.launchers import Postgres  # noqa: E402
+from scripts.launchers import (  # noqa: E402
+    BrokerProcess,
+    ManagedProcess,
+    Postgres,
+    free_port,
+    wait_for_http,
+)
+
+# What replicas on one store must share besides it: the session key and the audit HMAC key.
+SHARED_KEYS = ("session.key", "audit-hmac.key")
 
 
 class Revocations:
@@ -92,7 +104,7 @@ class Scenario:
 
 def run_scenario(
     scenario: Scenario,
-    url: str,
+    urls: list[str],
     bearer: dict[str, str],
     clients: int,
     issue_rate: float,
@@ -107,9 +119,12 @@ def run_scenario(
     lock = threading.Lock()
     shown: list[Exception] = []
     failures_before = watch.failures()
+    turn = iter(range(clients))
 
     def client() -> Callable[[], object]:
         session = requests.Session()
+        with lock:  # each client issues to one replica, the replicas in turn
+            url = urls[next(turn) % len(urls)]
 
         def issue() -> tuple[str, str, float]:
             with lock:
@@ -178,6 +193,35 @@ def raw_sequential(stack: Stack, count: int, clients: int) -> Run:
     return concurrently(1, count, lambda: remove)
 
 
+def start_replica(stack: Stack, number: int) -> BrokerProcess:
+    """Another `jit serve` on the stack's store, configured as the first (its own port, log and
+    data directory, holding copies of the keys replicas must share)."""
+    first = Path(stack.broker.env["JIT_SERVER_DATA_DIR"])
+    workdir = stack.workdir / f"replica-{number}"
+    workdir.mkdir()
+    for name in SHARED_KEYS:
+        if (first / name).exists():
+            shutil.copy2(first / name, workdir / name)
+    port = free_port()
+    env = dict(
+        stack.broker.env,
+        JIT_SERVER_PORT=str(port),
+        JIT_SERVER_BASE_URL=f"http://127.0.0.1:{port}",
+        JIT_SERVER_DATA_DIR=str(workdir),
+    )
+    jit = str(Path(sys.executable).parent / "jit")
+    process = ManagedProcess(
+        f"jit serve {number}", [jit, "serve"], workdir / "serve.log", env, ROOT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/healthz", 30, process)
+    except BaseException:
+        process.stop()
+        raise
+    return BrokerProcess(process, url, env)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench --http --scale")
     parser.add_argument("--http", action="store_true")
@@ -189,7 +233,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--removal-workers", type=int, default=0, help="[reaper] (0: default)")
     parser.add_argument("--postgres", action="store_true", help="the broker on PostgreSQL")
     parser.add_argument("--only", default="", help="spread,1000,burst (default: all)")
+    parser.add_argument("--replicas", type=int, default=1, help="jit serve processes (--postgres)")
     args = parser.parse_args(argv)
+    if args.replicas > 1 and not args.postgres:
+        parser.error("--replicas needs --postgres (a SQLite file serves one broker process)")
 
     settings = {"JIT_SERVER_WORKERS": "1", "JIT_SERVER_THREADS": str(args.threads)}
     if args.removal_workers:
@@ -200,21 +247,29 @@ def main(argv: list[str]) -> None:
         settings["JIT_STORAGE_URL"] = dsn
     try:
         with served("jit-bench-scale-", **settings) as stack:
-            measure(args, stack, dsn)
+            replicas = []
+            try:
+                replicas = [start_replica(stack, n) for n in range(2, args.replicas + 1)]
+                measure(args, stack, dsn, [r.url for r in replicas])
+            finally:
+                for replica in replicas:
+                    replica.stop()
     finally:
         if postgres is not None:
             postgres.stop()
 
 
-def measure(args: argparse.Namespace, stack: Stack, dsn: str | None) -> None:
-    """The scenarios of one run, against the started stack, and their report."""
+def measure(args: argparse.Namespace, stack: Stack, dsn: str | None, others: list[str]) -> None:
+    """The scenarios of one run, against the started stack (and the `others` replicas' URLs),
+    and their report. RSS is the first replica's worker."""
     bao, bearer, url, workdir = stack.bao, stack.bearer, stack.url, stack.workdir
+    urls = [url, *others]
     worker = requests.get(f"{url}/healthz", timeout=5).json()["process"]
     watch = Revocations(None if dsn else workdir / "broker" / "broker.db", dsn)
 
     # Warm the broker (connections, caches) and measure its issue rate for the timing.
     warm = Scenario("warm-up", 200, 0, None)
-    run_scenario(warm, url, bearer, args.clients, 50, watch, worker)
+    run_scenario(warm, urls, bearer, args.clients, 50, watch, worker)
     issue_rate = warm.issue.rate or 50
     idle = rss_mib(worker)
 
@@ -233,14 +288,14 @@ def measure(args: argparse.Namespace, stack: Stack, dsn: str | None) -> None:
     ]
     for scenario in scenarios:
         print(f"... {scenario.name}", flush=True)
-        run_scenario(scenario, url, bearer, args.clients, issue_rate, watch, worker)
+        run_scenario(scenario, urls, bearer, args.clients, issue_rate, watch, worker)
         issue_rate = scenario.issue.rate or issue_rate
 
     store = "PostgreSQL" if dsn else "SQLite WAL"
     print(
-        f"\njit-broker bench --http --scale: jit serve (gunicorn, 1 worker x {args.threads} "
-        f"threads, {store}, removal_workers {args.removal_workers or 'default'}) and "
-        f"OpenBao {bao.addr}, one run\n"
+        f"\njit-broker bench --http --scale: {len(urls)} x jit serve (gunicorn, 1 worker x "
+        f"{args.threads} threads, {store}, removal_workers "
+        f"{args.removal_workers or 'default'}) and OpenBao {bao.addr}, one run\n"
     )
     print(
         f"raw sequential revoke + lookup: {raw_rate:.0f}/s "

@@ -4,6 +4,7 @@ Vault call and no kind's knowledge; a kind that needs nothing of the requester i
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -50,6 +51,15 @@ class Backend(Protocol):
     def is_gone(self, handle: str) -> bool:
         """True only when it is proven gone; an error when that cannot be known."""
         ...
+
+    def gone_among(self, handles: Collection[str]) -> set[str] | None:
+        """Of `handles`, those proven gone by one look at Vault for them all (the reaper's bulk
+        check when windows close by the thousand); None when this kind cannot answer in bulk, so
+        each is verified with `is_gone`. A handle missing from the answer is not proven gone."""
+        return None
+
+    # How `gone_among` knows, for the audit log (a kind that answers in bulk says it).
+    bulk_verify_method: str = ""
 
     def holdings(self) -> list[Holding]:
         """Everything of this kind Vault holds for this broker, for the reconciler."""

@@ -3,6 +3,7 @@ revokes, verifies and lists tokens only; what a grant may hold is the policy's t
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from .vault import (
     broker_tokens,
     holding_from,
     is_unknown_accessor,
+    listed_accessors,
     revoke_accessor,
     seconds_until,
     tags,
@@ -59,6 +61,7 @@ class VaultTokenBackend(Backend):
     kind = VaultTokenKind.name
     revocable = True
     verify_method = "Vault no longer knows the token's accessor"
+    bulk_verify_method = "Vault no longer lists the token's accessor"
 
     def __init__(self, client: hvac.Client, instance: str = "") -> None:
         self.client = client
@@ -122,6 +125,14 @@ class VaultTokenBackend(Backend):
                 return True
             raise
         return _expired(data.get("expire_time"))
+
+    @translate_errors
+    def gone_among(self, handles: Collection[str]) -> set[str]:
+        """Of `handles` (accessors the broker recorded before this call), those Vault no longer
+        lists: one LIST of every accessor instead of a lookup each. Accessors are never reused,
+        so a token missing from a listing taken after it was made is gone for good."""
+        listed = set(listed_accessors(self.client))
+        return {handle for handle in handles if handle not in listed}
 
     @translate_errors
     def holdings(self) -> list[Holding]:

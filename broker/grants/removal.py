@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import NamedTuple
 
 from .. import notify
@@ -30,6 +31,7 @@ from ..models import (
     REVOKED,
     REVOKING,
     TO_REAP,
+    Credential,
     Grant,
     Principal,
     isoformat,
@@ -51,6 +53,11 @@ _POOL_LOCK = threading.Lock()  # the reaper and a release waiting for its verdic
 
 # How long a release that waits for the verdict waits on another reaper's claim of its grant.
 WAIT_FOR_REMOVAL = 10.0
+# What the revoke entry of a credential the bulk check found gone says instead of the answer.
+ALREADY_GONE = "nothing to revoke: Vault had removed it already (its TTL ends at the window end)"
+# Due grants of one kind from which one bulk look at Vault (`Backend.gone_among`) beats a
+# lookup each.
+BULK_MIN = 32
 
 
 class Removing(GrantsBase):
@@ -102,29 +109,28 @@ class Removing(GrantsBase):
         outcome: Removal,
         **context: object,
     ) -> None:
-        revoke_error, verify_error = outcome
+        for type_, data in self._removal_entries(backend, handle, outcome, **context):
+            self._log(tx, type_, REAPER, grant.id, **data)
+
+    def _removal_entries(
+        self, backend: Backend, handle: str, outcome: Removal, **context: object
+    ) -> list[tuple[Entry, dict]]:
+        """The revoke and verify entries of one credential's removal (type, data)."""
         marks = self._marks(backend, handle)
-        self._log(
-            tx,
-            Entry.REVOKE,
-            REAPER,
-            grant.id,
-            **marks,
-            accepted=not revoke_error,
-            error=revoke_error or None,
-            **context,
+        sent: dict[str, object] = (
+            {"accepted": not outcome.revoke_error, "error": outcome.revoke_error or None}
+            if outcome.sent
+            else {"sent": False, "reason": ALREADY_GONE}
         )
-        self._log(
-            tx,
-            Entry.VERIFY,
-            REAPER,
-            grant.id,
-            **marks,
-            gone=not verify_error,
-            method=backend.verify_method,
-            error=verify_error or None,
-            **context,
-        )
+        verified = {
+            "gone": not outcome.verify_error,
+            "method": outcome.method or backend.verify_method,
+            "error": outcome.verify_error or None,
+        }
+        return [
+            (Entry.REVOKE, {**marks, **sent, **context}),
+            (Entry.VERIFY, {**marks, **verified, **context}),
+        ]
 
     def release(self, principal: Principal, grant_id: str, wait: bool = False) -> Grant:
         """End the window now; the reaper, woken at once, removes and verifies. A credential
@@ -209,19 +215,22 @@ class Removing(GrantsBase):
 
     def reap_due(self, now: datetime | None = None) -> datetime | None:
         """Remove every credential whose window has closed; return when the next one closes.
-        Due grants are shared out among `removal_workers` kept threads: each waits mostly on
-        Vault, and each grant is claimed on its own (conditionally), so none is removed twice."""
+        Many closing together are first checked in bulk (`_check_in_bulk`); what that cannot
+        prove gone, and everything else due, is shared out among `removal_workers` kept threads:
+        each waits mostly on Vault, and each grant is claimed on its own (conditionally), so
+        none is removed twice."""
         now = now or self.clock()
         while True:
             due = self.store.due_grants(isoformat(now), limit=REAP_BATCH)
-            workers = min(self.removal_workers, len(due))
+            left = self._remove_in_bulk(due, now)
+            workers = min(self.removal_workers, len(left))
             if workers > 1:
-                chunks = [due[i::workers] for i in range(workers)]
+                chunks = [left[i::workers] for i in range(workers)]
                 removals = [self._pool().submit(self._reap_all, c, now) for c in chunks]
                 for removal in removals:
                     removal.result()  # the first failure, once all have finished
             else:
-                self._reap_all(due, now)
+                self._reap_all(left, now)
             if len(due) < REAP_BATCH:
                 break
         held_elsewhere = self._take_over_dead_claims(now)
@@ -231,6 +240,84 @@ class Removing(GrantsBase):
             soon = now + TAKEOVER_CHECK
             next_look = soon if next_look is None else min(next_look, soon)
         return next_look
+
+    def _remove_in_bulk(self, due: list[Grant], now: datetime) -> list[Grant]:
+        """Grants whose windows have closed, at least BULK_MIN of one kind whose backend can
+        answer for many at once, are checked in bulk; returns what is left for one at a time."""
+        closed: dict[str, list[Grant]] = {}
+        work: list[Grant] = []
+        for grant in due:
+            backend = self.backends.get(grant.backend)
+            if backend is not None and backend.bulk_verify_method and _closed(grant, now):
+                closed.setdefault(grant.backend, []).append(grant)
+            else:
+                work.append(grant)
+        for kind, grants in closed.items():
+            if len(grants) < BULK_MIN:
+                work.extend(grants)
+            else:
+                work.extend(self._check_in_bulk(self.backends[kind], grants, now))
+        return work
+
+    def _check_in_bulk(self, backend: Backend, grants: list[Grant], now: datetime) -> list[Grant]:
+        """Ask Vault once which of the grants' credentials are gone (`gone_among`), then claim
+        and record, in one transaction, every grant whose credentials all are. Nothing is
+        claimed while Vault is asked, so a broker killed meanwhile leaves nothing to take over.
+        Returns the grants with a credential still there (or all, should the bulk call fail),
+        to be claimed, revoked and verified one at a time."""
+        held = self.store.credentials_of_many([grant.id for grant in grants])
+        asked = {c.handle for h in held.values() for c in h if c.handle and not c.gone_at}
+        try:
+            gone = backend.gone_among(asked) or set()
+        except Exception as exc:  # noqa: BLE001 - each is then verified on its own
+            log.warning("bulk check failed, %d grants verified alone: %s", len(grants), exc)
+            return grants
+        proven = [grant for grant in grants if _all_gone(held[grant.id], gone)]
+        done = self._record_proven(backend, proven, gone) if proven else set()
+        return [grant for grant in grants if grant.id not in done]
+
+    def _record_proven(self, backend: Backend, proven: list[Grant], gone: set[str]) -> set[str]:
+        """In one transaction, claim and record each grant the bulk check proved clean: one
+        statement moves every grant still as it was read (status, attempt count: the fence the
+        one-at-a-time claim uses) straight to `revoked`, counting the attempt; each moved gets
+        the chain a one-at-a-time removal writes (expire, when its window was still `active`;
+        per credential a revoke entry saying nothing needed revoking and a verify entry saying
+        how it is known gone). Its credentials are read again under the write lock: only those
+        asked about can Vault's answer prove gone, so a grant holding another now (a racing
+        extension's) is left to the one-at-a-time way. Returns the ids it is done with: recorded,
+        or moved by another reaper first (its removal is that one's)."""
+        proof = Removal("", "", sent=False, method=backend.bulk_verify_method)
+        with self.store.transaction() as tx:
+            at = self._now()
+            held = tx.credentials_of_many([grant.id for grant in proven])
+            clean = [grant for grant in proven if _all_gone(held[grant.id], gone)]
+            moved = tx.move_grants(
+                [(g.id, g.status, g.attempts, g.window_end) for g in clean],
+                count_attempt=True,
+                status=REVOKED,
+                due_at="",
+                last_error="",
+                issuing_process=self.process_id,
+                updated_at=at,
+            )
+            entries: list[tuple[str, str, dict, str | None, dict]] = []
+            removed: list[str] = []
+            for grant in (g for g in clean if g.id in moved):
+                if grant.status == ACTIVE:
+                    window = {"window_end": grant.window_end}
+                    entries.append((at, Entry.EXPIRE, REAPER, grant.id, window))
+                for credential in held[grant.id]:
+                    if credential.gone_at:
+                        continue
+                    removal = self._removal_entries(
+                        backend, credential.handle, proof, attempt=grant.attempts + 1
+                    )
+                    entries += [(at, type_, REAPER, grant.id, data) for type_, data in removal]
+                    removed.append(credential.id)
+                tx.after_commit(partial(self._count_revoked, grant))
+            tx.append_many(entries)
+            tx.mark_gone_many(removed, at)
+        return {grant.id for grant in clean}
 
     def _pool(self) -> ThreadPoolExecutor:
         """The reaper's removal threads, made once and kept: a pool made for every pass left a
@@ -441,11 +528,28 @@ class Removing(GrantsBase):
         )
 
 
+def _closed(grant: Grant, now: datetime) -> bool:
+    """Whether the reaper would remove what the grant holds now (its window has closed)."""
+    if grant.status == ACTIVE:
+        return parse_time(grant.window_end) <= now
+    return grant.status in TO_REAP
+
+
+def _all_gone(held: list[Credential], gone: set[str]) -> bool:
+    """Whether every credential not yet verified gone is among `gone`. One with no handle yet
+    (an extension being issued) is not: it goes the one-at-a-time way, which waits for it."""
+    return all(c.gone_at or (c.handle and c.handle in gone) for c in held)
+
+
 class Removal(NamedTuple):
-    """What went wrong revoking a credential and verifying it gone ("" for nothing)."""
+    """What went wrong revoking a credential and verifying it gone ("" for nothing); `sent`
+    False when nothing needed revoking (Vault had removed it), `method` how it was proven gone
+    when not the backend's `verify_method`."""
 
     revoke_error: str
     verify_error: str
+    sent: bool = True
+    method: str = ""
 
     @property
     def gone(self) -> bool:
@@ -453,7 +557,7 @@ class Removal(NamedTuple):
 
     @property
     def error(self) -> str:
-        return "; ".join(dict.fromkeys(e for e in self if e))
+        return "; ".join(dict.fromkeys(e for e in (self.revoke_error, self.verify_error) if e))
 
 
 def _failure_of(step: Callable, handle: str, want: object = None) -> str:

@@ -52,7 +52,8 @@ path "auth/token/lookup-accessor" {
 }
 
 # The reconciler lists every token accessor to find what the broker made and never recorded
-# (a broker killed between OpenBao's answer and its record). Listing accessors needs sudo.
+# (a broker killed between OpenBao's answer and its record), and the reaper lists them to prove
+# many tokens gone at once when windows close together. Listing accessors needs sudo.
 path "auth/token/accessors" {
   capabilities = ["list", "sudo"]
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import fields
 from datetime import datetime
@@ -146,12 +146,50 @@ class Transaction:
         )
         return bool(cursor.rowcount == 1)
 
+    def move_grants(
+        self,
+        read: Sequence[tuple[str, str, int, str]],
+        count_attempt: bool = False,
+        **changes: object,
+    ) -> set[str]:
+        """`move_grant` for many grants in one statement: change each grant still as it was
+        read, (id, status, attempts, window_end); with `count_attempt`, its attempt count goes up
+        by one (a claim's, whose fence the count is). Returns the ids changed: any other was
+        moved by someone else first, so the caller must not act on it."""
+        if not read:
+            return set()
+        assignments = [f"{name} = ?" for name in changes]
+        if count_attempt:
+            assignments.append("attempts = attempts + 1")
+        rows = ", ".join("(?, ?, ?, ?)" for _ in read)
+        cursor = self.db.execute(
+            f"UPDATE grants SET {', '.join(assignments)} "  # noqa: S608 - names are the store's
+            f"WHERE (id, status, attempts, window_end) IN (VALUES {rows}) RETURNING id",
+            [*changes.values(), *(value for row in read for value in row)],
+        )
+        return {str(row["id"]) for row in cursor}
+
     def credentials_of(self, grant_id: str) -> list[Credential]:
         """Every credential the grant holds or held, oldest first (under the write lock here)."""
         rows = self.db.execute(
             f"{SELECT_CREDENTIAL} WHERE grant_id = ? ORDER BY issued_at, rowid", [grant_id]
         )
         return [Credential(**dict(row)) for row in rows]
+
+    def credentials_of_many(self, grant_ids: Collection[str]) -> dict[str, list[Credential]]:
+        """`credentials_of` for many grants in one query: each grant's list (empty when none)."""
+        found: dict[str, list[Credential]] = {grant_id: [] for grant_id in grant_ids}
+        if not found:
+            return found
+        marks = ", ".join("?" for _ in found)
+        rows = self.db.execute(
+            f"{SELECT_CREDENTIAL} WHERE grant_id IN ({marks}) "  # noqa: S608
+            "ORDER BY grant_id, issued_at, rowid",
+            list(found),
+        )
+        for row in rows:
+            found[row["grant_id"]].append(Credential(**dict(row)))
+        return found
 
     def add_credential(self, credential: Credential) -> None:
         _insert(
@@ -172,6 +210,15 @@ class Transaction:
             "UPDATE credentials SET gone_at = ? WHERE grant_id = ? AND handle = ? AND gone_at = ''",
             [at, grant_id, handle],
         )
+
+    def mark_gone_many(self, credential_ids: Collection[str], at: str) -> None:
+        """`mark_gone` for many credentials at once, by their ids."""
+        if credential_ids:
+            marks = ", ".join("?" for _ in credential_ids)
+            self.db.execute(
+                f"UPDATE credentials SET gone_at = ? WHERE gone_at = '' AND id IN ({marks})",  # noqa: S608
+                [at, *credential_ids],
+            )
 
     def add_approval(self, grant_id: str, approval: Approval) -> bool:
         """Record one person's approval; False when that person had already approved."""
@@ -234,6 +281,47 @@ class Transaction:
             )
         self._head = entry
         return entry
+
+    def append_many(self, entries: Iterable[tuple[str, str, dict, str | None, dict]]) -> None:
+        """`append` for many entries (at, type, actor, grant_id, data): sealed one after the
+        other over the head, then written by one INSERT run for all of them, and one for their
+        fingerprints' index, rather than two statements an entry."""
+        prev = self._head
+        if prev is None:
+            head = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+            row = self.db.execute(head).fetchone()
+            prev = {"seq": row["seq"], "hash": row["hash"]} if row else None
+        rows: list[list[object]] = []
+        refs: list[list[object]] = []
+        for at, type_, actor, grant_id, data in entries:
+            entry = audit.seal(prev, at, type_, actor, grant_id, data)
+            data_text = audit.canonical(entry["data"]).decode()
+            actor_text = audit.canonical(entry["actor"]).decode()
+            seq, link, hash_ = entry["seq"], entry["prev"], entry["hash"]
+            rows.append([seq, at, entry["type"], actor_text, grant_id, data_text, link, hash_])
+            refs += [[found, seq] for found in sorted(set(FINGERPRINT.findall(data_text)))]
+            prev = self._head = entry
+        _insert_rows(self.db, "audit", AUDIT_COLUMNS, rows)
+        _insert_rows(self.db, "audit_refs", ("fingerprint", "seq"), refs)
+
+
+# The audit table's columns in the order `append_many` writes them.
+AUDIT_COLUMNS = ("seq", "at", "type", "actor", "grant_id", "data", "prev", "hash")
+
+
+def _insert_rows(db: Any, table: str, names: Sequence[str], rows: list[list[object]]) -> None:
+    """One INSERT for many `rows` (each the values of `names`, in order), run by the driver's
+    executemany: psycopg's pipeline on PostgreSQL (the statement parsed once, where a long
+    multi-row statement costs psycopg more to parse than the server to run), sqlite3's own on
+    SQLite (whose `db` is sqlite-utils' wrapper of the connection)."""
+    if not rows:
+        return
+    sql = (
+        f"INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 - names are the store's own
+        f"VALUES ({', '.join('?' * len(names))})"
+    )
+    run = getattr(db, "executemany", None) or db.conn.executemany
+    run(sql, rows)
 
 
 def fill_audit_refs(db: Executor) -> None:
@@ -351,6 +439,9 @@ class Store(ABC):
 
     def credentials_of(self, grant_id: str) -> list[Credential]:
         return Transaction(self.db).credentials_of(grant_id)
+
+    def credentials_of_many(self, grant_ids: Collection[str]) -> dict[str, list[Credential]]:
+        return Transaction(self.db).credentials_of_many(grant_ids)
 
     def access_token(self, jti_hash: str) -> dict | None:
         """The record of an access token the broker issued, by the SHA-256 of its jti."""

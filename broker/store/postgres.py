@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -131,6 +131,12 @@ class _Connection:
     def execute(self, statement: str, parameters: Any = ()) -> psycopg.Cursor:
         with self._store.translated():
             return self.conn.execute(_native(statement), _params(parameters))
+
+    def executemany(self, statement: str, rows: Iterable[Any]) -> None:
+        """One statement for many rows: psycopg sends them in a pipeline (one round trip, the
+        statement parsed once), not a statement and a round trip a row."""
+        with self._store.translated(), self.conn.cursor() as cursor:
+            cursor.executemany(_native(statement), [_params(row) for row in rows])
 
 
 class _Pooled:
