@@ -127,6 +127,37 @@ def test_a_revoke_racing_openbaos_own_expiry_is_no_failure(grants, openbao, expi
     grants.backends["vault_token"].revoke(grant.handle)  # the real token, for the next tests
 
 
+@pytest.mark.parametrize(("refusals", "status"), [(1, "revoked"), (3, "revoke_failed")])
+def test_a_lookup_refused_while_openbao_removes_the_token_is_asked_again(
+    grants, openbao, refusals, status
+):
+    """Revoke answers "invalid accessor" (OpenBao is removing the expired token itself) and the
+    lookup racing that removal answers 403 for a moment: asked again, it says the accessor is
+    gone, so revoked with no alert. A lookup refused on every try stays a failure. OpenBao
+    cannot be made to answer that 403 on cue, so `responses` answers those calls."""
+    alerts = []
+    grants.notify = lambda event, text, **details: alerts.append(event)
+    grant, _ = grants.request(ALICE, "kv-read", "10m", "the window ends as OpenBao expires it")
+    lookup = f"{openbao.addr}/v1/auth/token/lookup-accessor"
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
+        mock.add_passthru(openbao.addr)
+        mock.post(
+            f"{openbao.addr}/v1/auth/token/revoke-accessor",
+            status=400,
+            json={"errors": ["1 error occurred:\n\t* invalid accessor\n\n"]},
+        )
+        for _ in range(refusals):
+            mock.post(lookup, status=403, json={"errors": ["permission denied"]})
+        if refusals < 3:
+            mock.post(
+                lookup, status=400, json={"errors": ["1 error occurred:\n\t* invalid accessor\n\n"]}
+            )
+        grants.reap_due(parse_time(grant.window_end))
+    assert grants.store.get_grant(grant.id).status == status
+    assert alerts == ([] if status == "revoked" else ["revoke_failed"])
+    grants.backends["vault_token"].revoke(grant.handle)  # the real token, for the next tests
+
+
 def test_windows_closing_together_are_removed_several_at_a_time_each_once(grants, openbao):
     """40 windows ending at once, removal_workers=8: removals overlap (they wait on Vault), every
     token is dead, and each grant's chain holds one revoke and one verify; the log verifies."""

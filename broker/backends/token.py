@@ -3,6 +3,7 @@ revokes, verifies and lists tokens only; what a grant may hold is the policy's t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -28,6 +29,10 @@ from .vault import (
 
 if TYPE_CHECKING:
     from ..policy import Entitlement, OptionsReader
+
+# A lookup racing OpenBao's own removal of an expired token can be answered 403 for a moment.
+LOOKUP_TRIES = 3
+LOOKUP_PAUSE = 0.05  # seconds between them
 
 
 def _expired(expire_time: object) -> bool:
@@ -117,14 +122,23 @@ class VaultTokenBackend(Backend):
     def is_gone(self, handle: str) -> bool:
         """True when Vault itself says it no longer knows the token, or shows it past its own
         expiry: OpenBao refuses such a token on every use and deletes it a moment later, so a
-        lookup racing that deletion proves it dead as surely (not a failed removal to alert on)."""
-        try:
-            data = self.client.auth.token.lookup_accessor(handle)["data"]
-        except hvac.exceptions.InvalidRequest as exc:
-            if is_unknown_accessor(exc):
-                return True
-            raise
-        return _expired(data.get("expire_time"))
+        lookup racing that deletion proves it dead as surely (not a failed removal to alert on).
+        A lookup in the middle of that deletion may be answered 403 for a moment: asked again,
+        LOOKUP_TRIES times in all, before the refusal counts."""
+        for attempt in range(1, LOOKUP_TRIES + 1):
+            try:
+                data = self.client.auth.token.lookup_accessor(handle)["data"]
+            except hvac.exceptions.InvalidRequest as exc:
+                if is_unknown_accessor(exc):
+                    return True
+                raise
+            except hvac.exceptions.Forbidden:
+                if attempt == LOOKUP_TRIES:
+                    raise
+                time.sleep(LOOKUP_PAUSE)
+                continue
+            return _expired(data.get("expire_time"))
+        raise AssertionError("unreachable: the last try returns or raises")
 
     @translate_errors
     def gone_among(self, handles: Collection[str]) -> set[str]:
