@@ -517,3 +517,39 @@ def test_both_identities_approving_at_once_count_as_one_person(two_people_api):
 
     done = api("dave", "POST", path)
     assert done.status_code == 200 and done.json["status"] == "approved"
+
+
+def test_the_dashboard_counts_each_grant_from_its_own_chain(api, app, openbao):
+    """The auditors' dashboard, read in one pass over the log: a grant approved, activated and
+    released (waiting for the verdict) counts once on today, with its time to approve and its
+    revocation lag taken from its own entries; a second grant still pending adds a grant and no
+    timing; nothing counts as a failed removal."""
+    from broker.audit import dashboard
+
+    approved = ask(api)
+    assert (
+        api("bob", "POST", f"/requests/{approved['id']}/approve", {"reason": "ok"}).status_code
+        == 200
+    )
+    assert api("alice", "POST", f"/requests/{approved['id']}/activate").status_code == 200
+    released = api("alice", "POST", f"/requests/{approved['id']}/release?wait=verified")
+    assert released.json["status"] == "revoked"
+    ask(api, reason="INC-10 a second look", ticket="INC-10")
+    store = grants_of(app).store
+    chain = {entry["type"]: entry for entry in store.audit_entries(approved["id"])}
+    now = utcnow()
+
+    found = dashboard.figures(store, store.search_grants(limit=100), now)
+
+    def seconds(since, until):
+        return int(
+            (parse_time(chain[until]["at"]) - parse_time(chain[since]["at"])).total_seconds()
+        )
+
+    assert found.grants == 2
+    assert found.grants_per_day == {"db-admin": [0] * 13 + [2]}
+    assert found.approve_seconds == [seconds("request", "approval")]
+    assert found.revocation_lag_seconds == [max(0, seconds("release", "verify"))]
+    assert chain["verify"]["data"]["gone"] is True
+    assert found.failed_removals_per_day == [0] * 14 and found.break_glass_per_day == [0] * 14
+    assert dashboard.figures(store, [], now).grants == 0

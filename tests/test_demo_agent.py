@@ -148,8 +148,7 @@ def test_the_demo_agent_walks_the_whole_path(make_app, oidc_provider, oidc_clien
             url,
             "--provider",
             oidc_provider.issuer,
-            "--agent-secret",
-            agent_secret(oidc_client_secret),
+            f"--agent-secret={agent_secret(oidc_client_secret)}",  # it may begin with "-"
             "--entitlement",
             "triage",
             "--resource",
@@ -191,8 +190,7 @@ def test_a_failed_exchange_is_one_line_and_the_task_is_released(
         url,
         "--provider",
         oidc_provider.issuer,
-        "--agent-secret",
-        agent_secret(oidc_client_secret),
+        f"--agent-secret={agent_secret(oidc_client_secret)}",  # it may begin with "-"
         "--entitlement",
         "triage",
         "--resource",
@@ -221,7 +219,7 @@ def test_a_failed_exchange_is_one_line_and_the_task_is_released(
 def test_each_failing_step_is_one_line(live, oidc_provider, oidc_client_secret, args, says):
     app, url = live
     base = ["--broker", url, "--provider", oidc_provider.issuer, "--entitlement", "triage"]
-    base += ["--agent-secret", agent_secret(oidc_client_secret), "--resource", "http://x/mcp"]
+    base += [f"--agent-secret={agent_secret(oidc_client_secret)}", "--resource", "http://x/mcp"]
     done = run_demo(*base, *args)
     assert done.returncode == 1
     assert "Traceback" not in done.stdout + done.stderr, done.stderr

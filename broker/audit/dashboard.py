@@ -5,9 +5,10 @@ window's end to the removal verified) and failed removals. Reads only; no Flask,
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 
 from ..models import Grant, isoformat, parse_time
 from .storage import AuditStore
@@ -24,41 +25,73 @@ class Figures:
     grants: int = 0
 
 
+# The entries the figures are counted from.
+COUNTED = ("request", "approval", "release", "expire", "verify", "revoke_failed")
+
+
 def figures(store: AuditStore, grants: list[Grant], now: datetime, days: int = 14) -> Figures:
-    """The figures over `grants` (those created in the last `days` days up to `now`)."""
+    """The figures over `grants` (those created in the last `days` days up to `now`), their
+    entries read in one pass over the log since the window's first day."""
     start = (now - timedelta(days=days - 1)).date()
     labels = [(start + timedelta(days=i)).isoformat() for i in range(days)]
     index = {day: i for i, day in enumerate(labels)}
     per_entitlement: dict[str, list[int]] = defaultdict(lambda: [0] * days)
     result = Figures(labels, break_glass_per_day=[0] * days, failed_removals_per_day=[0] * days)
+    counted = {}
     for grant in grants:
         day = grant.created_at[:10]
         if day not in index:
             continue
+        counted[grant.id] = Timeline()
         result.grants += 1
         per_entitlement[grant.entitlement][index[day]] += 1
         if grant.break_glass:
             result.break_glass_per_day[index[day]] += 1
-        _from_entries(result, grant, list(store.audit_entries(grant.id)), index)
+    # A day early: an entry's time and its grant's creation come from two readings of the clock.
+    since = isoformat(datetime.combine(start - timedelta(days=1), time(), tzinfo=UTC))
+    for grant_id, kind, at, data in store.audit_grant_times(COUNTED, since):
+        timeline = counted.get(grant_id)
+        if timeline is not None:
+            timeline.add(kind, at, data)
+    for timeline in counted.values():
+        timeline.count(result, index)
     ranked = Counter({name: sum(counts) for name, counts in per_entitlement.items()})
     result.grants_per_day = {name: per_entitlement[name] for name, _ in ranked.most_common()}
     return result
 
 
-def _from_entries(result: Figures, grant: Grant, entries: list[dict], index: dict) -> None:
-    requested = next((e["at"] for e in entries if e["type"] == "request"), "")
-    approvals = [e["at"] for e in entries if e["type"] == "approval"]
-    if requested and approvals:
-        result.approve_seconds.append(_seconds(requested, approvals[-1]))
-    ended = next((e["at"] for e in entries if e["type"] in ("release", "expire")), "")
-    verified = [
-        e["at"] for e in entries if e["type"] == "verify" and (e.get("data") or {}).get("gone")
-    ]
-    if ended and verified:
-        result.revocation_lag_seconds.append(max(0, _seconds(ended, verified[-1])))
-    for entry in entries:
-        if entry["type"] == "revoke_failed" and entry["at"][:10] in index:
-            result.failed_removals_per_day[index[entry["at"][:10]]] += 1
+@dataclass
+class Timeline:
+    """The times in one grant's chain that the figures need."""
+
+    requested: str = ""
+    last_approval: str = ""
+    ended: str = ""  # the first release or expiry
+    last_verified_gone: str = ""
+    failed_removals: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, at: str, data: str | None) -> None:
+        if kind == "request":
+            self.requested = self.requested or at
+        elif kind == "approval":
+            self.last_approval = at
+        elif kind in ("release", "expire"):
+            self.ended = self.ended or at
+        elif kind == "verify":
+            if (json.loads(data) if data else {}).get("gone"):
+                self.last_verified_gone = at
+        elif kind == "revoke_failed":
+            self.failed_removals.append(at)
+
+    def count(self, result: Figures, index: dict[str, int]) -> None:
+        if self.requested and self.last_approval:
+            result.approve_seconds.append(_seconds(self.requested, self.last_approval))
+        if self.ended and self.last_verified_gone:
+            lag = _seconds(self.ended, self.last_verified_gone)
+            result.revocation_lag_seconds.append(max(0, lag))
+        for at in self.failed_removals:
+            if at[:10] in index:
+                result.failed_removals_per_day[index[at[:10]]] += 1
 
 
 def _seconds(since: str, until: str) -> int:

@@ -698,9 +698,28 @@ class Store(ABC):
             "SELECT seq, grant_id, type, actor, data FROM audit "  # noqa: S608
             f"WHERE seq > ? AND grant_id IS NOT NULL AND type IN ({marks}) ORDER BY seq LIMIT ?"
         )
+        return self._tuples_by_seq(sql, list(kinds))
+
+    def audit_grant_times(
+        self, kinds: Collection[str], since: str
+    ) -> Iterator[tuple[str, str, str, str | None]]:
+        """(grant_id, type, at, data) of every grant's entry of `kinds` written at or after
+        `since`, in sequence order: the dashboard's one read of the log, where one query per
+        grant took seconds over a busy fortnight."""
+        marks = ", ".join("?" for _ in kinds)
+        sql = (
+            "SELECT seq, grant_id, type, at, data FROM audit "  # noqa: S608
+            f"WHERE seq > ? AND grant_id IS NOT NULL AND type IN ({marks}) AND at >= ? "
+            "ORDER BY seq LIMIT ?"
+        )
+        return self._tuples_by_seq(sql, [*kinds, since])
+
+    def _tuples_by_seq(self, sql: str, params: list[object]) -> Iterator[tuple]:
+        """The rows of `sql` (its first column seq, its placeholders `seq > ?`, then `params`,
+        then LIMIT) page after page, without the seq."""
         after = 0
         while True:
-            rows = self.tuples(sql, [after, *kinds, GRANT_PAGE])
+            rows = self.tuples(sql, [after, *params, GRANT_PAGE])
             for row in rows:
                 yield row[1:]
             if len(rows) < GRANT_PAGE:
