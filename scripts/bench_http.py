@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hvac
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +140,16 @@ class Stack:
             renewable=False,
             meta={"jit_grant_id": tag},
         )["auth"]["accessor"]
+
+
+def revoke_and_look(client: hvac.Client, accessor: str) -> None:
+    """The raw removal a team would script: revoke by accessor, then look it up to see it gone."""
+    client.auth.token.revoke_accessor(accessor)
+    try:
+        client.auth.token.lookup_accessor(accessor)
+    except Exception:  # noqa: BLE001 - gone is the expected answer
+        return
+    raise RuntimeError("the token survived its revocation")
 
 
 @contextmanager
@@ -275,13 +286,7 @@ def measure(args: argparse.Namespace, stack: Stack) -> None:
     raw_client_remove = bao.client(broker_token)
 
     def raw_remove() -> None:
-        accessor = next(accessors)
-        raw_client_remove.auth.token.revoke_accessor(accessor)
-        try:
-            raw_client_remove.auth.token.lookup_accessor(accessor)
-        except Exception:  # noqa: BLE001 - gone is the expected answer
-            return
-        raise RuntimeError("the token survived its revocation")
+        revoke_and_look(raw_client_remove, next(accessors))
 
     removal_raw = concurrently(1, 100, lambda: raw_remove)
     removal = concurrently(1, 100, lambda: release_verified)

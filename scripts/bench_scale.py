@@ -27,7 +27,14 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_http import Run, Stack, concurrently, rss_mib, served  # noqa: E402
+from scripts.bench_http import (  # noqa: E402
+    Run,
+    Stack,
+    concurrently,
+    revoke_and_look,
+    rss_mib,
+    served,
+)
 from scripts.launchers import (  # noqa: E402
     BrokerProcess,
     ManagedProcess,
@@ -182,13 +189,7 @@ def raw_sequential(stack: Stack, count: int, clients: int) -> Run:
     client = stack.bao.client(stack.broker_token)
 
     def remove() -> None:
-        accessor = next(accessors)
-        client.auth.token.revoke_accessor(accessor)
-        try:
-            client.auth.token.lookup_accessor(accessor)
-        except Exception:  # noqa: BLE001 - gone is the expected answer
-            return
-        raise RuntimeError("the token survived its revocation")
+        revoke_and_look(client, next(accessors))
 
     return concurrently(1, count, lambda: remove)
 

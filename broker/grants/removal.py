@@ -188,15 +188,7 @@ class Removing(GrantsBase):
             failure = self._record(tx, released, claimed, backend, outcomes, self.clock())
             settled = self._current(grant.id, tx)
         if failure:
-            error, retry_at = failure
-            log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, claimed, error)
-            self.notify(
-                "revoke_failed",
-                f"Removal of {grant.entitlement} for {grant.requester} could "
-                f"not be verified (attempt {claimed}): {error}. Retrying at {retry_at}.",
-                grant_id=grant.id,
-                audience="security",
-            )
+            self._alert_unverified(grant, claimed, *failure)
         if settled.status == REVOKED:
             self.on_record()  # nothing is due: only the new entries are news (the forwarder)
             return settled
@@ -385,15 +377,18 @@ class Removing(GrantsBase):
         with self.store.transaction() as tx:
             failure = self._record(tx, grant, attempt, backend, outcomes, now)
         if failure:
-            error, retry_at = failure
-            log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
-            self.notify(
-                "revoke_failed",
-                f"Removal of {grant.entitlement} for {grant.requester} could "
-                f"not be verified (attempt {attempt}): {error}. Retrying at {retry_at}.",
-                grant_id=grant.id,
-                audience="security",
-            )
+            self._alert_unverified(grant, attempt, *failure)
+
+    def _alert_unverified(self, grant: Grant, attempt: int, error: str, retry_at: str) -> None:
+        """Tell security that a removal could not be verified, and when it is tried again."""
+        log.warning("grant %s: removal not verified (attempt %d): %s", grant.id, attempt, error)
+        self.notify(
+            "revoke_failed",
+            f"Removal of {grant.entitlement} for {grant.requester} could "
+            f"not be verified (attempt {attempt}): {error}. Retrying at {retry_at}.",
+            grant_id=grant.id,
+            audience="security",
+        )
 
     def _record(
         self,
