@@ -802,6 +802,10 @@ def _postgres_binary(name: str) -> str:
     return found
 
 
+# How many free ports a throwaway PostgreSQL tries: one may be taken between finding and binding.
+PORT_TRIES = 3
+
+
 class Postgres:
     """A throwaway PostgreSQL cluster on 127.0.0.1 with a password-authenticated superuser, or
     the server named by JIT_TEST_POSTGRES_DSN. `dsn` is a libpq URI for the superuser."""
@@ -877,14 +881,24 @@ class Postgres:
             ]
         )
         pwfile.unlink()
-        # A throwaway cluster: nothing in it must survive a power loss (fsync off), and the
-        # suite on the PostgreSQL store opens a few connections per broker under test.
-        options = (
-            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} "
-            "-c fsync=off -c max_connections=300"
-        )
-        run([pg_ctl, "-D", str(datadir), "-l", str(base / "postgres.log"), "-o", options,
-             "-w", "-t", str(int(timeout)), "start"])  # fmt: skip
+        for attempt in range(1, PORT_TRIES + 1):
+            # A throwaway cluster: nothing in it must survive a power loss (fsync off), and the
+            # suite on the PostgreSQL store opens a few connections per broker under test.
+            options = (
+                f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} "
+                "-c fsync=off -c max_connections=300"
+            )
+            try:
+                run([pg_ctl, "-D", str(datadir), "-l", str(base / "postgres.log"), "-o", options,
+                     "-w", "-t", str(int(timeout)), "start"])  # fmt: skip
+                break
+            except ServiceError:
+                # The free port may have been taken by another process in the meantime (the
+                # suites run in parallel): postgres.log then says "could not bind".
+                log = (base / "postgres.log").read_text(errors="replace")
+                if attempt == PORT_TRIES or "could not bind" not in log:
+                    raise
+                port = free_port()
         server = cls("127.0.0.1", port, POSTGRES_SUPERUSER, password, "postgres", datadir)
         server.options = options
         return server
