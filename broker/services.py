@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from . import audit
+from .audit import dashboard
 from .audit.absence import Cadence
+from .audit.dashboard import KeptFigures
 from .audit.forward import Forwarder
 from .audit.log import AuditLog
 from .audit.search import AuditSearch
@@ -47,6 +50,7 @@ class Services:
     audit_log: AuditLog
     forwarder: Forwarder
     audit_search: AuditSearch
+    dashboard: KeptFigures  # the auditors' dashboard's figures, counted in the background
     own_token: OwnToken
     store: Store
     wake: Callable[[], None]  # this process's reaper and forwarder, when another replica changed
@@ -157,6 +161,7 @@ class Services:
         verifier = BearerVerifier(
             metadata, oidc["api_audience"], oidc["algorithms"], oidc["groups_claim"], oidc["leeway"]
         )
+        audit_search = AuditSearch(audit_log, settings.audit["auditor_groups"])
         return cls(
             settings,
             grants,
@@ -167,7 +172,8 @@ class Services:
             notifier,
             audit_log,
             forwarder,
-            AuditSearch(audit_log, settings.audit["auditor_groups"]),
+            audit_search,
+            KeptFigures(partial(dashboard.counted, audit_search, dashboard.DAYS)),
             own_token,
             store,
             wake,
@@ -207,6 +213,7 @@ class Services:
         self.reaper.stop()
         self.forwarder.stop()
         self.notifier.stop()
+        self.dashboard.close()
         self.store.close()
 
 

@@ -6,12 +6,30 @@ window's end to the removal verified) and failed removals. Reads only; no Flask,
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from time import monotonic
 
-from ..models import Grant, isoformat, parse_time
+from ..models import Grant, isoformat, parse_time, utcnow
+from .search import AuditSearch, GrantFilter
 from .storage import AuditStore
+
+log = logging.getLogger(__name__)
+
+# Seconds the dashboard's figures are shown before they are counted again (in the background).
+FRESH = 60.0
+DAYS = 14  # the days it counts, up to today
+
+
+def counted(audit_search: AuditSearch, days: int, now: datetime) -> Figures:
+    """The figures of the `days` days up to `now`: the grants created since, and their chains."""
+    grants = list(audit_search.iter_grants(GrantFilter(since=since_for(now, days))))
+    return figures(audit_search.store, grants, now, days)
 
 
 @dataclass
@@ -23,6 +41,7 @@ class Figures:
     approve_seconds: list[int] = field(default_factory=list)  # request -> last approval
     revocation_lag_seconds: list[int] = field(default_factory=list)  # window end -> verified
     grants: int = 0
+    counted_at: str = ""  # when these figures were counted
 
 
 # The entries the figures are counted from.
@@ -36,7 +55,12 @@ def figures(store: AuditStore, grants: list[Grant], now: datetime, days: int = 1
     labels = [(start + timedelta(days=i)).isoformat() for i in range(days)]
     index = {day: i for i, day in enumerate(labels)}
     per_entitlement: dict[str, list[int]] = defaultdict(lambda: [0] * days)
-    result = Figures(labels, break_glass_per_day=[0] * days, failed_removals_per_day=[0] * days)
+    result = Figures(
+        labels,
+        break_glass_per_day=[0] * days,
+        failed_removals_per_day=[0] * days,
+        counted_at=isoformat(now),
+    )
     counted = {}
     for grant in grants:
         day = grant.created_at[:10]
@@ -102,3 +126,57 @@ def since_for(now: datetime, days: int) -> str:
     """The `since` filter (UTC, midnight) of the window the dashboard counts."""
     start = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
     return isoformat(start)
+
+
+class KeptFigures:
+    """The dashboard's figures, kept by this process: a page answers from the last count, and
+    one older than `fresh` seconds is counted again in the background while the page shows the
+    old one with its time (over a busy fortnight the count reads a million entries and takes
+    seconds). Only the first page after the process starts waits for a count."""
+
+    def __init__(self, count: Callable[[datetime], Figures], fresh: float = FRESH) -> None:
+        self._count = count
+        self._fresh = fresh
+        self._lock = threading.Lock()  # guards the three below
+        self._kept: Figures | None = None
+        self._kept_at = 0.0  # monotonic() at the count
+        self._recounting = False
+        self._first = threading.Lock()  # the first pages wait for one count, not one each
+        self._pool: ThreadPoolExecutor | None = None  # one kept thread: one store connection
+
+    def get(self) -> Figures:
+        with self._lock:
+            kept, stale = self._kept, monotonic() - self._kept_at >= self._fresh
+            if kept is not None and stale and not self._recounting:
+                self._recounting = True
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="jit-dashboard")
+                self._pool.submit(self._recount)
+        if kept is not None:
+            return kept
+        with self._first:
+            kept = self._kept
+            if kept is None:
+                kept = self._count(utcnow())
+                self._keep(kept)
+            return kept
+
+    def close(self) -> None:
+        """Let the background thread end (the broker stops)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _recount(self) -> None:
+        try:
+            self._keep(self._count(utcnow()))
+        except Exception:
+            log.exception("counting the dashboard's figures failed; the last ones stay shown")
+        finally:
+            with self._lock:
+                self._recounting = False
+
+    def _keep(self, figures: Figures) -> None:
+        with self._lock:
+            self._kept, self._kept_at = figures, monotonic()

@@ -18,8 +18,6 @@ from .ui import login_required
 
 bp = Blueprint("audit_pages", __name__)
 
-DASHBOARD_DAYS = 14
-
 
 @bp.app_context_processor
 def inject_is_auditor() -> dict[str, bool]:
@@ -110,15 +108,11 @@ def show_grant(grant_id: str) -> str:
 @login_required
 def dashboard() -> str:
     _auditor_only()
-    now = utcnow()
-    audit_search = services().audit_search
-    since = figures_of.since_for(now, DASHBOARD_DAYS)
-    grants = list(audit_search.iter_grants(GrantFilter(since=since)))
-    found = figures_of.figures(audit_search.store, grants, now, DASHBOARD_DAYS)
+    found = services().dashboard.get()
     return render_template(
         "dashboard.html",
         figures=found,
-        days=DASHBOARD_DAYS,
+        days=figures_of.DAYS,
         per_day=charts.bars_per_day(
             "per-day", "Grants per day by entitlement", found.days, found.grants_per_day
         ),
