@@ -125,20 +125,21 @@ class VaultTokenBackend(Backend):
         lookup racing that deletion proves it dead as surely (not a failed removal to alert on).
         A lookup in the middle of that deletion may be answered 403 for a moment: asked again,
         LOOKUP_TRIES times in all, before the refusal counts."""
-        for attempt in range(1, LOOKUP_TRIES + 1):
+        for _ in range(LOOKUP_TRIES - 1):
             try:
-                data = self.client.auth.token.lookup_accessor(handle)["data"]
-            except hvac.exceptions.InvalidRequest as exc:
-                if is_unknown_accessor(exc):
-                    return True
-                raise
+                return self._looked_up_gone(handle)
             except hvac.exceptions.Forbidden:
-                if attempt == LOOKUP_TRIES:
-                    raise
                 time.sleep(LOOKUP_PAUSE)
-                continue
-            return _expired(data.get("expire_time"))
-        raise AssertionError("unreachable: the last try returns or raises")
+        return self._looked_up_gone(handle)
+
+    def _looked_up_gone(self, handle: str) -> bool:
+        try:
+            data = self.client.auth.token.lookup_accessor(handle)["data"]
+        except hvac.exceptions.InvalidRequest as exc:
+            if is_unknown_accessor(exc):
+                return True
+            raise
+        return _expired(data.get("expire_time"))
 
     @translate_errors
     def gone_among(self, handles: Collection[str]) -> set[str]:

@@ -171,11 +171,7 @@ class Removing(GrantsBase):
                 attempt = released.attempts + 1
                 if self._claim(tx, released, self.clock(), attempt):
                     claimed = attempt
-                    handles = [
-                        held.handle
-                        for held in tx.credentials_of(grant.id)
-                        if held.handle and not held.gone_at
-                    ]
+                    handles = _live_handles(tx.credentials_of(grant.id))
         if not (wait and revocable):
             self.on_change()
             return released
@@ -258,7 +254,7 @@ class Removing(GrantsBase):
         Returns the grants with a credential still there (or all, should the bulk call fail),
         to be claimed, revoked and verified one at a time."""
         held = self.store.credentials_of_many([grant.id for grant in grants])
-        asked = {c.handle for h in held.values() for c in h if c.handle and not c.gone_at}
+        asked = {handle for listed in held.values() for handle in _live_handles(listed)}
         try:
             gone = backend.gone_among(asked) or set()
         except Exception as exc:  # noqa: BLE001 - each is then verified on its own
@@ -370,9 +366,8 @@ class Removing(GrantsBase):
                 return
         backend = self.backends[grant.backend]
         outcomes = [
-            (held.handle, self._remove(backend, held.handle))
-            for held in self.store.credentials_of(grant.id)
-            if held.handle and not held.gone_at
+            (handle, self._remove(backend, handle))
+            for handle in _live_handles(self.store.credentials_of(grant.id))
         ]
         with self.store.transaction() as tx:
             failure = self._record(tx, grant, attempt, backend, outcomes, now)
@@ -528,6 +523,12 @@ def _closed(grant: Grant, now: datetime) -> bool:
     if grant.status == ACTIVE:
         return parse_time(grant.window_end) <= now
     return grant.status in TO_REAP
+
+
+def _live_handles(held: list[Credential]) -> list[str]:
+    """The handles of the credentials not yet verified gone (one without a handle, an
+    extension still being issued, has nothing to revoke yet)."""
+    return [c.handle for c in held if c.handle and not c.gone_at]
 
 
 def _all_gone(held: list[Credential], gone: set[str]) -> bool:

@@ -260,49 +260,36 @@ class Transaction:
     def append(self, at: str, type_: str, actor: dict, grant_id: str | None, data: dict) -> dict:
         """Seal the entry over the head and append it. The head cannot move meanwhile (the write
         lock), and `seq` is the primary key, so two writers could never both append seq N."""
+        return self.append_many([(at, type_, actor, grant_id, data)])[0]
+
+    def append_many(self, entries: Iterable[tuple[str, str, dict, str | None, dict]]) -> list[dict]:
+        """`append` for many entries (at, type, actor, grant_id, data): sealed one after the
+        other over the head, then written by one INSERT run for all of them, and one for their
+        fingerprints' index, rather than two statements an entry. Returns the sealed entries."""
         prev = self._head
         if prev is None:  # the head as committed; after this transaction's first, its own
             # Only what sealing needs: the head's data is not decoded on every write.
             head = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
             row = self.db.execute(head).fetchone()
             prev = {"seq": row["seq"], "hash": row["hash"]} if row else None
-        entry = audit.seal(prev, at, type_, actor, grant_id, data)
-        # Canonical JSON in the columns: the store can then give back the exact bytes the hash
-        # covers (Store.LINE), and verification hashes them without decoding (audit/lines.py).
-        data_text = audit.canonical(entry["data"]).decode()
-        _insert(
-            self.db,
-            "audit",
-            dict(entry, actor=audit.canonical(entry["actor"]).decode(), data=data_text),
-        )
-        for found in sorted(set(FINGERPRINT.findall(data_text))):
-            self.db.execute(
-                "INSERT INTO audit_refs (fingerprint, seq) VALUES (?, ?)", [found, entry["seq"]]
-            )
-        self._head = entry
-        return entry
-
-    def append_many(self, entries: Iterable[tuple[str, str, dict, str | None, dict]]) -> None:
-        """`append` for many entries (at, type, actor, grant_id, data): sealed one after the
-        other over the head, then written by one INSERT run for all of them, and one for their
-        fingerprints' index, rather than two statements an entry."""
-        prev = self._head
-        if prev is None:
-            head = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
-            row = self.db.execute(head).fetchone()
-            prev = {"seq": row["seq"], "hash": row["hash"]} if row else None
+        sealed: list[dict] = []
         rows: list[list[object]] = []
         refs: list[list[object]] = []
         for at, type_, actor, grant_id, data in entries:
             entry = audit.seal(prev, at, type_, actor, grant_id, data)
+            # Canonical JSON in the columns: the store can then give back the exact bytes the
+            # hash covers (Store.LINE), and verification hashes them without decoding
+            # (audit/lines.py).
             data_text = audit.canonical(entry["data"]).decode()
             actor_text = audit.canonical(entry["actor"]).decode()
             seq, link, hash_ = entry["seq"], entry["prev"], entry["hash"]
             rows.append([seq, at, entry["type"], actor_text, grant_id, data_text, link, hash_])
             refs += [[found, seq] for found in sorted(set(FINGERPRINT.findall(data_text)))]
+            sealed.append(entry)
             prev = self._head = entry
         _insert_rows(self.db, "audit", AUDIT_COLUMNS, rows)
         _insert_rows(self.db, "audit_refs", ("fingerprint", "seq"), refs)
+        return sealed
 
 
 # The audit table's columns in the order `append_many` writes them.
@@ -313,13 +300,17 @@ def _insert_rows(db: Any, table: str, names: Sequence[str], rows: list[list[obje
     """One INSERT for many `rows` (each the values of `names`, in order), run by the driver's
     executemany: psycopg's pipeline on PostgreSQL (the statement parsed once, where a long
     multi-row statement costs psycopg more to parse than the server to run), sqlite3's own on
-    SQLite (whose `db` is sqlite-utils' wrapper of the connection)."""
+    SQLite (whose `db` is sqlite-utils' wrapper of the connection). One row is one plain
+    statement (the path every single audit entry takes)."""
     if not rows:
         return
     sql = (
         f"INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 - names are the store's own
         f"VALUES ({', '.join('?' * len(names))})"
     )
+    if len(rows) == 1:
+        db.execute(sql, rows[0])
+        return
     run = getattr(db, "executemany", None) or db.conn.executemany
     run(sql, rows)
 
