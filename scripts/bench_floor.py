@@ -1,8 +1,10 @@
 """`scripts/bench --floor`: what the serving stack alone costs, next to the raw OpenBao call, in one
-run. A bare Flask app under gunicorn gthread (the worker `jit serve` runs) answering (a) nothing
-and (b) one token create through hvac, the whole of its work, from one keep-alive client. No
-broker can answer an issue faster than (b) on this stack: it is the floor under issue 15's
-"issue p50 <= 1.5x raw" at one client. A measurement, not a test."""
+run. A bare Flask app under gunicorn gthread (the worker `jit serve` runs) answering (a) nothing,
+(b) one token create through hvac, the whole of its work, and (c) the same create over a bare
+`http.client` connection kept open (the leanest HTTP client Python has: no hvac, no requests),
+from one keep-alive client. No broker can answer an issue faster than (b) on this stack, nor
+faster than (c) in Python under gunicorn and Flask: the floor under issue 15's "issue p50 <= 1.5x
+raw" at one client. A measurement, not a test."""
 
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ CREATE = {"policies": ["default"], "ttl": "600s", "renewable": False, "meta": {"
 
 # The app gunicorn serves: nothing of the broker's, only Flask and hvac.
 APP = """
+import http.client
+import json
 import os
+import threading
 import hvac
 from flask import Flask, jsonify
 
@@ -44,6 +49,20 @@ def nothing():
 @app.post("/token")
 def token():
     auth = client.auth.token.create(**CREATE)["auth"]
+    return jsonify(accessor=auth["accessor"], token=auth["client_token"])
+
+
+kept = threading.local()
+
+
+@app.post("/token-lean")
+def token_lean():
+    if not hasattr(kept, "connection"):
+        host, port = os.environ["BENCH_BAO_ADDR"].split("//")[1].split(":")
+        kept.connection = http.client.HTTPConnection(host, int(port))
+    headers = {{"X-Vault-Token": os.environ["BENCH_BAO_TOKEN"], "Content-Type": "application/json"}}
+    kept.connection.request("POST", "/v1/auth/token/create", json.dumps(CREATE), headers)
+    auth = json.loads(kept.connection.getresponse().read())["auth"]
     return jsonify(accessor=auth["accessor"], token=auth["client_token"])
 """
 
@@ -98,6 +117,7 @@ def main(argv: list[str]) -> None:
             raw = percentiles(lambda: raw_client.auth.token.create(**CREATE), count)
             nothing = percentiles(lambda: session.post(f"{url}/nothing").raise_for_status(), count)
             floor = percentiles(lambda: session.post(f"{url}/token").raise_for_status(), count)
+            lean = percentiles(lambda: session.post(f"{url}/token-lean").raise_for_status(), count)
         finally:
             server.terminate()
             server.wait()
@@ -108,6 +128,7 @@ def main(argv: list[str]) -> None:
         ("raw token create (hvac)", raw),
         ("Flask answering nothing", nothing),
         ("Flask + one hvac token create (floor)", floor),
+        ("Flask + one http.client token create", lean),
     ):
         print(f"{name:40} {p50:8.2f} {p99:8.2f} {p50 / raw[0]:10.2f}x")
 

@@ -5,7 +5,6 @@ import threading
 from datetime import timedelta
 
 import pytest
-import responses
 
 from broker import audit
 from broker.backends import make_backends
@@ -14,6 +13,11 @@ from broker.models import isoformat, parse_time, utcnow
 from broker.reaper import Reaper
 from scripts.launchers import free_port
 from tests.helpers import ALICE, token_works, types, wait_for_status
+from tests.vault_in_front import in_front_of
+
+REVOKE = "/v1/auth/token/revoke-accessor"
+LOOKUP = "/v1/auth/token/lookup-accessor"
+INVALID_ACCESSOR = {"errors": ["1 error occurred:\n\t* invalid accessor\n\n"]}
 
 
 @pytest.fixture
@@ -105,21 +109,18 @@ def test_a_revoke_racing_openbaos_own_expiry_is_no_failure(grants, openbao, expi
     """OpenBao expired the token itself (revoke: "invalid accessor") but its lookup still shows
     it for a moment, past its expire_time: dead, so revoked and verified, no alert. The same
     lookup showing a token not yet expired stays a failure. A race a real OpenBao cannot be made
-    to lose on cue, so `responses` answers those two calls; everything else is the real one."""
+    to lose on cue, so a server in front of it answers those two calls; the rest pass through."""
     alerts = []
     grants.notify = lambda event, text, **details: alerts.append(event)
     grant, _ = grants.request(ALICE, "kv-read", "10m", "the window ends as OpenBao expires it")
     shown = utcnow() + (timedelta(seconds=-1) if expired else timedelta(minutes=5))
-    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
-        mock.add_passthru(openbao.addr)
-        mock.post(
-            f"{openbao.addr}/v1/auth/token/revoke-accessor",
-            status=400,
-            json={"errors": ["1 error occurred:\n\t* invalid accessor\n\n"]},
-        )
-        mock.post(
-            f"{openbao.addr}/v1/auth/token/lookup-accessor",
-            json={"data": {"accessor": grant.handle, "expire_time": isoformat(shown), "ttl": 0}},
+    with in_front_of(grants.backends["vault_token"].client) as front:
+        front.answer("POST", REVOKE, 400, INVALID_ACCESSOR)
+        front.answer(
+            "POST",
+            LOOKUP,
+            200,
+            {"data": {"accessor": grant.handle, "expire_time": isoformat(shown), "ttl": 0}},
         )
         grants.reap_due(parse_time(grant.window_end))
     assert grants.store.get_grant(grant.id).status == status
@@ -134,24 +135,16 @@ def test_a_lookup_refused_while_openbao_removes_the_token_is_asked_again(
     """Revoke answers "invalid accessor" (OpenBao is removing the expired token itself) and the
     lookup racing that removal answers 403 for a moment: asked again, it says the accessor is
     gone, so revoked with no alert. A lookup refused on every try stays a failure. OpenBao
-    cannot be made to answer that 403 on cue, so `responses` answers those calls."""
+    cannot be made to answer that 403 on cue, so a server in front of it answers those calls."""
     alerts = []
     grants.notify = lambda event, text, **details: alerts.append(event)
     grant, _ = grants.request(ALICE, "kv-read", "10m", "the window ends as OpenBao expires it")
-    lookup = f"{openbao.addr}/v1/auth/token/lookup-accessor"
-    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
-        mock.add_passthru(openbao.addr)
-        mock.post(
-            f"{openbao.addr}/v1/auth/token/revoke-accessor",
-            status=400,
-            json={"errors": ["1 error occurred:\n\t* invalid accessor\n\n"]},
-        )
+    with in_front_of(grants.backends["vault_token"].client) as front:
+        front.answer("POST", REVOKE, 400, INVALID_ACCESSOR)
         for _ in range(refusals):
-            mock.post(lookup, status=403, json={"errors": ["permission denied"]})
+            front.answer("POST", LOOKUP, 403, {"errors": ["permission denied"]})
         if refusals < 3:
-            mock.post(
-                lookup, status=400, json={"errors": ["1 error occurred:\n\t* invalid accessor\n\n"]}
-            )
+            front.answer("POST", LOOKUP, 400, INVALID_ACCESSOR)
         grants.reap_due(parse_time(grant.window_end))
     assert grants.store.get_grant(grant.id).status == status
     assert alerts == ([] if status == "revoked" else ["revoke_failed"])

@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from importlib import resources
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, ParamSpec, TypeVar
 
 import hvac
 import hvac.exceptions
@@ -18,9 +17,7 @@ import requests
 
 from ..errors import VaultRejected, VaultUnavailable
 from ..models import Holding, isoformat, utcnow
-
-if TYPE_CHECKING:
-    from requests.sessions import _Settings
+from .transport import DirectSession
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -60,28 +57,7 @@ def translate_errors(call: Callable[P, R]) -> Callable[P, R]:
 
 
 def make_client(addr: str, token: str, timeout: int) -> hvac.Client:
-    return hvac.Client(url=addr, token=token, timeout=timeout, session=_EnvironmentReadOnce())
-
-
-class _EnvironmentReadOnce(requests.Session):
-    """requests reads the proxy and CA variables of the environment on every call (a scan of
-    os.environ, a good part of the broker's own cost per Vault call). They do not change while
-    the broker runs, so they are read once for each origin and kept."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._settled: dict[tuple[object, ...], _Settings] = {}
-
-    def merge_environment_settings(
-        self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
-    ) -> _Settings:
-        origin = urlsplit(url if isinstance(url, str) else str(url))[:2]
-        key = (origin, repr(proxies), repr(stream), repr(verify), repr(cert))
-        settled = self._settled.get(key)
-        if settled is None:
-            settled = super().merge_environment_settings(url, proxies, stream, verify, cert)
-            self._settled[key] = settled
-        return settled.copy()
+    return hvac.Client(url=addr, token=token, timeout=timeout, session=DirectSession())
 
 
 def is_unknown_accessor(exc: hvac.exceptions.VaultError) -> bool:
