@@ -2,9 +2,11 @@
 run. A bare Flask app under gunicorn gthread (the worker `jit serve` runs) answering (a) nothing,
 (b) one token create through hvac, the whole of its work, and (c) the same create over a bare
 `http.client` connection kept open (the leanest HTTP client Python has: no hvac, no requests),
-from one keep-alive client. No broker can answer an issue faster than (b) on this stack, nor
-faster than (c) in Python under gunicorn and Flask: the floor under issue 15's "issue p50 <= 1.5x
-raw" at one client. A measurement, not a test."""
+from one keep-alive client; then (d) a revoke by accessor and the lookup proving it gone over that
+bare connection, against the same two raw calls through hvac. No broker can answer an issue
+faster than (b) on this stack, nor faster than (c) in Python under gunicorn and Flask, nor prove
+a removal faster than (d): the floors under issue 15's "issue p50 <= 1.5x raw" at one client and
+"release -> verified p50 <= 1.5x raw". A measurement, not a test."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench_http import revoke_and_look  # noqa: E402
 from scripts.launchers import OpenBao, free_port  # noqa: E402
 
 CREATE = {"policies": ["default"], "ttl": "600s", "renewable": False, "meta": {"bench": "floor"}}
@@ -34,7 +37,7 @@ import json
 import os
 import threading
 import hvac
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 
 app = Flask(__name__)
 client = hvac.Client(url=os.environ["BENCH_BAO_ADDR"], token=os.environ["BENCH_BAO_TOKEN"])
@@ -64,6 +67,19 @@ def token_lean():
     kept.connection.request("POST", "/v1/auth/token/create", json.dumps(CREATE), headers)
     auth = json.loads(kept.connection.getresponse().read())["auth"]
     return jsonify(accessor=auth["accessor"], token=auth["client_token"])
+
+
+@app.post("/remove-lean")
+def remove_lean():
+    connection = kept.connection
+    headers = {{"X-Vault-Token": os.environ["BENCH_BAO_TOKEN"], "Content-Type": "application/json"}}
+    body = json.dumps({{"accessor": request.get_json()["accessor"]}})
+    connection.request("POST", "/v1/auth/token/revoke-accessor", body, headers)
+    connection.getresponse().read()
+    connection.request("POST", "/v1/auth/token/lookup-accessor", body, headers)
+    answer = connection.getresponse()
+    answer.read()
+    return jsonify(gone=answer.status == 400)
 """
 
 
@@ -118,6 +134,14 @@ def main(argv: list[str]) -> None:
             nothing = percentiles(lambda: session.post(f"{url}/nothing").raise_for_status(), count)
             floor = percentiles(lambda: session.post(f"{url}/token").raise_for_status(), count)
             lean = percentiles(lambda: session.post(f"{url}/token-lean").raise_for_status(), count)
+            accessors = iter(
+                [
+                    raw_client.auth.token.create(**CREATE)["auth"]["accessor"]
+                    for _ in range(count * 2 + 100)
+                ]
+            )
+            raw_removal = percentiles(lambda: revoke_and_look(raw_client, next(accessors)), count)
+            lean_removal = percentiles(lambda: lean_remove(session, url, next(accessors)), count)
         finally:
             server.terminate()
             server.wait()
@@ -131,6 +155,18 @@ def main(argv: list[str]) -> None:
         ("Flask + one http.client token create", lean),
     ):
         print(f"{name:40} {p50:8.2f} {p99:8.2f} {p50 / raw[0]:10.2f}x")
+    for name, (p50, p99) in (
+        ("raw revoke + lookup (hvac)", raw_removal),
+        ("Flask + revoke + lookup over http.client", lean_removal),
+    ):
+        print(f"{name:40} {p50:8.2f} {p99:8.2f} {p50 / raw_removal[0]:10.2f}x")
+
+
+def lean_remove(session: requests.Session, url: str, accessor: str) -> None:
+    answer = session.post(f"{url}/remove-lean", json={"accessor": accessor})
+    answer.raise_for_status()
+    if not answer.json()["gone"]:
+        raise RuntimeError("the token survived its revocation")
 
 
 if __name__ == "__main__":
