@@ -110,15 +110,17 @@ class KeptFigures:
         self._pool.submit(self._count_once)
 
     def _count_once(self) -> None:
+        figures: Figures | None = None
+        failed: FailedCount | None = None
         try:
             figures = self._count(utcnow())
         except Exception as exc:  # noqa: BLE001 - the page says so; the next load tries again
             log.exception("counting the dashboard's figures failed; tried again at the next load")
-            with self._lock:
-                self._failed = failure_of(exc)
-        else:
-            with self._lock:
-                self._kept, self._kept_at, self._failed = figures, monotonic(), None
+            failed = failure_of(exc)
         finally:
-            with self._lock:
+            with self._lock:  # with the end of the count: a load seeing it sees it over
+                if figures is not None:
+                    self._kept, self._kept_at, self._failed = figures, monotonic(), None
+                elif failed is not None:
+                    self._failed = failed
                 self._counting = False
