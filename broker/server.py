@@ -1,10 +1,10 @@
 """`jit serve`: the broker under gunicorn, the production WSGI server. Each worker process builds
-its own app, so each has exactly one reaper, notifier and forwarder (threads of that process,
-whatever the worker and thread counts); the store's conditional claims keep several processes,
-and several replicas, from doing the same work twice. On SIGTERM gunicorn stops accepting,
-lets requests in flight finish (up to `[server] graceful_timeout`), then each worker stops its
-threads: the reaper finishes the grant in hand and signs the last checkpoint, so nothing is left
-claimed."""
+its own app, so each has exactly one reaper, notifier, forwarder and dashboard counter (threads
+of that process, whatever the worker and thread counts; each worker counts the dashboard's figures
+once as it starts); the store's conditional claims keep several processes, and several
+replicas, from doing the same work twice. On SIGTERM gunicorn stops accepting, lets requests in
+flight finish (up to `[server] graceful_timeout`), then each worker stops its threads: the reaper
+finishes the grant in hand and signs the last checkpoint, so nothing is left claimed."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The broker's parts, built from the settings in one place, and the lifetime of its background
-threads (reaper, audit forwarder, notifier), started and stopped together. Knows nothing of HTTP:
-it must never import Flask, and nothing here runs at import time."""
+threads (reaper, audit forwarder, notifier, the dashboard's counts), started and stopped together.
+Knows nothing of HTTP: it must never import Flask, and nothing here runs at import time."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from functools import partial
 from . import audit
 from .audit import dashboard
 from .audit.absence import Cadence
-from .audit.dashboard import KeptFigures
 from .audit.forward import Forwarder
+from .audit.kept_figures import KeptFigures
 from .audit.log import AuditLog
 from .audit.search import AuditSearch
 from .audit.signing import legacy_keyring
@@ -191,7 +191,9 @@ class Services:
 
     def start(self) -> None:
         """The reaper (unless switched off), then the forwarder and the notifier (each only when
-        its URL is set). Once: a second call, or one after stop(), does nothing."""
+        its URL is set), and the dashboard's first count, so that no page waits for it (only a
+        process that serves pages starts its services: create_app, in each gunicorn worker).
+        Once: a second call, or one after stop(), does nothing."""
         if self._state != "built":
             return
         self._state = "running"
@@ -199,12 +201,14 @@ class Services:
             self.reaper.start()
         self.forwarder.start()
         self.notifier.start()
+        self.dashboard.start()
         self._stop_listening = self.store.listen(self.wake)
 
     def stop(self) -> None:
         """Stop every thread, in order: the reaper first, which signs a last checkpoint over
         everything written until now; then the forwarder (what it has not delivered goes at the
-        next start, from its cursor); then the notifier (messages still queued are not sent).
+        next start, from its cursor); then the notifier (messages still queued are not sent); then
+        the dashboard's thread, after the count in hand.
         Call it after the server stopped taking requests. A second call does nothing."""
         if self._state == "stopped":
             return

@@ -263,20 +263,32 @@ class BrokerProcess:
             JIT_POLICY_PATH=str(policy_path),
             **settings,
         )
-        jit = str(Path(sys.executable).parent / "jit")
-        process = ManagedProcess("jit serve", [jit, "serve"], workdir / "serve.log", env, ROOT)
         url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for_http(f"{url}/healthz", timeout, process)
-        except BaseException:
-            process.stop()
-            raise
-        return cls(process, url, env)
+        return cls(_serving(url, env, workdir / "serve.log", timeout), url, env)
 
     def stop(self, grace: float = 20) -> int | None:
         """SIGTERM (gunicorn's graceful stop); its exit status."""
         self.process.stop(grace)
         return self.process.popen.returncode
+
+    def restart(self, timeout: float = 30) -> None:
+        """Stop it and start `jit serve` again with the same settings, data and port, as a
+        deploy would: fresh processes, nothing kept in memory (its log: serve.restarted.log)."""
+        self.stop()
+        log_path = Path(self.env["JIT_SERVER_DATA_DIR"]) / "serve.restarted.log"
+        self.process = _serving(self.url, self.env, log_path, timeout)
+
+
+def _serving(url: str, env: dict[str, str], log_path: Path, timeout: float) -> ManagedProcess:
+    """`jit serve` started with `env`, once its /healthz answers."""
+    jit = str(Path(sys.executable).parent / "jit")
+    process = ManagedProcess("jit serve", [jit, "serve"], log_path, env, ROOT)
+    try:
+        wait_for_http(f"{url}/healthz", timeout, process)
+    except BaseException:
+        process.stop()
+        raise
+    return process
 
 
 class OpenBao:

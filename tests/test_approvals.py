@@ -2,6 +2,7 @@
 OpenBao. Separation of duties, refusals that change nothing, races settled once, the window
 starting at issuance, eligibility checked again at activation, policy reloads."""
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -555,16 +556,42 @@ def test_the_dashboard_counts_each_grant_from_its_own_chain(api, app, openbao):
     assert dashboard.figures(store, [], now).grants == 0
 
 
+def own_kept_figures(app, count):
+    """The app's dashboard figures counted by `count` instead (a KeptFigures of the test's own in
+    the services' place, started as the services start theirs)."""
+    from broker.audit.kept_figures import KeptFigures
+
+    services = app.extensions["jit"]
+    services.dashboard.close()
+    services.dashboard = KeptFigures(count)
+    services.dashboard.start()
+    return services.dashboard
+
+
+def wait_until(done, what, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_the_dashboard_figures_are_counted_when_the_services_start(app):
+    """No page asked: the services' start counted them, on the one kept thread."""
+    kept = app.extensions["jit"].dashboard
+    wait_until(lambda: kept._kept is not None, "the services' start counted nothing")
+    assert kept._kept.grants == 0 and kept.failed() is None and kept._pool is not None
+
+
 def test_the_dashboard_page_answers_from_figures_counted_in_the_background(api, app):
-    """The dashboard page counts only on its first load; later loads answer at once from the
+    """The figures are counted once when the services start; later loads answer at once from the
     kept figures, which a load finding them older than a minute has counted again in the
     background (the page says when they were counted)."""
-    from broker.audit import dashboard
+    from broker.audit import kept_figures
 
     counts = []
-    kept = app.extensions["jit"].dashboard
-    real_count = kept._count
-    kept._count = lambda now: counts.append(now) or real_count(now)
+    real_count = app.extensions["jit"].dashboard._count
+    kept = own_kept_figures(app, lambda now: counts.append(now) or real_count(now))
+    wait_until(lambda: kept._kept is not None, "the first count never landed")
     first = kept.get()
     assert kept.get() is first and len(counts) == 1  # fresh: nothing counted again
     ask(api)
@@ -576,12 +603,84 @@ def test_the_dashboard_page_answers_from_figures_counted_in_the_background(api, 
         time.sleep(0.05)
     assert kept.get().grants == first.grants + 1
     assert kept._pool is not None
-    kept._fresh = dashboard.FRESH
-    while kept._recounting:  # a recount the polling above started may still run
-        time.sleep(0.05)
+    kept._fresh = kept_figures.FRESH
+    wait_until(lambda: not kept._counting, "a recount the polling above started never ended")
     counted_before_the_page = len(counts)
     page = browser(app, "frank").get("/audit/dashboard")
     assert page.status_code == 200
     shown = kept.get()
     assert f"{shown.grants} grants created" in page.text and shown.counted_at in page.text
     assert len(counts) == counted_before_the_page  # the page answered from the kept figures
+
+
+def test_a_dashboard_load_before_the_first_count_answers_at_once_that_it_is_counting(app):
+    """The first count held until the test lets it go: the page answers meanwhile, with no
+    figures (no zeros standing in for them) and a message saying they are being counted; once
+    the count lands, the next load shows them."""
+    counting, release, counts = threading.Event(), threading.Event(), []
+    real_count = app.extensions["jit"].dashboard._count
+
+    def held_count(now):
+        counts.append(now)
+        counting.set()
+        assert release.wait(30), "the test never released the count"
+        return real_count(now)
+
+    kept = own_kept_figures(app, held_count)
+    assert counting.wait(10), "the services' start began no count"
+    frank = browser(app, "frank")
+    page = frank.get("/audit/dashboard")
+    assert page.status_code == 200 and kept._counting  # answered while the count waits
+    text = page.get_data(as_text=True)
+    assert 'role="status"' in text and "The figures are being counted." in text
+    assert "grants created" not in text and "<svg" not in text
+    assert 'href="/audit/dashboard">Reload the dashboard</a>' in text
+    again = frank.get("/audit/dashboard").get_data(as_text=True)
+    assert "The figures are being counted." in again and len(counts) == 1  # one count, held
+
+    release.set()
+    wait_until(lambda: kept._kept is not None, "the released count never landed")
+    shown = frank.get("/audit/dashboard").get_data(as_text=True)
+    assert "0 grants created" in shown and kept._kept.counted_at in shown
+    assert "being counted" not in shown
+
+
+def test_a_failed_dashboard_count_says_so_and_the_next_load_counts_again(app):
+    """A count that fails (the store unreadable, then an error of its own) leaves no page stuck
+    'counting' and crashes none: each load says why the last count failed, without the
+    exception's text, and starts another; once one succeeds the figures show, and a recount that
+    fails later leaves them shown with a note."""
+    from broker.errors import StoreUnavailable
+
+    real_count = app.extensions["jit"].dashboard._count
+    failures = [StoreUnavailable("database is locked"), RuntimeError("s3cr3t detail")]
+
+    def failing_count(now):
+        if failures:
+            raise failures.pop(0)
+        return real_count(now)
+
+    kept = own_kept_figures(app, failing_count)
+    wait_until(lambda: kept.failed() is not None, "the first count never failed")
+    assert kept.get() is None  # and a second count starts
+    frank = browser(app, "frank")
+    wait_until(lambda: not kept._counting and len(failures) == 0, "no second count ran")
+    first = kept.failed()
+    page = frank.get("/audit/dashboard")  # the second failure shown; a third count starts
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200 and 'role="status"' in text
+    assert f"could not be counted at {first.at}: an unexpected error" in text
+    assert "s3cr3t" not in text and "RuntimeError" not in text and "grants created" not in text
+    wait_until(lambda: kept._kept is not None, "the count after the failures never landed")
+    shown = frank.get("/audit/dashboard").get_data(as_text=True)
+    assert "0 grants created" in shown and "could not be counted" not in shown
+    assert "Counting the figures again failed" not in shown
+
+    failures.append(StoreUnavailable("database is locked"))
+    kept._fresh = 0
+    kept.get()  # stale: a recount starts, and fails
+    wait_until(lambda: kept.failed() is not None, "the recount never failed")
+    kept._fresh = 3600  # the next loads start no count: the note stays
+    shown = frank.get("/audit/dashboard").get_data(as_text=True)
+    assert "Counting the figures again failed" in shown and "store could not be read" in shown
+    assert "0 grants created" in shown

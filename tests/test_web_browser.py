@@ -12,6 +12,8 @@ import io
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -291,3 +293,39 @@ def test_the_login_page_and_the_icon(people, ui_broker):
         ui_broker.url + "/auth/login?next=//evil.example/x", allow_redirects=False, timeout=10
     )
     assert evil.status_code == 302 and "evil.example" not in evil.headers["Location"]
+
+
+def test_the_dashboard_before_its_first_count_says_so_and_its_link_shows_the_charts(
+    people, ui_broker
+):
+    """The live broker's figures held uncounted (a KeptFigures of the test's own in its place, its
+    count waiting): the page says they are being counted, passes the checks, and its reload link
+    shows the charts once the count is let go."""
+    from broker.audit.kept_figures import KeptFigures
+
+    services = ui_broker.app.extensions["jit"]
+    own, release = services.dashboard, threading.Event()
+
+    def held_count(now):
+        release.wait(30)
+        return own._count(now)
+
+    held = services.dashboard = KeptFigures(held_count)
+    held.start()
+    try:
+        frank = people("frank")
+        page = frank.open("/audit/dashboard")
+        expect(page.get_by_role("status")).to_contain_text("The figures are being counted.")
+        expect(page.get_by_role("img", name="Grants per day by entitlement")).to_have_count(0)
+        frank.look("dashboard-counting")
+        release.set()
+        deadline = time.monotonic() + 10
+        while held.get() is None:
+            assert time.monotonic() < deadline, "the released count never landed"
+            time.sleep(0.05)
+        page.get_by_role("link", name="Reload the dashboard").click()
+        expect(page.get_by_role("img", name="Grants per day by entitlement")).to_be_visible()
+    finally:
+        release.set()
+        services.dashboard = own
+        held.close()

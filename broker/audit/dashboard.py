@@ -6,23 +6,14 @@ window's end to the removal verified) and failed removals. Reads only; no Flask,
 from __future__ import annotations
 
 import json
-import logging
-import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
-from time import monotonic
 
-from ..models import Grant, isoformat, parse_time, utcnow
+from ..models import Grant, isoformat, parse_time
 from .search import AuditSearch, GrantFilter
 from .storage import AuditStore
 
-log = logging.getLogger(__name__)
-
-# Seconds the dashboard's figures are shown before they are counted again (in the background).
-FRESH = 60.0
 DAYS = 14  # the days it counts, up to today
 
 
@@ -126,57 +117,3 @@ def since_for(now: datetime, days: int) -> str:
     """The `since` filter (UTC, midnight) of the window the dashboard counts."""
     start = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
     return isoformat(start)
-
-
-class KeptFigures:
-    """The dashboard's figures, kept by this process: a page answers from the last count, and
-    one older than `fresh` seconds is counted again in the background while the page shows the
-    old one with its time (over a busy fortnight the count reads a million entries and takes
-    seconds). Only the first page after the process starts waits for a count."""
-
-    def __init__(self, count: Callable[[datetime], Figures], fresh: float = FRESH) -> None:
-        self._count = count
-        self._fresh = fresh
-        self._lock = threading.Lock()  # guards the three below
-        self._kept: Figures | None = None
-        self._kept_at = 0.0  # monotonic() at the count
-        self._recounting = False
-        self._first = threading.Lock()  # the first pages wait for one count, not one each
-        self._pool: ThreadPoolExecutor | None = None  # one kept thread: one store connection
-
-    def get(self) -> Figures:
-        with self._lock:
-            kept, stale = self._kept, monotonic() - self._kept_at >= self._fresh
-            if kept is not None and stale and not self._recounting:
-                self._recounting = True
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="jit-dashboard")
-                self._pool.submit(self._recount)
-        if kept is not None:
-            return kept
-        with self._first:
-            kept = self._kept
-            if kept is None:
-                kept = self._count(utcnow())
-                self._keep(kept)
-            return kept
-
-    def close(self) -> None:
-        """Let the background thread end (the broker stops)."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-
-    def _recount(self) -> None:
-        try:
-            self._keep(self._count(utcnow()))
-        except Exception:
-            log.exception("counting the dashboard's figures failed; the last ones stay shown")
-        finally:
-            with self._lock:
-                self._recounting = False
-
-    def _keep(self, figures: Figures) -> None:
-        with self._lock:
-            self._kept, self._kept_at = figures, monotonic()

@@ -108,10 +108,15 @@ def show_grant(grant_id: str) -> str:
 @login_required
 def dashboard() -> str:
     _auditor_only()
-    found = services().dashboard.get()
+    found, last_failure = services().dashboard.shown()  # at once: counted in the background
+    if found is None:  # the first count is still running (or failed, and runs again)
+        return render_template(
+            "dashboard_counting.html", days=figures_of.DAYS, last_failure=last_failure
+        )
     return render_template(
         "dashboard.html",
         figures=found,
+        last_failure=last_failure,
         days=figures_of.DAYS,
         per_day=charts.bars_per_day(
             "per-day", "Grants per day by entitlement", found.days, found.grants_per_day
