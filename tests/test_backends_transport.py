@@ -49,6 +49,17 @@ def test_an_answer_given_in_front_of_openbao_reaches_hvac_as_given(client):
         assert client.auth.token.lookup_self()["data"]["policies"] == ["root"]  # passed through
 
 
+def test_a_redirect_is_followed_with_its_body_as_requests_would(client, openbao):
+    """A standby node's 307 to the active one: the call goes there, body and all."""
+    create = "/v1/auth/token/create"
+    with in_front_of(client) as front:
+        front.answer("POST", create, 307, headers={"Location": f"{openbao.addr}{create}"})
+        made = client.auth.token.create(policies=["default"], ttl="60s", meta={"via": "307"})
+    assert client.auth.token.lookup_accessor(made["auth"]["accessor"])["data"]["meta"] == {
+        "via": "307"
+    }
+
+
 def test_vault_unreachable_is_vault_unavailable():
     nowhere = make_client(f"http://127.0.0.1:{free_port()}", "token", timeout=2)
     with pytest.raises(requests.ConnectionError):

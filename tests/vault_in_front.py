@@ -17,26 +17,33 @@ import requests
 class VaultInFront:
     def __init__(self, vault_addr: str) -> None:
         self.vault_addr = vault_addr
-        self._answers: list[tuple[str, str, int, dict]] = []
+        self._answers: list[tuple[str, str, int, dict, dict]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.addr = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def answer(self, method: str, path: str, status: int = 200, body: dict | None = None) -> None:
+    def answer(
+        self,
+        method: str,
+        path: str,
+        status: int = 200,
+        body: dict | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         """The next `method path` is answered so, and not passed to OpenBao."""
         with self._lock:
-            self._answers.append((method.upper(), path, status, body or {}))
+            self._answers.append((method.upper(), path, status, body or {}, headers or {}))
 
     def unanswered(self) -> list[str]:
         with self._lock:
-            return [f"{method} {path}" for method, path, _, _ in self._answers]
+            return [f"{answer[0]} {answer[1]}" for answer in self._answers]
 
-    def _take(self, method: str, path: str) -> tuple[int, dict] | None:
+    def _take(self, method: str, path: str) -> tuple[int, dict, dict[str, str]] | None:
         with self._lock:
-            for index, (m, p, status, body) in enumerate(self._answers):
+            for index, (m, p, status, body, headers) in enumerate(self._answers):
                 if (m, p) == (method, path):
                     del self._answers[index]
-                    return status, body
+                    return status, body, headers
         return None
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -48,8 +55,10 @@ class VaultInFront:
             def _any(self) -> None:
                 sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 given = front._take(self.command, self.path.split("?")[0])
+                extra: dict[str, str] = {}
                 if given is not None:
                     status, payload, kind = given[0], json.dumps(given[1]).encode(), None
+                    extra = given[2]
                 else:
                     passed = requests.request(
                         self.command,
@@ -63,6 +72,8 @@ class VaultInFront:
                 self.send_response(status)
                 self.send_header("Content-Type", kind or "application/json")
                 self.send_header("Content-Length", str(len(payload)))
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(payload)
 

@@ -27,12 +27,16 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-# requests' default: no retries, a read error raised at once; redirects followed (up to 30),
-# as Vault's standby nodes answer with one to the active node.
-MAX_REDIRECTS = 30
+# requests' defaults: no retries, a read error raised at once, redirects followed (up to 30: a
+# standby Vault node redirects to the active one), or not when the caller says so.
+FOLLOWING = urllib3.Retry(total=None, connect=0, read=False, status=0, other=0, redirect=30)
+NOT_FOLLOWING = urllib3.Retry(total=None, connect=0, read=False, status=0, other=0, redirect=False)
 POOL_SIZE = 32  # connections kept per Vault origin: one per serving thread, as many as the bench's
-SENT_DIRECTLY = {"headers", "timeout", "allow_redirects", "verify", "cert", "proxies", "stream"}
-SENT_DIRECTLY |= {"params", "data", "json"}
+# The arguments hvac passes; a call with any other goes requests' own way.
+SENT_DIRECTLY = frozenset(
+    ("headers", "timeout", "allow_redirects", "verify", "cert", "proxies", "stream")
+    + ("params", "data", "json")
+)
 
 
 class DirectSession(requests.Session):
@@ -71,14 +75,7 @@ class DirectSession(requests.Session):
                 body=body,
                 headers=headers,
                 timeout=_timeout(kwargs.get("timeout")),
-                retries=urllib3.Retry(
-                    total=None,
-                    connect=0,
-                    read=False,
-                    status=0,
-                    other=0,
-                    redirect=MAX_REDIRECTS if follow else False,
-                ),  # fmt: skip
+                retries=FOLLOWING if follow else NOT_FOLLOWING,
                 redirect=follow,
             )
         except HTTPError as exc:
