@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import statistics
 import sys
 import tempfile
 import threading
@@ -215,6 +216,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=32, help="threads per worker")
     parser.add_argument("--postgres", action="store_true", help="the broker on PostgreSQL")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds; each figure their median")
     args = parser.parse_args(argv)
 
     settings = {"JIT_SERVER_WORKERS": str(args.workers), "JIT_SERVER_THREADS": str(args.threads)}
@@ -231,7 +233,7 @@ def main(argv: list[str]) -> None:
 
 def measure(args: argparse.Namespace, stack: Stack) -> None:
     """The issue and release runs of one bench, against the started stack, and their report."""
-    bao, broker_token, bearer, url = stack.bao, stack.broker_token, stack.bearer, stack.url
+    bearer, url = stack.bearer, stack.url
 
     def raw_client() -> Callable[[], object]:
         return stack.raw_issuer()  # hvac keeps one keep-alive session per client
@@ -247,27 +249,38 @@ def measure(args: argparse.Namespace, stack: Stack) -> None:
 
         return issue
 
-    # Warm both sides (connections, the broker's caches), then measure.
+    # Warm both sides (connections, the broker's caches), then measure, raw and broker
+    # alternating, round after round: a drift of the machine's speed falls on both alike.
     concurrently(1, 20, raw_client)
-    warm = concurrently(1, 20, broker_client)
-    rows: list[tuple[str, Run, Run]] = []
-    live: list[str] = list(warm.results)
+    live: list[str] = list(concurrently(1, 20, broker_client).results)
     worker = requests.get(f"{url}/healthz", timeout=5).json()["process"]
-    cpu: dict[int, float] = {}
-    for clients in sorted({1, args.clients}):
-        raw = concurrently(clients, args.count, raw_client)
-        before = workers_cpu_seconds(stack.broker.process.popen.pid)
-        ours = concurrently(clients, args.count, broker_client)
-        spent = workers_cpu_seconds(stack.broker.process.popen.pid) - before
-        cpu[clients] = spent / max(len(ours.latencies), 1)
-        live += ours.results
-        rows.append((f"issue, {clients} client(s)", raw, ours))
+    master = stack.broker.process.popen.pid
+    rounds: dict[str, list[tuple[Run, Run]]] = {}
+    cpu: dict[int, list[float]] = {}
+    for _ in range(args.rounds):
+        for clients in sorted({1, args.clients}):
+            raw = concurrently(clients, args.count, raw_client)
+            before = workers_cpu_seconds(master)
+            ours = concurrently(clients, args.count, broker_client)
+            spent = workers_cpu_seconds(master) - before
+            cpu.setdefault(clients, []).append(spent / max(len(ours.latencies), 1))
+            live += ours.results
+            rounds.setdefault(f"issue, {clients} client(s)", []).append((raw, ours))
+        memory = rss_mib(worker)
+        to_release, live = live[:100], live[100:]
+        pair = release_round(stack, to_release, raw_client)
+        rounds.setdefault("release -> verified revoked", []).append(pair)
+    report(args, stack, rounds, cpu, memory, len(live))
 
-    memory = rss_mib(worker)
 
-    # Release -> verified revoked, one at a time: the reaper is woken by the release.
+def release_round(
+    stack: Stack, grant_ids: list[str], raw_client: Callable[[], Callable[[], object]]
+) -> tuple[Run, Run]:
+    """Release -> verified revoked, one at a time (the reaper is woken by each release), against
+    a bare revoke and lookup of as many tokens, made just before."""
+    url, bearer = stack.url, stack.bearer
     session = requests.Session()
-    to_release = iter(live)
+    to_release = iter(grant_ids)
 
     def release_verified() -> None:
         """?wait=verified: the answer comes once the token is verified gone; should the
@@ -289,44 +302,59 @@ def measure(args: argparse.Namespace, stack: Stack) -> None:
                 f"{url}/api/v1/requests/{grant_id}", headers=bearer, timeout=30
             ).json()["status"]
 
-    accessors = iter(concurrently(1, 100, raw_client).results)
-    raw_client_remove = bao.client(broker_token)
+    accessors = iter(concurrently(1, len(grant_ids), raw_client).results)
+    raw_client_remove = stack.bao.client(stack.broker_token)
 
     def raw_remove() -> None:
         revoke_and_look(raw_client_remove, next(accessors))
 
-    removal_raw = concurrently(1, 100, lambda: raw_remove)
-    removal = concurrently(1, 100, lambda: release_verified)
-    rows.append(("release -> verified revoked", removal_raw, removal))
+    removal_raw = concurrently(1, len(grant_ids), lambda: raw_remove)
+    return removal_raw, concurrently(1, len(grant_ids), lambda: release_verified)
 
+
+def report(
+    args: argparse.Namespace,
+    stack: Stack,
+    rounds: dict[str, list[tuple[Run, Run]]],
+    cpu: dict[int, list[float]],
+    memory: float,
+    live: int,
+) -> None:
+    """Each figure the median of its rounds' (a ratio: the median of each round's ratio)."""
     print(
         f"jit-broker bench --http: jit serve (gunicorn, {args.workers} worker(s) x "
         f"{args.threads} threads, {'PostgreSQL' if args.postgres else 'SQLite WAL'}) and "
-        f"OpenBao {bao.addr}, one run\n"
+        f"OpenBao {stack.bao.addr}, {args.rounds} round(s), medians\n"
     )
     print(
         f"{'':30}{'raw p50/p99 ms':>18}{'broker p50/p99 ms':>20}{'ratio p50/p99':>16}"
         f"{'raw/s':>9}{'broker/s':>10}{'ratio':>7}"
     )
     flagged = False
-    for name, raw, ours in rows:
-        flagged = flagged or bool(raw.errors or ours.errors)
+    for name, pairs in rounds.items():
+        errors = sum(raw.errors for raw, _ in pairs), sum(ours.errors for _, ours in pairs)
+        flagged = flagged or any(errors)
+
+        def med(figure: Callable[[Run, Run], float], runs: list[tuple[Run, Run]] = pairs) -> float:
+            return statistics.median(figure(raw, ours) for raw, ours in runs)
+
         print(
-            f"{name:30}{raw.p(0.5) * 1e3:>8.2f} /{raw.p(0.99) * 1e3:>7.2f}"
-            f"{ours.p(0.5) * 1e3:>10.2f} /{ours.p(0.99) * 1e3:>7.2f}"
-            f"{ours.p(0.5) / raw.p(0.5):>8.2f}x/{ours.p(0.99) / raw.p(0.99):>5.2f}x"
-            f"{raw.rate:>9.0f}{ours.rate:>10.0f}{_ratio(ours.rate, raw.rate):>6.2f}x"
-            + (
-                f"  ERRORS raw {raw.errors} broker {ours.errors}"
-                if raw.errors or ours.errors
-                else ""
-            )
+            f"{name:30}{med(lambda r, o: r.p(0.5)) * 1e3:>8.2f} /"
+            f"{med(lambda r, o: r.p(0.99)) * 1e3:>7.2f}"
+            f"{med(lambda r, o: o.p(0.5)) * 1e3:>10.2f} /{med(lambda r, o: o.p(0.99)) * 1e3:>7.2f}"
+            f"{med(lambda r, o: o.p(0.5) / r.p(0.5)):>8.2f}x/"
+            f"{med(lambda r, o: o.p(0.99) / r.p(0.99)):>5.2f}x"
+            f"{med(lambda r, o: r.rate):>9.0f}{med(lambda r, o: o.rate):>10.0f}"
+            f"{med(lambda r, o: _ratio(o.rate, r.rate)):>6.2f}x"
+            + (f"  ERRORS raw {errors[0]} broker {errors[1]}" if any(errors) else "")
         )
     print(
         "\nbroker workers' CPU per grant issued (all workers): "
-        + ", ".join(f"{ms * 1e3:.2f} ms at {n} client(s)" for n, ms in cpu.items())
+        + ", ".join(
+            f"{statistics.median(ms) * 1e3:.2f} ms at {n} client(s)" for n, ms in cpu.items()
+        )
     )
-    print(f"broker worker RSS with {len(live)} grants issued: {memory:.0f} MiB")
+    print(f"broker worker RSS with {live} grants live: {memory:.0f} MiB")
     if flagged:
         print("\nTHIS RUN HAD ERRORS: its figures are not comparable.")
 
