@@ -35,6 +35,34 @@ def test_store_appends_in_the_same_transaction_and_rolls_back_together(make_stor
     assert audit.verify(entries).ok
 
 
+def test_two_brokers_appending_at_once_make_one_chain(make_store):
+    """Two brokers' stores on one database, eight threads appending in transactions of their own
+    at once: every entry lands once, on one unbroken chain (each transaction seals over the head
+    as it is under the write lock, read as it begins on PostgreSQL)."""
+    stores = [make_store(), make_store()]
+    for store in stores:
+        store.migrate()
+    start = threading.Barrier(8)
+
+    def write(store, writer):
+        start.wait()
+        for step in range(25):
+            with store.transaction() as tx:
+                tx.append("t", "step", {}, f"g{writer}", {"step": step})
+
+    threads = [threading.Thread(target=write, args=(stores[n % 2], n)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    entries = list(stores[1].audit_entries())
+    assert [entry["seq"] for entry in entries] == list(range(1, 201))
+    assert sorted((e["grant_id"], e["data"]["step"]) for e in entries) == sorted(
+        (f"g{writer}", step) for writer in range(8) for step in range(25)
+    )
+    assert audit.verify(entries).ok
+
+
 def _writes(store):
     return store.db.execute("SELECT writes FROM write_check").fetchone()["writes"]
 

@@ -82,14 +82,26 @@ def _row_grant(row: Row) -> Grant:
     return Grant(**{name: row[name] for name in row.keys() if name in GRANT_FIELDS})
 
 
+class _Unread:
+    """The chain's head, not read yet in this transaction."""
+
+
+UNREAD = _Unread()
+# Only what sealing an entry needs of the head: its data is not decoded on every write.
+HEAD = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+
+
 class Transaction:
     """One write transaction: state changes and the audit entries that record them. Each store
     begins it holding the write lock (SQLite's BEGIN IMMEDIATE, an advisory lock on PostgreSQL),
     so what it reads still holds when it writes, and the chain's head cannot move between."""
 
-    def __init__(self, db: Any):
+    def __init__(self, db: Any, head: dict | None | _Unread = UNREAD):
         self.db = db
-        self._head: dict | None = None  # the last entry this transaction appended
+        # The chain's head (seq, hash) under the write lock: read at the first append unless
+        # the store read it as it began (PostgreSQL: with BEGIN, no round trip of its own);
+        # then the last entry this transaction appended.
+        self._head = head
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, call: Callable[[], None]) -> None:
@@ -267,10 +279,8 @@ class Transaction:
         other over the head, then written by one INSERT run for all of them, and one for their
         fingerprints' index, rather than two statements an entry. Returns the sealed entries."""
         prev = self._head
-        if prev is None:  # the head as committed; after this transaction's first, its own
-            # Only what sealing needs: the head's data is not decoded on every write.
-            head = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
-            row = self.db.execute(head).fetchone()
+        if isinstance(prev, _Unread):  # the head as committed; after the first append, its own
+            row = self.db.execute(HEAD).fetchone()
             prev = {"seq": row["seq"], "hash": row["hash"]} if row else None
         sealed: list[dict] = []
         rows: list[list[object]] = []

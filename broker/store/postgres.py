@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from ..errors import InvalidRequest, StoreUnavailable
 from ..models import isoformat, utcnow
 from . import schema
-from .base import REFS_SINCE, Store, Transaction, fill_audit_refs
+from .base import HEAD, REFS_SINCE, Store, Transaction, fill_audit_refs
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 WRITE_LOCK = 0x6A69_7462_726B_0001  # "jitbrk" 1
 LIVENESS_CLASS = 0x6A69_7401  # the high 32 bits of a process's liveness key
 LEADER_CLASS = 0x6A69_7402  # and of a job's leadership (one replica forwards the audit log)
-BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"  # the key is the broker's own
+# BEGIN and the write lock (the key is the broker's own); then the chain's head too.
+BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+BEGIN_LOCKED_HEAD = f"{BEGIN_LOCKED}; {HEAD}"
 CHANNEL = "jit_broker_wake"  # NOTIFY channel: deadlines changed on some replica
 # A replica stopped (SIGSTOP, a pause) inside a transaction must not hold the write lock for
 # ever: the server ends such a session, its transaction rolls back and the lock is free.
@@ -182,6 +184,7 @@ class PostgresStore(Store):
         # Called by the listener each time it (re)connects: a server restart ends every session,
         # and what a session held (the liveness lock) must be taken again.
         self._on_connect: list[Callable[[], None]] = []
+        self._migrated = False  # this store made the schema current: the audit table is there
 
     def __repr__(self) -> str:
         return "PostgresStore(...)"  # the URL may hold a password
@@ -260,19 +263,30 @@ class PostgresStore(Store):
 
     # --- transactions and the schema -----------------------------------------------------------
 
-    @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self) -> AbstractContextManager[Transaction]:
         """BEGIN, then the write lock (released at COMMIT or ROLLBACK): one writer at a time
-        across every replica, as on SQLite, so a transaction's reads still hold when it writes."""
+        across every replica, as on SQLite, so a transaction's reads still hold when it writes.
+        Once this store has migrated the schema, the chain's head is read with them, in the same
+        round trip (before, there may be no audit table: it is read at the first append)."""
+        return self._transaction(BEGIN_LOCKED_HEAD if self._migrated else BEGIN_LOCKED)
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[Transaction]:
         if self._held() is not None:
             raise RuntimeError("a store transaction is already open in this thread")
         with self.translated(), self._connection() as conn:
             try:
-                # BEGIN and the lock in one round trip (no parameters: one simple query), where
-                # psycopg's conn.transaction() would send BEGIN on its own first.
-                conn.execute(BEGIN_LOCKED)
+                # BEGIN and the lock (and the head) in one round trip (no parameters: one
+                # simple query), where psycopg's conn.transaction() would send BEGIN first.
+                began = conn.execute(begin)
                 held = self._local.tx = _Connection(self, conn)
-                tx = Transaction(held)
+                if begin == BEGIN_LOCKED_HEAD:
+                    while began.nextset():  # to the last statement's rows: the head's
+                        pass
+                    head = began.fetchone()
+                    tx = Transaction(held, dict(head) if head else None)
+                else:
+                    tx = Transaction(held)
                 yield tx
                 conn.commit()  # sends COMMIT: the server is in the transaction BEGIN opened
             except BaseException:
@@ -300,6 +314,7 @@ class PostgresStore(Store):
                 tx.db.execute(
                     "INSERT INTO schema_version (version) VALUES (?)", [schema.SCHEMA_VERSION]
                 )
+        self._migrated = True
 
     def schema_version(self) -> int:
         present = self.db.execute(
