@@ -63,6 +63,27 @@ def test_two_brokers_appending_at_once_make_one_chain(make_store):
     assert audit.verify(entries).ok
 
 
+def test_a_transaction_reads_its_own_writes_and_a_failing_write_rolls_it_all_back(make_store):
+    """Writes nobody reads the answer of wait (on PostgreSQL) for the next statement that needs
+    one or for the COMMIT: a read still sees every write before it, and a write that fails
+    (here a grant id taken already) fails the transaction, of which nothing is kept."""
+    store = make_store()
+    store.migrate()
+    grant = dict(id="g1", entitlement="kv-read", status="active", window_end="t", duration=60)
+    grant.update(created_at="2026-01-01T00:00:00Z", attempts=0, backend="vault_token")
+    with store.transaction() as tx:
+        insert(tx, "grants", **grant)
+        tx.append("t", "request", {}, "g1", {})
+        assert tx.get_grant("g1").status == "active"
+    with pytest.raises(Exception, match="g1|UNIQUE|unique"), store.transaction() as tx:
+        tx.append("t", "lost", {}, "g2", {})
+        insert(tx, "grants", **grant)  # the same id again
+    assert [entry["type"] for entry in store.audit_entries()] == ["request"]
+    with store.transaction() as tx:  # the connection serves the next transaction as before
+        tx.append("t", "after", {}, "g1", {})
+    assert audit.verify(list(store.audit_entries())).ok
+
+
 def _writes(store):
     return store.db.execute("SELECT writes FROM write_check").fetchone()["writes"]
 

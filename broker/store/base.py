@@ -71,7 +71,7 @@ def _insert(db: Executor, table: str, row: Mapping[str, object], upsert_key: str
     if upsert_key:
         updates = ", ".join(f"{name} = excluded.{name}" for name in names if name != upsert_key)
         sql += f" ON CONFLICT ({upsert_key}) DO UPDATE SET {updates}"
-    db.execute(sql, [row[name] for name in names])
+    _write(db, sql, [[row[name] for name in names]])
 
 
 def _grant(row: Row | None) -> Grant | None:
@@ -307,22 +307,30 @@ AUDIT_COLUMNS = ("seq", "at", "type", "actor", "grant_id", "data", "prev", "hash
 
 
 def _insert_rows(db: Any, table: str, names: Sequence[str], rows: list[list[object]]) -> None:
-    """One INSERT for many `rows` (each the values of `names`, in order), run by the driver's
-    executemany: psycopg's pipeline on PostgreSQL (the statement parsed once, where a long
-    multi-row statement costs psycopg more to parse than the server to run), sqlite3's own on
-    SQLite (whose `db` is sqlite-utils' wrapper of the connection). One row is one plain
-    statement (the path every single audit entry takes)."""
+    """One INSERT for many `rows` (each the values of `names`, in order), written by `_write`."""
     if not rows:
         return
     sql = (
         f"INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 - names are the store's own
         f"VALUES ({', '.join('?' * len(names))})"
     )
-    if len(rows) == 1:
+    _write(db, sql, rows)
+
+
+def _write(db: Any, sql: str, rows: Sequence[Sequence[object]]) -> None:
+    """A write whose answer nobody reads, for `rows` (each the statement's parameters): left
+    for later where the store's transaction can send it with the next statement that needs an
+    answer (PostgreSQL: one pipeline, one round trip); else run now, many rows by the driver's
+    executemany (psycopg's pipeline, the statement parsed once; sqlite3's own on SQLite, whose
+    `db` is sqlite-utils' wrapper of the connection), one row by one plain statement."""
+    later = getattr(db, "write_later", None)
+    if later is not None:
+        later(sql, rows)
+    elif len(rows) == 1:
         db.execute(sql, rows[0])
-        return
-    run = getattr(db, "executemany", None) or db.conn.executemany
-    run(sql, rows)
+    else:
+        run = getattr(db, "executemany", None) or db.conn.executemany
+        run(sql, rows)
 
 
 def fill_audit_refs(db: Executor) -> None:

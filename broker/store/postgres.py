@@ -124,21 +124,47 @@ class _Result:
 
 
 class _Connection:
-    """One connection of the pool, held by a transaction: statements in the shared dialect."""
+    """One connection of the pool, held by a transaction: statements in the shared dialect.
+    A write whose answer nobody reads (`write_later`: an INSERT of an audit entry, a grant, a
+    credential) waits for the next statement that needs one, or for the COMMIT, and goes with
+    it in one pipeline: one round trip for them all. In order, so every read sees every write
+    before it; a failing write fails that statement or the COMMIT, and the transaction rolls
+    back whole."""
 
     def __init__(self, store: PostgresStore, conn: psycopg.Connection):
         self._store = store
         self.conn = conn
+        self._later: list[tuple[str, list[Sequence[object]]]] = []
 
     def execute(self, statement: str, parameters: Any = ()) -> psycopg.Cursor:
-        with self._store.translated():
+        with self._store.translated(), self._with_writes():
             return self.conn.execute(_native(statement), _params(parameters))
 
     def executemany(self, statement: str, rows: Iterable[Any]) -> None:
         """One statement for many rows: psycopg sends them in a pipeline (one round trip, the
         statement parsed once), not a statement and a round trip a row."""
-        with self._store.translated(), self.conn.cursor() as cursor:
+        with self._store.translated(), self._with_writes(), self.conn.cursor() as cursor:
             cursor.executemany(_native(statement), [_params(row) for row in rows])
+
+    def write_later(self, statement: str, rows: list[Any]) -> None:
+        self._later.append((_native(statement), [_params(row) for row in rows]))
+
+    def commit(self) -> None:
+        with self._store.translated(), self._with_writes():
+            self.conn.commit()  # in a pipeline: COMMIT, then its sync
+
+    @contextmanager
+    def _with_writes(self) -> Iterator[None]:
+        """The writes waiting, then the caller's statement, in one pipeline (its answer read
+        when the pipeline ends); straight on when none waits."""
+        if not self._later:
+            yield
+            return
+        later, self._later = self._later, []
+        with self.conn.cursor() as cursor, self.conn.pipeline():  # the sync before the close
+            for statement, rows in later:
+                cursor.executemany(statement, rows)
+            yield
 
 
 class _Pooled:
@@ -288,7 +314,7 @@ class PostgresStore(Store):
                 else:
                     tx = Transaction(held)
                 yield tx
-                conn.commit()  # sends COMMIT: the server is in the transaction BEGIN opened
+                held.commit()  # sends COMMIT: the server is in the transaction BEGIN opened
             except BaseException:
                 _rollback(conn)
                 raise
