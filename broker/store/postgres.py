@@ -165,14 +165,15 @@ def _hmac_params(key: bytes) -> list[object]:
 
 # PostgreSQL's side of the state check in SQL (grant_chains.py): each entry's data (and an
 # approval's actor) cast to jsonb once (OFFSET 0 keeps the subquery from being inlined into
-# every use); a text that is not JSON raises, and the check falls back to Python. jsonb keeps
-# the last of a key written twice and unescapes keys, as json.loads does. The HMAC from the
-# built-in sha256 (RFC 2104 with the key's pads as parameters): no pgcrypto needed.
+# every use), read in grant order by the (grant_id, seq) index (no sort of the parsed rows). A
+# text that is not JSON raises, and the check falls back to Python. jsonb keeps the last of a
+# key written twice and unescapes keys, as json.loads does. The HMAC from the built-in sha256
+# (RFC 2104, the key's pads as parameters): no pgcrypto needed.
 CHAIN_SQL = ChainSql(
     source=(
         "(SELECT seq, grant_id, type, CASE WHEN type IN {kinds} THEN CAST(data AS jsonb) END "
         "AS data, CASE WHEN type = {approval} THEN CAST(actor AS jsonb) END AS actor "
-        "FROM audit OFFSET 0) audit"
+        "FROM audit WHERE grant_id IS NOT NULL ORDER BY grant_id, seq OFFSET 0) audit"
     ),
     text="({json} ->> '{key}')",
     not_text="jsonb_typeof({json} -> '{key}') <> 'string'",
@@ -278,6 +279,11 @@ class PostgresStore(Store):
         return self._pooled
 
     CHAIN_SQL = CHAIN_SQL
+    CONCAT = True
+    # The entry before by lag() over the range read in seq order (from the entry before the
+    # first), rather than a nested loop of index probes: the seq before must be seq - 1 too.
+    LINKED = "COALESCE(lag(a.seq) OVER w = a.seq - 1 AND lag(a.hash) OVER w = a.prev, FALSE)"
+    LINKED_RANGE = "audit a WHERE a.seq >= ? AND a.seq <= ? WINDOW w AS (ORDER BY a.seq)"
 
     def json_refused(self, exc: Exception) -> bool:
         return isinstance(exc, psycopg.errors.DataError)
