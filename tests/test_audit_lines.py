@@ -261,9 +261,8 @@ def test_the_database_holds_the_first_link_and_the_signed_heads(store):
 
 def test_suspects_come_page_by_page_each_linked_to_the_one_before(store, monkeypatch):
     """Entries the database cannot vouch for (old-style JSON) fill several pages: each still
-    links to the entry before it across the page boundaries (a join to seq - 1 on SQLite, lag()
-    over the range from the entry before the page on PostgreSQL), and a broken link is found
-    on a later page."""
+    links to the entry before it across the page boundaries, and a broken link is found on a
+    later page."""
     from broker.store import base
 
     monkeypatch.setattr(base, "AUDIT_PAGE", 3)

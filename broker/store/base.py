@@ -337,13 +337,11 @@ def fill_audit_refs(db: Executor) -> None:
         after = rows[-1]["seq"]
 
 
-def line_sql(quote: str, table: str = "", concat: bool = False) -> str:
+def line_sql(quote: str, table: str = "") -> str:
     """The canonical line of an entry (chain.canonical of its fields: sorted keys, no spaces)
     composed in SQL from its columns (of `table`, given as "a."), `quote` making a JSON string of
     a text column. Equal to the bytes its hash covers when actor and data are stored canonical
-    (every entry written since migration 10); any column edited since changes it. NULL when
-    actor or data is NULL. `concat`: one concat() call rather than a chain of `||`, each of which
-    copies the text so far (PostgreSQL; SQLite has concat() only since 3.44)."""
+    (every entry written since migration 10); any column edited since changes it."""
     fields = [
         ("actor", f"{table}actor"),
         ("at", quote.format(f"{table}at")),
@@ -353,14 +351,6 @@ def line_sql(quote: str, table: str = "", concat: bool = False) -> str:
         ("seq", f"CAST({table}seq AS TEXT)"),
         ("type", quote.format(f"{table}type")),
     ]
-    if concat:  # the quoted columns are never NULL (`quote` makes JSON null of NULL)
-        parts = ", ".join(
-            f"'{',' if i else '{'}\"{name}\":', {sql}" for i, (name, sql) in enumerate(fields)
-        )
-        return (
-            f"CASE WHEN {table}actor IS NULL OR {table}data IS NULL THEN NULL "
-            f"ELSE concat({parts}, '}}') END"
-        )
     parts = " || ".join(
         f"'{',' if i else '{'}\"{name}\":' || {sql}" for i, (name, sql) in enumerate(fields)
     )
@@ -380,12 +370,6 @@ class Store(ABC):
     HASH = "jit_sha256(CAST({} AS BLOB))"
     # How the database reads entries' JSON and computes an HMAC (grant_chains.py).
     CHAIN_SQL: ChainSql
-    CONCAT = False  # whether line_sql composes by concat() (PostgreSQL) rather than `||`
-    # How `audit_suspects` meets each entry of the range (a.seq from the first ? to the second)
-    # with the one before it: joined to seq - 1 (on SQLite a rowid seek, three times cheaper than
-    # its window functions); linked when that one's hash is the entry's prev.
-    LINKED = "COALESCE(b.hash = a.prev, FALSE)"
-    LINKED_RANGE = "audit a LEFT JOIN audit b ON b.seq = a.seq - 1 WHERE a.seq > ? AND a.seq <= ?"
 
     @property
     @abstractmethod
@@ -662,17 +646,19 @@ class Store(ABC):
         hash of the entry at seq - 1. The first entry of the range always comes, whatever its
         link (what it must link to is the caller's to say). Only these rows leave the database,
         page by page, so an intact log costs one scan and no row read through the driver."""
-        line = self.HASH.format(line_sql(self.QUOTE, "a.", self.CONCAT))
+        line = self.HASH.format(line_sql(self.QUOTE, "a."))
         sql = (
             "SELECT seq, prev, hash, sealed, linked FROM ("  # noqa: S608 - the store's own SQL
             "SELECT a.seq AS seq, a.prev AS prev, a.hash AS hash, "
-            f"COALESCE({line} = a.hash, FALSE) AS sealed, {self.LINKED} AS linked "
-            f"FROM {self.LINKED_RANGE}) checked "
-            "WHERE seq > ? AND (seq = ? OR NOT (sealed AND linked)) ORDER BY seq LIMIT ?"
+            f"COALESCE({line} = a.hash, FALSE) AS sealed, "
+            "COALESCE(b.hash = a.prev, FALSE) AS linked "
+            "FROM audit a LEFT JOIN audit b ON b.seq = a.seq - 1 "
+            "WHERE a.seq > ? AND a.seq <= ?) checked "
+            "WHERE seq = ? OR NOT (sealed AND linked) ORDER BY seq LIMIT ?"
         )
         cursor = after
         while True:
-            rows = list(self.db.execute(sql, [cursor, last, cursor, after + 1, AUDIT_PAGE]))
+            rows = list(self.db.execute(sql, [cursor, last, after + 1, AUDIT_PAGE]))
             for row in rows:
                 yield (row["seq"], row["prev"], row["hash"], bool(row["sealed"]),
                        bool(row["linked"]))  # fmt: skip

@@ -279,11 +279,6 @@ class PostgresStore(Store):
         return self._pooled
 
     CHAIN_SQL = CHAIN_SQL
-    CONCAT = True
-    # The entry before by lag() over the range read in seq order (from the entry before the
-    # first), rather than a nested loop of index probes: the seq before must be seq - 1 too.
-    LINKED = "COALESCE(lag(a.seq) OVER w = a.seq - 1 AND lag(a.hash) OVER w = a.prev, FALSE)"
-    LINKED_RANGE = "audit a WHERE a.seq >= ? AND a.seq <= ? WINDOW w AS (ORDER BY a.seq)"
 
     def json_refused(self, exc: Exception) -> bool:
         return isinstance(exc, psycopg.errors.DataError)
