@@ -257,3 +257,27 @@ def test_the_database_holds_the_first_link_and_the_signed_heads(store):
     assert walked(store, first_seq=3, first_prev=None) is not None  # a range: any first link
     assert walked(store, signed={2: "d" * 64}) is None
     assert walked(store, limit=3, signed={4: "d" * 64}).last_seq == 3  # beyond: verify's to say
+
+
+def test_suspects_come_page_by_page_each_linked_to_the_one_before(store, monkeypatch):
+    """Entries the database cannot vouch for (old-style JSON) fill several pages: each still
+    links to the entry before it across the page boundaries, and a broken link is found on a
+    later page."""
+    from broker.store import base
+
+    monkeypatch.setattr(base, "AUDIT_PAGE", 3)
+    new_style(store, 2)
+    old_style(store, 8)
+    new_style(store, 2)
+    found = list(store.audit_suspects(0, 12))
+    assert [seq for seq, *_ in found] == [1, *range(3, 11)]
+    assert [(sealed, linked) for _, _, _, sealed, linked in found[1:]] == [(False, True)] * 8
+    assert walked(store) is not None and AuditLog(store, KEY).verify().ok
+    assert [seq for seq, *_ in store.audit_suspects(4, 12)] == list(range(5, 11))
+    store.db.execute("UPDATE audit SET prev = ? WHERE seq = 9", ["b" * 64])
+    assert [(seq, linked) for seq, _, _, _, linked in store.audit_suspects(0, 12)][-3:] == [
+        (8, True),
+        (9, False),
+        (10, True),
+    ]
+    assert walked(store) is None

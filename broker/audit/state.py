@@ -2,7 +2,9 @@
 approvals) is held against what its audit entries say, and every disagreement is named by grant
 and field. The chain is the record: a row set back to `active` after a verified removal, or an
 approval row no entry records, is tampering with the table. Reads only; pure over what it is
-given."""
+given. `jit audit verify` first lets the database vouch for the rows it can (store/grant_chains.py
+folds each chain in SQL as `ChainSays` reads it: a change to what a chain says here is a change
+there too) and judges only the rest here."""
 
 from __future__ import annotations
 

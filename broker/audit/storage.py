@@ -42,13 +42,20 @@ class AuditStore(Protocol):
 
     def audit_marks(self, seqs: Iterable[int]) -> dict[int, tuple[str, str]]: ...
 
-    # (grant_id, type, actor, data) of the grants' entries of `kinds`, actor and data as stored
-    # (JSON text), and (id, status, window_end, handle) of every grant: the state check's reads.
+    # (grant_id, type, actor, data) of the grants' entries of `kinds` (of all grants, or of
+    # `grant_ids`), actor and data as stored (JSON text), and (id, status, window_end, handle)
+    # of the grants: the state check's reads. The ids of the grants whose row the database
+    # cannot vouch for against their chain (None: it could not read every entry): its first
+    # pass.
     def audit_grant_entries(
-        self, kinds: Collection[str]
+        self, kinds: Collection[str], grant_ids: Collection[str] | None = None
     ) -> Iterator[tuple[str | None, str, str | None, str | None]]: ...
 
-    def grant_states(self) -> Iterator[tuple[str, str, str, str]]: ...
+    def grant_states(
+        self, grant_ids: Collection[str] | None = None
+    ) -> Iterator[tuple[str, str, str, str]]: ...
+
+    def grants_unlike_chains(self, fingerprint_key: bytes) -> list[str] | None: ...
 
     # (grant_id, type, at, data) of the grants' entries of `kinds` since a time: the dashboard's.
     def audit_grant_times(

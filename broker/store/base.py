@@ -20,6 +20,7 @@ from .. import audit
 from ..audit.storage import GrantFilters
 from ..liveness import Processes
 from ..models import Approval, Credential, Grant, utcnow
+from .grant_chains import ROWS_WITHOUT_ENTRIES, ChainSql, suspects_sql
 
 GRANT_COLUMNS = [f.name for f in fields(Grant)]
 GRANT_FIELDS = frozenset(GRANT_COLUMNS)
@@ -30,6 +31,7 @@ CREDENTIAL_COLUMNS = [f.name for f in fields(Credential)]
 SELECT_GRANT = "SELECT * FROM grants"
 AUDIT_PAGE = 1000  # entries read at a time
 GRANT_PAGE = 5000  # rows read at a time by the state check, a few fields each
+IDS_PAGE = 500  # grant ids a statement asks for by `IN (...)`
 # An HMAC fingerprint (audit.fingerprint) in an entry's data: what `audit_refs` indexes.
 FINGERPRINT = re.compile(r"hmac-sha256:[0-9a-f]{64}")
 REFS_SINCE = 10  # the schema version that has audit_refs and the verification mark
@@ -384,6 +386,8 @@ class Store(ABC):
     # SHA-256 of a text, as lowercase hex, computed by the database: on SQLite the function
     # sqlite.py registers on each connection (over the text's UTF-8 bytes, as a blob).
     HASH = "jit_sha256(CAST({} AS BLOB))"
+    # How the database reads entries' JSON and computes an HMAC (grant_chains.py).
+    CHAIN_SQL: ChainSql
 
     @property
     @abstractmethod
@@ -696,18 +700,30 @@ class Store(ABC):
         return found
 
     def audit_grant_entries(
-        self, kinds: Collection[str]
+        self, kinds: Collection[str], grant_ids: Collection[str] | None = None
     ) -> Iterator[tuple[str | None, str, str | None, str | None]]:
         """(grant_id, type, actor, data) of every entry of a grant whose type is one of `kinds`,
-        in sequence order, actor and data as stored (JSON text): for the state check, which
+        or of the grants of `grant_ids` only (the few the database could not vouch for), in
+        sequence order, actor and data as stored (JSON text): for the state check, which
         decodes only what it reads. Plain tuples, a page at a time: a row costs what the driver
         charges and no more."""
         marks = ", ".join("?" for _ in kinds)
-        sql = (
-            "SELECT seq, grant_id, type, actor, data FROM audit "  # noqa: S608
-            f"WHERE seq > ? AND grant_id IS NOT NULL AND type IN ({marks}) ORDER BY seq LIMIT ?"
-        )
-        return self._tuples_by_seq(sql, list(kinds))
+        if grant_ids is None:
+            sql = (
+                "SELECT seq, grant_id, type, actor, data FROM audit "  # noqa: S608
+                f"WHERE seq > ? AND grant_id IS NOT NULL AND type IN ({marks}) "
+                "ORDER BY seq LIMIT ?"
+            )
+            return self._tuples_by_seq(sql, list(kinds))
+        rows: list[tuple] = []
+        for page in _pages(sorted(grant_ids)):
+            ids = ", ".join("?" for _ in page)
+            sql = (
+                "SELECT seq, grant_id, type, actor, data FROM audit "  # noqa: S608
+                f"WHERE grant_id IN ({ids}) AND type IN ({marks})"
+            )
+            rows += self.tuples(sql, [*page, *kinds])
+        return (row[1:] for row in sorted(rows, key=lambda row: row[0]))
 
     def audit_grant_times(
         self, kinds: Collection[str], since: str
@@ -735,9 +751,21 @@ class Store(ABC):
                 return
             after = rows[-1][0]
 
-    def grant_states(self) -> Iterator[tuple[str, str, str, str]]:
-        """(id, status, window_end, handle) of every grant, by id, a page at a time: the state
-        check's read of the table (a whole `Grant` a row costs several times as much)."""
+    def grant_states(
+        self, grant_ids: Collection[str] | None = None
+    ) -> Iterator[tuple[str, str, str, str]]:
+        """(id, status, window_end, handle) of every grant, or of those of `grant_ids`, by id, a
+        page at a time: the state check's read of the table (a whole `Grant` a row costs
+        several times as much)."""
+        if grant_ids is not None:
+            for page in _pages(sorted(grant_ids)):
+                ids = ", ".join("?" for _ in page)
+                yield from self.tuples(
+                    "SELECT id, status, window_end, handle FROM grants "  # noqa: S608
+                    f"WHERE id IN ({ids}) ORDER BY id",
+                    list(page),
+                )
+            return
         sql = "SELECT id, status, window_end, handle FROM grants WHERE id > ? ORDER BY id LIMIT ?"
         after = ""
         while True:
@@ -746,6 +774,27 @@ class Store(ABC):
             if len(rows) < GRANT_PAGE:
                 return
             after = rows[-1][0]
+
+    def grants_unlike_chains(self, fingerprint_key: bytes) -> list[str] | None:
+        """The ids of the grants whose row the database cannot vouch for against the grant's
+        chain (grant_chains.py: those that disagree, and any it is not sure of), by id; the
+        handles compared by their HMAC under `fingerprint_key` (none: not compared). None when
+        the database's JSON parser refused an entry (SQLite's or PostgreSQL's): then every
+        grant is for the state check to judge."""
+        sql = suspects_sql(self.CHAIN_SQL, bool(fingerprint_key))
+        params = self.CHAIN_SQL.hmac_params(fingerprint_key) if fingerprint_key else []
+        try:
+            found = {row[0] for row in self.tuples(sql, params)}
+        except Exception as exc:
+            if not self.json_refused(exc):
+                raise
+            return None
+        found.update(row[0] for row in self.tuples(ROWS_WITHOUT_ENTRIES, []))
+        return sorted(found)
+
+    def json_refused(self, exc: Exception) -> bool:
+        """Whether `exc` is the database refusing to read a text as JSON."""
+        return False
 
     def audit_entries_containing(self, text: str) -> Iterator[dict]:
         """Entries whose data holds `text`: an HMAC fingerprint through the `audit_refs` index;
@@ -882,6 +931,11 @@ def _grant_filters(
         clauses.append("created_at <= ? AND (created_at < ? OR id < ?)")
         params += [before[0], before[0], before[1]]
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _pages(values: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), IDS_PAGE):
+        yield values[start : start + IDS_PAGE]
 
 
 def _approval(row: Row) -> Approval:

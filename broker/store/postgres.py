@@ -29,6 +29,7 @@ from ..errors import InvalidRequest, StoreUnavailable
 from ..models import isoformat, utcnow
 from . import schema
 from .base import HEAD, REFS_SINCE, Store, Transaction, fill_audit_refs
+from .grant_chains import SEQ_WIDTH, ChainSql, hmac_pads
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,37 @@ class _Pooled:
             return _Result(rows, cursor.rowcount)
 
 
+def _hmac_params(key: bytes) -> list[object]:
+    inner, outer = hmac_pads(key)
+    return [outer, inner]
+
+
+# PostgreSQL's side of the state check in SQL (grant_chains.py): each entry's data (and an
+# approval's actor) cast to jsonb once (OFFSET 0 keeps the subquery from being inlined into
+# every use), read in grant order by the (grant_id, seq) index (no sort of the parsed rows). A
+# text that is not JSON raises, and the check falls back to Python. jsonb keeps the last of a
+# key written twice and unescapes keys, as json.loads does. The HMAC from the built-in sha256
+# (RFC 2104, the key's pads as parameters): no pgcrypto needed.
+CHAIN_SQL = ChainSql(
+    source=(
+        "(SELECT seq, grant_id, type, CASE WHEN type IN {kinds} THEN CAST(data AS jsonb) END "
+        "AS data, CASE WHEN type = {approval} THEN CAST(actor AS jsonb) END AS actor "
+        "FROM audit WHERE grant_id IS NOT NULL ORDER BY grant_id, seq OFFSET 0) audit"
+    ),
+    text="({json} ->> '{key}')",
+    not_text="jsonb_typeof({json} -> '{key}') <> 'string'",
+    true="({json} -> '{key}') = 'true'::jsonb",
+    unsure=lambda column, keys: "FALSE",
+    latest=f"lpad(CAST({{seq}} AS TEXT), {SEQ_WIDTH}, '0') || {{value}}",
+    largest='MAX({} COLLATE "C")',
+    hmac=(
+        "encode(sha256(CAST(? AS bytea) || sha256(CAST(? AS bytea) || convert_to({}, 'UTF8'))), "
+        "'hex')"
+    ),
+    hmac_params=_hmac_params,
+)
+
+
 class PostgresStore(Store):
     """Any number of broker replicas on one PostgreSQL database (`url`, a libpq URI)."""
 
@@ -274,6 +306,11 @@ class PostgresStore(Store):
     @property
     def db(self) -> Any:
         return self._pooled
+
+    CHAIN_SQL = CHAIN_SQL
+
+    def json_refused(self, exc: Exception) -> bool:
+        return isinstance(exc, psycopg.errors.DataError)
 
     def tuples(self, sql: str, params: list[object]) -> list[tuple]:
         return [tuple(row.values()) for row in self.db.execute(sql, params)]  # dict_row: ordered

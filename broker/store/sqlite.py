@@ -22,6 +22,7 @@ from ..errors import StoreUnavailable
 from ..liveness import FileLeadership, Liveness
 from . import schema
 from .base import REFS_SINCE, Store, Transaction, fill_audit_refs
+from .grant_chains import SEQ_WIDTH, ChainSql, hmac_sha256_hex
 
 # SQLite's primary result codes that mean "the database cannot be used now" rather than "the
 # broker's SQL is wrong": busy/locked past the timeout, out of memory, read-only, I/O error,
@@ -117,6 +118,39 @@ class _Connection(sqlite3.Connection):
             return super().commit()
 
 
+def _hmac_hex(key: bytes, value: str | None) -> str | None:
+    """SQLite's `jit_hmac_sha256(key, text)`: the state check compares each grant row's handle
+    with its chain's by their HMAC, inside the database (grant_chains.py)."""
+    return None if value is None else hmac_sha256_hex(key, value)
+
+
+def _unsure(column: str, keys: tuple[str, ...]) -> str:
+    """Whether SQLite may read a JSON text otherwise than Python's json.loads: not RFC 8259
+    (json_valid; SQLite 3.42 and later read JSON5 too), a NUL (SQLite stops at it, Python
+    refuses it), any escape (a key SQLite would not match unescaped), or a key read written
+    twice (SQLite takes the first, Python the last). None of them in what the broker writes."""
+    twice = " OR ".join(f'{column} GLOB \'*"{key}"*"{key}"*\'' for key in keys)
+    return (
+        f"({column} IS NOT NULL AND (NOT json_valid({column}) OR instr({column}, char(92)) > 0 "
+        f"OR instr({column}, char(0)) > 0 OR {twice}))"
+    )
+
+
+# SQLite's side of the state check in SQL (grant_chains.py): JSON read by json_extract and
+# json_type (their parse of one text shared), values made latest-first sortable by printf.
+CHAIN_SQL = ChainSql(
+    source="audit",
+    text="json_extract({json}, '$.{key}')",
+    not_text="json_type({json}, '$.{key}') <> 'text'",
+    true="json_type({json}, '$.{key}') = 'true'",
+    unsure=_unsure,
+    latest=f"printf('%0{SEQ_WIDTH}d', {{seq}}) || {{value}}",
+    largest="MAX({})",
+    hmac="jit_hmac_sha256(?, {})",
+    hmac_params=lambda key: [key],
+)
+
+
 class SqliteStore(Store):
     """One SQLite file; one connection per thread (the web server's and the reaper's).
 
@@ -151,10 +185,16 @@ class SqliteStore(Store):
                 )
             conn.row_factory = sqlite3.Row
             conn.create_function("jit_sha256", 1, _sha256_hex, deterministic=True)
+            conn.create_function("jit_hmac_sha256", 2, _hmac_hex, deterministic=True)
             self._use_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             db = self._local.db = sqlite_utils.Database(conn)
         return db
+
+    CHAIN_SQL = CHAIN_SQL
+
+    def json_refused(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.OperationalError) and "JSON" in str(exc)
 
     def tuples(self, sql: str, params: list[object]) -> list[tuple]:
         cursor = self.db.conn.cursor()  # a _Cursor: its failures are translated
