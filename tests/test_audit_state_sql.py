@@ -255,9 +255,9 @@ def test_many_suspects_are_judged_in_one_pass(make_store, monkeypatch):
     assert AuditLog(store, KEY).grant_problems() == python_only(store)
 
 
-def test_the_hmac_in_sql_is_hmac_sha256(make_store):
-    """The database's HMAC of a handle (pads as parameters on PostgreSQL) is chain.fingerprint,
-    for a key of any length."""
+def test_handles_are_compared_by_their_hmac_under_a_key_of_any_length(make_store):
+    """A row's handle is held against its chain's by chain.fingerprint's HMAC (computed by the
+    broker: its key never goes to the database), for a key of any length."""
     store = make_store()
     store.migrate()
     for key in (b"k" * 32, b"short", bytes(range(100))):

@@ -195,7 +195,7 @@ def _row_against(
         )
     if fingerprint_key:
         newest = says.issued[-1] if says.issued else ""
-        held = _fingerprint(fingerprint_key, grant.handle) if grant.handle else ""
+        held = handle_fingerprint(fingerprint_key, grant.handle)
         if held != newest:
             found.append(
                 f"grant {grant.id}: credential handle "
@@ -221,6 +221,7 @@ def _row_against(
     return found
 
 
-def _fingerprint(key: bytes, value: str) -> str:
-    """chain.fingerprint, by hmac's one-shot digest (a fraction of hmac.new's cost a grant)."""
-    return FINGERPRINT_PREFIX + hmac.digest(key, value.encode(), "sha256").hex()
+def handle_fingerprint(key: bytes, handle: str | None) -> str:
+    """A grant row's handle as its chain records it (chain.fingerprint, by hmac's one-shot
+    digest: a fraction of hmac.new's cost a grant); "" for none."""
+    return FINGERPRINT_PREFIX + hmac.digest(key, handle.encode(), "sha256").hex() if handle else ""

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, Protocol, Unpack
 
 from .. import audit
+from ..audit.state import handle_fingerprint
 from ..audit.storage import GrantFilters
 from ..liveness import Processes
 from ..models import Approval, Credential, Grant, utcnow
@@ -778,17 +779,25 @@ class Store(ABC):
     def grants_unlike_chains(self, fingerprint_key: bytes) -> list[str] | None:
         """The ids of the grants whose row the database cannot vouch for against the grant's
         chain (grant_chains.py: those that disagree, and any it is not sure of), by id; the
-        handles compared by their HMAC under `fingerprint_key` (none: not compared). None when
-        the database's JSON parser refused an entry (SQLite's or PostgreSQL's): then every
+        handles compared here, by their HMAC under `fingerprint_key` (none: not compared). None
+        when the database's JSON parser refused an entry (SQLite's or PostgreSQL's): then every
         grant is for the state check to judge."""
-        sql = suspects_sql(self.CHAIN_SQL, bool(fingerprint_key))
-        params = self.CHAIN_SQL.hmac_params(fingerprint_key) if fingerprint_key else []
         try:
-            found = {row[0] for row in self.tuples(sql, params)}
+            rows = self.tuples(suspects_sql(self.CHAIN_SQL), [])
         except Exception as exc:
             if not self.json_refused(exc):
                 raise
             return None
+        found = {
+            grant_id
+            for grant_id, vouched, has_row, handle, last_issued in rows
+            if not vouched
+            or (
+                has_row
+                and fingerprint_key
+                and handle_fingerprint(fingerprint_key, handle) != (last_issued or "")
+            )
+        }
         found.update(row[0] for row in self.tuples(ROWS_WITHOUT_ENTRIES, []))
         return sorted(found)
 

@@ -10,12 +10,9 @@ decided by a few aggregates), the grant is sent, not vouched for."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
-from ..audit.chain import FINGERPRINT_PREFIX
 from ..audit.events import Entry
 from ..audit.state import ENDED, READS_DATA, WINDOW_ENTRIES
 from ..models import (
@@ -47,8 +44,7 @@ class ChainSql:
     is there and holds no string. `true`: it holds JSON true. `unsure`: the database's reading
     of a column (its name, the keys read) might differ from Python's json.loads (the grant is
     sent). `latest`: {seq} and {value} as one text, whose largest (`largest`, {}) holds the
-    value of the largest seq. `hmac`: the hex HMAC-SHA256 of a text ({}), its parameters
-    `hmac_params(key)`."""
+    value of the largest seq."""
 
     source: str
     text: str
@@ -57,31 +53,6 @@ class ChainSql:
     unsure: Callable[[str, tuple[str, ...]], str]
     latest: str
     largest: str
-    hmac: str
-    hmac_params: Callable[[bytes], list[object]]
-
-
-def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
-    """The inner and outer blocks of HMAC-SHA256 (RFC 2104) for `key`: a database that has
-    SHA-256 but no HMAC computes sha256(outer || sha256(inner || message))."""
-    block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
-    return bytes(b ^ 0x36 for b in block), bytes(b ^ 0x5C for b in block)
-
-
-@lru_cache(maxsize=8)
-def _hmac_states(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
-    inner, outer = hmac_pads(key)
-    return hashlib.sha256(inner), hashlib.sha256(outer)
-
-
-def hmac_sha256_hex(key: bytes, value: str) -> str:
-    """hmac.digest(key, value, "sha256").hex(), from the pads' hash states copied: about half
-    its cost a call (SQLite's `jit_hmac_sha256`, once a grant row)."""
-    inner, outer = _hmac_states(key)
-    inner, outer = inner.copy(), outer.copy()
-    inner.update(value.encode())
-    outer.update(inner.digest())
-    return outer.hexdigest()
 
 
 def _in(kinds: Iterable[str]) -> str:
@@ -92,17 +63,23 @@ def _in(kinds: Iterable[str]) -> str:
     return "(" + ", ".join(f"'{word}'" for word in words) + ")"
 
 
-def suspects_sql(dialect: ChainSql, with_handles: bool) -> str:
-    """The ids of the grants the database cannot vouch for, by id: a chain with a request but
-    no row, a row whose chain has no request, and every row its chain may disagree with
-    (status, window end, approvals and, `with_handles`, the HMAC of the handle against the
-    last one issued). The rows with no entry at all are ROWS_WITHOUT_ENTRIES'. Parameters:
-    `dialect.hmac_params(key)` when `with_handles`."""
+def suspects_sql(dialect: ChainSql) -> str:
+    """Per grant with entries, by id: (id, 1 when the database vouches for its row, 1 when it
+    has a row, the row's handle, the handle its chain records as issued last), for every grant
+    not vouched for and every row with a handle on either side: a chain with a request but no
+    row, a row whose chain has no request, and every row its chain may disagree with (status,
+    window end, approvals). The handles are for the caller to compare by their HMAC: the
+    broker's key stays out of the database. The rows with no entry at all are
+    ROWS_WITHOUT_ENTRIES'."""
     says = _chain_says(dialect)
-    vouched = _row_agrees(dialect, with_handles)
+    vouched = _row_agrees(dialect)
     return (
-        f"SELECT s.grant_id FROM ({says}) s LEFT JOIN grants g ON g.id = s.grant_id "  # noqa: S608
-        f"WHERE NOT COALESCE({vouched}, 0 = 1) ORDER BY s.grant_id"
+        "SELECT grant_id, vouched, has_row, handle, last_issued FROM ("  # noqa: S608
+        f"SELECT s.grant_id, CASE WHEN COALESCE({vouched}, 0 = 1) THEN 1 ELSE 0 END AS vouched, "
+        "CASE WHEN g.id IS NULL THEN 0 ELSE 1 END AS has_row, g.handle, s.last_issued "
+        f"FROM ({says}) s LEFT JOIN grants g ON g.id = s.grant_id) t "
+        "WHERE vouched = 0 OR (has_row = 1 AND (COALESCE(handle, '') <> '' "
+        "OR last_issued IS NOT NULL)) ORDER BY grant_id"
     )
 
 
@@ -182,7 +159,7 @@ def _chain_says(dialect: ChainSql) -> str:
     )
 
 
-def _row_agrees(dialect: ChainSql, with_handles: bool) -> str:
+def _row_agrees(dialect: ChainSql) -> str:
     """Whether row `g` is what chain `s` says (`ChainSays.statuses` and `_row_against`), where
     the aggregates decide it; where they do not, false (the grant is sent)."""
     # An issue_failed entry closes the grant only while nothing was issued before it: the
@@ -219,11 +196,6 @@ def _row_agrees(dialect: ChainSql, with_handles: bool) -> str:
         f"WHEN {failed} = -1 THEN 0 = 1 "
         f"WHEN ({closed}) IS NOT NULL THEN g.status = ({closed}) ELSE {still_open} END"
     )
-    held = (
-        "CASE WHEN g.handle IS NULL OR g.handle = '' THEN '' "
-        f"ELSE '{FINGERPRINT_PREFIX}' || {dialect.hmac.format('g.handle')} END"
-    )
-    handle_agrees = f" AND ({held}) = COALESCE(s.last_issued, '')" if with_handles else ""
     return (
         "CASE WHEN g.id IS NULL THEN s.requested = 0 "  # noqa: S608 - the store's own SQL
         "ELSE s.requested = 1 AND s.unsure = 0 "
@@ -233,7 +205,7 @@ def _row_agrees(dialect: ChainSql, with_handles: bool) -> str:
         "AND s.approvals_held = s.approvals "
         "AND (s.approvals <= 1 OR (s.approvals = 2 AND s.approver_low <> s.approver_high)) "
         "AND s.approvals = (SELECT COUNT(*) FROM approvals p WHERE p.grant_id = g.id) "
-        f"AND ({status}){handle_agrees} END"
+        f"AND ({status}) END"
     )
 
 

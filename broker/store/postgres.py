@@ -29,7 +29,7 @@ from ..errors import InvalidRequest, StoreUnavailable
 from ..models import isoformat, utcnow
 from . import schema
 from .base import HEAD, REFS_SINCE, Store, Transaction, fill_audit_refs
-from .grant_chains import SEQ_WIDTH, ChainSql, hmac_pads
+from .grant_chains import SEQ_WIDTH, ChainSql
 
 log = logging.getLogger(__name__)
 
@@ -186,17 +186,11 @@ class _Pooled:
             return _Result(rows, cursor.rowcount)
 
 
-def _hmac_params(key: bytes) -> list[object]:
-    inner, outer = hmac_pads(key)
-    return [outer, inner]
-
-
 # PostgreSQL's side of the state check in SQL (grant_chains.py): each entry's data (and an
 # approval's actor) cast to jsonb once (OFFSET 0 keeps the subquery from being inlined into
 # every use), read in grant order by the (grant_id, seq) index (no sort of the parsed rows). A
 # text that is not JSON raises, and the check falls back to Python. jsonb keeps the last of a
-# key written twice and unescapes keys, as json.loads does. The HMAC from the built-in sha256
-# (RFC 2104, the key's pads as parameters): no pgcrypto needed.
+# key written twice and unescapes keys, as json.loads does.
 CHAIN_SQL = ChainSql(
     source=(
         "(SELECT seq, grant_id, type, CASE WHEN type IN {kinds} THEN CAST(data AS jsonb) END "
@@ -209,11 +203,6 @@ CHAIN_SQL = ChainSql(
     unsure=lambda column, keys: "FALSE",
     latest=f"lpad(CAST({{seq}} AS TEXT), {SEQ_WIDTH}, '0') || {{value}}",
     largest='MAX({} COLLATE "C")',
-    hmac=(
-        "encode(sha256(CAST(? AS bytea) || sha256(CAST(? AS bytea) || convert_to({}, 'UTF8'))), "
-        "'hex')"
-    ),
-    hmac_params=_hmac_params,
 )
 
 

@@ -22,7 +22,7 @@ from ..errors import StoreUnavailable
 from ..liveness import FileLeadership, Liveness
 from . import schema
 from .base import REFS_SINCE, Store, Transaction, fill_audit_refs
-from .grant_chains import SEQ_WIDTH, ChainSql, hmac_sha256_hex
+from .grant_chains import SEQ_WIDTH, ChainSql
 
 # SQLite's primary result codes that mean "the database cannot be used now" rather than "the
 # broker's SQL is wrong": busy/locked past the timeout, out of memory, read-only, I/O error,
@@ -118,12 +118,6 @@ class _Connection(sqlite3.Connection):
             return super().commit()
 
 
-def _hmac_hex(key: bytes, value: str | None) -> str | None:
-    """SQLite's `jit_hmac_sha256(key, text)`: the state check compares each grant row's handle
-    with its chain's by their HMAC, inside the database (grant_chains.py)."""
-    return None if value is None else hmac_sha256_hex(key, value)
-
-
 def _unsure(column: str, keys: tuple[str, ...]) -> str:
     """Whether SQLite may read a JSON text otherwise than Python's json.loads: not RFC 8259
     (json_valid; SQLite 3.42 and later read JSON5 too), a NUL (SQLite stops at it, Python
@@ -146,8 +140,6 @@ CHAIN_SQL = ChainSql(
     unsure=_unsure,
     latest=f"printf('%0{SEQ_WIDTH}d', {{seq}}) || {{value}}",
     largest="MAX({})",
-    hmac="jit_hmac_sha256(?, {})",
-    hmac_params=lambda key: [key],
 )
 
 
@@ -185,7 +177,6 @@ class SqliteStore(Store):
                 )
             conn.row_factory = sqlite3.Row
             conn.create_function("jit_sha256", 1, _sha256_hex, deterministic=True)
-            conn.create_function("jit_hmac_sha256", 2, _hmac_hex, deterministic=True)
             self._use_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             db = self._local.db = sqlite_utils.Database(conn)
