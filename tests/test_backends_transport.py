@@ -5,6 +5,7 @@ exceptions for a Vault that is down or slow, and a proxy from the environment st
 import socket
 import threading
 
+import certifi
 import hvac.exceptions
 import pytest
 import requests
@@ -12,8 +13,16 @@ import requests
 from broker.backends.transport import DirectSession
 from broker.backends.vault import make_client, translate_errors
 from broker.errors import VaultUnavailable
-from scripts.launchers import free_port
+from scripts.launchers import OpenBao, free_port
 from tests.vault_in_front import in_front_of
+
+
+@pytest.fixture(scope="module")
+def openbao_tls(tmp_path_factory):
+    """An OpenBao dev server on HTTPS, its certificate signed by a CA of its own."""
+    bao = OpenBao.start(workdir=tmp_path_factory.mktemp("openbao-tls"), tls=True)
+    yield bao
+    bao.stop()
 
 
 @pytest.fixture
@@ -89,3 +98,19 @@ def test_a_proxy_from_the_environment_is_still_used(openbao, monkeypatch):
     proxied = make_client(openbao.addr, openbao.root_token, timeout=2)
     with pytest.raises(requests.exceptions.ProxyError):
         proxied.auth.token.lookup_self()
+
+
+def test_openbao_over_https_is_trusted_only_through_the_ca_the_environment_names(
+    openbao_tls, monkeypatch
+):
+    """REQUESTS_CA_BUNDLE naming the server's CA: the call goes through. A bundle without it:
+    the certificate is refused (requests' SSLError), which is VaultUnavailable to the broker."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(openbao_tls.ca_cert))
+    trusted = make_client(openbao_tls.addr, openbao_tls.root_token, timeout=5)
+    assert trusted.auth.token.lookup_self()["data"]["policies"] == ["root"]
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    untrusted = make_client(openbao_tls.addr, openbao_tls.root_token, timeout=5)
+    with pytest.raises(requests.exceptions.SSLError):
+        untrusted.auth.token.lookup_self()
+    with pytest.raises(VaultUnavailable, match="SSLError"):
+        translate_errors(untrusted.auth.token.lookup_self)()
