@@ -315,24 +315,22 @@ class PostgresStore(Store):
 
     # --- transactions and the schema -----------------------------------------------------------
 
-    def transaction(self) -> AbstractContextManager[Transaction]:
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
         """BEGIN, then the write lock (released at COMMIT or ROLLBACK): one writer at a time
         across every replica, as on SQLite, so a transaction's reads still hold when it writes.
         Once this store has migrated the schema, the chain's head is read with them, in the same
         round trip (before, there may be no audit table: it is read at the first append)."""
-        return self._transaction(BEGIN_LOCKED_HEAD if self._migrated else BEGIN_LOCKED)
-
-    @contextmanager
-    def _transaction(self, begin: str) -> Iterator[Transaction]:
         if self._held() is not None:
             raise RuntimeError("a store transaction is already open in this thread")
+        read_head = self._migrated
         with self.translated(), self._connection() as conn:
             try:
                 # BEGIN and the lock (and the head) in one round trip (no parameters: one
                 # simple query), where psycopg's conn.transaction() would send BEGIN first.
-                began = conn.execute(begin)
+                began = conn.execute(BEGIN_LOCKED_HEAD if read_head else BEGIN_LOCKED)
                 held = self._local.tx = _Connection(self, conn)
-                if begin == BEGIN_LOCKED_HEAD:
+                if read_head:
                     while began.nextset():  # to the last statement's rows: the head's
                         pass
                     head = began.fetchone()
