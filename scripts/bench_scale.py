@@ -37,10 +37,9 @@ from scripts.bench_http import (  # noqa: E402
 )
 from scripts.launchers import (  # noqa: E402
     BrokerProcess,
-    ManagedProcess,
     Postgres,
     free_port,
-    wait_for_http,
+    jit_serving,
 )
 
 # What replicas on one store must share besides it: the session key and the audit HMAC key.
@@ -210,16 +209,8 @@ def start_replica(stack: Stack, number: int) -> BrokerProcess:
         JIT_SERVER_BASE_URL=f"http://127.0.0.1:{port}",
         JIT_SERVER_DATA_DIR=str(workdir),
     )
-    jit = str(Path(sys.executable).parent / "jit")
-    process = ManagedProcess(
-        f"jit serve {number}", [jit, "serve"], workdir / "serve.log", env, ROOT
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/healthz", 30, process)
-    except BaseException:
-        process.stop()
-        raise
+    process = jit_serving(url, env, workdir / "serve.log", name=f"jit serve {number}")
     return BrokerProcess(process, url, env)
 
 

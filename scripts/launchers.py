@@ -264,7 +264,7 @@ class BrokerProcess:
             **settings,
         )
         url = f"http://127.0.0.1:{port}"
-        return cls(_serving(url, env, workdir / "serve.log", timeout), url, env)
+        return cls(jit_serving(url, env, workdir / "serve.log", timeout), url, env)
 
     def stop(self, grace: float = 20) -> int | None:
         """SIGTERM (gunicorn's graceful stop); its exit status."""
@@ -276,13 +276,15 @@ class BrokerProcess:
         deploy would: fresh processes, nothing kept in memory (its log: serve.restarted.log)."""
         self.stop()
         log_path = Path(self.env["JIT_SERVER_DATA_DIR"]) / "serve.restarted.log"
-        self.process = _serving(self.url, self.env, log_path, timeout)
+        self.process = jit_serving(self.url, self.env, log_path, timeout)
 
 
-def _serving(url: str, env: dict[str, str], log_path: Path, timeout: float) -> ManagedProcess:
-    """`jit serve` started with `env`, once its /healthz answers."""
+def jit_serving(
+    url: str, env: dict[str, str], log_path: Path, timeout: float = 30, name: str = "jit serve"
+) -> ManagedProcess:
+    """`jit serve` started with `env`, once its /healthz at `url` answers."""
     jit = str(Path(sys.executable).parent / "jit")
-    process = ManagedProcess("jit serve", [jit, "serve"], log_path, env, ROOT)
+    process = ManagedProcess(name, [jit, "serve"], log_path, env, ROOT)
     try:
         wait_for_http(f"{url}/healthz", timeout, process)
     except BaseException:
