@@ -56,27 +56,31 @@ def token():
 
 
 kept = threading.local()
+HEADERS = {{"X-Vault-Token": os.environ["BENCH_BAO_TOKEN"], "Content-Type": "application/json"}}
+
+
+def bare():  # this thread's kept-open connection to OpenBao, made at its first call
+    if not hasattr(kept, "connection"):
+        host, port = os.environ["BENCH_BAO_ADDR"].split("//")[1].split(":")
+        kept.connection = http.client.HTTPConnection(host, int(port))
+    return kept.connection
 
 
 @app.post("/token-lean")
 def token_lean():
-    if not hasattr(kept, "connection"):
-        host, port = os.environ["BENCH_BAO_ADDR"].split("//")[1].split(":")
-        kept.connection = http.client.HTTPConnection(host, int(port))
-    headers = {{"X-Vault-Token": os.environ["BENCH_BAO_TOKEN"], "Content-Type": "application/json"}}
-    kept.connection.request("POST", "/v1/auth/token/create", json.dumps(CREATE), headers)
-    auth = json.loads(kept.connection.getresponse().read())["auth"]
+    connection = bare()
+    connection.request("POST", "/v1/auth/token/create", json.dumps(CREATE), HEADERS)
+    auth = json.loads(connection.getresponse().read())["auth"]
     return jsonify(accessor=auth["accessor"], token=auth["client_token"])
 
 
 @app.post("/remove-lean")
 def remove_lean():
-    connection = kept.connection
-    headers = {{"X-Vault-Token": os.environ["BENCH_BAO_TOKEN"], "Content-Type": "application/json"}}
+    connection = bare()
     body = json.dumps({{"accessor": request.get_json()["accessor"]}})
-    connection.request("POST", "/v1/auth/token/revoke-accessor", body, headers)
+    connection.request("POST", "/v1/auth/token/revoke-accessor", body, HEADERS)
     connection.getresponse().read()
-    connection.request("POST", "/v1/auth/token/lookup-accessor", body, headers)
+    connection.request("POST", "/v1/auth/token/lookup-accessor", body, HEADERS)
     answer = connection.getresponse()
     answer.read()
     return jsonify(gone=answer.status == 400)
