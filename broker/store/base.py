@@ -297,16 +297,22 @@ class Transaction:
             actor_text = audit.canonical(entry["actor"]).decode()
             seq, link, hash_ = entry["seq"], entry["prev"], entry["hash"]
             rows.append([seq, at, entry["type"], actor_text, grant_id, data_text, link, hash_])
-            refs += [[found, seq] for found in sorted(set(FINGERPRINT.findall(data_text)))]
+            refs += _refs(seq, data_text)
             sealed.append(entry)
             prev = self._head = entry
         _insert_rows(self.db, "audit", AUDIT_COLUMNS, rows)
-        _insert_rows(self.db, "audit_refs", ("fingerprint", "seq"), refs)
+        _insert_rows(self.db, "audit_refs", REF_COLUMNS, refs)
         return sealed
 
 
-# The audit table's columns in the order `append_many` writes them.
+# The audit table's columns in the order `append_many` writes them, and its index's.
 AUDIT_COLUMNS = ("seq", "at", "type", "actor", "grant_id", "data", "prev", "hash")
+REF_COLUMNS = ("fingerprint", "seq")
+
+
+def _refs(seq: int, data_text: str) -> list[list[object]]:
+    """The `audit_refs` rows of an entry: each HMAC fingerprint its data holds, once."""
+    return [[found, seq] for found in sorted(set(FINGERPRINT.findall(data_text)))]
 
 
 def _insert_rows(db: Any, table: str, names: Sequence[str], rows: list[list[object]]) -> None:
@@ -346,11 +352,8 @@ def fill_audit_refs(db: Executor) -> None:
                 [after, AUDIT_PAGE],
             )
         )
-        for row in rows:
-            for found in sorted(set(FINGERPRINT.findall(row["data"] or ""))):
-                db.execute(
-                    "INSERT INTO audit_refs (fingerprint, seq) VALUES (?, ?)", [found, row["seq"]]
-                )
+        refs = [ref for row in rows for ref in _refs(row["seq"], row["data"] or "")]
+        _insert_rows(db, "audit_refs", REF_COLUMNS, refs)
         if len(rows) < AUDIT_PAGE:
             return
         after = rows[-1]["seq"]
